@@ -1,0 +1,51 @@
+"""Shared fixtures: real vLLM engines, started once per session and shared across tests."""
+
+from __future__ import annotations
+
+import os
+
+import pytest
+
+from thaw_agents_core.compat import configure_vllm_environment
+
+configure_vllm_environment()
+
+
+@pytest.fixture(scope="session")
+def smol_model_path() -> str:
+    """The embedded SmolLM2-135M-Instruct, converted on first use."""
+    from thaw_agents_core.models import embedded_model_path
+
+    return str(embedded_model_path())
+
+
+@pytest.fixture(scope="session")
+def tiny_model_path() -> str:
+    """The deterministic float32 tiny Llama (bit-exact greedy outputs on CPU)."""
+    from thaw_agents_core.models import tiny_model_path
+
+    return str(tiny_model_path())
+
+
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    try:
+        import torch
+
+        has_cuda = torch.cuda.is_available()
+    except ImportError:  # pragma: no cover
+        has_cuda = False
+    if has_cuda:
+        return
+    skip = pytest.mark.skip(reason="needs a CUDA device")
+    for item in items:
+        if "gpu" in item.keywords:
+            item.add_marker(skip)
+
+
+@pytest.fixture(scope="session", autouse=True)
+def _close_engines_at_end():
+    """Shut every shared engine down while pytest's logging is still open."""
+    yield
+    from thaw_agents_core.engine import close_all_engines
+
+    close_all_engines()

@@ -1,0 +1,456 @@
+"""thaw_kernels: KV block gather/scatter and chunk CRC32C.
+
+Four groups, all comparing bytes exactly (integer views + torch.equal, never a tolerance):
+
+- CPU: the public dispatch (torch: one strided index_select when the layers share a buffer, else
+  the per-layer reference; libcrc32c) and the references, against independent oracles written
+  from the layout definitions and google_crc32c; error messages.
+- Interpreter: the Triton kernels on CPU tensors under TRITON_INTERPRET=1. The interpreter is
+  chosen when a kernel is *decorated*, process-wide, and this pytest session also starts real vLLM
+  engines, so ``test_triton_kernels_under_interpreter`` re-runs this file in a child pytest with
+  TRITON_INTERPRET=1 and ``-o python_functions=interp_*``: only the ``interp_*`` functions are
+  collected there, and nothing leaks into this process.
+- Offline compile (CPU machines): the kernels compile for sm_90 and move data with 128-bit accesses.
+- GPU (``-m gpu``, needs CUDA): the compiled kernels against the references on CUDA tensors.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import subprocess
+import sys
+
+import google_crc32c
+import pytest
+import torch
+
+from thaw_kernels import (KVPageSpec, chunk_crc32c, chunk_crc32c_reference, combine_chunk_crcs, crc32c_combine,
+                          kv_gather, kv_gather_reference, kv_scatter, kv_scatter_reference, page_spec_for)
+from thaw_kernels import crc32c as crc_mod
+from thaw_kernels import kv_blocks as kv_mod
+
+INTERPRETED = os.environ.get("TRITON_INTERPRET") == "1"
+RAW = {1: torch.uint8, 2: torch.int16, 4: torch.int32, 8: torch.int64}
+DTYPES = [torch.float32, torch.bfloat16, torch.float16, torch.uint8, torch.float8_e4m3fn]
+gpu = pytest.mark.gpu
+needs_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+
+# (layout, num_blocks, block_size, kv_heads, head_dim): page sizes 30 and 36 (odd, not a power of two,
+# tail masks), 2048 (even tiles), and a 1-block cache.
+SHAPES = [
+    ("flash", 7, 3, 2, 5),
+    ("flash", 5, 16, 2, 64),
+    ("flash", 1, 2, 1, 3),
+    ("flash_interleaved", 6, 4, 3, 5),  # [blocks, 2, ...] allocation seen as [2, blocks, ...]
+    ("cpu", 6, 2, 3, 3),
+    ("cpu", 4, 16, 2, 32),
+]
+
+
+# ---------------------------------------------------------------------------------------------
+# Helpers and oracles.
+
+
+def random_bits(shape, dtype, device="cpu") -> torch.Tensor:
+    """Uniformly random bit patterns, NaN payloads and all."""
+    raw = RAW[torch.empty(0, dtype=dtype).element_size()]
+    info = torch.iinfo(raw)
+    return torch.randint(info.min, info.max, shape, dtype=raw, device=device).view(dtype)
+
+
+def bits(t: torch.Tensor) -> torch.Tensor:
+    return t.view(RAW[t.element_size()])
+
+
+def same_bits(a: torch.Tensor, b: torch.Tensor) -> bool:
+    return a.shape == b.shape and torch.equal(bits(a).cpu(), bits(b).cpu())
+
+
+def make_cache(shape_case, n_layers: int, dtype, stacked: bool, device="cpu"):
+    """Random cache in the given layout, as a list of separate allocations or one stacked tensor."""
+    layout, nb, bs, kvh, hd = shape_case
+    if layout == "cpu":
+        shape = (nb, kvh, bs, 2 * hd)
+    elif layout == "flash":
+        shape = (2, nb, bs, kvh, hd)
+    else:
+        shape = (nb, 2, bs, kvh, hd)
+    if stacked:
+        layers = random_bits((n_layers, *shape), dtype, device)
+        if layout == "flash_interleaved":
+            layers = layers.transpose(1, 2)
+        first = layers[0]
+    else:
+        layers = [random_bits(shape, dtype, device) for _ in range(n_layers)]
+        if layout == "flash_interleaved":
+            layers = [t.transpose(0, 1) for t in layers]
+        first = layers[0]
+    return layers, page_spec_for(first, "cpu" if layout == "cpu" else "flash")
+
+
+def oracle_pages(layer: torch.Tensor, cpu_layout: bool, block: int) -> list[torch.Tensor]:
+    raw = bits(layer)
+    return [raw[block].reshape(-1)] if cpu_layout else [raw[0, block].reshape(-1), raw[1, block].reshape(-1)]
+
+
+def oracle_gather(layers, ids, cpu_layout: bool) -> torch.Tensor:
+    """[n, L, H, P] raw bits, written from the layout definition (not from KVPageSpec)."""
+    return torch.stack([torch.stack([torch.stack(oracle_pages(layer, cpu_layout, b)) for layer in layers])
+                        for b in ids])
+
+
+def oracle_scatter(src: torch.Tensor, layers, ids, cpu_layout: bool) -> None:
+    raw_src = bits(src)
+    for i, b in enumerate(ids):
+        for l, layer in enumerate(layers):
+            raw_layer = bits(layer)
+            for h in range(1 if cpu_layout else 2):
+                dst = raw_layer[b] if cpu_layout else raw_layer[h, b]
+                dst.copy_(raw_src[i, l, h].view(dst.shape))
+
+
+def random_ids(num_blocks: int, n: int, unique: bool) -> list[int]:
+    if unique:
+        return torch.randperm(num_blocks)[:n].tolist()
+    ids = torch.randint(0, num_blocks, (n,)).tolist()
+    return ids + ids[:1]  # at least one repeat, unsorted
+
+
+def poisoned(shape, dtype, device="cpu") -> torch.Tensor:
+    out = torch.empty(shape, dtype=dtype, device=device)
+    bits(out).fill_(0x5A if out.element_size() == 1 else -0x5A5A)
+    return out
+
+
+def check_gather_scatter(gather, scatter, shape_case, dtype, stacked, device="cpu", n_layers=3, **tile):
+    layers, spec = make_cache(shape_case, n_layers, dtype, stacked, device)
+    cpu_layout = shape_case[0] == "cpu"
+    ids = random_ids(spec.num_blocks, max(1, spec.num_blocks - 2), unique=False)
+    out = poisoned((len(ids), n_layers, spec.num_halves, spec.page_elems), dtype, device)
+    got = gather(layers, ids, spec, out=out, **tile)
+    assert got.data_ptr() == out.data_ptr()
+    assert same_bits(got, oracle_gather(layers, ids, cpu_layout))
+
+    ids = random_ids(spec.num_blocks, max(1, spec.num_blocks - 1), unique=True)
+    src = random_bits((len(ids), n_layers, spec.num_halves, spec.page_elems), dtype, device)
+    expected = [t.clone() for t in layers]
+    oracle_scatter(src, expected, ids, cpu_layout)
+    scatter(src, layers, ids, spec, **tile)
+    assert all(same_bits(a, b) for a, b in zip(layers, expected))
+
+
+CRC_CASES = [  # (n_bytes, chunk_bytes, kernel config)
+    (1000, 256, dict(lanes=16, piece_bytes=128)),  # tails in every chunk
+    (4096, 4096, dict(lanes=32, piece_bytes=1024)),  # exact fit
+    (5003, 1000, dict(lanes=8, piece_bytes=256, table_bits=8)),
+    (9999, 16384, dict(lanes=64, piece_bytes=1024)),  # one short chunk
+    (3, 1, {}),
+    (1, 7, dict(table_bits=2)),
+    (20000, 4096, dict(lanes=128, piece_bytes=2048)),  # short last chunk with full pieces + tail
+]
+
+
+def check_crc(fn, n: int, chunk: int, offset: int = 0, device="cpu", **cfg):
+    buf = torch.randint(0, 256, (n + offset,), dtype=torch.uint8, device=device)[offset:]
+    got = fn(buf, chunk, **cfg)
+    data = buf.cpu().numpy().tobytes()
+    expected = [google_crc32c.value(data[i:i + chunk]) for i in range(0, n, chunk)]
+    assert got.dtype == torch.int64 and got.device == buf.device
+    assert got.cpu().tolist() == expected, (n, chunk, offset, cfg)
+
+
+# ---------------------------------------------------------------------------------------------
+# Triton kernels under the interpreter (collected only in the child started below).
+
+
+def _require_interpreter():
+    if not INTERPRETED:
+        pytest.skip("interp_* tests need TRITON_INTERPRET=1 set before import (see the module docstring)")
+    assert type(kv_mod._kv_pages_kernel).__name__ == "InterpretedFunction"
+
+
+@pytest.mark.parametrize("shape_case", SHAPES)
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("stacked", [False, True])
+def interp_kv_gather_scatter(shape_case, dtype, stacked):
+    _require_interpreter()
+    check_gather_scatter(kv_mod._kv_gather_triton, kv_mod._kv_scatter_triton, shape_case, dtype, stacked)
+
+
+@pytest.mark.parametrize("block", [8, 32])
+def interp_kv_small_tiles(block):
+    """Several programs per page, the last one masked."""
+    _require_interpreter()
+    check_gather_scatter(kv_mod._kv_gather_triton, kv_mod._kv_scatter_triton, ("flash", 4, 3, 2, 7),
+                         torch.bfloat16, False, block=block)
+
+
+def interp_kv_misaligned_layers():
+    """Layer bases 73 elements apart: the kernel must fall back to ALIGN=1, not misaddress."""
+    _require_interpreter()
+    big = random_bits((2 * 3 * 4 * 8 * 3 + 1,), torch.float16)
+    layers = [big[i * 72 + i: i * 72 + i + 72].view(3, 4, 2, 3) for i in range(2)]  # cpu layout
+    spec = page_spec_for(layers[0], "cpu")
+    assert kv_mod._alignment(layers, spec) == 1
+    ids = [2, 0, 2]
+    assert same_bits(kv_mod._kv_gather_triton(layers, ids, spec), oracle_gather(layers, ids, True))
+
+
+@pytest.mark.parametrize("case", CRC_CASES)
+@pytest.mark.parametrize("offset", [0, 1])
+def interp_chunk_crc32c(case, offset):
+    _require_interpreter()
+    n, chunk, cfg = case
+    check_crc(crc_mod._chunk_crc32c_triton, n, chunk, offset, **cfg)
+
+
+def interp_chunk_crc32c_defaults():
+    _require_interpreter()
+    check_crc(crc_mod._chunk_crc32c_triton, 70_000, 65_536)
+
+
+def test_triton_kernels_under_interpreter():
+    env = {**os.environ, "TRITON_INTERPRET": "1"}
+    cmd = [sys.executable, "-m", "pytest", __file__, "-q", "--no-header", "-p", "no:cacheprovider",
+           "--noconftest", "-o", "python_functions=interp_*", "-o", "addopts=", "-W", "ignore::UserWarning"]
+    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600)
+    report = proc.stdout[-6000:] + proc.stderr[-3000:]
+    assert proc.returncode == 0, report
+    assert re.search(r"\b\d+ passed", proc.stdout) and "skipped" not in proc.stdout, report
+
+
+# ---------------------------------------------------------------------------------------------
+# CPU dispatch (the product's CPU path) and the references.
+
+
+@pytest.mark.parametrize("shape_case", SHAPES)
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("stacked", [False, True])
+@pytest.mark.parametrize("ops", ["dispatch", "reference"])
+def test_kv_gather_scatter_cpu(shape_case, dtype, stacked, ops):
+    """dispatch: one strided index_select when stacked, the reference otherwise."""
+    pair = (kv_gather, kv_scatter) if ops == "dispatch" else (kv_gather_reference, kv_scatter_reference)
+    check_gather_scatter(*pair, shape_case, dtype, stacked)
+
+
+def test_kv_cpu_fast_path_is_taken_only_for_one_buffer():
+    stacked, spec = make_cache(SHAPES[0], 3, torch.float32, True)
+    assert kv_mod._stacked_pages(list(stacked.unbind(0)), spec) is not None
+    separate, spec = make_cache(SHAPES[0], 3, torch.float32, False)
+    assert kv_mod._stacked_pages(separate, spec) is None
+    interleaved = random_bits((7, 3, 2, 3, 2, 5), torch.float32)  # [blocks, layers, ...]: layers overlap
+    spec = page_spec_for(interleaved[:, 0].transpose(0, 1), "flash")
+    assert kv_mod._stacked_pages(list(interleaved.unbind(1)), spec) is None
+
+
+def test_kv_gather_allocates_and_keeps_nan_payloads():
+    layers = [torch.empty(2, 3, 2, 1, 2) for _ in range(2)]
+    nans = torch.tensor([0x7F800001, 0x7FC12345, -1, 0xFF800002 - 2**32], dtype=torch.int32)  # sNaN, payloads
+    for t in layers:
+        bits(t).copy_(nans.repeat(6).view(t.shape))
+    spec = page_spec_for(layers[0], "flash")
+    out = kv_gather(layers, [2, 1], spec)
+    assert out.shape == (2, 2, 2, 4) and out.dtype == torch.float32
+    assert same_bits(out, oracle_gather(layers, [2, 1], False))
+    assert same_bits(kv_gather_reference(layers, [2, 1], spec), out)
+
+
+def test_kv_gather_empty_ids():
+    layers, spec = make_cache(SHAPES[0], 2, torch.float16, False)
+    assert kv_gather(layers, [], spec).shape == (0, 2, 2, spec.page_elems)
+    kv_scatter(torch.empty(0, 2, 2, spec.page_elems, dtype=torch.float16), layers, [], spec)
+
+
+def test_kv_block_ids_as_tensor():
+    layers, spec = make_cache(SHAPES[1], 2, torch.bfloat16, True)
+    ids = torch.tensor([4, 0, 3], dtype=torch.int32)
+    assert same_bits(kv_gather(layers, ids, spec), oracle_gather(layers, ids.tolist(), False))
+
+
+def test_page_spec_for_layouts():
+    flash = torch.empty(2, 10, 16, 8, 4)
+    assert page_spec_for(flash, "flash") == KVPageSpec(2, 16 * 8 * 4, 16 * 8 * 4, 10 * 16 * 8 * 4, 10)
+    cpu = torch.empty(10, 8, 16, 8)
+    assert page_spec_for(cpu, "cpu") == KVPageSpec(1, 8 * 16 * 8, 8 * 16 * 8, 0, 10)
+    interleaved = torch.empty(10, 2, 16, 8, 4).transpose(0, 1)
+    assert page_spec_for(interleaved, "flash") == KVPageSpec(2, 512, 1024, 512, 10)
+
+
+def test_page_spec_errors():
+    with pytest.raises(ValueError, match=r"must be contiguous.*strides are"):
+        page_spec_for(torch.empty(2, 10, 8, 16, 4).transpose(2, 3), "flash")
+    with pytest.raises(ValueError, match=r"flash layout wants \[2, num_blocks"):
+        page_spec_for(torch.empty(10, 16, 8, 4), "flash")
+    with pytest.raises(ValueError, match=r"cpu layout wants"):
+        page_spec_for(torch.empty(2, 10, 16, 8, 4), "cpu")
+    with pytest.raises(ValueError, match=r"layout must be 'flash' or 'cpu', got 'hnd'"):
+        page_spec_for(torch.empty(2, 10, 16, 8, 4), "hnd")
+    with pytest.raises(ValueError, match=r"K and V pages overlap"):
+        KVPageSpec(num_halves=2, page_elems=8, block_stride=8, half_stride=4, num_blocks=3)
+    with pytest.raises(ValueError, match=r"block_stride 4 < page_elems 8"):
+        KVPageSpec(num_halves=1, page_elems=8, block_stride=4, half_stride=0, num_blocks=3)
+
+
+def test_kv_input_errors():
+    layers, spec = make_cache(("flash", 5, 2, 2, 3), 3, torch.float16, False)
+    with pytest.raises(ValueError, match=r"block id 5 out of range: the cache has 5 blocks \(0\.\.4\)"):
+        kv_gather(layers, [0, 5], spec)
+    with pytest.raises(ValueError, match=r"block id -1 out of range"):
+        kv_gather(layers, [-1], spec)
+    with pytest.raises(ValueError, match=r"1-D integer"):
+        kv_gather(layers, torch.tensor([[0]]), spec)
+    with pytest.raises(ValueError, match=r"layers\[1\] is torch.bfloat16 .* but layers\[0\] is torch.float16"):
+        kv_gather([layers[0], layers[1].to(torch.bfloat16)], [0], spec)
+    with pytest.raises(ValueError, match=r"layers\[2\] is torch.float16 \(2, 4, 2, 2, 3\)"):
+        kv_gather(layers[:2] + [layers[2][:, :4]], [0], spec)
+    with pytest.raises(ValueError, match=r"out has 24 elements, expected 72 = \[1, 3, 2, 12\]"):
+        kv_gather(layers, [0], spec, out=torch.empty(24, dtype=torch.float16))
+    with pytest.raises(ValueError, match=r"out is torch.float32 on cpu, expected torch.float16"):
+        kv_gather(layers, [0], spec, out=torch.empty(72))
+    with pytest.raises(ValueError, match=r"out must be contiguous"):
+        kv_gather(layers, [0], spec, out=torch.empty(144, dtype=torch.float16)[::2])
+    with pytest.raises(ValueError, match=r"src has 72 elements, expected 144"):
+        kv_scatter(torch.empty(72, dtype=torch.float16), layers, [0, 1], spec)
+    with pytest.raises(ValueError, match=r"block_ids has repeats"):
+        kv_scatter(torch.empty(144, dtype=torch.float16), layers, [1, 1], spec)
+    with pytest.raises(ValueError, match=r"spec spans 144 elements .* storage holds 120"):
+        kv_gather(layers, [0], KVPageSpec(2, 12, 12, 72, 6))
+    with pytest.raises(ValueError, match=r"layers is empty"):
+        kv_gather([], [0], spec)
+
+
+@pytest.mark.parametrize("n,chunk", [(0, 5), (1, 1), (1000, 1000), (1000, 3), (10_001, 4096), (65_536, 1 << 20)])
+def test_chunk_crc32c_cpu(n, chunk):
+    check_crc(chunk_crc32c, n, chunk)
+    check_crc(chunk_crc32c_reference, n, chunk)
+
+
+def test_chunk_crc32c_cpu_threads_and_fallback(monkeypatch):
+    check_crc(chunk_crc32c, (32 << 20) + 3, 4 << 20)  # big enough for the thread pool
+    monkeypatch.setattr(crc_mod, "_libcrc32c", lambda: None)  # google_crc32c.value(bytes) path
+    check_crc(chunk_crc32c, 10_001, 4096, offset=1)
+
+
+@pytest.mark.parametrize("n,chunk", [(0, 7), (1, 7), (7, 7), (8, 7), (100_003, 4096), (1 << 16, 1 << 12)])
+def test_combine_chunk_crcs_matches_serial(n, chunk):
+    buf = torch.randint(0, 256, (n,), dtype=torch.uint8)
+    crcs = chunk_crc32c(buf, chunk)
+    assert combine_chunk_crcs(crcs, chunk, n) == google_crc32c.value(buf.numpy().tobytes())
+
+
+def test_crc32c_combine():
+    data = os.urandom(777)
+    for cut in (0, 1, 400, 777):
+        a, b = google_crc32c.value(data[:cut]), google_crc32c.value(data[cut:])
+        assert crc32c_combine(a, b, 777 - cut) == google_crc32c.value(data)
+
+
+def test_crc_input_errors():
+    with pytest.raises(ValueError, match=r"1-D contiguous uint8 tensor, got torch.int32 shape \(4,\)"):
+        chunk_crc32c(torch.zeros(4, dtype=torch.int32), 2)
+    with pytest.raises(ValueError, match=r"1-D contiguous uint8 tensor, got torch.uint8 shape \(2, 2\)"):
+        chunk_crc32c(torch.zeros(2, 2, dtype=torch.uint8), 2)
+    with pytest.raises(ValueError, match=r"chunk_bytes must be a positive int, got 0"):
+        chunk_crc32c(torch.zeros(4, dtype=torch.uint8), 0)
+    with pytest.raises(ValueError, match=r"3 chunk CRCs do not cover 20 bytes in chunks of 4 \(expected 5 chunks"):
+        combine_chunk_crcs([1, 2, 3], 4, 20)
+    with pytest.raises(ValueError, match=r"len_b must be >= 0"):
+        crc32c_combine(1, 2, -1)
+
+
+# ---------------------------------------------------------------------------------------------
+# Offline compile for the H100 (sm_90): catches compiler-only failures the interpreter cannot,
+# and checks the copies vectorize to 16-byte accesses.
+
+
+def _compile_sm90(fn, signature: dict, constexprs: dict, aligned: list[str]) -> str:
+    from triton import compile as triton_compile
+    from triton.backends.compiler import GPUTarget
+    from triton.compiler import ASTSource
+
+    names = list(fn.arg_names)
+    attrs = {(names.index(n),): [["tt.divisibility", 16]] for n in aligned}
+    src = ASTSource(fn=fn, signature={**signature, **{k: "constexpr" for k in constexprs}},
+                    constexprs=constexprs, attrs=attrs)
+    return triton_compile(src, target=GPUTarget("cuda", 90, 32), options={"num_warps": 4}).asm["ptx"]
+
+
+@pytest.mark.skipif(INTERPRETED or torch.cuda.is_available(), reason="CUDA machines run the real kernels instead")
+@pytest.mark.filterwarnings("ignore::UserWarning")
+def test_kernels_compile_for_sm90():
+    try:
+        import triton.backends.nvidia  # noqa: F401
+    except ImportError:
+        pytest.skip("triton without its NVIDIA backend")
+    kv_sig = dict(cache_ptr="*i16", layer_offs_ptr="*i64", block_ids_ptr="*i64", buf_ptr="*i16", n_layers="i32",
+                  page_units="i32", block_units="i32", half_units="i32")
+    for to_buf in (True, False):
+        ptx = _compile_sm90(kv_mod._kv_pages_kernel, kv_sig,
+                            dict(NUM_HALVES=2, ALIGN=8, BLOCK=4096, EVEN=False, TO_BUF=to_buf),
+                            ["cache_ptr", "layer_offs_ptr", "block_ids_ptr", "buf_ptr"])
+        assert "ld.global.v4.b32" in ptx and "st.global.v4.b32" in ptx
+    crc_sig = dict(buf_ptr="*u8", out_ptr="*i32", tab_ptr="*i32", chunk_bytes="i32", q_full="i32", n_chunks="i32",
+                   q_last="i32", tail_len_full="i32", tail_len_last="i32", first_tail="i32")
+    ptx = _compile_sm90(crc_mod._crc32c_pieces_kernel, crc_sig,
+                        dict(PIECE=65536, LANES=1024, LOG_LANES=10, BITS=4, TAIL=False, WORD_LOADS=True,
+                             DATA_CACHE=""), ["buf_ptr", "out_ptr", "tab_ptr", "chunk_bytes"])
+    assert "ld.global.v4.b32" in ptx
+    _compile_sm90(crc_mod._crc32c_pieces_kernel, crc_sig,
+                  dict(PIECE=1024, LANES=64, LOG_LANES=6, BITS=8, TAIL=True, WORD_LOADS=False, DATA_CACHE=""), [])
+    _compile_sm90(crc_mod._crc32c_chunks_kernel,
+                  dict(piece_ptr="*i32", tail_ptr="*i32", tab_ptr="*i32", out_ptr="*i64", n_chunks="i32",
+                       q_full="i32", q_last="i32", tail_len_full="i32", tail_len_last="i32", first_tail="i32",
+                       k_full="i64", k_last="i64"),
+                  dict(LOG_PIECE=10, BITS=4, BLOCK_C=64), [])
+
+
+# ---------------------------------------------------------------------------------------------
+# Compiled kernels on CUDA.
+
+
+@gpu
+@needs_cuda
+@pytest.mark.parametrize("shape_case", SHAPES + [("flash", 64, 16, 8, 128)])
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("stacked", [False, True])
+def test_kv_gather_scatter_cuda(shape_case, dtype, stacked):
+    check_gather_scatter(kv_gather, kv_scatter, shape_case, dtype, stacked, device="cuda", n_layers=4)
+    torch.cuda.synchronize()
+
+
+@gpu
+@needs_cuda
+@pytest.mark.parametrize("block", [64, 1024, 8192])
+def test_kv_tiles_cuda(block):
+    check_gather_scatter(kv_mod._kv_gather_triton, kv_mod._kv_scatter_triton, ("flash", 33, 16, 8, 128),
+                         torch.bfloat16, False, device="cuda", n_layers=5, block=block)
+
+
+@gpu
+@needs_cuda
+def test_kv_gather_matches_reference_cuda():
+    layers, spec = make_cache(("flash", 300, 16, 8, 128), 8, torch.bfloat16, False, "cuda")
+    ids = torch.randint(0, 300, (65,), device="cuda")
+    assert same_bits(kv_gather(layers, ids, spec), kv_gather_reference(layers, ids, spec))
+
+
+@gpu
+@needs_cuda
+@pytest.mark.parametrize("case", CRC_CASES + [(70_000, 65_536, {}), ((64 << 20) + 5, 1 << 20, {}),
+                                              (3 << 20, 1_000_000, {})])
+@pytest.mark.parametrize("offset", [0, 1])
+def test_chunk_crc32c_cuda(case, offset):
+    n, chunk, cfg = case
+    check_crc(crc_mod._chunk_crc32c_triton, n, chunk, offset, device="cuda", **cfg)
+    if not cfg:
+        check_crc(chunk_crc32c, n, chunk, offset, device="cuda")
+
+
+@gpu
+@needs_cuda
+@pytest.mark.parametrize("bits_", [4, 8])
+@pytest.mark.parametrize("lanes,piece", [(512, 65536), (1024, 65536), (2048, 262144)])
+def test_chunk_crc32c_variants_cuda(bits_, lanes, piece):
+    check_crc(crc_mod._chunk_crc32c_triton, (8 << 20) + 12, 1 << 20, device="cuda", lanes=lanes,
+              piece_bytes=piece, table_bits=bits_)

@@ -1,0 +1,380 @@
+"""One vLLM ``AsyncLLM`` per engine spec, driven from a private event-loop thread.
+
+Why a private loop: ``AsyncLLM`` binds its output-handler task to the loop it first runs on.
+Callers come from many loops (``asyncio.run`` per sync call, Jupyter's loop, LangGraph's) and
+from plain threads, so the engine lives on one loop of its own and every call crosses over:
+
+    caller (any loop / any thread)            engine loop thread            engine-core process
+    -------------------------------            ------------------            -------------------
+    stream() / stream_sync()  --submit-->      AsyncLLM.generate()  --zmq-->  scheduler + model
+           ^                                          |
+           +------ call_soon_threadsafe / queue ------+   (one RequestOutput at a time)
+
+Cancelling the caller cancels the producer on the engine loop; ``AsyncLLM.generate`` then
+aborts the request inside the engine, so an abandoned call never keeps decoding.
+
+Engines are shared: every ``ChatThaw`` (and fork_fanout parent) with the same ``EngineSpec``
+gets the same ``Engine`` from ``acquire_engine``; the last ``release_engine`` or interpreter exit
+shuts it down.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import atexit
+import concurrent.futures
+import json
+import queue
+import threading
+import time
+import uuid
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, AsyncIterator, Iterator
+
+from thaw_agents_core import compat
+
+_DONE = object()
+_POLL_S = 0.5
+
+
+class EngineError(RuntimeError):
+    """The engine could not start, or died while serving."""
+
+
+@dataclass(frozen=True, slots=True)
+class EngineSpec:
+    """What identifies an engine: two specs that compare equal share one engine."""
+
+    model: str
+    """Local folder or hub id of the model (already resolved; see models.resolve_model)."""
+    dtype: str = "auto"
+    max_model_len: int | None = None
+    enable_prefix_caching: bool = True
+    engine_kwargs_json: str = "{}"
+    """Extra ``AsyncEngineArgs`` as canonical JSON (a dict is not hashable)."""
+    kv_transfer_json: str | None = None
+    """``KVTransferConfig`` fields as canonical JSON, or None for no connector."""
+
+    @staticmethod
+    def create(model: str, *, dtype: str = "auto", max_model_len: int | None = None,
+               enable_prefix_caching: bool = True, engine_kwargs: dict[str, Any] | None = None,
+               kv_transfer: dict[str, Any] | None = None) -> "EngineSpec":
+        return EngineSpec(
+            model=model, dtype=dtype, max_model_len=max_model_len,
+            enable_prefix_caching=enable_prefix_caching,
+            engine_kwargs_json=json.dumps(engine_kwargs or {}, sort_keys=True),
+            kv_transfer_json=json.dumps(kv_transfer, sort_keys=True) if kv_transfer else None,
+        )
+
+    @property
+    def engine_kwargs(self) -> dict[str, Any]:
+        return json.loads(self.engine_kwargs_json)
+
+    def model_dtype(self) -> str | None:
+        """The dtype a local model folder's config.json declares (None for hub ids)."""
+        config = Path(self.model) / "config.json"
+        if not config.is_file():
+            return None
+        data = json.loads(config.read_text())
+        return data.get("dtype") or data.get("torch_dtype")
+
+    def engine_args(self) -> Any:
+        from vllm.engine.arg_utils import AsyncEngineArgs
+
+        kwargs = compat.platform_engine_defaults(self.engine_kwargs)
+        kwargs.setdefault("disable_log_stats", True)
+        if self.kv_transfer_json:
+            from vllm.config import KVTransferConfig
+
+            kwargs["kv_transfer_config"] = KVTransferConfig(**json.loads(self.kv_transfer_json))
+        return AsyncEngineArgs(
+            model=self.model, tokenizer=self.model,
+            dtype=compat.resolve_dtype(self.dtype, self.model_dtype()),
+            max_model_len=self.max_model_len,
+            enable_prefix_caching=self.enable_prefix_caching, **kwargs,
+        )
+
+
+class _LoopThread:
+    """A daemon thread running one asyncio loop until ``stop``."""
+
+    def __init__(self, name: str) -> None:
+        self.loop = asyncio.new_event_loop()
+        self._thread = threading.Thread(target=self._run, name=name, daemon=True)
+        self._thread.start()
+
+    def _run(self) -> None:
+        asyncio.set_event_loop(self.loop)
+        self.loop.run_forever()
+
+    def submit(self, coro: Any) -> concurrent.futures.Future:
+        return asyncio.run_coroutine_threadsafe(coro, self.loop)
+
+    def stop(self, timeout_s: float) -> None:
+        if self.loop.is_closed():
+            return
+        self.loop.call_soon_threadsafe(self.loop.stop)
+        self._thread.join(timeout_s)
+        if not self._thread.is_alive():
+            self.loop.close()
+
+
+@dataclass
+class Engine:
+    """A started-on-demand vLLM ``AsyncLLM`` plus the tokenizer of its model."""
+
+    spec: EngineSpec
+    start_timeout_s: float = 1800.0
+    _llm: Any = field(default=None, init=False, repr=False)
+    _tokenizer: Any = field(default=None, init=False, repr=False)
+    _loop: _LoopThread | None = field(default=None, init=False, repr=False)
+    _lock: threading.Lock = field(default_factory=threading.Lock, init=False, repr=False)
+    _closed: bool = field(default=False, init=False)
+
+    # ------------------------------------------------------------------ lifecycle
+
+    @property
+    def is_started(self) -> bool:
+        return self._llm is not None
+
+    @property
+    def tokenizer(self) -> Any:
+        """The model's Hugging Face tokenizer, loaded in this process (no engine needed)."""
+        if self._tokenizer is None:
+            with self._lock:
+                if self._tokenizer is None:
+                    from transformers import AutoTokenizer
+
+                    self._tokenizer = AutoTokenizer.from_pretrained(self.spec.model)
+        return self._tokenizer
+
+    @property
+    def llm(self) -> Any:
+        """The running ``AsyncLLM`` (starts it if needed)."""
+        self.start()
+        return self._llm
+
+    @property
+    def loop(self) -> asyncio.AbstractEventLoop:
+        self.start()
+        assert self._loop is not None
+        return self._loop.loop
+
+    def start(self) -> None:
+        """Start the engine if it is not running (thread-safe, idempotent)."""
+        if self._llm is not None:
+            return
+        with self._lock:
+            if self._closed:
+                raise EngineError("this engine was closed; create a new ChatThaw to start another")
+            if self._llm is not None:
+                return
+            compat.configure_vllm_environment()
+            self._loop = _LoopThread(f"thaw-engine-{Path(self.spec.model).name}")
+            future = self._loop.submit(self._create())
+            try:
+                self._llm = future.result(self.start_timeout_s)
+            except concurrent.futures.TimeoutError as exc:
+                future.cancel()
+                raise EngineError(
+                    f"vLLM engine for {self.spec.model} did not start within "
+                    f"{self.start_timeout_s:.0f} s"
+                ) from exc
+            except Exception as exc:
+                self._loop.stop(5.0)
+                self._loop = None
+                raise EngineError(f"vLLM engine for {self.spec.model} failed to start: {exc}") \
+                    from exc
+
+    async def _create(self) -> Any:
+        from vllm.v1.engine.async_llm import AsyncLLM
+
+        return AsyncLLM.from_engine_args(self.spec.engine_args())
+
+    def close(self, timeout_s: float = 60.0) -> None:
+        """Shut the engine down (engine-core process included). Safe to call twice."""
+        with self._lock:
+            self._closed = True
+            llm, loop = self._llm, self._loop
+            self._llm = None
+            self._loop = None
+        if llm is not None and loop is not None:
+            async def _shutdown() -> None:
+                # Stop reading outputs first: otherwise the handler sees the engine core go
+                # away and logs an EngineDeadError traceback for an orderly shutdown.
+                handler = getattr(llm, "output_handler", None)
+                if handler is not None:
+                    handler.cancel()
+                llm.shutdown(timeout=timeout_s)
+
+            try:
+                loop.submit(_shutdown()).result(timeout_s)
+            except Exception:  # noqa: BLE001 - best effort at shutdown; the process may be gone
+                pass
+        if loop is not None:
+            loop.stop(timeout_s)
+
+    @property
+    def max_model_len(self) -> int:
+        return int(self.llm.model_config.max_model_len)
+
+    def check_alive(self) -> None:
+        llm = self._llm
+        if llm is not None and llm.errored:
+            raise EngineError(f"the vLLM engine died: {llm.dead_error}")
+
+    # ------------------------------------------------------------------ requests
+
+    def new_request_id(self) -> str:
+        return f"thaw-{uuid.uuid4().hex}"
+
+    async def stream(self, prompt_ids: list[int], params: Any, request_id: str | None = None,
+                     timeout_s: float | None = None) -> AsyncIterator[Any]:
+        """Yield vLLM ``RequestOutput``s for one request; usable from any event loop.
+
+        ``timeout_s`` bounds the whole request; on expiry the request is aborted in the engine
+        and ``TimeoutError`` is raised.
+        """
+        llm = self.llm
+        assert self._loop is not None
+        caller_loop = asyncio.get_running_loop()
+        outputs: asyncio.Queue = asyncio.Queue()
+        request_id = request_id or self.new_request_id()
+
+        def push(item: Any) -> None:
+            if not caller_loop.is_closed():
+                caller_loop.call_soon_threadsafe(outputs.put_nowait, item)
+
+        async def produce() -> None:
+            try:
+                async for out in llm.generate(compat.tokens_prompt(prompt_ids), params,
+                                              request_id):
+                    push(out)
+                push(_DONE)
+            except BaseException as exc:  # noqa: BLE001 - handed to the consumer
+                push(exc)
+                if isinstance(exc, asyncio.CancelledError):
+                    raise
+
+        producer = self._loop.submit(produce())
+        deadline = None if timeout_s is None else time.monotonic() + timeout_s
+        try:
+            while True:
+                if deadline is None:
+                    item = await outputs.get()
+                else:
+                    try:
+                        item = await asyncio.wait_for(outputs.get(),
+                                                      max(0.0, deadline - time.monotonic()))
+                    except asyncio.TimeoutError:
+                        raise TimeoutError(_timeout_message(timeout_s)) from None
+                if item is _DONE:
+                    return
+                if isinstance(item, BaseException):
+                    raise _translate(item)
+                yield item
+        finally:
+            if not producer.done():
+                producer.cancel()  # -> CancelledError in generate() -> vLLM aborts the request
+
+    def stream_sync(self, prompt_ids: list[int], params: Any, request_id: str | None = None,
+                    timeout_s: float | None = None) -> Iterator[Any]:
+        """Blocking twin of ``stream`` for plain code (works inside a running event loop)."""
+        llm = self.llm
+        assert self._loop is not None
+        outputs: queue.SimpleQueue = queue.SimpleQueue()
+        request_id = request_id or self.new_request_id()
+
+        async def produce() -> None:
+            try:
+                async for out in llm.generate(compat.tokens_prompt(prompt_ids), params,
+                                              request_id):
+                    outputs.put(out)
+                outputs.put(_DONE)
+            except BaseException as exc:  # noqa: BLE001 - handed to the consumer
+                outputs.put(exc)
+                if isinstance(exc, asyncio.CancelledError):
+                    raise
+
+        producer = self._loop.submit(produce())
+        deadline = None if timeout_s is None else time.monotonic() + timeout_s
+        try:
+            while True:
+                try:
+                    item = outputs.get(timeout=_POLL_S)
+                except queue.Empty:
+                    self.check_alive()
+                    if deadline is not None and time.monotonic() > deadline:
+                        raise TimeoutError(_timeout_message(timeout_s)) from None
+                    continue
+                if item is _DONE:
+                    return
+                if isinstance(item, BaseException):
+                    raise _translate(item)
+                yield item
+        finally:
+            if not producer.done():
+                producer.cancel()
+
+    def run_sync(self, coro: Any, timeout_s: float | None = None) -> Any:
+        """Run a coroutine on the engine loop and wait for its result."""
+        assert self._loop is not None or self.llm is not None
+        assert self._loop is not None
+        return self._loop.submit(coro).result(timeout_s)
+
+
+def _timeout_message(timeout_s: float | None) -> str:
+    return (f"the request did not finish within timeout={timeout_s} s and was aborted; raise "
+            "the timeout or lower max_tokens")
+
+
+def _translate(exc: BaseException) -> BaseException:
+    """vLLM's request-validation errors become ValueError; engine death becomes EngineError."""
+    name = type(exc).__name__
+    if name == "EngineDeadError":
+        return EngineError(f"the vLLM engine died: {exc}")
+    if isinstance(exc, ValueError) or name in ("VLLMValidationError", "VLLMClientError"):
+        return ValueError(str(exc))
+    return exc
+
+
+# ---------------------------------------------------------------------- shared engines
+
+_registry_lock = threading.Lock()
+_engines: dict[EngineSpec, tuple[Engine, int]] = {}
+
+
+def acquire_engine(spec: EngineSpec) -> Engine:
+    """The shared engine for ``spec`` (created, not started); pair with ``release_engine``."""
+    with _registry_lock:
+        engine, count = _engines.get(spec, (None, 0))
+        if engine is None or engine._closed:
+            engine, count = Engine(spec), 0
+        _engines[spec] = (engine, count + 1)
+        return engine
+
+
+def release_engine(engine: Engine) -> None:
+    """Drop one reference; the last one shuts the engine down."""
+    with _registry_lock:
+        entry = _engines.get(engine.spec)
+        if entry is None or entry[0] is not engine:
+            return
+        count = entry[1] - 1
+        if count > 0:
+            _engines[engine.spec] = (engine, count)
+            return
+        del _engines[engine.spec]
+    engine.close()
+
+
+def close_all_engines() -> None:
+    with _registry_lock:
+        engines = [engine for engine, _ in _engines.values()]
+        _engines.clear()
+    for engine in engines:
+        engine.close()
+
+
+atexit.register(close_all_engines)

@@ -1,0 +1,688 @@
+"""The ``.thawkv`` snapshot format: the KV cache of a prompt prefix, as data only (never pickle).
+
+Layout (all integers little-endian)::
+
+    offset 0               8 B   magic b"THAWKV01"
+    offset 8               8 B   u64 header_len            (<= MAX_HEADER_BYTES = 16 MiB)
+    offset 16     header_len B   UTF-8 JSON header (an object)
+    ...                          zero padding up to payload_offset
+    payload_offset              payload_offset = align_up(16 + header_len, 4096)
+                   payload_bytes raw KV bytes, block-major:
+
+    payload  | block 0                   | block 1                   | ... | block n-1 |
+             | layer 0 | layer 1 | ...   | layer 0 | layer 1 | ...   |
+             |<------ block_bytes ------>|
+    chunks   |<--- chunk 0: blocks_per_chunk blocks --->|<--- chunk 1 --->| ... (last may be short)
+
+A chunk is a whole number of blocks, so loading the first k blocks verifies exactly the chunks
+that cover them. Each layer's page is opaque bytes, valid only within the same namespace (model,
+dtype, kv-cache dtype, attention layout, block size, vLLM version...).
+
+Header fields: ``format`` ("thawkv"), ``version`` (1), ``snapshot_id`` (8-64 lowercase hex),
+``namespace`` (object, see :class:`Namespace`), ``num_tokens`` (= num_blocks * block_size),
+``block_bytes`` (bytes of one block across all layers), ``payload_bytes`` (= num_blocks *
+block_bytes), ``blocks_per_chunk``, ``hash_salt`` (hex, usually ""), ``created_unix``, ``extra``
+(free-form object), ``chunk_crc32c`` (one 8-char lowercase hex CRC32C per chunk; fixed width, so a
+writer knows the header length before the CRCs exist), ``block_hashes`` (64-char hex per block,
+equal to ``block_hash_chain(token_ids, block_size, salt)``) and ``token_ids`` (num_tokens ints).
+
+Reading one without this package::
+
+    import json, struct
+    data = open(path, "rb").read()
+    assert data[:8] == b"THAWKV01"
+    (header_len,) = struct.unpack_from("<Q", data, 8)
+    header = json.loads(data[16 : 16 + header_len])
+    payload_offset = (16 + header_len + 4095) // 4096 * 4096
+    payload = data[payload_offset : payload_offset + header["payload_bytes"]]
+    bb = header["block_bytes"]
+    block_3 = payload[3 * bb : 4 * bb]   # all layers of block 3
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import math
+import mmap
+import os
+import re
+import secrets
+import struct
+import tempfile
+import time
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import google_crc32c
+import numpy as np
+
+from thaw_agents_core.block_hashes import HASH_ALGO, block_hash_chain
+
+MAGIC = b"THAWKV01"
+FORMAT_NAME = "thawkv"
+FORMAT_VERSION = 1
+PREFIX_BYTES = 16
+ALIGNMENT = 4096
+MAX_HEADER_BYTES = 16 << 20
+DEFAULT_CHUNK_BYTES = 4 << 20  # CRC granularity; also the unit a partial load verifies
+
+_HEX_ID = re.compile(r"[0-9a-f]{8,64}")
+_HEX_CRC = re.compile(r"[0-9a-f]{8}")
+_HEX_HASH = re.compile(r"[0-9a-f]{64}")
+_HEX_ANY = re.compile(r"(?:[0-9a-f]{2})*")
+
+
+class SnapshotError(ValueError):
+    """Base of every snapshot validation error."""
+
+
+class SnapshotFormatError(SnapshotError):
+    """The bytes are not a well-formed ``.thawkv`` snapshot."""
+
+
+class SnapshotMismatchError(SnapshotError):
+    """A well-formed snapshot made for another engine (namespace differs)."""
+
+    def __init__(self, mismatches: list[str]):
+        self.mismatches = mismatches
+        super().__init__(
+            "snapshot namespace does not match this engine:\n  " + "\n  ".join(mismatches)
+        )
+
+
+class SnapshotChecksumError(SnapshotError):
+    """Payload bytes do not match their chunk CRC32C."""
+
+    def __init__(self, bad_chunks: list[int], num_chunks: int):
+        self.bad_chunks = bad_chunks
+        super().__init__(
+            f"CRC32C mismatch in chunk(s) {bad_chunks} of {num_chunks}: the payload is corrupt "
+            "or was overwritten while being read"
+        )
+
+
+def align_up(n: int, alignment: int = ALIGNMENT) -> int:
+    return (n + alignment - 1) // alignment * alignment
+
+
+def _short(value: Any, limit: int = 60) -> str:
+    text = repr(value)
+    return text if len(text) <= limit else text[: limit - 3] + "..."
+
+
+def _is_int(v: Any) -> bool:
+    return isinstance(v, int) and not isinstance(v, bool)
+
+
+@dataclass(frozen=True, slots=True)
+class Namespace:
+    """What must be equal for KV bytes to be reusable. ``key()`` names its store directory."""
+
+    model_fingerprint: str
+    weights_version: str
+    dtype: str
+    kv_cache_dtype: str
+    layout: str  # attention backend's page layout: "cpu", "flash", ...
+    block_size: int
+    num_layers: int
+    page_shape: tuple[int, ...]  # one layer's page of one block (opaque, compared only)
+    vllm_version: str
+    hash_algo: str = HASH_ALGO
+    _key: str = field(default="", init=False, repr=False, compare=False)  # cached key()
+
+    def __post_init__(self) -> None:
+        shape = self.page_shape
+        if not (isinstance(shape, (list, tuple)) and all(_is_int(d) and d >= 0 for d in shape)):
+            raise ValueError(f"namespace field 'page_shape' must be a list of non-negative ints, got {_short(shape)}")
+        object.__setattr__(self, "page_shape", tuple(shape))
+        for name in _NS_FIELDS:
+            v = getattr(self, name)
+            if name in ("block_size", "num_layers"):
+                if not _is_int(v) or v <= 0:
+                    raise ValueError(f"namespace field {name!r} must be a positive int, got {_short(v)}")
+            elif name != "page_shape" and not isinstance(v, str):
+                raise ValueError(f"namespace field {name!r} must be a string, got {_short(v)}")
+        canon = json.dumps(self.to_json(), sort_keys=True, separators=(",", ":"))
+        object.__setattr__(self, "_key", hashlib.sha256(canon.encode()).hexdigest()[:32])
+
+    def to_json(self) -> dict[str, Any]:
+        d = {name: getattr(self, name) for name in _NS_FIELDS}
+        d["page_shape"] = list(self.page_shape)
+        return d
+
+    @classmethod
+    def from_json(cls, obj: Any) -> Namespace:
+        if not isinstance(obj, Mapping):
+            raise SnapshotFormatError(f"header field 'namespace' must be an object, got {_short(obj)}")
+        missing = [n for n in _NS_FIELDS if n not in obj]
+        unknown = sorted(set(obj) - set(_NS_FIELDS))
+        if missing or unknown:
+            raise SnapshotFormatError(f"namespace fields do not match: missing {missing}, unknown {unknown}")
+        try:
+            return cls(**{n: obj[n] for n in _NS_FIELDS})
+        except ValueError as e:
+            raise SnapshotFormatError(str(e)) from None
+
+    def key(self) -> str:
+        """32 hex chars of sha256 over the canonical JSON; stable across processes and hosts."""
+        return self._key
+
+    def mismatches(self, other: Namespace) -> list[str]:
+        """One line per differing field; ``self`` is the snapshot's, ``other`` the engine's."""
+        out = []
+        for name in _NS_FIELDS:
+            a, b = getattr(self, name), getattr(other, name)
+            if a != b:
+                out.append(f"{name}: snapshot has {a!r}, this engine has {b!r}")
+        return out
+
+
+_NS_FIELDS = tuple(f.name for f in dataclasses.fields(Namespace) if f.init)
+
+
+_HEADER_FIELDS = (
+    "format", "version", "snapshot_id", "namespace", "num_tokens", "block_bytes",
+    "payload_bytes", "blocks_per_chunk", "hash_salt", "created_unix", "extra",
+    "chunk_crc32c", "block_hashes", "token_ids",
+)  # fmt: skip
+
+
+def _err(message: str) -> SnapshotFormatError:
+    return SnapshotFormatError(message)
+
+
+def _hex(pattern: re.Pattern[str]) -> Any:
+    return lambda v: isinstance(v, str) and pattern.fullmatch(v) is not None
+
+
+def _nonneg_int(v: Any) -> bool:
+    return _is_int(v) and v >= 0
+
+
+# Per-field type checks, in header order: (predicate, what the message says is valid).
+_FIELD_CHECKS: dict[str, tuple[Any, str]] = {
+    "snapshot_id": (_hex(_HEX_ID), "8-64 lowercase hex chars"),
+    "num_tokens": (_nonneg_int, "a non-negative int"),
+    "block_bytes": (_nonneg_int, "a non-negative int"),
+    "payload_bytes": (_nonneg_int, "a non-negative int"),
+    "blocks_per_chunk": (lambda v: _is_int(v) and v > 0, "a positive int"),
+    "hash_salt": (_hex(_HEX_ANY), "lowercase hex"),
+    "created_unix": (
+        lambda v: (_is_int(v) or isinstance(v, float)) and math.isfinite(v) and v >= 0,
+        "a non-negative number",
+    ),
+    "extra": (lambda v: isinstance(v, dict), "an object"),
+    "chunk_crc32c": (lambda v: isinstance(v, list), "a list"),
+    "block_hashes": (lambda v: isinstance(v, list), "a list"),
+    "token_ids": (lambda v: isinstance(v, list), "a list"),
+}
+
+
+@dataclass(slots=True)
+class SnapshotHeader:
+    """Decoded header. Derived sizes are properties so they can never disagree."""
+
+    snapshot_id: str
+    namespace: Namespace
+    token_ids: list[int]
+    block_hashes: list[bytes]
+    block_bytes: int
+    blocks_per_chunk: int
+    chunk_crc32c: list[int]
+    created_unix: float
+    hash_salt: bytes = b""
+    extra: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def block_size(self) -> int:
+        return self.namespace.block_size
+
+    @property
+    def num_blocks(self) -> int:
+        return len(self.block_hashes)
+
+    @property
+    def num_tokens(self) -> int:
+        return len(self.token_ids)
+
+    @property
+    def payload_bytes(self) -> int:
+        return self.num_blocks * self.block_bytes
+
+    @property
+    def num_chunks(self) -> int:
+        return math.ceil(self.num_blocks / self.blocks_per_chunk)
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "format": FORMAT_NAME,
+            "version": FORMAT_VERSION,
+            "snapshot_id": self.snapshot_id,
+            "namespace": self.namespace.to_json(),
+            "num_tokens": self.num_tokens,
+            "block_bytes": self.block_bytes,
+            "payload_bytes": self.payload_bytes,
+            "blocks_per_chunk": self.blocks_per_chunk,
+            "hash_salt": self.hash_salt.hex(),
+            "created_unix": self.created_unix,
+            "extra": self.extra,
+            "chunk_crc32c": [f"{c:08x}" for c in self.chunk_crc32c],
+            "block_hashes": [h.hex() for h in self.block_hashes],
+            "token_ids": self.token_ids,
+        }
+
+    @classmethod
+    def from_json(cls, obj: Any) -> SnapshotHeader:
+        """Validate every field (types, sizes, hash chain) and decode."""
+        if not isinstance(obj, dict):
+            raise _err(f"header must be a JSON object, got {type(obj).__name__}")
+        missing = [k for k in _HEADER_FIELDS if k not in obj]
+        if missing:
+            raise _err(f"header is missing required field(s): {', '.join(missing)}")
+        unknown = sorted(set(obj) - set(_HEADER_FIELDS))
+        if unknown:
+            raise _err(f"header has unknown field(s): {', '.join(unknown)} (custom data goes under 'extra')")
+        if obj["format"] != FORMAT_NAME:
+            raise _err(f"header field 'format' is {_short(obj['format'])}, expected 'thawkv'")
+        version = obj["version"]
+        if version != FORMAT_VERSION or not _is_int(version):
+            raise _err(f"unsupported snapshot version {_short(version)}: this reader supports version 1")
+        for name, (ok, what) in _FIELD_CHECKS.items():
+            if not ok(obj[name]):
+                raise _err(f"header field {name!r} must be {what}, got {_short(obj[name])}")
+        tokens = obj["token_ids"]
+        if not set(map(type, tokens)) <= {int} or (tokens and (min(tokens) < 0 or max(tokens) >= 2**31)):
+            raise _err("header field 'token_ids' must be a list of ints in [0, 2**31)")
+
+        ns = Namespace.from_json(obj["namespace"])
+        if ns.hash_algo != HASH_ALGO:
+            raise _err(f"namespace.hash_algo {ns.hash_algo!r} is not supported: "
+                       f"this reader verifies {HASH_ALGO!r}")  # fmt: skip
+        num_tokens, bs = obj["num_tokens"], ns.block_size
+        if num_tokens != len(tokens):
+            raise _err(f"header field 'num_tokens' is {num_tokens} but 'token_ids' has {len(tokens)} ids")
+        if num_tokens % bs:
+            raise _err(f"num_tokens {num_tokens} is not a multiple of block_size {bs}: "
+                       "a snapshot covers whole blocks only")  # fmt: skip
+        nb = num_tokens // bs
+        if nb == 0:
+            raise _err("snapshot covers no block (num_tokens is 0)")
+        block_bytes, bpc = obj["block_bytes"], obj["blocks_per_chunk"]
+        if block_bytes == 0:
+            raise _err("header field 'block_bytes' must be positive, got 0")
+        if obj["payload_bytes"] != nb * block_bytes:
+            raise _err(f"header field 'payload_bytes' is {obj['payload_bytes']}, expected num_blocks * "
+                       f"block_bytes = {nb} * {block_bytes} = {nb * block_bytes}")  # fmt: skip
+        hashes_hex = obj["block_hashes"]
+        if len(hashes_hex) != nb:
+            raise _err(f"'block_hashes' has {len(hashes_hex)} entries, expected one per block ({nb})")
+        for i, h in enumerate(hashes_hex):
+            if not isinstance(h, str) or _HEX_HASH.fullmatch(h) is None:
+                raise _err(f"block_hashes[{i}] must be 64 lowercase hex chars, got {_short(h)}")
+        crcs_hex = obj["chunk_crc32c"]
+        num_chunks = math.ceil(nb / bpc)
+        if len(crcs_hex) != num_chunks:
+            raise _err(f"'chunk_crc32c' has {len(crcs_hex)} entries, "
+                       f"expected ceil({nb} / {bpc}) = {num_chunks}")  # fmt: skip
+        for i, c in enumerate(crcs_hex):
+            if not isinstance(c, str) or _HEX_CRC.fullmatch(c) is None:
+                raise _err(f"chunk_crc32c[{i}] must be 8 lowercase hex chars, got {_short(c)}")
+        salt = bytes.fromhex(obj["hash_salt"])
+        hashes = [bytes.fromhex(h) for h in hashes_hex]
+        expected = block_hash_chain(tokens, bs, salt)
+        if hashes != expected:
+            i = next(i for i, (a, b) in enumerate(zip(hashes, expected)) if a != b)
+            raise _err(f"block_hashes[{i}] does not match the hash of token_ids (block {i} of {nb}): "
+                       "the header is corrupt")  # fmt: skip
+        return cls(
+            snapshot_id=obj["snapshot_id"], namespace=ns, token_ids=tokens, block_hashes=hashes,
+            block_bytes=block_bytes, blocks_per_chunk=bpc, chunk_crc32c=[int(c, 16) for c in crcs_hex],
+            created_unix=obj["created_unix"], hash_salt=salt, extra=obj["extra"],
+        )  # fmt: skip
+
+
+def _header_json(header: SnapshotHeader) -> bytes:
+    return json.dumps(header.to_json(), separators=(",", ":"), ensure_ascii=True).encode()
+
+
+def encode_header(header: SnapshotHeader) -> bytes:
+    """Everything before the payload: magic, header_len, JSON, zero padding to payload_offset."""
+    body = _header_json(header)
+    if len(body) > MAX_HEADER_BYTES:
+        raise SnapshotFormatError(
+            f"header is {len(body)} bytes, over the {MAX_HEADER_BYTES}-byte cap (MAX_HEADER_BYTES): "
+            "snapshot fewer tokens"
+        )
+    prefix = MAGIC + struct.pack("<Q", len(body)) + body
+    return prefix + bytes(align_up(len(prefix)) - len(prefix))
+
+
+def payload_offset_for(header: SnapshotHeader) -> int:
+    return align_up(PREFIX_BYTES + len(_header_json(header)))
+
+
+@dataclass(slots=True)
+class SnapshotView:
+    """A validated snapshot over someone's buffer; ``payload`` is a zero-copy memoryview."""
+
+    header: SnapshotHeader
+    payload: memoryview
+    payload_offset: int
+    owner: Any = field(default=None, repr=False)  # closed by close(), e.g. the file's mmap
+
+    @property
+    def total_bytes(self) -> int:
+        return self.payload_offset + len(self.payload)
+
+    def blocks(self, num_blocks: int) -> memoryview:
+        """Bytes of the first ``num_blocks`` blocks (all layers)."""
+        if not 0 <= num_blocks <= self.header.num_blocks:
+            raise ValueError(f"num_blocks {num_blocks} outside [0, {self.header.num_blocks}]")
+        return self.payload[: num_blocks * self.header.block_bytes]
+
+    def close(self) -> None:
+        """Release the payload and unmap the owner (left to the GC while slices of it live)."""
+        self.payload.release()
+        owner, self.owner = self.owner, None
+        if owner is not None and hasattr(owner, "close"):
+            try:
+                owner.close()
+            except BufferError:
+                pass
+
+    def __enter__(self) -> SnapshotView:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+
+def _as_bytes_view(buf: Any) -> memoryview:
+    mv = memoryview(buf)
+    return mv if mv.format == "B" and mv.ndim == 1 else mv.cast("B")
+
+
+def parse_header(buf: Any) -> tuple[SnapshotHeader, int]:
+    """Validate magic, header_len and the JSON header; return (header, payload_offset).
+
+    ``buf`` needs only the first ``16 + header_len`` bytes (enough to index a file without
+    reading its payload).
+    """
+    mv = _as_bytes_view(buf)
+    n = len(mv)
+    if n < PREFIX_BYTES:
+        raise SnapshotFormatError(
+            f"truncated snapshot: {n} bytes, shorter than the {PREFIX_BYTES}-byte prefix (magic + header_len)"
+        )
+    if mv[:8] != MAGIC:
+        raise SnapshotFormatError(f"bad magic {bytes(mv[:8])!r}: not a .thawkv snapshot (expected {MAGIC!r})")
+    (header_len,) = struct.unpack_from("<Q", mv, 8)
+    if header_len > MAX_HEADER_BYTES:
+        raise SnapshotFormatError(
+            f"header_len {header_len} exceeds the {MAX_HEADER_BYTES}-byte cap (MAX_HEADER_BYTES): corrupt file"
+        )
+    end = PREFIX_BYTES + header_len
+    if n < end:
+        raise _err(f"truncated snapshot: header needs bytes [16, {end}) but the buffer has {n} bytes")
+    try:
+        obj = json.loads(bytes(mv[PREFIX_BYTES:end]).decode("utf-8"))
+    except (UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise SnapshotFormatError(f"header is not valid UTF-8 JSON: {e}") from None
+    return SnapshotHeader.from_json(obj), align_up(end)
+
+
+def parse_snapshot(buf: Any, *, expect_namespace: Namespace | None = None) -> SnapshotView:
+    """Validate everything but the CRCs (see :func:`verify_chunks`) and return a zero-copy view.
+
+    ``buf`` (bytes, bytearray, memoryview, mmap) may extend past the snapshot's end.
+    """
+    mv = _as_bytes_view(buf)
+    header, payload_offset = parse_header(mv)
+    end = payload_offset + header.payload_bytes
+    if len(mv) < end:
+        raise SnapshotFormatError(
+            f"truncated snapshot: payload needs bytes [{payload_offset}, {end}) but the buffer has "
+            f"{len(mv)} bytes ({end - len(mv)} missing)"
+        )
+    (header_len,) = struct.unpack_from("<Q", mv, 8)
+    pad = mv[PREFIX_BYTES + header_len : payload_offset]
+    if pad != bytes(len(pad)):
+        raise _err(f"non-zero padding before payload_offset {payload_offset}: the file is corrupt")
+    if expect_namespace is not None:
+        diff = header.namespace.mismatches(expect_namespace)
+        if diff:
+            raise SnapshotMismatchError(diff)
+    return SnapshotView(header, mv[payload_offset:end], payload_offset)
+
+
+def chunk_range(header: SnapshotHeader, num_blocks: int | None = None) -> range:
+    """Indices of the chunks covering the first ``num_blocks`` blocks (all by default)."""
+    k = header.num_blocks if num_blocks is None else num_blocks
+    if not 0 <= k <= header.num_blocks:
+        raise ValueError(f"num_blocks {k} outside [0, {header.num_blocks}]")
+    return range(math.ceil(k / header.blocks_per_chunk))
+
+
+def chunk_byte_range(header: SnapshotHeader, chunk_index: int) -> tuple[int, int]:
+    """Payload-relative [start, end) of one chunk."""
+    step = header.blocks_per_chunk * header.block_bytes
+    return chunk_index * step, min((chunk_index + 1) * step, header.payload_bytes)
+
+
+def covering_byte_range(header: SnapshotHeader, num_blocks: int) -> tuple[int, int]:
+    """Payload-relative [0, end) of the whole chunks covering the first ``num_blocks`` blocks:
+    what a partial load must copy to be able to verify what it uses."""
+    chunks = chunk_range(header, num_blocks)
+    return 0, (chunk_byte_range(header, chunks[-1])[1] if chunks else 0)
+
+
+def crc32c(data: Any) -> int:
+    """CRC32C of a bytes-like object without copying it (numpy view over the buffer)."""
+    return google_crc32c.value(np.frombuffer(_as_bytes_view(data), dtype=np.uint8))
+
+
+def compute_chunk_crcs(payload: Any, block_bytes: int, blocks_per_chunk: int) -> list[int]:
+    mv = _as_bytes_view(payload)
+    step = block_bytes * blocks_per_chunk
+    return [crc32c(mv[i : i + step]) for i in range(0, len(mv), step)]
+
+
+def verify_chunks(view: SnapshotView, num_blocks: int | None = None) -> list[int]:
+    """CRC32C the chunks covering the first ``num_blocks`` blocks; return the bad chunk indices."""
+    h = view.header
+    bad = []
+    for i in chunk_range(h, num_blocks):
+        start, end = chunk_byte_range(h, i)
+        if crc32c(view.payload[start:end]) != h.chunk_crc32c[i]:
+            bad.append(i)
+    return bad
+
+
+def check_chunks(view: SnapshotView, num_blocks: int | None = None) -> None:
+    """:func:`verify_chunks`, raising :class:`SnapshotChecksumError` on any bad chunk."""
+    bad = verify_chunks(view, num_blocks)
+    if bad:
+        raise SnapshotChecksumError(bad, view.header.num_chunks)
+
+
+@dataclass(slots=True)
+class SnapshotPlan:
+    """Two-phase writing: reserve ``total_bytes``, fill ``payload_view(dest)``, then ``finish``.
+
+    The header's size is fixed at plan time (CRCs are fixed-width hex), so the payload can be
+    written first (e.g. by a GPU gather straight into shared memory) and the header last.
+    """
+
+    header: SnapshotHeader  # chunk_crc32c are placeholders until finish()
+    payload_offset: int
+
+    @property
+    def payload_bytes(self) -> int:
+        return self.header.payload_bytes
+
+    @property
+    def total_bytes(self) -> int:
+        return self.payload_offset + self.header.payload_bytes
+
+    def payload_view(self, dest: Any) -> memoryview:
+        mv = self._dest(dest)
+        return mv[self.payload_offset : self.total_bytes]
+
+    def _dest(self, dest: Any) -> memoryview:
+        mv = _as_bytes_view(dest)
+        if mv.readonly or len(mv) < self.total_bytes:
+            raise ValueError(
+                f"destination must be a writable buffer of at least {self.total_bytes} bytes, "
+                f"got {len(mv)} bytes{' (read-only)' if mv.readonly else ''}"
+            )
+        return mv
+
+    def finish(self, dest: Any, chunk_crcs: Sequence[int] | None = None) -> SnapshotHeader:
+        """Write the header into ``dest[:payload_offset]``; CRCs are computed here unless given."""
+        mv = self._dest(dest)
+        h = self.header
+        if chunk_crcs is None:
+            chunk_crcs = compute_chunk_crcs(self.payload_view(mv), h.block_bytes, h.blocks_per_chunk)
+        crcs = [int(c) for c in chunk_crcs]
+        if len(crcs) != h.num_chunks or any(not 0 <= c < 2**32 for c in crcs):
+            raise ValueError(f"need {h.num_chunks} chunk CRCs in [0, 2**32), got {len(crcs)}: {_short(crcs)}")
+        final = dataclasses.replace(h, chunk_crc32c=crcs)
+        prefix = encode_header(final)
+        if len(prefix) != self.payload_offset:  # cannot happen: CRCs are fixed-width
+            raise AssertionError(f"header grew from {self.payload_offset} to {len(prefix)} bytes")
+        mv[: self.payload_offset] = prefix
+        return final
+
+
+def default_blocks_per_chunk(block_bytes: int, chunk_bytes: int = DEFAULT_CHUNK_BYTES) -> int:
+    return max(1, chunk_bytes // max(1, block_bytes))
+
+
+def plan_snapshot(
+    namespace: Namespace,
+    token_ids: Sequence[int],
+    block_bytes: int,
+    *,
+    blocks_per_chunk: int | None = None,
+    snapshot_id: str | None = None,
+    created_unix: float | None = None,
+    hash_salt: bytes = b"",
+    extra: dict[str, Any] | None = None,
+) -> SnapshotPlan:
+    """Plan a snapshot of ``token_ids`` (whole blocks only) whose blocks are ``block_bytes`` each."""
+    tokens = [int(t) for t in token_ids]
+    bs = namespace.block_size
+    if not tokens or len(tokens) % bs:
+        full = len(tokens) // bs * bs
+        raise ValueError(
+            f"token_ids has {len(tokens)} tokens, not a positive multiple of block_size {bs}: "
+            f"pass only the full blocks (token_ids[:{full}])"
+        )
+    if not _is_int(block_bytes) or block_bytes <= 0:
+        raise ValueError(f"block_bytes must be a positive int, got {block_bytes!r}")
+    bpc = default_blocks_per_chunk(block_bytes) if blocks_per_chunk is None else blocks_per_chunk
+    if not _is_int(bpc) or bpc <= 0:
+        raise ValueError(f"blocks_per_chunk must be a positive int, got {bpc!r}")
+    sid = secrets.token_hex(16) if snapshot_id is None else snapshot_id
+    if not isinstance(sid, str) or _HEX_ID.fullmatch(sid) is None:
+        raise ValueError(f"snapshot_id must be 8-64 lowercase hex chars, got {sid!r}")
+    try:
+        json.dumps(extra or {})
+    except (TypeError, ValueError) as e:
+        raise ValueError(f"extra must be JSON-serialisable: {e}") from None
+    hashes = block_hash_chain(tokens, bs, hash_salt)
+    header = SnapshotHeader(
+        snapshot_id=sid, namespace=namespace, token_ids=tokens, block_hashes=hashes,
+        block_bytes=block_bytes, blocks_per_chunk=bpc,
+        chunk_crc32c=[0] * math.ceil(len(hashes) / bpc),
+        created_unix=round(time.time(), 3) if created_unix is None else created_unix,
+        hash_salt=bytes(hash_salt), extra=dict(extra or {}),
+    )  # fmt: skip
+    return SnapshotPlan(header, len(encode_header(header)))
+
+
+def build_snapshot(
+    namespace: Namespace, token_ids: Sequence[int], block_bytes: int, payload: Any, **kwargs: Any
+) -> bytearray:
+    """One-shot form of :func:`plan_snapshot`: the complete ``.thawkv`` bytes."""
+    plan = plan_snapshot(namespace, token_ids, block_bytes, **kwargs)
+    src = _as_bytes_view(payload)
+    if len(src) != plan.payload_bytes:
+        raise ValueError(
+            f"payload is {len(src)} bytes, expected num_blocks * block_bytes = "
+            f"{plan.header.num_blocks} * {block_bytes} = {plan.payload_bytes}"
+        )
+    out = bytearray(plan.total_bytes)
+    plan.payload_view(out)[:] = src
+    plan.finish(out)
+    return out
+
+
+def write_snapshot_file(path: str | os.PathLike[str], data: Any) -> None:
+    """Atomically write ``data`` to ``path``: temp file in the same directory, fsync, rename.
+
+    Readers see the old file or the new one, never a partial one (no in-place truncation,
+    which once left safetensors users with zero-filled mmaps).
+    """
+    path = os.fspath(path)
+    directory = os.path.dirname(os.path.abspath(path))
+    fd, tmp = tempfile.mkstemp(prefix=f".{os.path.basename(path)}.", suffix=".tmp", dir=directory)
+    try:
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        try:
+            os.unlink(tmp)
+        except FileNotFoundError:
+            pass
+        raise
+    dfd = os.open(directory, os.O_RDONLY)
+    try:
+        os.fsync(dfd)
+    finally:
+        os.close(dfd)
+
+
+def read_snapshot_header(path: str | os.PathLike[str]) -> tuple[SnapshotHeader, int]:
+    """Validate and return (header, file size) reading only the header bytes."""
+    with open(path, "rb") as f:
+        size = os.fstat(f.fileno()).st_size
+        prefix = f.read(PREFIX_BYTES)
+        if len(prefix) == PREFIX_BYTES and prefix[:8] == MAGIC:
+            (hl,) = struct.unpack_from("<Q", prefix, 8)
+            if hl <= MAX_HEADER_BYTES:
+                prefix += f.read(hl)
+        header, payload_offset = parse_header(prefix)
+    if size < payload_offset + header.payload_bytes:
+        raise SnapshotFormatError(
+            f"truncated snapshot: payload needs bytes [{payload_offset}, "
+            f"{payload_offset + header.payload_bytes}) but the file has {size} bytes"
+        )
+    return header, size
+
+
+def open_snapshot_file(
+    path: str | os.PathLike[str], *, expect_namespace: Namespace | None = None
+) -> SnapshotView:
+    """mmap ``path`` read-only and validate it; ``view.close()`` unmaps."""
+    with open(path, "rb") as f:
+        size = os.fstat(f.fileno()).st_size
+        if size == 0:
+            raise SnapshotFormatError(f"truncated snapshot: {os.fspath(path)} is empty")
+        mm = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ)
+    try:
+        view = parse_snapshot(mm, expect_namespace=expect_namespace)
+    except BaseException:
+        try:
+            mm.close()
+        except BufferError:  # the traceback still references a view of it; the GC unmaps
+            pass
+        raise
+    view.owner = mm
+    return view

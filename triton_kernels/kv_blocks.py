@@ -1,0 +1,404 @@
+"""Gather / scatter KV-cache blocks of every layer in one launch.
+
+vLLM keeps one KV tensor per attention layer. A *page* is the contiguous run of elements that one
+block holds in one half (K or V) of one layer. Two layouts are supported::
+
+    flash (GPU FlashAttention), per layer [2, num_blocks, block_size, kv_heads, head_dim]
+
+        half 0 (K) | page b0 | page b1 | page b2 | ... |      page = block_size*kv_heads*head_dim
+        half 1 (V) | page b0 | page b1 | page b2 | ... |      num_halves = 2
+                   ^-- half_stride = num_blocks*page_elems --^
+
+    cpu (vLLM CPU backend), per layer [num_blocks, kv_heads, block_size, 2*head_dim]
+
+        | page b0 | page b1 | page b2 | ...                  page = kv_heads*block_size*2*head_dim
+                                                             num_halves = 1
+
+The snapshot buffer is **block-major**, so a reader that needs only the first k blocks reads a
+contiguous prefix::
+
+    buf[i, l, h, :] = page(layer l, half h, block block_ids[i])     shape [n, n_layers, halves, page]
+
+    | blk0: L0.K L0.V L1.K L1.V ... | blk1: L0.K L0.V ... | ... |
+
+Layers come as a list of same-shaped tensors (each may be its own allocation, as vLLM allocates
+them on GPU) or as one tensor with a leading layer dimension. CUDA tensors go through one Triton
+launch over all (block, layer, half, slice) tiles. CPU tensors (the product's CPU path) go through
+torch: a single strided index_select when all layers share one buffer (vLLM's CPU backend), else
+the per-layer reference. Copies move raw bits (integer views), so NaN payloads survive.
+"""
+
+from __future__ import annotations
+
+from collections import OrderedDict
+from dataclasses import dataclass
+from math import prod
+from typing import Literal, Sequence, Union
+
+import torch
+import triton
+import triton.language as tl
+
+Layers = Union[Sequence[torch.Tensor], torch.Tensor]
+BlockIds = Union[Sequence[int], torch.Tensor]
+
+# Raw-bit view per element size: copies never go through float registers.
+_RAW_DTYPES = {1: torch.uint8, 2: torch.int16, 4: torch.int32, 8: torch.int64}
+
+# Tile defaults (bytes per program, warps). Unmeasured guess: 8 KiB per program = 128 threads x
+# 4 x 16-byte accesses in flight each; benchmarks/kernels.py sweeps 4-32 KiB x 4/8 warps.
+DEFAULT_BLOCK_BYTES = 8192
+DEFAULT_NUM_WARPS = 4
+
+
+@dataclass(frozen=True, slots=True)
+class KVPageSpec:
+    """Where the pages of one layer tensor are, in elements of its dtype.
+
+    page(half h, block b) = layer.flatten-storage[offset + h*half_stride + b*block_stride :][:page_elems]
+    ``half_stride`` is 0 when ``num_halves == 1``.
+    """
+
+    num_halves: int
+    page_elems: int
+    block_stride: int
+    half_stride: int
+    num_blocks: int
+    """Blocks in the cache (valid block ids are 0..num_blocks-1)."""
+
+    def __post_init__(self) -> None:
+        if self.num_halves not in (1, 2):
+            raise ValueError(f"num_halves must be 1 or 2, got {self.num_halves}")
+        if self.page_elems < 1 or self.num_blocks < 1:
+            raise ValueError(f"page_elems ({self.page_elems}) and num_blocks ({self.num_blocks}) must be >= 1")
+        if self.num_blocks > 1 and self.block_stride < self.page_elems:
+            raise ValueError(f"block_stride {self.block_stride} < page_elems {self.page_elems}: pages overlap")
+        if self.num_halves == 2:
+            p, bs, hs = self.page_elems, self.block_stride, self.half_stride
+            separate = hs >= (self.num_blocks - 1) * bs + p  # [2, blocks, ...]: K half, then V half
+            interleaved = p <= hs <= bs - p  # [blocks, 2, ...] viewed as [2, blocks, ...]
+            if not (separate or interleaved):
+                raise ValueError(f"half_stride {hs} makes K and V pages overlap (page {p}, block_stride {bs})")
+
+    @property
+    def extent_elems(self) -> int:
+        """Elements spanned from a layer's first element to the end of its last page."""
+        return (self.num_blocks - 1) * self.block_stride + (self.num_halves - 1) * self.half_stride + self.page_elems
+
+
+def _is_contiguous_tail(t: torch.Tensor, first_dim: int) -> bool:
+    expected = 1
+    for d in range(t.ndim - 1, first_dim - 1, -1):
+        if t.shape[d] != 1 and t.stride(d) != expected:
+            return False
+        expected *= t.shape[d]
+    return True
+
+
+def page_spec_for(tensor: torch.Tensor, layout: Literal["flash", "cpu"]) -> KVPageSpec:
+    """Derive the page spec of ONE layer tensor (not the stacked [layers, ...] form)."""
+    if layout == "flash":
+        if tensor.ndim != 5 or tensor.shape[0] != 2:
+            raise ValueError(
+                f"flash layout wants [2, num_blocks, block_size, kv_heads, head_dim], got {tuple(tensor.shape)}")
+        first, num_halves, block_dim = 2, 2, 1
+        half_stride = tensor.stride(0)
+    elif layout == "cpu":
+        if tensor.ndim != 4:
+            raise ValueError(
+                f"cpu layout wants [num_blocks, kv_heads, block_size, 2*head_dim], got {tuple(tensor.shape)}")
+        first, num_halves, block_dim, half_stride = 1, 1, 0, 0
+    else:
+        raise ValueError(f"layout must be 'flash' or 'cpu', got {layout!r}")
+    if not _is_contiguous_tail(tensor, first):
+        raise ValueError(
+            f"{layout} layout: a page (dims {first}.. of shape {tuple(tensor.shape)}) must be contiguous, "
+            f"but strides are {tensor.stride()}; pass the cache tensor vLLM allocated, not a permuted view")
+    return KVPageSpec(num_halves=num_halves, page_elems=prod(tensor.shape[first:]),
+                      block_stride=tensor.stride(block_dim), half_stride=half_stride,
+                      num_blocks=tensor.shape[block_dim])
+
+
+# ---------------------------------------------------------------------------------------------
+# Validation shared by the references and the Triton path.
+
+
+def _layer_list(layers: Layers) -> list[torch.Tensor]:
+    if isinstance(layers, torch.Tensor):
+        if layers.ndim < 2:
+            raise ValueError(f"a stacked layers tensor needs a leading layer dim, got shape {tuple(layers.shape)}")
+        out = list(layers.unbind(0))
+    else:
+        out = list(layers)
+    if not out:
+        raise ValueError("layers is empty")
+    first = out[0]
+    for i, t in enumerate(out):
+        if not isinstance(t, torch.Tensor):
+            raise TypeError(f"layers[{i}] is {type(t).__name__}, expected a torch.Tensor")
+        if t.dtype != first.dtype or t.shape != first.shape or t.stride() != first.stride() or t.device != first.device:
+            raise ValueError(
+                f"layers[{i}] is {t.dtype} {tuple(t.shape)} stride {t.stride()} on {t.device}, but layers[0] is "
+                f"{first.dtype} {tuple(first.shape)} stride {first.stride()} on {first.device}; all must match")
+    if first.element_size() not in _RAW_DTYPES:
+        raise ValueError(f"unsupported dtype {first.dtype} (element size {first.element_size()})")
+    return out
+
+
+def _check_extent(layers: list[torch.Tensor], spec: KVPageSpec) -> None:
+    # The kernel addresses raw memory, so a spec larger than the tensor would read/write out of bounds.
+    for i, layer in enumerate(layers):
+        storage_elems = layer.untyped_storage().nbytes() // layer.element_size()
+        end = layer.storage_offset() + spec.extent_elems
+        if end > storage_elems:
+            raise ValueError(f"spec spans {spec.extent_elems} elements from layers[{i}] (offset "
+                             f"{layer.storage_offset()}) but its storage holds {storage_elems}")
+
+
+def _block_id_tensor(block_ids: BlockIds, spec: KVPageSpec, device: torch.device, unique: bool) -> torch.Tensor:
+    """Validated int64 ids on ``device``. Pass a list or CPU tensor: a CUDA tensor costs a sync to check."""
+    if isinstance(block_ids, torch.Tensor):
+        ids = block_ids
+    else:
+        ids = torch.as_tensor(list(block_ids))
+        ids = ids if ids.numel() else ids.to(torch.int64)
+    if ids.ndim != 1 or ids.dtype.is_floating_point or ids.dtype == torch.bool:
+        raise ValueError(f"block_ids must be a 1-D integer sequence, got {ids.dtype} shape {tuple(ids.shape)}")
+    if ids.numel():
+        lo, hi = (int(v) for v in torch.stack([ids.min(), ids.max()]).tolist())  # one sync on CUDA
+        if lo < 0 or hi >= spec.num_blocks:
+            bad = lo if lo < 0 else hi
+            raise ValueError(f"block id {bad} out of range: the cache has {spec.num_blocks} blocks "
+                             f"(0..{spec.num_blocks - 1})")
+        if unique and torch.unique(ids).numel() != ids.numel():
+            raise ValueError("block_ids has repeats; a scatter would write one block twice in an undefined order")
+    ids = ids.to(dtype=torch.int64).contiguous()
+    if device.type == "cuda" and ids.device.type == "cpu":
+        ids = ids.pin_memory().to(device, non_blocking=True)  # a pageable copy would stall the host
+    return ids.to(device)
+
+
+def _check_buffer(buf: torch.Tensor, name: str, like: torch.Tensor, shape: tuple[int, ...]) -> torch.Tensor:
+    if buf.dtype != like.dtype or buf.device != like.device:
+        raise ValueError(f"{name} is {buf.dtype} on {buf.device}, expected {like.dtype} on {like.device}")
+    if buf.numel() != prod(shape):
+        raise ValueError(f"{name} has {buf.numel()} elements, expected {prod(shape)} = {list(shape)} "
+                         "(blocks, layers, halves, page_elems)")
+    if not buf.is_contiguous():
+        raise ValueError(f"{name} must be contiguous (stride {buf.stride()})")
+    return buf.view(shape)
+
+
+def _prepare(layers: Layers, block_ids: BlockIds, spec: KVPageSpec, unique: bool):
+    layer_list = _layer_list(layers)
+    _check_extent(layer_list, spec)
+    ids = _block_id_tensor(block_ids, spec, layer_list[0].device, unique)
+    shape = (ids.numel(), len(layer_list), spec.num_halves, spec.page_elems)
+    return layer_list, ids, shape
+
+
+# ---------------------------------------------------------------------------------------------
+# Torch references (and the CPU path).
+
+
+def _raw_pages(layer: torch.Tensor, spec: KVPageSpec) -> torch.Tensor:
+    """[num_halves, num_blocks, page_elems] raw-integer view aliasing the layer's pages."""
+    raw = layer.view(_RAW_DTYPES[layer.element_size()])
+    return raw.as_strided((spec.num_halves, spec.num_blocks, spec.page_elems),
+                          (spec.half_stride, spec.block_stride, 1), raw.storage_offset())
+
+
+def kv_gather_reference(layers: Layers, block_ids: BlockIds, spec: KVPageSpec,
+                        out: torch.Tensor | None = None) -> torch.Tensor:
+    """Per-layer index_select; returns ``[n_blocks, n_layers, num_halves, page_elems]``."""
+    layer_list, ids, shape = _prepare(layers, block_ids, spec, unique=False)
+    out = torch.empty(shape, dtype=layer_list[0].dtype, device=ids.device) if out is None else \
+        _check_buffer(out, "out", layer_list[0], shape)
+    raw_out = out.view(_RAW_DTYPES[out.element_size()])
+    for l, layer in enumerate(layer_list):
+        raw_out[:, l] = _raw_pages(layer, spec).index_select(1, ids).transpose(0, 1)
+    return out
+
+
+def kv_scatter_reference(src: torch.Tensor, layers: Layers, block_ids: BlockIds, spec: KVPageSpec) -> None:
+    """Per-layer index_copy_ of ``src`` ([n_blocks, n_layers, num_halves, page_elems]) into the cache."""
+    layer_list, ids, shape = _prepare(layers, block_ids, spec, unique=True)
+    raw_src = _check_buffer(src, "src", layer_list[0], shape).view(_RAW_DTYPES[src.element_size()])
+    for l, layer in enumerate(layer_list):
+        _raw_pages(layer, spec).index_copy_(1, ids, raw_src[:, l].transpose(0, 1))
+
+
+# ---------------------------------------------------------------------------------------------
+# Triton path: one launch, grid = (pages in the buffer, slices of a page).
+
+
+@triton.jit
+def _kv_pages_kernel(cache_ptr, layer_offs_ptr, block_ids_ptr, buf_ptr, n_layers,
+                     page_units, block_units, half_units,
+                     NUM_HALVES: tl.constexpr, ALIGN: tl.constexpr, BLOCK: tl.constexpr,
+                     EVEN: tl.constexpr, TO_BUF: tl.constexpr):
+    # cache_ptr is the lowest-addressed layer; layer l starts layer_offs[l]*ALIGN elements after it.
+    # Offsets and strides arrive in units of ALIGN elements (ALIGN*elem = up to 16 bytes) and are
+    # multiplied by the constexpr here, so the compiler can prove 16-byte alignment and emit
+    # 128-bit loads/stores even though the layer base is loaded from memory.
+    page = tl.program_id(0)  # buffer page, block-major: ((i * n_layers) + l) * NUM_HALVES + h
+    part = tl.program_id(1)
+    half = page % NUM_HALVES
+    rest = page // NUM_HALVES
+    layer = rest % n_layers
+    i = rest // n_layers
+    blk = tl.load(block_ids_ptr + i).to(tl.int64)
+    src_units = tl.load(layer_offs_ptr + layer) + half.to(tl.int64) * half_units + blk * block_units
+    page_elems = page_units * ALIGN
+    offs = part * BLOCK + tl.arange(0, BLOCK)
+    cache_p = cache_ptr + src_units * ALIGN + offs
+    buf_p = buf_ptr + page.to(tl.int64) * page_elems + offs
+    if EVEN:
+        if TO_BUF:
+            tl.store(buf_p, tl.load(cache_p))
+        else:
+            tl.store(cache_p, tl.load(buf_p))
+    else:
+        mask = offs < page_elems
+        if TO_BUF:
+            tl.store(buf_p, tl.load(cache_p, mask=mask), mask=mask)
+        else:
+            tl.store(cache_p, tl.load(buf_p, mask=mask), mask=mask)
+
+
+# (layer data_ptrs, ALIGN, ...) -> device tensor of layer offsets from the lowest layer, in ALIGN
+# units. vLLM's cache tensors live as long as the engine, so this saves a host->device copy per
+# call; keyed by the pointers themselves, a stale entry can never be wrong, only unused.
+_OFFSETS_CACHE: OrderedDict[tuple, torch.Tensor] = OrderedDict()
+
+
+def _layer_offsets(layers: list[torch.Tensor], align: int) -> tuple[int, torch.Tensor]:
+    ptrs = [t.data_ptr() for t in layers]
+    base = min(range(len(ptrs)), key=ptrs.__getitem__)
+    key = (tuple(ptrs), align, layers[0].element_size(), str(layers[0].device))
+    offs = _OFFSETS_CACHE.get(key)
+    if offs is None:
+        unit = align * layers[0].element_size()
+        offs = torch.tensor([(p - ptrs[base]) // unit for p in ptrs], dtype=torch.int64).to(layers[0].device)
+        _OFFSETS_CACHE[key] = offs
+        while len(_OFFSETS_CACHE) > 16:
+            _OFFSETS_CACHE.popitem(last=False)
+    return base, offs
+
+
+def _alignment(layers: list[torch.Tensor], spec: KVPageSpec) -> int:
+    """Largest power-of-two element count (<= 16 bytes) dividing every offset and stride."""
+    elem = layers[0].element_size()
+    ptrs = [t.data_ptr() for t in layers]
+    deltas = [p - min(ptrs) for p in ptrs]
+    if any(d % elem for d in deltas):
+        raise ValueError(f"layer base addresses differ by a non-multiple of the element size {elem}: {deltas}")
+    align = max(1, 16 // elem)
+    values = [spec.page_elems, spec.block_stride, spec.half_stride] + [d // elem for d in deltas]
+    while align > 1 and any(v % align for v in values):
+        align //= 2
+    return align
+
+
+def _launch(layers: list[torch.Tensor], ids: torch.Tensor, buf: torch.Tensor, spec: KVPageSpec, to_buf: bool,
+            block: int | None = None, num_warps: int = DEFAULT_NUM_WARPS) -> None:
+    if ids.numel() == 0:
+        return
+    elem = layers[0].element_size()
+    raw = _RAW_DTYPES[elem]
+    align = _alignment(layers, spec)
+    base, offs = _layer_offsets(layers, align)
+    if block is None:
+        block = DEFAULT_BLOCK_BYTES // elem
+    block = min(block, triton.next_power_of_2(spec.page_elems))
+    grid = (buf.shape[0] * buf.shape[1] * buf.shape[2], triton.cdiv(spec.page_elems, block))
+    _kv_pages_kernel[grid](
+        layers[base].view(raw), offs, ids, buf.view(raw), len(layers),
+        spec.page_elems // align, spec.block_stride // align, spec.half_stride // align,
+        NUM_HALVES=spec.num_halves, ALIGN=align, BLOCK=block, EVEN=spec.page_elems % block == 0,
+        TO_BUF=to_buf, num_warps=num_warps)
+
+
+def _kv_gather_triton(layers: Layers, block_ids: BlockIds, spec: KVPageSpec, out: torch.Tensor | None = None,
+                      **tile) -> torch.Tensor:
+    layer_list, ids, shape = _prepare(layers, block_ids, spec, unique=False)
+    out = torch.empty(shape, dtype=layer_list[0].dtype, device=ids.device) if out is None else \
+        _check_buffer(out, "out", layer_list[0], shape)
+    _launch(layer_list, ids, out, spec, to_buf=True, **tile)
+    return out
+
+
+def _kv_scatter_triton(src: torch.Tensor, layers: Layers, block_ids: BlockIds, spec: KVPageSpec, **tile) -> None:
+    layer_list, ids, shape = _prepare(layers, block_ids, spec, unique=True)
+    src = _check_buffer(src, "src", layer_list[0], shape)
+    _launch(layer_list, ids, src, spec, to_buf=False, **tile)
+
+
+# ---------------------------------------------------------------------------------------------
+# CPU path: when all layers sit in one buffer at a uniform stride (vLLM's CPU backend), one strided
+# view [num_blocks, n_layers, num_halves, page_elems] makes the whole gather a single
+# index_select (3.6x the per-layer reference: 0.97 vs 3.5 ms for 23 MB, 30 layers, 2-core host).
+
+
+def _stacked_pages(layers: list[torch.Tensor], spec: KVPageSpec) -> torch.Tensor | None:
+    """Raw view [num_blocks, n_layers, num_halves, page_elems] over all layers, or None."""
+    first = layers[0]
+    ptrs = [t.data_ptr() for t in layers]
+    elem = first.element_size()
+    if any(t.untyped_storage().data_ptr() != first.untyped_storage().data_ptr() for t in layers):
+        return None
+    step = (ptrs[1] - ptrs[0]) if len(ptrs) > 1 else spec.extent_elems * elem
+    if step % elem or step // elem < spec.extent_elems or any(b - a != step for a, b in zip(ptrs, ptrs[1:])):
+        return None  # interleaved or irregular layers: the reference handles them
+    raw = first.view(_RAW_DTYPES[elem])
+    return raw.as_strided((spec.num_blocks, len(layers), spec.num_halves, spec.page_elems),
+                          (spec.block_stride, step // elem, spec.half_stride, 1), raw.storage_offset())
+
+
+def _kv_gather_cpu(layers: Layers, block_ids: BlockIds, spec: KVPageSpec, out: torch.Tensor | None) -> torch.Tensor:
+    layer_list, ids, shape = _prepare(layers, block_ids, spec, unique=False)
+    pages = _stacked_pages(layer_list, spec)
+    if pages is None:
+        return kv_gather_reference(layer_list, ids, spec, out)
+    out = torch.empty(shape, dtype=layer_list[0].dtype) if out is None else \
+        _check_buffer(out, "out", layer_list[0], shape)
+    torch.index_select(pages, 0, ids, out=out.view(pages.dtype))
+    return out
+
+
+def _kv_scatter_cpu(src: torch.Tensor, layers: Layers, block_ids: BlockIds, spec: KVPageSpec) -> None:
+    layer_list, ids, shape = _prepare(layers, block_ids, spec, unique=True)
+    pages = _stacked_pages(layer_list, spec)
+    if pages is None:
+        kv_scatter_reference(src, layer_list, ids, spec)
+    else:
+        pages.index_copy_(0, ids, _check_buffer(src, "src", layer_list[0], shape).view(pages.dtype))
+
+
+# ---------------------------------------------------------------------------------------------
+# Public dispatch.
+
+
+def _device_of(layers: Layers) -> torch.device:
+    return layers.device if isinstance(layers, torch.Tensor) else _layer_list(layers)[0].device
+
+
+def kv_gather(layers: Layers, block_ids: BlockIds, spec: KVPageSpec,
+              out: torch.Tensor | None = None) -> torch.Tensor:
+    """Copy the pages of ``block_ids`` from every layer into one block-major buffer.
+
+    Returns ``out`` viewed as ``[len(block_ids), n_layers, spec.num_halves, spec.page_elems]`` in
+    the layers' dtype. Block ids may repeat. CUDA: one Triton launch; CPU: torch index_select
+    (one call when the layers share a buffer, else one per layer).
+    """
+    if _device_of(layers).type == "cuda":
+        return _kv_gather_triton(layers, block_ids, spec, out)
+    return _kv_gather_cpu(layers, block_ids, spec, out)
+
+
+def kv_scatter(src: torch.Tensor, layers: Layers, block_ids: BlockIds, spec: KVPageSpec) -> None:
+    """Inverse of :func:`kv_gather`: write ``src`` pages into the cache in place (ids must be unique)."""
+    if _device_of(layers).type == "cuda":
+        _kv_scatter_triton(src, layers, block_ids, spec)
+    else:
+        _kv_scatter_cpu(src, layers, block_ids, spec)
