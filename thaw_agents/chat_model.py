@@ -22,6 +22,7 @@ interpreter exit shut it down.
 from __future__ import annotations
 
 import asyncio
+import os
 from pathlib import Path
 from typing import Any, AsyncIterator, Callable, Iterator, Literal, Sequence
 
@@ -35,11 +36,12 @@ from langchain_core.tools import BaseTool
 from langchain_core.utils.function_calling import convert_to_openai_tool
 from pydantic import ConfigDict, Field, PrivateAttr
 
-from thaw_agents import structured
+from thaw_agents import snapshots, structured
 from thaw_agents import tool_calls as tc
 from thaw_agents.request_plan import EngineCall, RequestPlan
 from thaw_agents_core import models
 from thaw_agents_core.engine import Engine, EngineSpec, acquire_engine, release_engine
+from thaw_agents_core.prefix import PrefixHandle
 
 # Instance fields that are generation defaults (per-call kwargs of the same name override them).
 _OPTION_FIELDS = ("max_tokens", "temperature", "top_p", "top_k", "min_p", "seed", "stop",
@@ -76,6 +78,19 @@ class ChatThaw(BaseChatModel):
     """vLLM automatic prefix caching (shared prefixes computed once). Default: True."""
     engine_kwargs: dict[str, Any] = Field(default_factory=dict)
     """Extra vLLM ``AsyncEngineArgs`` (e.g. ``{"gpu_memory_utilization": 0.5}``). Default: {}."""
+    kv_store: str | None = None
+    """Where KV snapshots of prefixes live, enabling ``snapshot()`` and forks into other
+    processes: ``"shm://NAME?capacity=2GiB"`` (shared memory on this host, created and owned
+    by this process), a directory path (durable files), or ``"auto"`` (a shared-memory store of
+    ``kv_store_bytes`` private to this process). None = no snapshots. Default: None."""
+    kv_store_bytes: int = 1 << 30
+    """Capacity of the ``"auto"`` shared-memory store. Default: 1 GiB."""
+    weights_version: str = ""
+    """Part of the KV namespace: bump it when the weights change in place (RL), so snapshots of
+    old weights are never loaded. Default: ""."""
+    kv_events_path: str | None = None
+    """Append one JSON line per snapshot save/load/failure here (observability). Default:
+    None."""
 
     # ------------------------------------------------------------------ generation defaults
     temperature: float | None = None
@@ -154,11 +169,25 @@ class ChatThaw(BaseChatModel):
 
     # ------------------------------------------------------------------ engine lifecycle
 
+    def resolved_kv_store(self) -> str | None:
+        """``kv_store`` with "auto" resolved to this process's shared-memory store URL."""
+        if self.kv_store == "auto":
+            return f"shm://auto-{os.getpid()}?capacity={self.kv_store_bytes}"
+        return self.kv_store
+
     def engine_spec(self) -> EngineSpec:
         """The settings that identify this model's engine (equal specs share one engine)."""
+        store = self.resolved_kv_store()
+        kv_transfer = None
+        if store is not None:
+            from thaw_agents_core.connector import kv_transfer_config
+
+            kv_transfer = kv_transfer_config(store, weights_version=self.weights_version,
+                                             events_path=self.kv_events_path)
         return EngineSpec.create(
             models.resolve_model(self.model), dtype=self.dtype, max_model_len=self.max_model_len,
             enable_prefix_caching=self.enable_prefix_caching, engine_kwargs=self.engine_kwargs,
+            kv_transfer=kv_transfer,
         )
 
     @property
@@ -265,6 +294,35 @@ class ChatThaw(BaseChatModel):
             if chunk is not None:
                 yield ChatGenerationChunk(message=chunk)
         yield ChatGenerationChunk(message=call.assembler.final_chunk())
+
+    # ------------------------------------------------------------------ prefix snapshots
+
+    async def asnapshot(self, prefix: LanguageModelInput, *,
+                        extra: dict[str, Any] | None = None) -> PrefixHandle:
+        """Compute a prefix (messages) once and snapshot its KV cache; returns a handle.
+
+        Any engine on this store (this one, pool workers, another process's ChatThaw) then
+        starts prompts that begin with the prefix from the snapshot instead of recomputing it.
+        Needs ``kv_store``.
+        """
+        return await snapshots.asnapshot(self, self._convert_input(prefix).to_messages(), extra)
+
+    def snapshot(self, prefix: LanguageModelInput, *,
+                 extra: dict[str, Any] | None = None) -> PrefixHandle:
+        """Blocking twin of ``asnapshot``."""
+        return snapshots.snapshot(self, self._convert_input(prefix).to_messages(), extra)
+
+    def load_snapshot(self, src: str | os.PathLike[str]) -> PrefixHandle:
+        """Validate a saved snapshot (file or ``s3://``) and publish it in this model's store.
+
+        Refuses, naming each differing field, a snapshot made by another model, dtype, KV
+        layout, block size or weights version.
+        """
+        return snapshots.load(self, src)
+
+    def kv_namespace(self) -> Any:
+        """The namespace (model fingerprint, dtype, layout, block size, ...) of this engine."""
+        return self.engine.namespace()
 
     # ------------------------------------------------------------------ tools / structure
 

@@ -65,12 +65,17 @@ def resolve_dtype(requested: str, model_dtype: str | None) -> str:
     that path returns wrong tokens (SmolLM2-135M answered "L'Étoile, la Marseillaise, ..." to
     "What is the capital of France?" in bf16, "The capital of France is Paris." in float16 and
     float32 and in transformers' bf16; measured 2026-11-23). So ``auto`` on a bf16 model becomes
-    float16 on the CPU. An explicit request is honoured.
+    float16 on the CPU. vLLM's ``auto`` also downcasts a float32 checkpoint to bfloat16 on the
+    CPU (the tiny test model ran in bf16, not bit-exact); there ``auto`` keeps float32.
+    An explicit request is honoured.
     """
-    if requested != "auto":
+    if requested != "auto" or not is_cpu_platform():
         return requested
-    if is_cpu_platform() and (model_dtype or "").replace("torch.", "") == "bfloat16":
+    declared = (model_dtype or "").replace("torch.", "")
+    if declared == "bfloat16":
         return "float16"
+    if declared == "float32":
+        return "float32"
     return "auto"
 
 

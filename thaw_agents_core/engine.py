@@ -131,6 +131,7 @@ class Engine:
     _loop: _LoopThread | None = field(default=None, init=False, repr=False)
     _lock: threading.Lock = field(default_factory=threading.Lock, init=False, repr=False)
     _closed: bool = field(default=False, init=False)
+    _store: Any = field(default=None, init=False, repr=False)
 
     # ------------------------------------------------------------------ lifecycle
 
@@ -171,10 +172,16 @@ class Engine:
             if self._llm is not None:
                 return
             compat.configure_vllm_environment()
+            self._open_store()
             self._loop = _LoopThread(f"thaw-engine-{Path(self.spec.model).name}")
             future = self._loop.submit(self._create())
             try:
                 self._llm = future.result(self.start_timeout_s)
+                # Run our shutdown before the exit hooks vLLM just registered (its weakref
+                # finalizers stop the engine core under a still-reading output handler, which
+                # then logs an EngineDeadError traceback at every interpreter exit).
+                atexit.unregister(close_all_engines)
+                atexit.register(close_all_engines)
             except concurrent.futures.TimeoutError as exc:
                 future.cancel()
                 raise EngineError(
@@ -184,8 +191,45 @@ class Engine:
             except Exception as exc:
                 self._loop.stop(5.0)
                 self._loop = None
+                self._close_store()
                 raise EngineError(f"vLLM engine for {self.spec.model} failed to start: {exc}") \
                     from exc
+
+    @property
+    def store_url(self) -> str | None:
+        """URL of the KV snapshot store this engine's connector uses (None: no connector)."""
+        if not self.spec.kv_transfer_json:
+            return None
+        return json.loads(self.spec.kv_transfer_json)["kv_connector_extra_config"]["store"]
+
+    @property
+    def store(self) -> Any:
+        """This process's handle on the snapshot store (it owns a shared-memory store it made)."""
+        self.start()
+        return self._store
+
+    def _open_store(self) -> None:
+        # Opened here, before the engine: for shm:// this process creates and owns the arena
+        # (engine processes only attach), so it outlives engine restarts and worker deaths.
+        if self.store_url is not None and self._store is None:
+            from thaw_agents_core.store import open_store
+
+            self._store = open_store(self.store_url)
+
+    def _close_store(self) -> None:
+        store, self._store = self._store, None
+        if store is not None:
+            store.close()
+
+    def namespace(self) -> Any:
+        """The KV namespace of this engine (what a snapshot must match to be loaded here)."""
+        from thaw_agents_core.kv_namespace import namespace_for
+
+        weights_version = ""
+        if self.spec.kv_transfer_json:
+            extra = json.loads(self.spec.kv_transfer_json)["kv_connector_extra_config"]
+            weights_version = extra.get("weights_version", "")
+        return namespace_for(self.llm.vllm_config, weights_version)
 
     async def _create(self) -> Any:
         from vllm.v1.engine.async_llm import AsyncLLM
@@ -214,6 +258,7 @@ class Engine:
                 pass
         if loop is not None:
             loop.stop(timeout_s)
+        self._close_store()
 
     @property
     def max_model_len(self) -> int:
@@ -301,12 +346,17 @@ class Engine:
         deadline = None if timeout_s is None else time.monotonic() + timeout_s
         try:
             while True:
+                # Checked before every wait, not only when the queue is empty: a streaming
+                # request delivers a token every few ms and would otherwise never time out.
+                wait_s = _POLL_S
+                if deadline is not None:
+                    wait_s = min(_POLL_S, deadline - time.monotonic())
+                    if wait_s <= 0:
+                        raise TimeoutError(_timeout_message(timeout_s))
                 try:
-                    item = outputs.get(timeout=_POLL_S)
+                    item = outputs.get(timeout=wait_s)
                 except queue.Empty:
                     self.check_alive()
-                    if deadline is not None and time.monotonic() > deadline:
-                        raise TimeoutError(_timeout_message(timeout_s)) from None
                     continue
                 if item is _DONE:
                     return

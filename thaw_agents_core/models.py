@@ -172,7 +172,7 @@ def _build_embedded_model(target: Path, progress: bool) -> None:
 
 def tiny_model_path(seed: int = 0, num_layers: int = 2) -> Path:
     """Path of a deterministic float32 random Llama (byte-level tokenizer), built on first use."""
-    target = cache_dir() / "models" / f"{TINY_MODEL_NAME}-s{seed}-l{num_layers}"
+    target = cache_dir() / "models" / f"{TINY_MODEL_NAME}-v2-s{seed}-l{num_layers}"
     if (target / "thaw_model.json").exists():
         return target
     with _locked(target.with_suffix(".lock")):
@@ -210,7 +210,7 @@ def _build_tiny_model(target: Path, seed: int, num_layers: int) -> None:
     from transformers import LlamaConfig, LlamaForCausalLM
 
     tokenizer = _byte_level_tokenizer()
-    vocab_size = 320  # 259 used (3 specials + 256 bytes), padded
+    vocab_size = len(tokenizer)  # 3 specials + 256 bytes: every sampled id decodes
     config = LlamaConfig(
         vocab_size=vocab_size, hidden_size=128, intermediate_size=256,
         num_hidden_layers=num_layers, num_attention_heads=2, num_key_value_heads=1,

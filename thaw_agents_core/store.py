@@ -498,6 +498,18 @@ def parse_size(text: str | int) -> int:
     return int(m.group(1)) << (10 * " kmgt".index(m.group(2).lower() or " "))
 
 
+def attach_url(url: str) -> str:
+    """The URL an engine process uses: it attaches to a shared-memory store, never creates one
+    (the store's owner is the user's process, which outlives its engines)."""
+    parsed = urllib.parse.urlsplit(url)
+    if parsed.scheme != "shm":
+        return url
+    query = dict(urllib.parse.parse_qsl(parsed.query))
+    query["create"] = "false"
+    query.pop("capacity", None)
+    return urllib.parse.urlunsplit(parsed._replace(query=urllib.parse.urlencode(query)))
+
+
 def open_store(url: str | os.PathLike[str]) -> SnapshotStore:
     """``shm://NAME?capacity=1GiB[&create=true|false]``, ``file:///PATH[?max_bytes=...]`` or a path.
 

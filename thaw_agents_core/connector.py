@@ -1,0 +1,129 @@
+"""ThawConnector: a vLLM KV connector that restores prompt prefixes from KV snapshots.
+
+A thin facade (like vLLM's offloading_connector): by role it builds the scheduler side
+(``connector_scheduler``) or the worker side (``connector_worker``) and delegates; what crosses
+between them is ``connector_meta.ThawConnectorMetadata``.
+
+Use it with an engine you build yourself::
+
+    from vllm import LLM
+    from thaw_agents_core import kv_transfer_config, open_store
+
+    store = open_store("shm://agents?capacity=4GiB")          # this process owns the arena
+    llm = LLM(model=..., kv_transfer_config=kv_transfer_config("shm://agents"))
+
+A request asks for its prompt's full blocks to be snapshotted with
+``SamplingParams(extra_args={"kv_transfer_params": {"thaw": {"save": True}}})``; the result
+(snapshot id, namespace) comes back in ``RequestOutput.kv_transfer_params["thaw"]``. Any
+request whose prompt starts with a published prefix loads it instead of computing it.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from vllm.distributed.kv_transfer.kv_connector.v1.base import (
+    KVConnectorBase_V1,
+    KVConnectorMetadata,
+    KVConnectorRole,
+)
+
+from thaw_agents_core.connector_meta import ConnectorSettings, ThawConnectorMetadata
+from thaw_agents_core.connector_scheduler import SchedulerSide
+from thaw_agents_core.connector_worker import WorkerSide
+from thaw_agents_core.store import SnapshotStore, attach_url, open_store
+
+
+def kv_transfer_config(store: str, *, weights_version: str = "", events_path: str | None = None,
+                       load: bool = True) -> dict[str, Any]:
+    """Fields of vLLM's ``KVTransferConfig`` that plug ThawConnector into an engine.
+
+    Pass as ``LLM(..., kv_transfer_config=KVTransferConfig(**kv_transfer_config(url)))`` (or the
+    dict itself where vLLM accepts one). A failed or refused load is recomputed, never used.
+    """
+    settings = ConnectorSettings(store=store, weights_version=weights_version,
+                                 events_path=events_path, load=load)
+    extra: dict[str, Any] = {"store": settings.store, "weights_version": weights_version,
+                             "load": load}
+    if events_path:
+        extra["events_path"] = events_path
+    return {
+        "kv_connector": "ThawConnector",
+        "kv_connector_module_path": "thaw_agents_core.connector",
+        "kv_role": "kv_both",
+        "kv_load_failure_policy": "recompute",
+        "kv_connector_extra_config": extra,
+    }
+
+
+class ThawConnector(KVConnectorBase_V1):
+    """KV connector: snapshot prompt prefixes into a store; load them into later requests."""
+
+    def __init__(self, vllm_config: Any, role: KVConnectorRole,
+                 kv_cache_config: Any = None) -> None:
+        super().__init__(vllm_config=vllm_config, role=role, kv_cache_config=kv_cache_config)
+        extra = self._kv_transfer_config.kv_connector_extra_config
+        self.settings = ConnectorSettings.from_extra_config(extra)
+
+        def _open() -> SnapshotStore:
+            return open_store(attach_url(self.settings.store))
+
+        self._scheduler: SchedulerSide | None = None
+        self._worker: WorkerSide | None = None
+        if role == KVConnectorRole.SCHEDULER:
+            self._scheduler = SchedulerSide(vllm_config, kv_cache_config, self.settings, _open)
+        else:
+            self._worker = WorkerSide(vllm_config, kv_cache_config, self.settings, _open)
+
+    # ------------------------------------------------------------------ worker side
+
+    def register_kv_caches(self, kv_caches: dict[str, Any]) -> None:
+        assert self._worker is not None
+        self._worker.register_kv_caches(kv_caches)
+
+    def start_load_kv(self, forward_context: Any, **kwargs: Any) -> None:
+        assert self._worker is not None
+        metadata = self._get_connector_metadata()
+        assert isinstance(metadata, ThawConnectorMetadata)
+        self._worker.start_load_kv(metadata)
+
+    def wait_for_layer_load(self, layer_name: str) -> None:
+        return  # loads are synchronous in start_load_kv
+
+    def save_kv_layer(self, layer_name: str, kv_layer: Any, attn_metadata: Any,
+                      **kwargs: Any) -> None:
+        return  # saves gather every layer at once in wait_for_save
+
+    def wait_for_save(self) -> None:
+        assert self._worker is not None
+        metadata = self._get_connector_metadata()
+        assert isinstance(metadata, ThawConnectorMetadata)
+        self._worker.wait_for_save(metadata)
+
+    def get_block_ids_with_load_errors(self) -> set[int]:
+        assert self._worker is not None
+        return self._worker.get_block_ids_with_load_errors()
+
+    def shutdown(self) -> None:
+        if self._worker is not None:
+            self._worker.close()
+
+    # ------------------------------------------------------------------ scheduler side
+
+    def get_num_new_matched_tokens(self, request: Any, num_computed_tokens: int
+                                   ) -> tuple[int | None, bool]:
+        assert self._scheduler is not None
+        return self._scheduler.get_num_new_matched_tokens(request, num_computed_tokens)
+
+    def update_state_after_alloc(self, request: Any, blocks: Any,
+                                 num_external_tokens: int) -> None:
+        assert self._scheduler is not None
+        self._scheduler.update_state_after_alloc(request, blocks, num_external_tokens)
+
+    def build_connector_meta(self, scheduler_output: Any) -> KVConnectorMetadata:
+        assert self._scheduler is not None
+        return self._scheduler.build_connector_meta(scheduler_output)
+
+    def request_finished(self, request: Any, block_ids: Any) -> tuple[bool, dict | None]:
+        assert self._scheduler is not None
+        return self._scheduler.request_finished(request, block_ids)

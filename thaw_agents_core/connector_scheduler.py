@@ -1,0 +1,207 @@
+"""ThawConnector, scheduler side: find snapshot blocks for new requests; plan loads and saves.
+
+Runs inside vLLM's scheduler (engine-core process), on its hot path, so a miss must be cheap:
+one block-hash chain per request (cached), one store lookup (a stat + dict probe on a miss).
+
+    new request ──> get_num_new_matched_tokens
+                      save requested? ──> remember (SaveState); the prompt's full blocks will be
+                                          snapshotted in the step that computes the last of them
+                      load: chain = hashes of the prompt's full blocks (never the last token)
+                            store.lookup(namespace, chain) -> k blocks
+                            report k*block_size - num_computed_tokens external tokens
+                ──> update_state_after_alloc: the request's block ids -> LoadOp
+                ──> build_connector_meta: LoadOps (loaded before this step's forward) and SaveOps
+                    (saved after it) -> ThawConnectorMetadata
+    finished ──> request_finished: tell the frontend where its snapshot is (kv_transfer_params)
+"""
+
+from __future__ import annotations
+
+import logging
+import secrets
+from dataclasses import dataclass, field
+from typing import Any
+
+from thaw_agents_core.block_hashes import block_hash_chain
+from thaw_agents_core.connector_meta import (
+    PARAMS_KEY,
+    ConnectorSettings,
+    LoadOp,
+    SaveOp,
+    ThawConnectorMetadata,
+)
+from thaw_agents_core.kv_namespace import namespace_for
+from thaw_agents_core.store import SnapshotNotFoundError, SnapshotRef, SnapshotStore
+
+logger = logging.getLogger("thaw_agents.connector")
+
+
+@dataclass(slots=True)
+class _PendingLoad:
+    snapshot_id: str
+    first_block: int
+    end_block: int
+    last_hash: str
+
+
+@dataclass(slots=True)
+class _SaveState:
+    snapshot_id: str
+    token_ids: list[int]
+    num_blocks: int
+    extra: dict[str, Any]
+    block_ids: list[int] = field(default_factory=list)
+    emitted: bool = False
+    existing: bool = False
+
+
+class SchedulerSide:
+    def __init__(self, vllm_config: Any, kv_cache_config: Any, settings: ConnectorSettings,
+                 open_store: Any) -> None:
+        self.settings = settings
+        self.block_size = int(vllm_config.cache_config.block_size)
+        self.namespace = namespace_for(vllm_config, settings.weights_version)
+        self.namespace_key = self.namespace.key()
+        self._open_store = open_store
+        self._store: SnapshotStore | None = None
+        self._chains: dict[str, list[bytes]] = {}
+        self._pending: dict[str, _PendingLoad] = {}
+        self._loads: list[LoadOp] = []
+        self._saves: dict[str, _SaveState] = {}
+        self._finished_saves: dict[str, _SaveState] = {}
+
+    @property
+    def store(self) -> SnapshotStore:
+        if self._store is None:
+            self._store = self._open_store()
+        return self._store
+
+    # ------------------------------------------------------------------ lookups
+
+    def get_num_new_matched_tokens(self, request: Any, num_computed_tokens: int
+                                   ) -> tuple[int, bool]:
+        params = (getattr(request, "kv_transfer_params", None) or {}).get(PARAMS_KEY) or {}
+        prompt = list(request.prompt_token_ids or [])
+        if params.get("save") and request.request_id not in self._saves:
+            self._register_save(request.request_id, prompt, params)
+        if not self.settings.load or params.get("load") is False:
+            return 0, False
+        # Never report the whole prompt: vLLM must compute at least its last token.
+        max_blocks = (len(prompt) - 1) // self.block_size
+        if max_blocks * self.block_size <= num_computed_tokens:
+            return 0, False
+        chain = self._chain(request.request_id, prompt, max_blocks)
+        try:
+            match = self.store.lookup(self.namespace_key, chain, max_blocks=max_blocks)
+        except OSError as exc:  # a store problem must never fail the request: recompute
+            logger.warning("thaw: snapshot lookup failed (%s); computing the prompt", exc)
+            return 0, False
+        if match is None or match.num_blocks * self.block_size <= num_computed_tokens:
+            self._pending.pop(request.request_id, None)
+            return 0, False
+        self._pending[request.request_id] = _PendingLoad(
+            snapshot_id=match.ref.snapshot_id, first_block=num_computed_tokens // self.block_size,
+            end_block=match.num_blocks, last_hash=chain[match.num_blocks - 1].hex())
+        return match.num_blocks * self.block_size - num_computed_tokens, False
+
+    def _chain(self, req_id: str, prompt: list[int], max_blocks: int) -> list[bytes]:
+        chain = self._chains.get(req_id)
+        if chain is None or len(chain) < max_blocks:
+            chain = block_hash_chain(prompt[: max_blocks * self.block_size], self.block_size)
+            self._chains[req_id] = chain
+        return chain[:max_blocks]
+
+    def _register_save(self, req_id: str, prompt: list[int], params: dict[str, Any]) -> None:
+        num_blocks = len(prompt) // self.block_size
+        state = _SaveState(snapshot_id=params.get("snapshot_id") or secrets.token_hex(16),
+                           token_ids=prompt[: num_blocks * self.block_size],
+                           num_blocks=num_blocks, extra=dict(params.get("extra") or {}))
+        if num_blocks == 0:
+            state.emitted = True  # nothing to save: request_finished reports why
+        else:
+            chain = block_hash_chain(state.token_ids, self.block_size)
+            match = self.store.lookup(self.namespace_key, chain)
+            if match is not None and match.num_blocks == num_blocks:
+                state.snapshot_id, state.emitted, state.existing = (match.ref.snapshot_id,
+                                                                    True, True)
+        self._saves[req_id] = state
+
+    def update_state_after_alloc(self, request: Any, blocks: Any,
+                                 num_external_tokens: int) -> None:
+        pending = self._pending.pop(request.request_id, None)
+        if pending is None or num_external_tokens == 0:
+            return
+        block_ids = list(blocks.get_block_ids()[0])
+        self._loads.append(LoadOp(
+            req_id=request.request_id, namespace_key=self.namespace_key,
+            snapshot_id=pending.snapshot_id, first_block=pending.first_block,
+            end_block=pending.end_block,
+            block_ids=block_ids[pending.first_block:pending.end_block],
+            expected_last_hash=pending.last_hash))
+
+    # ------------------------------------------------------------------ per-step metadata
+
+    def build_connector_meta(self, scheduler_output: Any) -> ThawConnectorMetadata:
+        meta = ThawConnectorMetadata(loads=self._loads)
+        self._loads = []
+        if not self._saves:
+            return meta
+        done_tokens: dict[str, int] = {}
+        for new in scheduler_output.scheduled_new_reqs:
+            state = self._saves.get(new.req_id)
+            if state is not None:
+                state.block_ids = list(new.block_ids[0])
+                done_tokens[new.req_id] = (new.num_computed_tokens
+                                           + scheduler_output.num_scheduled_tokens[new.req_id])
+        cached = scheduler_output.scheduled_cached_reqs
+        for i, req_id in enumerate(cached.req_ids):
+            state = self._saves.get(req_id)
+            if state is None:
+                continue
+            new_ids = cached.new_block_ids[i]
+            if new_ids is not None:
+                if req_id in cached.resumed_req_ids:  # after preemption: the full list
+                    state.block_ids = list(new_ids[0])
+                else:
+                    state.block_ids.extend(new_ids[0])
+            done_tokens[req_id] = (cached.num_computed_tokens[i]
+                                   + scheduler_output.num_scheduled_tokens[req_id])
+        for req_id, computed in done_tokens.items():
+            state = self._saves[req_id]
+            needed = state.num_blocks * self.block_size
+            if not state.emitted and computed >= needed and len(state.block_ids) >= state.num_blocks:
+                meta.saves.append(SaveOp(req_id=req_id, snapshot_id=state.snapshot_id,
+                                         token_ids=state.token_ids,
+                                         block_ids=state.block_ids[: state.num_blocks],
+                                         extra=state.extra))
+                state.emitted = True
+        return meta
+
+    # ------------------------------------------------------------------ completion
+
+    def request_finished(self, request: Any, block_ids: Any) -> tuple[bool, dict | None]:
+        req_id = request.request_id
+        self._chains.pop(req_id, None)
+        self._pending.pop(req_id, None)
+        state = self._saves.pop(req_id, None)
+        if state is None:
+            return False, None
+        return False, {PARAMS_KEY: {"snapshot": self._save_result(state)}}
+
+    def _save_result(self, state: _SaveState) -> dict[str, Any]:
+        result: dict[str, Any] = {
+            "snapshot_id": state.snapshot_id, "namespace_key": self.namespace_key,
+            "namespace": self.namespace.to_json(), "num_tokens": state.num_blocks * self.block_size,
+            "block_size": self.block_size, "store": self.settings.store, "existing": state.existing,
+        }
+        if state.num_blocks == 0:
+            result.update(ok=False, error=f"the prefix is shorter than one KV block "
+                                          f"({self.block_size} tokens): nothing to snapshot")
+            return result
+        try:
+            self.store.info(SnapshotRef(self.namespace_key, state.snapshot_id))
+            result["ok"] = True
+        except (SnapshotNotFoundError, OSError) as exc:
+            result.update(ok=False, error=f"snapshot was not published ({exc}); see the engine "
+                                          "log for the worker's error")
+        return result

@@ -1,0 +1,154 @@
+"""PrefixHandle: a computed, snapshotted prompt prefix that other engines can start from.
+
+A handle is plain data (JSON), so it survives LangGraph checkpointers and process boundaries.
+It names the snapshot (store, namespace, id) and carries the prefix's token ids: a branch's
+prompt is ``handle.prefix_token_ids + suffix ids``, so every engine that sees that prompt finds
+the snapshot through its block-hash chain.
+
+Durable copies: ``handle.save("dir/or/file.thawkv" | "s3://bucket/key")`` writes the snapshot's
+``.thawkv`` bytes; ``PrefixHandle.load(src, store)`` validates them (header, checksums, and the
+namespace when given) and publishes them into a store for local engines to find.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+from thaw_agents_core.snapshot_format import (
+    Namespace,
+    SnapshotMismatchError,
+    check_chunks,
+    encode_header,
+    parse_snapshot,
+    write_snapshot_file,
+)
+from thaw_agents_core.store import (
+    SnapshotNotFoundError,
+    SnapshotRef,
+    SnapshotStore,
+    attach_url,
+    open_store,
+)
+
+# Key of our entry in a request's ``kv_transfer_params`` (``SamplingParams.extra_args``), both
+# ways: ``{"thaw": {"save": True}}`` asks for a snapshot, ``{"thaw": {"snapshot": {...}}}``
+# comes back in ``RequestOutput.kv_transfer_params``.
+PARAMS_KEY = "thaw"
+
+
+@dataclass(frozen=True, slots=True)
+class PrefixHandle:
+    """A snapshotted prefix: where its KV lives and which tokens it covers."""
+
+    snapshot_id: str
+    namespace_key: str
+    namespace: dict[str, Any]
+    store: str
+    """URL of the store holding the snapshot (``shm://...`` or a directory)."""
+    prefix_token_ids: list[int]
+    """Every token of the rendered prefix (the snapshot covers its full blocks)."""
+    num_snapshot_tokens: int
+    """Tokens whose KV is in the snapshot (prefix length rounded down to whole blocks)."""
+    model_name: str = ""
+    prefix_text: str = ""
+    extra: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def num_tokens(self) -> int:
+        return len(self.prefix_token_ids)
+
+    @property
+    def ref(self) -> SnapshotRef:
+        return SnapshotRef(self.namespace_key, self.snapshot_id)
+
+    def to_json(self) -> dict[str, Any]:
+        return asdict(self)
+
+    @classmethod
+    def from_json(cls, data: dict[str, Any] | str) -> "PrefixHandle":
+        if isinstance(data, str):
+            data = json.loads(data)
+        return cls(**data)
+
+    # ------------------------------------------------------------------ durable copies
+
+    def read_bytes(self, store: SnapshotStore | None = None) -> bytes:
+        """The snapshot's complete ``.thawkv`` bytes, read from its store."""
+        own = store is None
+        store = store or open_store(attach_url(self.store))
+        try:
+            with store.open(self.ref) as view:
+                return encode_header(view.header) + bytes(view.payload)
+        finally:
+            if own:
+                store.close()
+
+    def save(self, dest: str | os.PathLike[str]) -> str:
+        """Write the snapshot to a file, a directory (``<id>.thawkv`` in it) or ``s3://...``.
+
+        Returns where it went. The handle itself can be saved next to it with ``to_json``.
+        """
+        data = self.read_bytes()
+        text = os.fspath(dest)
+        if text.startswith("s3://"):
+            from thaw_agents_core.s3 import upload_snapshot
+
+            upload_snapshot(data, text)
+            return text
+        path = Path(text)
+        if path.is_dir() or text.endswith(os.sep):
+            path.mkdir(parents=True, exist_ok=True)
+            path = path / f"{self.snapshot_id}.thawkv"
+        write_snapshot_file(path, data)
+        return str(path)
+
+    @classmethod
+    def load(cls, src: str | os.PathLike[str], store: SnapshotStore, *, store_url: str,
+             expect_namespace: Namespace | None = None, model_name: str = "") -> "PrefixHandle":
+        """Validate a saved snapshot (file or ``s3://``) and publish it into ``store``.
+
+        Raises ``SnapshotMismatchError`` naming every differing namespace field when the
+        snapshot was made by another model, dtype, block size, ... than ``expect_namespace``.
+        """
+        data = _read_source(os.fspath(src))
+        view = parse_snapshot(data, expect_namespace=expect_namespace)
+        try:
+            check_chunks(view)
+            header = view.header
+        finally:
+            view.close()
+        ref = SnapshotRef(header.namespace.key(), header.snapshot_id)
+        try:
+            store.info(ref)  # already published (e.g. loaded twice): reuse it
+        except SnapshotNotFoundError:
+            ref = store.publish_bytes(header.namespace.key(), data)
+        return cls(snapshot_id=ref.snapshot_id, namespace_key=ref.namespace_key,
+                   namespace=header.namespace.to_json(), store=store_url,
+                   prefix_token_ids=list(header.token_ids),
+                   num_snapshot_tokens=header.num_tokens, model_name=model_name)
+
+
+def _read_source(src: str) -> bytes:
+    if src.startswith("s3://"):
+        from thaw_agents_core.s3 import download_snapshot
+
+        with tempfile.TemporaryDirectory(prefix="thaw-s3-") as tmp:
+            path = Path(tmp) / "snapshot.thawkv"
+            download_snapshot(src, path)
+            return path.read_bytes()
+    path = Path(src)
+    if not path.is_file():
+        raise FileNotFoundError(f"no snapshot file at {path}")
+    return path.read_bytes()
+
+
+def check_namespace(snapshot_namespace: dict[str, Any], engine: Namespace) -> None:
+    """Raise SnapshotMismatchError naming each field where a snapshot and an engine differ."""
+    mismatches = Namespace.from_json(snapshot_namespace).mismatches(engine)
+    if mismatches:
+        raise SnapshotMismatchError(mismatches)
