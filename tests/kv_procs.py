@@ -4,16 +4,21 @@
                                                                 generate prompt+suffix
     python tests/kv_procs.py load  STORE EVENTS LEN [LEN ...]   generate prompt+suffix (loads)
     python tests/kv_procs.py plain -     -      LEN [LEN ...]   no connector at all
+    python tests/kv_procs.py warm  -     -      LEN [LEN ...]   no connector; the prefix first
+                                                                (vLLM's own prefix cache)
     python tests/kv_procs.py chat  STORE FILE|-                 ChatThaw: [load_snapshot(FILE)],
                                                                 then invoke CHAT_PREFIX + question
 
 Engines are built the way a user builds their own (``LLM`` + ``kv_transfer_config``), in vLLM's
-default multi-process mode. One ``RESULT {json}`` line per prompt on stdout.
+default multi-process mode. One ``RESULT {json}`` line per prompt on stdout. The model is the
+float32 tiny Llama, or with ``THAW_TEST_MODEL=llama8b`` (GPU) Llama-3.1-8B shapes with vLLM's
+seeded dummy weights in bfloat16.
 """
 
 from __future__ import annotations
 
 import json
+import os
 import random
 import sys
 
@@ -21,11 +26,15 @@ SUFFIX_LEN = 20
 NEW_TOKENS = 32
 
 
+GPU_MODEL = os.environ.get("THAW_TEST_MODEL") == "llama8b"
+
+
 def prompt_tokens(length: int) -> tuple[list[int], list[int]]:
-    """Deterministic prefix of ``length`` tokens and a 20-token suffix (byte tokens 3..258)."""
+    """Deterministic prefix of ``length`` tokens and a 20-token suffix."""
     rng = random.Random(length)
-    prefix = [rng.randrange(3, 259) for _ in range(length)]
-    suffix = [rng.randrange(3, 259) for _ in range(SUFFIX_LEN)]
+    lo, hi = (1000, 120000) if GPU_MODEL else (3, 259)  # tiny model: byte tokens 3..258
+    prefix = [rng.randrange(lo, hi) for _ in range(length)]
+    suffix = [rng.randrange(lo, hi) for _ in range(SUFFIX_LEN)]
     return prefix, suffix
 
 
@@ -62,12 +71,16 @@ def build_engine(store: str | None, events: str | None):
     from vllm.config import KVTransferConfig
 
     from thaw_agents_core.connector import kv_transfer_config
-    from thaw_agents_core.models import tiny_model_path
+    from thaw_agents_core.models import llama_8b_shaped_path, tiny_model_path
 
-    kwargs = {}
+    kwargs: dict = {}
     if store is not None:
         kwargs["kv_transfer_config"] = KVTransferConfig(
             **kv_transfer_config(store, events_path=events))
+    if GPU_MODEL:
+        return LLM(model=str(llama_8b_shaped_path()), load_format="dummy",
+                   skip_tokenizer_init=True, dtype="bfloat16", enforce_eager=True,
+                   max_model_len=4096, gpu_memory_utilization=0.4, **kwargs)
     return LLM(model=str(tiny_model_path()), dtype="float32", enforce_eager=True,
                max_model_len=4096, kv_cache_memory_bytes=256 << 20, **kwargs)
 
@@ -83,16 +96,19 @@ def main(argv: list[str]) -> None:
         run_chat(argv[1], argv[2])
         return
     mode, store, events, *lengths = argv
-    llm = build_engine(None if mode == "plain" else store, None if events == "-" else events)
-    greedy = SamplingParams(temperature=0.0, max_tokens=NEW_TOKENS, ignore_eos=True)
+    connector = mode in ("save", "load")
+    llm = build_engine(store if connector else None, events if connector else None)
+    greedy = SamplingParams(temperature=0.0, max_tokens=NEW_TOKENS, ignore_eos=True,
+                            detokenize=not GPU_MODEL)
     for length in map(int, lengths):
         prefix, suffix = prompt_tokens(length)
         result: dict = {"length": length}
-        if mode == "save":
-            save = SamplingParams(max_tokens=1, extra_args={
-                "kv_transfer_params": {"thaw": {"save": True}}})
-            out = llm.generate([TokensPrompt(prompt_token_ids=prefix)], save, use_tqdm=False)[0]
-            result["snapshot"] = (out.kv_transfer_params or {}).get("thaw", {}).get("snapshot")
+        if mode in ("save", "warm"):
+            extra = {"kv_transfer_params": {"thaw": {"save": True}}} if mode == "save" else None
+            first = SamplingParams(max_tokens=1, extra_args=extra, detokenize=not GPU_MODEL)
+            out = llm.generate([TokensPrompt(prompt_token_ids=prefix)], first, use_tqdm=False)[0]
+            if mode == "save":
+                result["snapshot"] = (out.kv_transfer_params or {}).get("thaw", {}).get("snapshot")
         out = llm.generate([TokensPrompt(prompt_token_ids=prefix + suffix)], greedy,
                            use_tqdm=False)[0]
         result["cached"] = out.num_cached_tokens

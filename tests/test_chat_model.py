@@ -25,7 +25,7 @@ from typing import Any, Callable
 import psutil
 import pytest
 from langchain_core.callbacks import BaseCallbackHandler
-from langchain_core.messages import AIMessage, AIMessageChunk, HumanMessage
+from langchain_core.messages import AIMessage, AIMessageChunk, HumanMessage, ToolMessage
 from langchain_core.output_parsers.openai_tools import PydanticToolsParser
 from pydantic import BaseModel, Field
 
@@ -467,6 +467,29 @@ def test_with_structured_output(smol: ChatThaw, method: str):
     assert isinstance(raw["raw"], AIMessage)
     assert raw["parsing_error"] is None
     assert raw["parsed"] == person  # greedy: the same answer twice
+
+
+def test_tool_results_are_answered_in_text(smol: ChatThaw):
+    """With auto tool choice, a turn after a tool result answers from it (request_plan folds
+    the request and the results into one user turn) instead of repeating the call."""
+    from thaw_agents.request_plan import fold_tool_results
+
+    history = [
+        HumanMessage("What is 17 times 23?"),
+        AIMessage("", tool_calls=[{"name": "multiply", "args": {"a": 17, "b": 23},
+                                   "id": "call_1"}]),
+        ToolMessage("391", tool_call_id="call_1"),
+    ]
+    [folded] = fold_tool_results(history)
+    assert folded.content == ("What is 17 times 23?\n\nResult of multiply: 391\n"
+                              "Answer using this result.")
+
+    def multiply(a: int, b: int) -> int:
+        """Multiply two integers."""
+        return a * b
+
+    answer = smol.bind_tools([multiply]).invoke(history)
+    assert answer.tool_calls == [] and "391" in answer.content
 
 
 # ---------------------------------------------------------------------- exact tokens (fp32)

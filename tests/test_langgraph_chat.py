@@ -104,5 +104,5 @@ def test_react_agent_calls_the_tool_then_answers(smol: ChatThaw):
     assert cities == [call["args"]["city"]] and "Paris" in cities[0]
     assert call_message.response_metadata["tool_routing"] == "tool"
     assert tool_message.tool_call_id == call["id"]
-    assert answer.tool_calls == [] and answer.content.strip()
-    print(answer.content)
+    assert answer.tool_calls == []
+    assert "sunny" in answer.content.lower() or "22" in answer.content  # read the result

@@ -5,12 +5,20 @@
     [router_call]        only for tool_choice="auto" on a template without native tools:
                          a short request constrained to "yes"/"no": does a tool help?
     decide(output)       "yes" -> the call is forced (constrained JSON), "no" -> free text
+    [answer_from_tools]  instead of the router when the last message is a tool result: the
+                         request and the results become one user turn, answered in text
     main_call            the prompt rendered once, tokenized, length-checked -> EngineCall
 
 Why the router: a small model (SmolLM2-135M) never elects to call a tool on its own, so
 LangGraph agents on the embedded model would never act. Asked the yes/no question directly,
 constrained, it routes requests that need a tool to the tool (tried 2026-11-23: 4 of 4
 tool requests routed to the tool; 2 of 3 chit-chat requests answered in text).
+
+Why the fold after a tool result: shown the tool list, its own JSON call and the tool's
+result, the same model repeats the call (3 of 4 cases, tried 2026-11-23), so a ReAct agent
+never finishes; the router, asked again, says "yes" every time. Asked the request with the
+results in the same user turn ("Result of get_weather: ... Answer using this result.") it
+answered from the results in 4 of 4 cases.
 """
 
 from __future__ import annotations
@@ -18,7 +26,13 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any, Sequence
 
-from langchain_core.messages import BaseMessage, HumanMessage, SystemMessage, ToolMessage
+from langchain_core.messages import (
+    AIMessage,
+    BaseMessage,
+    HumanMessage,
+    SystemMessage,
+    ToolMessage,
+)
 
 from thaw_agents import messages as msg
 from thaw_agents import structured
@@ -90,10 +104,11 @@ class RequestPlan:
                 plan._force(forced)
             else:
                 plan.tool_mode = "auto"
-                plan.needs_routing = (
-                    auto_tool_routing and not msg.template_supports_tools(tokenizer)
-                    and not isinstance(messages[-1], ToolMessage)
-                )
+                routed = auto_tool_routing and not msg.template_supports_tools(tokenizer)
+                if routed and isinstance(messages[-1], ToolMessage):
+                    plan._answer_from_tools()
+                else:
+                    plan.needs_routing = routed
         return plan
 
     def _force(self, names: list[str]) -> None:
@@ -102,6 +117,12 @@ class RequestPlan:
         assert self.tools is not None
         self.options["json_schema"] = tc.forced_call_schema(self.tools, names)
         self.tool_mode = "forced"
+
+    def _answer_from_tools(self) -> None:
+        """Fold the last request and the tool results after it into one user turn; text only."""
+        folded = fold_tool_results(self.messages)
+        if folded is not None:
+            self.messages, self.tools, self.tool_mode = folded, None, "none"
 
     # ------------------------------------------------------------------ auto-tool routing
 
@@ -152,3 +173,24 @@ class RequestPlan:
             tool_mode=self.tool_mode, routing=self.routing,
             tool_names=[tool["function"]["name"] for tool in self.tools or []])
         return EngineCall(rendered.token_ids, params, assembler)
+
+
+def fold_tool_results(messages: Sequence[BaseMessage]) -> list[BaseMessage] | None:
+    """The messages with the last user request and the tool exchange after it folded into one
+    user turn (None when there is no user request to fold into)."""
+    last = next((i for i in range(len(messages) - 1, -1, -1)
+                 if isinstance(messages[i], HumanMessage)), None)
+    if last is None:
+        return None
+    names = {call["id"]: call["name"] for m in messages[last:] if isinstance(m, AIMessage)
+             for call in m.tool_calls}
+    results = []
+    for message in messages[last + 1:]:
+        if isinstance(message, ToolMessage):
+            name = message.name or names.get(message.tool_call_id, "the tool")
+            error = "Error: " if getattr(message, "status", "success") == "error" else ""
+            results.append(f"Result of {name}: {error}{msg.text_of(message.content)}")
+    these = "this result" if len(results) == 1 else "these results"
+    request = msg.text_of(messages[last].content)
+    text = f"{request}\n\n" + "\n".join(results) + f"\nAnswer using {these}."
+    return [*messages[:last], HumanMessage(text)]

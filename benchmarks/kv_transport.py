@@ -1,0 +1,285 @@
+"""Time to snapshot and to load a prefix's KV (136 MB and 1 GiB) against recomputing it.
+
+Llama-3.1-8B shapes (32 layers, 8 KV heads, head_dim 128, bf16, FlashAttention pages of 16
+tokens): KV = 128 KiB per token; 65 blocks = 1040 tokens = 136 MB, 512 blocks = 8192 tokens =
+1 GiB. Two parts, one run:
+
+1. data path (``KVTransport`` on a synthetic paged cache, no vLLM): save = kv_gather + device
+   CRC32C + D2H into the pinned shared-memory arena + header + commit; load = open + validate
+   + H2D + CRC verify + kv_scatter. Medians of several distinct prefixes, with a bit-exact
+   round-trip check.
+2. in vLLM (0.26 on the H100; separate processes, 8B shapes with dummy weights): process A
+   snapshots prefixes through ThawConnector; a fresh process B serves prompt+suffix requests
+   that load them (connector-measured load time, TTFT) and requests whose equally long prefix
+   is not in the store (recompute TTFT). Skipped when vLLM is missing (``--no-vllm``).
+
+    python benchmarks/kv_transport.py            # -> benchmarks/results/kv_transport_<gpu>.json
+Goals (issue 3): load <= 10 ms end-to-end for 136 MB; >= 45 GB/s at 1 GiB.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import random
+import shutil
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+ROOT = Path(__file__).resolve().parent.parent
+RESULTS = ROOT / "benchmarks" / "results"
+sys.path.insert(0, str(ROOT))
+
+LAYERS, KV_HEADS, HEAD_DIM, BLOCK = 32, 8, 128, 16
+SIZES = {"136MB": 65, "1GiB": 512}  # blocks
+
+
+def quantiles(values: list[float]) -> dict[str, float]:
+    ordered = sorted(values)
+    pick = lambda q: ordered[min(len(ordered) - 1, int(q * len(ordered)))]  # noqa: E731
+    return {"p20": pick(0.2), "p50": statistics.median(ordered), "p80": pick(0.8),
+            "n": len(ordered)}
+
+
+def machine() -> dict:
+    info = {"host": platform.node(), "python": platform.python_version(),
+            "torch": torch.__version__, "time_utc": time.strftime("%Y-%m-%dT%H:%M:%SZ",
+                                                                  time.gmtime())}
+    if torch.cuda.is_available():
+        info["gpu"] = torch.cuda.get_device_name()
+    try:
+        import vllm
+
+        info["vllm"] = vllm.__version__
+    except ImportError:
+        pass
+    return info
+
+
+def make_store(name: str, capacity: int):
+    from thaw_agents_core.shm_store import ShmStore
+
+    free = shutil.disk_usage("/dev/shm").free
+    if free < capacity + (256 << 20):
+        raise SystemExit(f"/dev/shm has {free >> 20} MiB free; the benchmark needs "
+                         f"{capacity >> 20} MiB")
+    if os.path.exists(f"/dev/shm/thaw-{name}"):
+        ShmStore.unlink(name)
+    return ShmStore(name, capacity, create=True)
+
+
+# ---------------------------------------------------------------------- part 1: data path
+
+
+def bench_data_path(reps: int) -> dict:
+    from thaw_agents_core.kv_transport import KVTransport
+    from thaw_agents_core.snapshot_format import Namespace
+    from thaw_agents_core.stream_scheduler import StreamScheduler
+
+    device = torch.device("cuda")
+    num_blocks = 2048
+    layers = [torch.randint(-2**15, 2**15, (2, num_blocks, BLOCK, KV_HEADS, HEAD_DIM),
+                            dtype=torch.int16, device=device).view(torch.bfloat16)
+              for _ in range(LAYERS)]
+    namespace = Namespace(model_fingerprint="bench", weights_version="", dtype="bfloat16",
+                          kv_cache_dtype="bfloat16", layout="flash", block_size=BLOCK,
+                          num_layers=LAYERS, page_shape=(BLOCK, KV_HEADS, HEAD_DIM),
+                          vllm_version="none")
+    block_bytes = LAYERS * 2 * BLOCK * KV_HEADS * HEAD_DIM * 2
+    capacity = (reps + 1) * sum(SIZES.values()) * block_bytes + (64 << 20)
+    store = make_store("kvbench", capacity)
+    copier = StreamScheduler(device)
+    register_s = copier.register_host(store.arena_view())
+    transport = KVTransport(layers, "flash", namespace, store, copier)
+    rng = random.Random(0)
+    out: dict = {"arena_bytes": capacity, "register_seconds": register_s,
+                 "block_bytes": block_bytes}
+    for label, n in SIZES.items():
+        saves, loads = [], []
+        for rep in range(reps + 1):  # rep 0 warms up (allocator, Triton compile)
+            tokens = [rng.randrange(1000, 120000) for _ in range(n * BLOCK)]
+            src_ids = rng.sample(range(num_blocks), n)
+            dst_ids = rng.sample([b for b in range(num_blocks) if b not in set(src_ids)], n)
+            torch.cuda.synchronize()
+            began = time.perf_counter()
+            ref, stats = transport.save(tokens, src_ids)
+            saved = time.perf_counter() - began
+            began = time.perf_counter()
+            transport.load(ref, 0, n, dst_ids)
+            loaded = time.perf_counter() - began  # load() synchronises before returning
+            if rep == 0:
+                for layer in layers[:: LAYERS // 4]:
+                    if not torch.equal(layer[:, src_ids].view(torch.int16),
+                                       layer[:, dst_ids].view(torch.int16)):
+                        raise SystemExit(f"{label}: loaded blocks differ from the saved ones")
+                continue
+            saves.append(saved)
+            loads.append(loaded)
+        nbytes = n * block_bytes
+        out[label] = {
+            "blocks": n, "tokens": n * BLOCK, "bytes": nbytes,
+            "save_seconds": quantiles(saves), "load_seconds": quantiles(loads),
+            "save_GBps_p50": nbytes / statistics.median(saves) / 1e9,
+            "load_GBps_p50": nbytes / statistics.median(loads) / 1e9,
+        }
+    copier.close()
+    store.close()
+    return out
+
+
+# ---------------------------------------------------------------------- part 2: in vLLM
+
+
+def engine(store_url: str | None, events: str | None):
+    from vllm import LLM
+    from vllm.config import KVTransferConfig
+
+    from thaw_agents_core.connector import kv_transfer_config
+    from thaw_agents_core.models import llama_8b_shaped_path
+
+    kwargs = {}
+    if store_url:
+        kwargs["kv_transfer_config"] = KVTransferConfig(
+            **kv_transfer_config(store_url, events_path=events))
+    return LLM(model=str(llama_8b_shaped_path()), load_format="dummy", skip_tokenizer_init=True,
+               dtype="bfloat16", enforce_eager=True, max_model_len=8192 + 64,
+               gpu_memory_utilization=0.5, **kwargs)
+
+
+def prefixes(reps: int) -> dict[str, list[list[int]]]:
+    rng = random.Random(1)
+    return {label: [[rng.randrange(1000, 120000) for _ in range(n * BLOCK)]
+                    for _ in range(reps + 1)] for label, n in SIZES.items()}
+
+
+def role_a(store_url: str, events: str, reps: int) -> None:
+    from vllm import SamplingParams
+    from vllm.inputs import TokensPrompt
+
+    llm = engine(store_url, events)
+    save = SamplingParams(max_tokens=1, detokenize=False,
+                          extra_args={"kv_transfer_params": {"thaw": {"save": True}}})
+    for label, prompts in prefixes(reps).items():
+        for tokens in prompts:
+            out = llm.generate([TokensPrompt(prompt_token_ids=tokens)], save, use_tqdm=False)[0]
+            snap = (out.kv_transfer_params or {}).get("thaw", {}).get("snapshot") or {}
+            if not snap.get("ok"):
+                raise SystemExit(f"A: snapshot of {label} failed: {snap}")
+    print("A done", flush=True)
+
+
+def role_b(store_url: str, events: str, reps: int) -> None:
+    from vllm import SamplingParams
+    from vllm.inputs import TokensPrompt
+
+    llm = engine(store_url, events)
+    one = SamplingParams(max_tokens=1, detokenize=False)
+    rng = random.Random(2)
+    result: dict = {}
+    for label, prompts in prefixes(reps).items():
+        loaded, recomputed, cached = [], [], []
+        for i, tokens in enumerate(prompts):
+            suffix = [rng.randrange(1000, 120000) for _ in range(16)]
+            fresh = [rng.randrange(1000, 120000) for _ in range(len(tokens))]
+            for kind, prompt in (("load", tokens + suffix), ("recompute", fresh + suffix)):
+                began = time.perf_counter()
+                out = llm.generate([TokensPrompt(prompt_token_ids=prompt)], one,
+                                   use_tqdm=False)[0]
+                seconds = time.perf_counter() - began
+                if i == 0:
+                    continue  # warm-up
+                (loaded if kind == "load" else recomputed).append(seconds)
+                if kind == "load":
+                    cached.append(out.num_cached_tokens)
+        result[label] = {"ttft_load_seconds": quantiles(loaded),
+                         "ttft_recompute_seconds": quantiles(recomputed),
+                         "num_cached_tokens": cached}
+    print("B " + json.dumps(result), flush=True)
+
+
+def bench_vllm(reps: int, workdir: Path) -> dict:
+    n_bytes = (reps + 1) * sum(SIZES.values()) * LAYERS * 2 * BLOCK * KV_HEADS * HEAD_DIM * 2
+    store = make_store("kvbench-vllm", n_bytes + (256 << 20))
+    url, events = "shm://kvbench-vllm", str(workdir / "events.jsonl")
+    try:
+        for role in ("A", "B"):
+            proc = subprocess.run([sys.executable, __file__, "--role", role, "--store", url,
+                                   "--events", events, "--reps", str(reps)],
+                                  text=True, capture_output=True, timeout=900)
+            tail = (proc.stdout + proc.stderr)[-4000:]
+            if proc.returncode != 0:
+                raise SystemExit(f"role {role} failed:\n{tail}")
+            if role == "B":
+                line = next(l for l in proc.stdout.splitlines() if l.startswith("B "))
+                ttft = json.loads(line[2:])
+    finally:
+        store.close()
+    log = [json.loads(l) for l in Path(events).read_text().splitlines()]
+    out: dict = {}
+    for label, n in SIZES.items():
+        nbytes = n * LAYERS * 2 * BLOCK * KV_HEADS * HEAD_DIM * 2
+        saves = [e["seconds"] for e in log if e["event"] == "save" and e["bytes"] == nbytes][1:]
+        loads = [e["seconds"] for e in log if e["event"] == "load" and e["bytes"] == nbytes][1:]
+        failed = [e for e in log if e["event"].endswith("_failed")]
+        out[label] = {"connector_save_seconds": quantiles(saves),
+                      "connector_load_seconds": quantiles(loads),
+                      "connector_load_GBps_p50": nbytes / statistics.median(loads) / 1e9,
+                      "failures": failed, **ttft[label]}
+        out[label]["ttft_speedup_p50"] = (out[label]["ttft_recompute_seconds"]["p50"]
+                                          / out[label]["ttft_load_seconds"]["p50"])
+    return out
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--reps", type=int, default=5)
+    parser.add_argument("--no-vllm", action="store_true")
+    parser.add_argument("--role", choices=["A", "B"])
+    parser.add_argument("--store")
+    parser.add_argument("--events")
+    args = parser.parse_args()
+    if args.role:
+        (role_a if args.role == "A" else role_b)(args.store, args.events, args.reps)
+        return 0
+    if not torch.cuda.is_available():
+        print("kv_transport: needs a CUDA GPU", file=sys.stderr)
+        return 2
+    result = {"machine": machine(), "reps": args.reps,
+              "goals": {"load_136MB_seconds_max": 0.010, "load_1GiB_GBps_min": 45.0},
+              "shape": {"layers": LAYERS, "kv_heads": KV_HEADS, "head_dim": HEAD_DIM,
+                        "block_size": BLOCK, "dtype": "bfloat16"}}
+    result["data_path"] = bench_data_path(args.reps)
+    if not args.no_vllm:
+        workdir = Path(os.environ.get("OUT", "/tmp")) / "kv_transport"
+        workdir.mkdir(parents=True, exist_ok=True)
+        if (workdir / "events.jsonl").exists():
+            (workdir / "events.jsonl").unlink()
+        result["vllm"] = bench_vllm(args.reps, workdir)
+    slug = result["machine"]["gpu"].lower().replace("nvidia ", "").split()[0]
+    RESULTS.mkdir(parents=True, exist_ok=True)
+    path = RESULTS / f"kv_transport_{slug}.json"
+    path.write_text(json.dumps(result, indent=1) + "\n")
+    for label in SIZES:
+        d = result["data_path"][label]
+        print(f"{label:6} data path: save {d['save_seconds']['p50'] * 1e3:7.2f} ms "
+              f"({d['save_GBps_p50']:5.1f} GB/s)  load {d['load_seconds']['p50'] * 1e3:7.2f} ms "
+              f"({d['load_GBps_p50']:5.1f} GB/s)")
+        if "vllm" in result:
+            v = result["vllm"][label]
+            print(f"{label:6} vLLM: connector load {v['connector_load_seconds']['p50'] * 1e3:7.2f}"
+                  f" ms; TTFT load {v['ttft_load_seconds']['p50'] * 1e3:7.1f} ms vs recompute "
+                  f"{v['ttft_recompute_seconds']['p50'] * 1e3:7.1f} ms")
+    print(f"wrote {path}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,34 @@
+#!/usr/bin/env bash
+# GPU stages, run on the lent H100 through the device tool (see README, "GPU").
+#   bash scripts/gpu_run.sh STAGE [STAGE ...]
+# Stages: env | kernels | stream | connector | transport | fanout
+# vLLM stages need vLLM 0.26 on PYTHONPATH first (source ../shared/gpu's vllm_env.sh).
+# Wheels the GPU image lacks (google-crc32c, platformdirs) travel in .whl/ and go to /tmp/pp.
+set -uo pipefail
+cd "$(dirname "$0")/.."
+OUT="${OUT:-/tmp/thaw-out}"
+mkdir -p "$OUT" /tmp/pp
+export THAW_AGENTS_CACHE=/tmp/thaw-cache PYTHONUNBUFFERED=1
+ln -sfn "$PWD/triton_kernels" /tmp/pp/thaw_kernels   # the package's install name
+if [ -d .whl ] && [ ! -d /tmp/pp/google_crc32c ]; then
+  python3 -m pip install -q --no-index --no-deps --no-compile --target /tmp/pp .whl/*.whl
+fi
+export PYTHONPATH="$PWD:/tmp/pp:${PYTHONPATH:-}"
+status=0
+for stage in "$@"; do
+  echo "===== stage $stage"
+  case "$stage" in
+    env) nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv
+         df -h /dev/shm /tmp | cat
+         python3 -c "import torch, triton; print('torch', torch.__version__, 'triton', triton.__version__)" ;;
+    kernels) timeout 300 python3 -m pytest -q -p no:cacheprovider tests/test_kernels.py -m gpu || status=1
+             timeout 400 python3 benchmarks/kernels.py || status=1 ;;
+    stream) timeout 240 python3 benchmarks/stream_scheduler.py || status=1 ;;
+    connector) timeout 560 python3 -m pytest -q -p no:cacheprovider -x tests/test_connector.py || status=1 ;;
+    transport) timeout 560 python3 benchmarks/kv_transport.py || status=1 ;;
+    fanout) timeout 560 python3 benchmarks/fork_fanout.py --gpu || status=1 ;;
+    *) echo "unknown stage $stage"; status=2 ;;
+  esac
+  cp benchmarks/results/*.json "$OUT"/ 2>/dev/null || true
+done
+exit $status

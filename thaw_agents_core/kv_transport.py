@@ -1,0 +1,147 @@
+"""The KV data path: paged KV cache <-> snapshot in a store, verified before it is written back.
+
+Save::
+
+    KV cache (all layers) --kv_gather, one launch--> contiguous block-major payload
+      --StreamScheduler.to_host (CRC32C per chunk)--> store reservation (shared memory / file)
+      --plan.finish (header with the CRCs)--> commit: visible to every process at once
+
+Load::
+
+    store.open (header, namespace, bounds validated) --StreamScheduler.to_device--> staging
+      --CRC32C of every chunk compared with the header--> kv_scatter into the given blocks
+
+Nothing is written into the cache before the header, bounds and the chunk checksums of the
+data being written are verified; any problem raises (``SnapshotError`` and subclasses). The
+connector's worker side and benchmarks/kv_transport.py both drive this class.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, Sequence
+
+import torch
+
+from thaw_agents_core.snapshot_format import (
+    Namespace,
+    SnapshotChecksumError,
+    SnapshotError,
+    SnapshotMismatchError,
+    default_blocks_per_chunk,
+    plan_snapshot,
+)
+from thaw_agents_core.store import SnapshotRef, SnapshotStore
+from thaw_agents_core.stream_scheduler import StreamScheduler, as_uint8_tensor
+from thaw_kernels import KVPageSpec, chunk_crc32c, kv_gather, kv_scatter, page_spec_for
+
+
+@dataclass(slots=True)
+class TransferStats:
+    num_blocks: int
+    num_bytes: int
+
+
+class KVTransport:
+    """Moves whole KV blocks of one engine's cache to and from snapshots in a store."""
+
+    def __init__(self, layers: Sequence[torch.Tensor], layout: str, namespace: Namespace,
+                 store: SnapshotStore, copier: StreamScheduler | None = None) -> None:
+        self.layers = list(layers)
+        self.spec: KVPageSpec = page_spec_for(self.layers[0], layout)  # type: ignore[arg-type]
+        self.namespace = namespace
+        self.namespace_key = namespace.key()
+        self.store = store
+        self.copier = copier or StreamScheduler(self.layers[0].device)
+        element = self.layers[0].element_size()
+        self.block_bytes = len(self.layers) * self.spec.num_halves * self.spec.page_elems * element
+        self.blocks_per_chunk = default_blocks_per_chunk(self.block_bytes)
+        per_half = 1
+        for dim in namespace.page_shape:
+            per_half *= dim
+        if self.spec.num_halves * self.spec.page_elems != 2 * per_half:
+            raise ValueError(f"KV pages of {self.spec.num_halves}x{self.spec.page_elems} elements "
+                             f"do not match the namespace's page shape {namespace.page_shape}")
+
+    def _blocks_view(self, raw: torch.Tensor, num_blocks: int) -> torch.Tensor:
+        """A uint8 buffer seen as [blocks, layers, halves, page] of the cache dtype."""
+        return raw.view(self.layers[0].dtype).view(
+            num_blocks, len(self.layers), self.spec.num_halves, self.spec.page_elems)
+
+    # ------------------------------------------------------------------ save
+
+    def save(self, token_ids: Sequence[int], block_ids: Sequence[int], *,
+             snapshot_id: str | None = None, extra: dict[str, Any] | None = None
+             ) -> tuple[SnapshotRef, TransferStats]:
+        """Snapshot the given blocks (holding ``token_ids``, whole blocks) and publish it."""
+        num_blocks = len(block_ids)
+        plan = plan_snapshot(self.namespace, token_ids, self.block_bytes,
+                             blocks_per_chunk=self.blocks_per_chunk, snapshot_id=snapshot_id,
+                             extra=extra)
+        if plan.header.num_blocks != num_blocks:
+            raise ValueError(f"{len(token_ids)} tokens are {plan.header.num_blocks} blocks, "
+                             f"but {num_blocks} block ids were given")
+        chunk_bytes = self.blocks_per_chunk * self.block_bytes
+        with self.store.reserve(plan.total_bytes) as reservation:
+            payload = as_uint8_tensor(plan.payload_view(reservation.buffer))
+            if self.copier.is_cuda:
+                gathered = kv_gather(self.layers, block_ids, self.spec)
+                crcs = self.copier.to_host(gathered.view(-1).view(torch.uint8), payload,
+                                           chunk_bytes)
+            else:  # CPU: gather straight into the store's memory, checksum it there
+                kv_gather(self.layers, block_ids, self.spec,
+                          out=self._blocks_view(payload, num_blocks))
+                crcs = chunk_crc32c(payload, chunk_bytes).tolist()
+            del payload
+            plan.finish(reservation.buffer, crcs)
+            ref = reservation.commit(self.namespace_key)
+        return ref, TransferStats(num_blocks, plan.payload_bytes)
+
+    # ------------------------------------------------------------------ load
+
+    def load(self, ref: SnapshotRef, first_block: int, end_block: int,
+             block_ids: Sequence[int], expected_last_hash: str | None = None) -> TransferStats:
+        """Write snapshot blocks [first_block, end_block) into ``block_ids`` after verifying."""
+        if ref.namespace_key != self.namespace_key:
+            raise SnapshotMismatchError([f"namespace key: snapshot has {ref.namespace_key}, "
+                                         f"this engine has {self.namespace_key}"])
+        view = self.store.open(ref, expect_namespace=self.namespace)
+        try:
+            header = view.header
+            self._check_bounds(header, first_block, end_block, block_ids, expected_last_hash)
+            per_chunk = header.blocks_per_chunk
+            first_chunk, last_chunk = first_block // per_chunk, (end_block - 1) // per_chunk
+            lo = first_chunk * per_chunk * header.block_bytes
+            hi = min((last_chunk + 1) * per_chunk, header.num_blocks) * header.block_bytes
+            staging = torch.empty(hi - lo, dtype=torch.uint8, device=self.layers[0].device)
+            crcs = self.copier.to_device(view.payload[lo:hi], staging,
+                                         per_chunk * header.block_bytes).tolist()
+            expected = header.chunk_crc32c[first_chunk:last_chunk + 1]
+            bad = [first_chunk + i for i, (got, want) in enumerate(zip(crcs, expected))
+                   if got != want]
+            if bad:
+                raise SnapshotChecksumError(bad, header.num_chunks)
+            skip = (first_block - first_chunk * per_chunk) * header.block_bytes
+            count = end_block - first_block
+            blocks = staging[skip:skip + count * header.block_bytes]
+            kv_scatter(self._blocks_view(blocks, count), self.layers, block_ids, self.spec)
+            if self.copier.is_cuda:  # done means done: the blocks are in place on return
+                torch.cuda.current_stream(staging.device).synchronize()
+            return TransferStats(count, count * header.block_bytes)
+        finally:
+            view.close()
+
+    def _check_bounds(self, header: Any, first_block: int, end_block: int,
+                      block_ids: Sequence[int], expected_last_hash: str | None) -> None:
+        if not (0 <= first_block < end_block <= header.num_blocks):
+            raise SnapshotError(f"blocks [{first_block}, {end_block}) are outside the "
+                                f"snapshot's {header.num_blocks} blocks")
+        if (expected_last_hash is not None
+                and header.block_hashes[end_block - 1].hex() != expected_last_hash):
+            raise SnapshotError("the snapshot's block-hash chain differs from the request's")
+        if header.block_bytes != self.block_bytes:
+            raise SnapshotError(f"snapshot blocks are {header.block_bytes} bytes, this engine's "
+                                f"are {self.block_bytes}")
+        if len(block_ids) != end_block - first_block:
+            raise SnapshotError(f"{len(block_ids)} destination blocks for "
+                                f"{end_block - first_block} snapshot blocks")
