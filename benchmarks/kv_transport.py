@@ -89,7 +89,7 @@ def bench_data_path(reps: int) -> dict:
                             dtype=torch.int16, device=device).view(torch.bfloat16)
               for _ in range(LAYERS)]
     namespace = Namespace(model_fingerprint="bench", weights_version="", dtype="bfloat16",
-                          kv_cache_dtype="bfloat16", layout="flash", block_size=BLOCK,
+                          kv_cache_dtype="bfloat16", layout="cuda", block_size=BLOCK,
                           num_layers=LAYERS, page_shape=(BLOCK, KV_HEADS, HEAD_DIM),
                           vllm_version="none")
     block_bytes = LAYERS * 2 * BLOCK * KV_HEADS * HEAD_DIM * 2
@@ -97,7 +97,7 @@ def bench_data_path(reps: int) -> dict:
     store = make_store("kvbench", capacity)
     copier = StreamScheduler(device)
     register_s = copier.register_host(store.arena_view())
-    transport = KVTransport(layers, "flash", namespace, store, copier)
+    transport = KVTransport(layers, namespace, store, copier)
     rng = random.Random(0)
     out: dict = {"arena_bytes": capacity, "register_seconds": register_s,
                  "block_bytes": block_bytes}

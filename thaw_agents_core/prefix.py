@@ -130,7 +130,8 @@ class PrefixHandle:
         return cls(snapshot_id=ref.snapshot_id, namespace_key=ref.namespace_key,
                    namespace=header.namespace.to_json(), store=store_url,
                    prefix_token_ids=list(header.token_ids),
-                   num_snapshot_tokens=header.num_tokens, model_name=model_name)
+                   num_snapshot_tokens=header.num_tokens, model_name=model_name,
+                   extra=dict(header.extra))
 
 
 def _read_source(src: str) -> bytes:

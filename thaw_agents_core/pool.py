@@ -1,0 +1,467 @@
+"""ForkPool: warm worker processes, each a vLLM engine that loads prefixes from snapshots.
+
+    parent process                                       worker i (pool_worker.py)
+    ForkPool (own event-loop thread)                     in-process LLMEngine + ThawConnector
+      generate(ids, options) --pick least loaded-->      add_request / step / ...
+        <-- delta / done / error frames (wire.py) ------ (JSON over a Unix socket pair)
+
+Placement: on CPU, worker i is pinned to one core (cores round-robin, leaving the first core to
+the parent's engine when there are more); on GPU, to device ``i % device_count`` with a
+``gpu_memory_fraction`` share of its memory.
+
+Failure handling (every wait on another process has a deadline):
+- start: a worker that is not ready within ``start_timeout_s`` is killed and reported;
+- a worker that dies (socket end-of-file, exit, no pong within ``ping_timeout_s``) is
+  replaced, and its in-flight requests are re-sent to live workers, at most ``max_retries``
+  times each;
+- a request that exceeds ``request_timeout_s`` is aborted in its worker (TimeoutError);
+- ``close()`` (also ``with``, and at interpreter exit) asks workers to stop, then terminates
+  and finally kills them; workers also die with the parent process (PR_SET_PDEATHSIG).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import atexit
+import itertools
+import json
+import logging
+import os
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+import weakref
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any, Callable
+
+from thaw_agents_core import compat, wire
+from thaw_agents_core.engine import EngineSpec
+from thaw_agents_core.loop_thread import LoopThread
+from thaw_agents_core.sampling import GenerationOptions
+
+logger = logging.getLogger("thaw_agents.pool")
+
+DeltaCallback = Callable[[str], None]
+
+
+class PoolError(RuntimeError):
+    """The pool could not start, or a request failed on every try."""
+
+
+@dataclass(slots=True)
+class WorkerResult:
+    """One request's outcome in a worker."""
+
+    text: str
+    token_ids: list[int]
+    finish_reason: str | None
+    num_cached_tokens: int
+    prompt_tokens: int
+    ttft_s: float | None
+    total_s: float
+    worker: int
+    retries: int = 0
+
+
+@dataclass(slots=True)
+class Placement:
+    cpu_cores: list[int] | None = None
+    cuda_device: int | None = None
+    engine_overrides: dict[str, Any] = field(default_factory=dict)
+
+    def environment(self) -> dict[str, str]:
+        env = {"VLLM_ENABLE_V1_MULTIPROCESSING": "0"}
+        if self.cpu_cores:
+            env["VLLM_CPU_OMP_THREADS_BIND"] = ",".join(map(str, self.cpu_cores))
+            env["OMP_NUM_THREADS"] = str(len(self.cpu_cores))
+        if self.cuda_device is not None:
+            env["CUDA_VISIBLE_DEVICES"] = str(self.cuda_device)
+        return env
+
+
+def default_placements(num_workers: int, gpu_memory_fraction: float) -> list[Placement]:
+    if compat.is_cpu_platform():
+        cores = sorted(os.sched_getaffinity(0))
+        spare = cores[1:] if len(cores) > num_workers else cores  # core 0: the parent's engine
+        return [Placement(cpu_cores=[spare[i % len(spare)]]) for i in range(num_workers)]
+    import torch
+
+    count = max(1, torch.cuda.device_count())
+    visible = os.environ.get("CUDA_VISIBLE_DEVICES")
+    ids = [int(d) for d in visible.split(",")] if visible else list(range(count))
+    return [Placement(cuda_device=ids[i % len(ids)],
+                      engine_overrides={"gpu_memory_utilization": gpu_memory_fraction})
+            for i in range(num_workers)]
+
+
+@dataclass
+class _Request:
+    id: str
+    prompt_ids: list[int]
+    options: dict[str, Any]
+    stream: bool
+    on_delta: DeltaCallback | None
+    future: asyncio.Future
+    deadline: float | None
+    worker: int = -1
+    retries: int = 0
+
+
+@dataclass
+class _Worker:
+    index: int
+    placement: Placement
+    proc: subprocess.Popen | None = None
+    writer: asyncio.StreamWriter | None = None
+    ready: asyncio.Future | None = None
+    log_path: str = ""
+    pending: dict[str, _Request] = field(default_factory=dict)
+    namespace_key: str = ""
+    alive: bool = False
+    last_pong: float = 0.0
+    last_ping: float = 0.0
+
+
+class ForkPool:
+    """N warm vLLM worker processes sharing a snapshot store with their parent."""
+
+    def __init__(self, spec: EngineSpec, num_workers: int = 2, *,
+                 placements: list[Placement] | None = None, gpu_memory_fraction: float = 0.25,
+                 start_timeout_s: float = 900.0, request_timeout_s: float | None = None,
+                 ping_interval_s: float = 5.0, ping_timeout_s: float = 60.0,
+                 max_retries: int = 2, expected_namespace_key: str | None = None) -> None:
+        if num_workers < 1:
+            raise ValueError(f"num_workers must be >= 1, got {num_workers}")
+        if spec.kv_transfer_json is None:
+            raise ValueError("pool workers load prefixes through ThawConnector: the spec needs "
+                             "a KV store (ChatThaw(kv_store=...) or kv_transfer=...)")
+        self.spec = spec
+        self.placements = placements or default_placements(num_workers, gpu_memory_fraction)
+        if len(self.placements) != num_workers:
+            raise ValueError(f"{len(self.placements)} placements for {num_workers} workers")
+        self.start_timeout_s = start_timeout_s
+        self.request_timeout_s = request_timeout_s
+        self.ping_interval_s = ping_interval_s
+        self.ping_timeout_s = ping_timeout_s
+        self.max_retries = max_retries
+        self.expected_namespace_key = expected_namespace_key
+        self.log_dir = tempfile.mkdtemp(prefix="thaw-pool-")
+        self.replacements = 0
+        self._workers = [_Worker(i, p) for i, p in enumerate(self.placements)]
+        self._ids = itertools.count()
+        self._loop: LoopThread | None = None
+        self._watchdog: asyncio.Task | None = None
+        self._closed = False
+        _live_pools.add(self)
+
+    # ------------------------------------------------------------------ lifecycle
+
+    @property
+    def num_workers(self) -> int:
+        return len(self._workers)
+
+    def alive_workers(self) -> list[int]:
+        return [w.index for w in self._workers if w.alive]
+
+    def worker_pids(self) -> list[int]:
+        return [w.proc.pid for w in self._workers if w.proc is not None and w.alive]
+
+    def start(self) -> "ForkPool":
+        """Start every worker and wait until all are ready (blocking)."""
+        if self._loop is None:
+            self._loop = LoopThread("thaw-pool")
+            try:
+                self._loop.submit(self._start_all()).result()
+            except BaseException:
+                self.close()
+                raise
+        return self
+
+    async def astart(self) -> "ForkPool":
+        await asyncio.to_thread(self.start)
+        return self
+
+    async def _start_all(self) -> None:
+        await asyncio.gather(*(self._spawn(w) for w in self._workers))
+        self._watchdog = asyncio.get_running_loop().create_task(self._watch())
+
+    async def _spawn(self, worker: _Worker) -> None:
+        parent_sock, child_sock = socket.socketpair()
+        config = {"spec": asdict(self.spec), "cpu_cores": worker.placement.cpu_cores,
+                  "engine_overrides": worker.placement.engine_overrides,
+                  "parent_pid": os.getpid()}
+        worker.log_path = os.path.join(self.log_dir, f"worker-{worker.index}.log")
+        with open(worker.log_path, "ab") as log:
+            worker.proc = subprocess.Popen(
+                [sys.executable, "-m", "thaw_agents_core.pool_worker", str(child_sock.fileno()),
+                 json.dumps(config)],
+                pass_fds=[child_sock.fileno()], stdin=subprocess.DEVNULL, stdout=log,
+                stderr=subprocess.STDOUT, env={**os.environ, **worker.placement.environment()})
+        child_sock.close()
+        reader, worker.writer = await asyncio.open_unix_connection(sock=parent_sock)
+        worker.ready = asyncio.get_running_loop().create_future()
+        worker.pending = {}
+        asyncio.get_running_loop().create_task(self._read(worker, reader))
+        try:
+            message = await asyncio.wait_for(asyncio.shield(worker.ready), self.start_timeout_s)
+        except asyncio.TimeoutError:
+            self._kill(worker)
+            raise PoolError(f"worker {worker.index} was not ready within {self.start_timeout_s}"
+                            f" s; its log: {self._log_tail(worker)}") from None
+        if self.expected_namespace_key and message["namespace_key"] != self.expected_namespace_key:
+            self._kill(worker)
+            raise PoolError(f"worker {worker.index} has KV namespace {message['namespace_key']}, "
+                            f"the parent {self.expected_namespace_key}: same model, dtype and "
+                            "block size are needed to share snapshots")
+        worker.namespace_key = message["namespace_key"]
+        worker.alive, worker.last_pong = True, time.monotonic()
+        logger.info("thaw: pool worker %d ready (pid %d, %.1f s)", worker.index,
+                    worker.proc.pid, message["startup_s"])
+
+    def close(self, timeout_s: float = 30.0) -> None:
+        """Stop every worker (politely, then by force); safe to call twice."""
+        if self._closed:
+            return
+        self._closed = True
+        _live_pools.discard(self)
+        if self._loop is not None:
+            try:
+                self._loop.submit(self._shutdown(timeout_s)).result(timeout_s + 10)
+            except Exception:  # noqa: BLE001 - fall through to the hard kill below
+                pass
+            self._loop.stop(5.0)
+        for worker in self._workers:
+            self._kill(worker)
+
+    async def _shutdown(self, timeout_s: float) -> None:
+        if self._watchdog is not None:
+            self._watchdog.cancel()
+        for worker in self._workers:
+            worker.alive = False
+            if worker.writer is not None and not worker.writer.is_closing():
+                try:
+                    worker.writer.write(wire.encode({"type": "shutdown"}))
+                    await worker.writer.drain()
+                except (ConnectionError, RuntimeError):
+                    pass
+        deadline = time.monotonic() + timeout_s
+        for worker in self._workers:
+            while worker.proc is not None and worker.proc.poll() is None \
+                    and time.monotonic() < deadline:
+                await asyncio.sleep(0.05)
+            for request in worker.pending.values():
+                if not request.future.done():
+                    request.future.set_exception(PoolError("the pool was closed"))
+
+    def _kill(self, worker: _Worker) -> None:
+        worker.alive = False
+        proc = worker.proc
+        if proc is None or proc.poll() is not None:
+            return
+        proc.terminate()
+        try:
+            proc.wait(5)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait(5)
+
+    def _log_tail(self, worker: _Worker, num_bytes: int = 3000) -> str:
+        try:
+            return Path(worker.log_path).read_bytes()[-num_bytes:].decode(errors="replace")
+        except OSError:
+            return "(no log)"
+
+    def __enter__(self) -> "ForkPool":
+        return self.start()
+
+    def __exit__(self, *exc: Any) -> None:
+        self.close()
+
+    async def __aenter__(self) -> "ForkPool":
+        return await self.astart()
+
+    async def __aexit__(self, *exc: Any) -> None:
+        await asyncio.to_thread(self.close)
+
+    # ------------------------------------------------------------------ requests
+
+    async def generate(self, prompt_ids: list[int], options: GenerationOptions, *,
+                       on_delta: DeltaCallback | None = None, worker: int | None = None,
+                       timeout_s: float | None = None) -> WorkerResult:
+        """Run one request on a worker (the least loaded, or ``worker``); usable from any loop.
+
+        ``on_delta`` gets each new piece of text (called on the caller's loop).
+        """
+        if self._loop is None:
+            raise PoolError("the pool is not started: call start() or use it as a context manager")
+        if on_delta is not None:
+            caller = asyncio.get_running_loop()
+            callback = on_delta
+            on_delta = lambda text: caller.call_soon_threadsafe(callback, text)  # noqa: E731
+        payload = {k: v for k, v in asdict(options).items() if v is not None}
+        timeout = timeout_s if timeout_s is not None else self.request_timeout_s
+        return await self._loop.call(self._generate(prompt_ids, payload, on_delta, worker,
+                                                    timeout))
+
+    async def _generate(self, prompt_ids: list[int], options: dict[str, Any],
+                        on_delta: DeltaCallback | None, worker: int | None,
+                        timeout_s: float | None) -> WorkerResult:
+        request = _Request(id=f"fork-{next(self._ids)}", prompt_ids=list(prompt_ids),
+                           options=options, stream=on_delta is not None, on_delta=on_delta,
+                           future=asyncio.get_running_loop().create_future(),
+                           deadline=None if timeout_s is None else time.monotonic() + timeout_s)
+        await self._send(request, preferred=worker)
+        try:
+            return await request.future
+        except asyncio.CancelledError:
+            self._abort(request)
+            raise
+
+    def load(self) -> dict[int, int]:
+        """In-flight requests per live worker."""
+        return {w.index: len(w.pending) for w in self._workers if w.alive}
+
+    async def _pick(self, preferred: int | None) -> _Worker:
+        deadline = time.monotonic() + self.start_timeout_s
+        while True:
+            live = [w for w in self._workers if w.alive]
+            if preferred is not None and any(w.index == preferred for w in live):
+                return self._workers[preferred]
+            if live:
+                return min(live, key=lambda w: (len(w.pending), w.index))
+            if self._closed or time.monotonic() > deadline:
+                raise PoolError("no live pool worker (all died and none came back)")
+            await asyncio.sleep(0.1)  # replacements are starting
+
+    async def _send(self, request: _Request, preferred: int | None = None) -> None:
+        worker = await self._pick(preferred)
+        request.worker = worker.index
+        worker.pending[request.id] = request
+        assert worker.writer is not None
+        worker.writer.write(wire.encode({"type": "generate", "id": request.id,
+                                         "prompt_ids": request.prompt_ids,
+                                         "options": request.options, "stream": request.stream}))
+        try:
+            await worker.writer.drain()
+        except ConnectionError:
+            pass  # the reader sees the death and re-sends
+
+    def _abort(self, request: _Request) -> None:
+        worker = self._workers[request.worker] if request.worker >= 0 else None
+        if worker is None or worker.pending.pop(request.id, None) is None:
+            return
+        if worker.alive and worker.writer is not None and not worker.writer.is_closing():
+            worker.writer.write(wire.encode({"type": "abort", "id": request.id}))
+
+    # ------------------------------------------------------------------ worker messages
+
+    async def _read(self, worker: _Worker, reader: asyncio.StreamReader) -> None:
+        proc = worker.proc
+        while True:
+            try:
+                message = await wire.read_message(reader)
+            except wire.WireError as exc:
+                logger.warning("thaw: pool worker %d sent a bad frame (%s)", worker.index, exc)
+                message = None
+            if message is None:
+                break
+            kind = message["type"]
+            if kind == "ready":
+                if worker.ready is not None and not worker.ready.done():
+                    worker.ready.set_result(message)
+            elif kind == "pong":
+                worker.last_pong = time.monotonic()
+            elif kind == "fatal":
+                logger.warning("thaw: pool worker %d failed: %s", worker.index, message["message"])
+            elif kind in ("delta", "done", "error"):
+                self._deliver(worker, message)
+        if worker.proc is proc:  # not already replaced
+            await self._on_death(worker)
+
+    def _deliver(self, worker: _Worker, message: dict[str, Any]) -> None:
+        request = worker.pending.get(message["id"])
+        if request is None or request.future.done():
+            return
+        if message["type"] == "delta":
+            if request.on_delta is not None:
+                request.on_delta(message["text"])
+            return
+        del worker.pending[request.id]
+        if message["type"] == "error":
+            request.future.set_exception(ValueError(message["message"]))
+            return
+        request.future.set_result(WorkerResult(
+            text=message["text"], token_ids=message["token_ids"],
+            finish_reason=message["finish_reason"],
+            num_cached_tokens=message["num_cached_tokens"],
+            prompt_tokens=message["prompt_tokens"], ttft_s=message["ttft_s"],
+            total_s=message["total_s"], worker=worker.index, retries=request.retries))
+
+    async def _on_death(self, worker: _Worker) -> None:
+        was_ready = worker.ready is not None and worker.ready.done()
+        worker.alive = False
+        if worker.ready is not None and not worker.ready.done():
+            worker.ready.set_exception(PoolError(
+                f"worker {worker.index} exited while starting: {self._log_tail(worker)}"))
+        self._kill(worker)
+        orphans, worker.pending = list(worker.pending.values()), {}
+        if self._closed:
+            return
+        logger.warning("thaw: pool worker %d died (exit %s); replacing it, re-sending %d "
+                       "request(s)", worker.index, worker.proc.poll() if worker.proc else None,
+                       len(orphans))
+        if was_ready:
+            self.replacements += 1
+            asyncio.get_running_loop().create_task(self._replace(worker))
+        for request in orphans:
+            if request.future.done():
+                continue
+            if request.retries >= self.max_retries:
+                request.future.set_exception(PoolError(
+                    f"request {request.id} failed: its worker died {request.retries + 1} times"))
+                continue
+            request.retries += 1
+            await self._send(request)
+
+    async def _replace(self, worker: _Worker) -> None:
+        try:
+            await self._spawn(worker)
+        except PoolError as exc:
+            logger.error("thaw: could not replace pool worker %d: %s", worker.index, exc)
+
+    async def _watch(self) -> None:
+        """Deadlines, exits and pings: nothing waits on a worker forever."""
+        while not self._closed:
+            await asyncio.sleep(1.0)
+            now = time.monotonic()
+            for worker in self._workers:
+                if not worker.alive:
+                    continue
+                if worker.proc is not None and worker.proc.poll() is not None:
+                    continue  # the reader sees end-of-file and handles it
+                for request in list(worker.pending.values()):
+                    if request.deadline is not None and now > request.deadline:
+                        self._abort(request)
+                        request.future.set_exception(TimeoutError(
+                            f"branch request {request.id} exceeded its timeout on worker "
+                            f"{worker.index}; aborted"))
+                if now - worker.last_pong > self.ping_timeout_s:
+                    logger.warning("thaw: pool worker %d stopped answering; killing it",
+                                   worker.index)
+                    self._kill(worker)
+                elif (now - worker.last_ping > self.ping_interval_s and worker.writer is not None
+                      and not worker.writer.is_closing()):
+                    worker.last_ping = now
+                    worker.writer.write(wire.encode({"type": "ping", "id": int(now)}))
+
+
+_live_pools: "weakref.WeakSet[ForkPool]" = weakref.WeakSet()
+
+
+@atexit.register
+def _close_pools() -> None:
+    for pool in list(_live_pools):
+        pool.close(timeout_s=10.0)

@@ -1,0 +1,167 @@
+"""A ForkPool worker: one process, one in-process vLLM engine with ThawConnector.
+
+    python -m thaw_agents_core.pool_worker FD CONFIG_JSON
+
+FD is this end of a Unix socket pair (wire.py frames); CONFIG_JSON is the engine spec and
+placement. The worker dies with its parent (PR_SET_PDEATHSIG, and end-of-file on the socket),
+so a killed parent never leaves it behind. The engine runs in-process (no engine-core child):
+the worker is the only process to account for.
+
+Loop: read the frames that arrived, add their requests, run one engine step, send finished
+results (and token deltas for streamed requests); block on the socket only when idle.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import json
+import os
+import select
+import signal
+import socket
+import sys
+import time
+from typing import Any
+
+from thaw_agents_core import wire
+
+_IDLE_WAIT_S = 0.2
+
+
+def die_with_parent() -> None:
+    """Ask Linux to SIGKILL this process when its parent exits (best effort elsewhere)."""
+    try:
+        libc = ctypes.CDLL("libc.so.6", use_errno=True)
+        libc.prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG
+    except OSError:
+        pass
+
+
+class Worker:
+    def __init__(self, sock: socket.socket, config: dict[str, Any]) -> None:
+        self.sock = sock
+        self.config = config
+        self.frames = wire.FrameBuffer()
+        self.requests: dict[str, dict[str, Any]] = {}
+        self.engine: Any = None
+
+    def send(self, **message: Any) -> None:
+        wire.send_blocking(self.sock, message)
+
+    def start_engine(self) -> None:
+        from vllm.v1.engine.llm_engine import LLMEngine
+
+        from thaw_agents_core.engine import EngineSpec
+        from thaw_agents_core.kv_namespace import namespace_for
+
+        began = time.perf_counter()
+        spec = EngineSpec(**self.config["spec"])
+        args = spec.engine_args()
+        for name, value in self.config.get("engine_overrides", {}).items():
+            setattr(args, name, value)
+        self.engine = LLMEngine.from_engine_args(args)
+        extra = json.loads(spec.kv_transfer_json or "{}").get("kv_connector_extra_config", {})
+        namespace = namespace_for(self.engine.vllm_config, extra.get("weights_version", ""))
+        self.send(type="ready", pid=os.getpid(), namespace_key=namespace.key(),
+                  startup_s=round(time.perf_counter() - began, 3))
+
+    # ------------------------------------------------------------------ requests
+
+    def handle(self, message: dict[str, Any]) -> bool:
+        """Act on one message; False means shut down."""
+        kind = message["type"]
+        if kind == "generate":
+            self.add(message)
+        elif kind == "abort":
+            if message["id"] in self.requests:
+                self.engine.abort_request([message["id"]])
+                self.requests.pop(message["id"], None)
+        elif kind == "ping":
+            self.send(type="pong", id=message.get("id"), num_running=len(self.requests))
+        elif kind == "shutdown":
+            return False
+        return True
+
+    def add(self, message: dict[str, Any]) -> None:
+        from thaw_agents_core import compat
+        from thaw_agents_core.sampling import GenerationOptions, to_sampling_params
+
+        request_id = message["id"]
+        try:
+            options = GenerationOptions.from_mapping(message.get("options") or {})
+            params = to_sampling_params(options, stream=bool(message.get("stream")))
+            self.engine.add_request(request_id, compat.tokens_prompt(message["prompt_ids"]),
+                                    params)
+        except Exception as exc:  # noqa: BLE001 - reported to the caller, worker keeps serving
+            self.send(type="error", id=request_id, message=f"{type(exc).__name__}: {exc}")
+            return
+        self.requests[request_id] = {"began": time.perf_counter(), "ttft_s": None, "text": [],
+                                     "token_ids": [], "stream": bool(message.get("stream")),
+                                     "prompt_tokens": len(message["prompt_ids"])}
+
+    def step(self) -> None:
+        for out in self.engine.step():
+            state = self.requests.get(out.request_id)
+            if state is None:
+                continue
+            completion = out.outputs[0]
+            if completion.token_ids and state["ttft_s"] is None:
+                state["ttft_s"] = time.perf_counter() - state["began"]
+            state["text"].append(completion.text)
+            state["token_ids"].extend(completion.token_ids)
+            if state["stream"] and completion.text:
+                self.send(type="delta", id=out.request_id, text=completion.text,
+                          num_tokens=len(completion.token_ids))
+            if out.finished:
+                del self.requests[out.request_id]
+                self.send(type="done", id=out.request_id, text="".join(state["text"]),
+                          token_ids=state["token_ids"], finish_reason=completion.finish_reason,
+                          num_cached_tokens=int(out.num_cached_tokens or 0),
+                          prompt_tokens=state["prompt_tokens"], ttft_s=state["ttft_s"],
+                          total_s=time.perf_counter() - state["began"])
+
+    def run(self) -> None:
+        self.start_engine()
+        running = True
+        while running:
+            busy = self.engine.has_unfinished_requests()
+            readable, _, _ = select.select([self.sock], [], [], 0 if busy else _IDLE_WAIT_S)
+            if readable:
+                data = self.sock.recv(1 << 20)
+                if not data:
+                    break  # the parent closed the socket or died
+                for message in self.frames.feed(data):
+                    running = self.handle(message) and running
+            if running and self.engine.has_unfinished_requests():
+                self.step()
+
+
+def main(argv: list[str]) -> int:
+    die_with_parent()
+    fd, config = int(argv[1]), json.loads(argv[2])
+    if config.get("parent_pid") and os.getppid() != config["parent_pid"]:
+        return 1  # the parent died before the death signal was armed
+    cores = config.get("cpu_cores")
+    if cores:
+        os.sched_setaffinity(0, set(cores))
+    os.environ["VLLM_ENABLE_V1_MULTIPROCESSING"] = "0"
+    from thaw_agents_core.compat import configure_vllm_environment
+
+    configure_vllm_environment()
+    sock = socket.socket(fileno=fd)
+    worker = Worker(sock, config)
+    try:
+        worker.run()
+    except Exception as exc:  # noqa: BLE001 - tell the parent why, then exit non-zero
+        try:
+            worker.send(type="fatal", message=f"{type(exc).__name__}: {exc}")
+        except OSError:
+            pass
+        raise
+    finally:
+        sock.close()
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv))
