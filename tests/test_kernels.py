@@ -16,12 +16,15 @@ Four groups, all comparing bytes exactly (integer views + torch.equal, never a t
 
 from __future__ import annotations
 
+import gc
 import os
 import re
 import subprocess
 import sys
+import weakref
 
 import google_crc32c
+import numpy as np
 import pytest
 import torch
 
@@ -148,6 +151,7 @@ CRC_CASES = [  # (n_bytes, chunk_bytes, kernel config)
     (3, 1, {}),
     (1, 7, dict(table_bits=2)),
     (20000, 4096, dict(lanes=128, piece_bytes=2048)),  # short last chunk with full pieces + tail
+    (12000, 3000, dict(lanes=32, piece_bytes=1024)),  # whole-word tails in every chunk: masked word loads
 ]
 
 
@@ -195,6 +199,30 @@ def interp_kv_misaligned_layers():
     assert kv_mod._alignment(layers, spec) == 1
     ids = [2, 0, 2]
     assert same_bits(kv_mod._kv_gather_triton(layers, ids, spec), oracle_gather(layers, ids, True))
+
+
+def interp_kv_plan_cache_stays_exact():
+    """Cached plans: reused for the same tensors, rebuilt for other pointers or objects; exact either way."""
+    _require_interpreter()
+    layers, spec = make_cache(("flash", 6, 4, 2, 8), 3, torch.bfloat16, False)
+    for ids in ([5, 0, 3], [2, 2], torch.tensor([1, 4], dtype=torch.int32)):
+        got = kv_mod._kv_gather_triton(layers, ids, spec)
+        assert same_bits(got, oracle_gather(layers, [int(i) for i in ids], False))
+    plan = kv_mod._plan_for(layers, spec)[0]
+    other = [t.clone() for t in reversed(layers)]  # other pointers, lowest layer not first
+    assert same_bits(kv_mod._kv_gather_triton(other, [4, 1], spec), oracle_gather(other, [4, 1], False))
+    assert kv_mod._plan_for(other, spec)[0] is not plan
+    views = [t.view(t.shape) for t in layers]  # same pointers, new objects: checked again
+    assert same_bits(kv_mod._kv_gather_triton(views, [0, 5], spec), oracle_gather(layers, [0, 5], False))
+    src = random_bits((2, 3, 2, spec.page_elems), torch.bfloat16)
+    expected = [t.clone() for t in other]
+    oracle_scatter(src, expected, [3, 0], False)
+    kv_mod._kv_scatter_triton(src, other, [3, 0], spec)
+    assert all(same_bits(a, b) for a, b in zip(other, expected))
+    with pytest.raises(ValueError, match=r"block id 6 out of range: the cache has 6 blocks"):
+        kv_mod._kv_gather_triton(layers, [0, 6], spec)  # a cached plan still checks the ids
+    with pytest.raises(ValueError, match=r"block_ids has repeats"):
+        kv_mod._kv_scatter_triton(src, other, [1, 1], spec)
 
 
 @pytest.mark.parametrize("case", CRC_CASES)
@@ -320,6 +348,74 @@ def test_kv_input_errors():
         kv_gather([], [0], spec)
 
 
+def test_kv_triton_path_input_errors():
+    """The Triton path validates before launching, so its errors are checked here on CPU tensors."""
+    layers, spec = make_cache(("flash", 5, 2, 2, 3), 3, torch.float16, False)
+    gather, scatter = kv_mod._kv_gather_triton, kv_mod._kv_scatter_triton
+    src = torch.empty(144, dtype=torch.float16)
+    for _ in range(2):  # building the plan, then with the plan cached
+        with pytest.raises(ValueError, match=r"block id 5 out of range: the cache has 5 blocks \(0\.\.4\)"):
+            gather(layers, [0, 5], spec)
+        with pytest.raises(ValueError, match=r"block id -1 out of range"):
+            gather(layers, np.array([-1]), spec)
+        with pytest.raises(ValueError, match=r"block id 7 out of range"):
+            gather(layers, torch.tensor([7, 0], dtype=torch.int32), spec)
+        with pytest.raises(ValueError, match=r"1-D integer sequence, got torch.float32 shape \(2,\)"):
+            gather(layers, [0.0, 1.5], spec)
+        with pytest.raises(ValueError, match=r"1-D integer sequence, got torch.bool"):
+            gather(layers, [True], spec)
+        with pytest.raises(ValueError, match=r"1-D integer sequence, got torch.int64 shape \(1, 1\)"):
+            gather(layers, [[0]], spec)
+        with pytest.raises(ValueError, match=r"1-D integer sequence, got torch.float16"):
+            gather(layers, torch.tensor([0.0], dtype=torch.float16), spec)
+        with pytest.raises(ValueError, match=r"block_ids has repeats"):
+            scatter(src, layers, (1, 1), spec)
+        with pytest.raises(ValueError, match=r"src has 144 elements, expected 216"):
+            scatter(src, layers, [0, 1, 2], spec)
+        with pytest.raises(ValueError, match=r"out has 24 elements, expected 72"):
+            gather(layers, [0], spec, out=torch.empty(24, dtype=torch.float16))
+    with pytest.raises(ValueError, match=r"layers\[2\] is torch.int16 .* all must match"):
+        gather(layers[:2] + [layers[2].view(torch.int16)], [0], spec)  # same pointers, so same cache key
+    with pytest.raises(ValueError, match=r"spec spans 144 elements .* storage holds 120"):
+        gather(layers, [0], KVPageSpec(2, 12, 12, 72, 6))
+    with pytest.raises(ValueError, match=r"layers is empty"):
+        gather([], [0], spec)
+    with pytest.raises(TypeError, match=r"layers\[1\] is int, expected a torch.Tensor"):
+        gather([layers[0], 3], [0], spec)
+
+
+def test_kv_host_ids():
+    spec = KVPageSpec(1, 4, 4, 0, 10)
+    for ids in ([3, 0, 9], (3, 0, 9), range(3), np.array([3, 0], dtype=np.uint8),
+                torch.tensor([9, 1], dtype=torch.int16), torch.arange(10)[::3], [np.int32(2)]):
+        arr = kv_mod._host_ids(ids, spec, unique=True)
+        assert arr.dtype == np.int64 and arr.tolist() == [int(i) for i in ids]
+    assert kv_mod._host_ids([], spec, unique=True).dtype == np.int64
+    assert kv_mod._host_ids([4, 4], spec, unique=False).tolist() == [4, 4]
+    assert kv_mod._host_ids(torch.zeros(2, dtype=torch.int64, device="meta"), spec, unique=False) is None
+
+
+def test_kv_plan_cache_keys_and_lifetime():
+    layers, spec = make_cache(SHAPES[1], 4, torch.bfloat16, False)
+    plan, base = kv_mod._plan_for(layers, spec)
+    assert kv_mod._plan_for(layers, spec)[0] is plan and kv_mod._plan_for(tuple(layers), spec)[0] is plan
+    assert base is layers[plan.base] and plan.n_layers == 4 and plan.align == 8
+    assert plan.offs.tolist() == [(t.data_ptr() - base.data_ptr()) // 16 for t in layers]
+    assert kv_mod._plan_for(layers[:3], spec)[0] is not plan  # other pointers
+    stacked, spec_s = make_cache(SHAPES[1], 4, torch.bfloat16, True)
+    plan_s, base_s = kv_mod._plan_for(stacked, spec_s)
+    assert kv_mod._plan_for(stacked, spec_s)[0] is plan_s and base_s.data_ptr() == stacked.data_ptr()
+    assert kv_mod._plan_for(stacked[:3], spec_s)[0] is not plan_s  # same address, other shape
+    ref = weakref.ref(layers[0])
+    del layers, base, stacked, base_s
+    gc.collect()
+    assert ref() is None  # plans hold their layers weakly: a dead engine's cache is freed
+    for _ in range(kv_mod._PLANS_MAX + 4):
+        kv_mod._plan_for(make_cache(SHAPES[0], 2, torch.float32, False)[0], make_cache(SHAPES[0], 1, torch.float32,
+                                                                                      False)[1])
+    assert len(kv_mod._PLANS) <= kv_mod._PLANS_MAX
+
+
 @pytest.mark.parametrize("n,chunk", [(0, 5), (1, 1), (1000, 1000), (1000, 3), (10_001, 4096), (65_536, 1 << 20)])
 def test_chunk_crc32c_cpu(n, chunk):
     check_crc(chunk_crc32c, n, chunk)
@@ -393,11 +489,14 @@ def test_kernels_compile_for_sm90():
     crc_sig = dict(buf_ptr="*u8", out_ptr="*i32", tab_ptr="*i32", chunk_bytes="i32", q_full="i32", n_chunks="i32",
                    q_last="i32", tail_len_full="i32", tail_len_last="i32", first_tail="i32")
     ptx = _compile_sm90(crc_mod._crc32c_pieces_kernel, crc_sig,
-                        dict(PIECE=65536, LANES=1024, LOG_LANES=10, BITS=4, TAIL=False, WORD_LOADS=True,
-                             DATA_CACHE=""), ["buf_ptr", "out_ptr", "tab_ptr", "chunk_bytes"])
+                        dict(PIECE=crc_mod.DEFAULT_PIECE_BYTES, LANES=crc_mod.DEFAULT_LANES,
+                             LOG_LANES=crc_mod.DEFAULT_LANES.bit_length() - 1, BITS=crc_mod.DEFAULT_TABLE_BITS,
+                             TAIL=False, WORD_LOADS=True, DATA_CACHE=""),
+                        ["buf_ptr", "out_ptr", "tab_ptr", "chunk_bytes"])
     assert "ld.global.v4.b32" in ptx
-    _compile_sm90(crc_mod._crc32c_pieces_kernel, crc_sig,
-                  dict(PIECE=1024, LANES=64, LOG_LANES=6, BITS=8, TAIL=True, WORD_LOADS=False, DATA_CACHE=""), [])
+    for word_loads in (False, True):
+        _compile_sm90(crc_mod._crc32c_pieces_kernel, crc_sig, dict(PIECE=1024, LANES=64, LOG_LANES=6, BITS=8, TAIL=True,
+                                                                   WORD_LOADS=word_loads, DATA_CACHE=""), [])
     _compile_sm90(crc_mod._crc32c_chunks_kernel,
                   dict(piece_ptr="*i32", tail_ptr="*i32", tab_ptr="*i32", out_ptr="*i64", n_chunks="i32",
                        q_full="i32", q_last="i32", tail_len_full="i32", tail_len_last="i32", first_tail="i32",
@@ -425,6 +524,30 @@ def test_kv_gather_scatter_cuda(shape_case, dtype, stacked):
 def test_kv_tiles_cuda(block):
     check_gather_scatter(kv_mod._kv_gather_triton, kv_mod._kv_scatter_triton, ("flash", 33, 16, 8, 128),
                          torch.bfloat16, False, device="cuda", n_layers=5, block=block)
+
+
+@gpu
+@needs_cuda
+def test_kv_public_path_many_calls_cuda():
+    """3x more calls than pinned id slots, never synced, one call past a slot's capacity: all exact."""
+    layers, spec = make_cache(("flash", 3000, 16, 2, 64), 3, torch.bfloat16, False, "cuda")
+    expected = [t.clone() for t in layers]
+    calls = []  # in stream order: gathers see every earlier scatter
+    for k in range(3 * kv_mod._ID_SLOTS):
+        n = 2000 if k == 2 * kv_mod._ID_SLOTS else 1 + k
+        ids = torch.randint(0, 3000, (n,)).tolist()
+        calls.append(("gather", ids, kv_gather(layers, ids, spec)))
+        ids = torch.randperm(3000)[:n].tolist()
+        src = random_bits((n, 3, 2, spec.page_elems), torch.bfloat16, "cuda")
+        kv_scatter(src, layers, ids, spec)
+        calls.append(("scatter", ids, src))
+    torch.cuda.synchronize()
+    for op, ids, tensor in calls:
+        if op == "gather":
+            assert same_bits(tensor, oracle_gather(expected, ids, False))
+        else:
+            oracle_scatter(tensor, expected, ids, False)
+    assert all(same_bits(a, b) for a, b in zip(layers, expected))
 
 
 @gpu

@@ -158,28 +158,40 @@ def _result(llm: "ChatThaw", outcome: BranchOutcome, handle: PrefixHandle | None
 
 
 def _event_sink(config: RunnableConfig | None, on_token: TokenCallback | None,
-                branches: list[Branch]) -> forking.DeltaCallback | None:
-    """Branch tokens -> the user's callback and LangChain custom events (astream_events)."""
+                branches: list[Branch]) -> forking.DeltaCallback:
+    """Branch tokens -> the user's callback, LangGraph's custom stream and LangChain custom
+    events (``astream_events``). The graph's writer and run config are captured here, in the
+    caller's context: pool deltas arrive later from another thread's callback."""
     from langchain_core.callbacks.manager import adispatch_custom_event
+    from langchain_core.runnables.config import ensure_config
 
     loop = asyncio.get_running_loop()
-    pending: set[asyncio.Task] = set()
-    enabled = {"events": True}
+    run_config = ensure_config(config)
+    try:
+        from langgraph.config import get_stream_writer
 
-    async def dispatch(index: int, text: str) -> None:
+        writer = get_stream_writer()
+    except (ImportError, RuntimeError):
+        writer = None
+    pending: set[asyncio.Task] = set()
+    events = {"enabled": bool(run_config.get("callbacks"))}
+
+    async def dispatch(payload: dict[str, Any]) -> None:
         try:
-            branch = branches[index]
-            await adispatch_custom_event(BRANCH_TOKEN_EVENT, {
-                "branch": index, "suffix_index": branch.suffix_index,
-                "sample_index": branch.sample_index, "text": text}, config=config)
+            await adispatch_custom_event(BRANCH_TOKEN_EVENT, payload, config=run_config)
         except RuntimeError:  # not inside a LangChain run: nobody is listening
-            enabled["events"] = False
+            events["enabled"] = False
 
     def sink(index: int, text: str) -> None:
         if on_token is not None:
             on_token(index, text)
-        if enabled["events"]:
-            task = loop.create_task(dispatch(index, text))
+        branch = branches[index]
+        payload = {"branch": index, "suffix_index": branch.suffix_index,
+                   "sample_index": branch.sample_index, "text": text}
+        if writer is not None:
+            writer(payload)
+        if events["enabled"]:
+            task = loop.create_task(dispatch(payload))
             pending.add(task)
             task.add_done_callback(pending.discard)
 
@@ -217,9 +229,10 @@ async def fork_fanout(llm: "ChatThaw", prefix: Sequence[BaseMessage] | str | Pre
         prefix_messages = llm._convert_input(prefix).to_messages()
         handle = None
     rendered = snapshots.render_prefix(llm, prefix_messages)
-    if handle is None and llm.kv_store is not None:
+    if handle is None and llm.kv_store is not None and \
+            len(rendered.token_ids) >= llm.kv_namespace().block_size:
         handle = await llm.asnapshot(prefix_messages)
-    elif handle is None:  # no store: compute the prefix once so branches hit the prefix cache
+    elif handle is None:  # no store, or less than a block: warm the parent's prefix cache only
         await llm.engine.run_prefill(rendered.token_ids)
     suffix_lists = [_suffix_messages(s) for s in suffixes]
     table = _branch_options(llm, options, len(suffix_lists), n)

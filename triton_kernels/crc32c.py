@@ -25,17 +25,20 @@ piece (computed right-aligned, zero-padded in front, so no inverse shift is ever
 applies the pre/post inversion constant. Every ``S_n`` is applied as an XOR of table lookups:
 32/BITS tables of 2**BITS entries for n = 2**k bytes, one table set per k.
 
-Predicted H100 throughput (not measured: no GPU here; benchmarks/kernels.py sweeps the variants).
-The data loads are 128-bit and coalesced (checked in PTX); the cost is the lookups. With 4-bit
-tables a word takes 8 lookups, each into one 64-byte row, so a warp-wide lookup touches a single
-L1 line (no replays). sm_90 SASS of the inner loop (lanes=1024, 4 warps, 56 registers, no spills):
-per lookup SHF+SGXT (extract), LEA+LEA.HI.X (64-bit address), LDG, half a LOP3 (XOR) - about 9
-integer ops + 2 loads per byte. At 64 integer lanes/clk/SM that is ~7 bytes/clk/SM, x 114-132
-SMs x 1.75 GHz = 1.3-1.6 TB/s issue-bound; expect 0.7-1.2 TB/s after latency (8 independent
-lane chains per thread hide the ~35-cycle L1 hits) and the fold tree (1/STEPS extra work). 8-bit
-tables halve the lookups (~5 ops/byte) but a warp's 32 lookups land on up to 8 lines of a 1 KiB
-table and replay: 0.5-1 TB/s. Both clear the 500 GB/s goal on paper; bitwise CRC (~24 ops/byte)
-or byte-at-a-time chains (latency-bound) would not.
+Measured on the H100 (triton 3.6, 1.07 GB buffer, 1 MiB chunks, benchmarks/kernels.py): the data
+loads are 128-bit and coalesced; the cost is the table lookups and their latency.
+
+    lanes  piece   bits  warps  GB/s      lanes  piece   bits  warps  GB/s
+    1024   64 KiB  4     4       171      2048   256 KiB 8     4      1674   <- default
+    512    256 KiB 4     4       617      1024   256 KiB 8     4      1204
+    2048   256 KiB 4     4       532      2048   64 KiB  8     4      1198
+    512    64 KiB  8     4       766      2048   256 KiB 8     8       685
+
+8-bit tables (4 lookups per word) beat 4-bit ones (8 lookups) 2-3x: the L1 replays of a 1 KiB
+table cost less than twice the lookups. More lanes per thread is more independent chains in
+flight (2048 lanes / 128 threads = 16 per thread; 65 registers, 7 programs per SM); 8 warps
+halve that and run 2-3x slower. Bigger pieces spread the fold tree (2*LANES lookups, serial at
+its end) over more words. At 136 MB a 256 KiB piece gives 520 programs: one wave on 132 SMs.
 """
 
 from __future__ import annotations
@@ -55,10 +58,10 @@ import triton.language as tl
 
 _POLY = 0x82F63B78  # Castagnoli polynomial, bit-reflected (bit 31 is x^0)
 
-# Kernel defaults; benchmarks/kernels.py sweeps these on the H100 (pick its best and set here).
-DEFAULT_LANES = 1024
-DEFAULT_PIECE_BYTES = 64 * 1024
-DEFAULT_TABLE_BITS = 4
+# Kernel defaults: the best of the first H100 sweep (1674 GB/s at 1.07 GB, table in the docstring).
+DEFAULT_LANES = 2048
+DEFAULT_PIECE_BYTES = 256 * 1024
+DEFAULT_TABLE_BITS = 8
 DEFAULT_NUM_WARPS = 4
 _COMBINE_BLOCK = 64
 
@@ -250,11 +253,20 @@ def _shift_by(x, tab_ptr, SET: tl.constexpr, BITS: tl.constexpr):
 
 
 @triton.jit
-def _load_words(buf_ptr, start, v, pad, WORD_LOADS: tl.constexpr, DATA_CACHE: tl.constexpr):
-    """Little-endian 32-bit words at word index v of the piece at byte ``start`` (shifted by pad)."""
+def _load_words(buf_ptr, start, v, pad, WORD_LOADS: tl.constexpr, PADDED: tl.constexpr, DATA_CACHE: tl.constexpr):
+    """Little-endian 32-bit words at word index v of the piece at byte ``start`` (shifted by pad).
+
+    PADDED (right-aligned tails): words before ``pad`` bytes read as zeros; WORD_LOADS then needs
+    pad % 4 == 0.
+    """
     if WORD_LOADS:
         words = (buf_ptr + start).to(tl.pointer_type(tl.int32))
-        return tl.load(words + v, cache_modifier=DATA_CACHE).to(tl.uint32, bitcast=True)
+        if PADDED:
+            pad_w = pad // 4
+            w = tl.load(words + (v - pad_w), mask=v >= pad_w, other=0, cache_modifier=DATA_CACHE)
+        else:
+            w = tl.load(words + v, cache_modifier=DATA_CACHE)
+        return w.to(tl.uint32, bitcast=True)
     else:
         # Unaligned buffers and right-aligned tails: byte loads, zeros in front of the data.
         boff = (4 * v)[:, None] + tl.arange(0, 4)[None, :] - pad
@@ -284,9 +296,9 @@ def _crc32c_pieces_kernel(buf_ptr, out_ptr, tab_ptr, chunk_bytes, q_full, n_chun
     lane = tl.arange(0, LANES)
     r = tl.zeros([LANES], dtype=tl.uint32)
     for t in range(STEPS - 1):
-        w = _load_words(buf_ptr, start, t * LANES + lane, pad, WORD_LOADS, DATA_CACHE)
+        w = _load_words(buf_ptr, start, t * LANES + lane, pad, WORD_LOADS, TAIL, DATA_CACHE)
         r = _shift_by(r ^ w, tab_ptr, LOG_LANES + 2, BITS)  # own word + the other lanes' words
-    w = _load_words(buf_ptr, start, (STEPS - 1) * LANES + lane, pad, WORD_LOADS, DATA_CACHE)
+    w = _load_words(buf_ptr, start, (STEPS - 1) * LANES + lane, pad, WORD_LOADS, TAIL, DATA_CACHE)
     r = _shift_by(r ^ w, tab_ptr, 2, BITS)  # lane j now ends 4*(LANES-1-j) bytes before the piece end
     for k in tl.static_range(LOG_LANES):  # fold neighbours: the even lane is 4*2^k bytes short
         even, odd = tl.split(tl.reshape(r, [LANES >> (k + 1), 2]))
@@ -316,6 +328,7 @@ def _crc32c_chunks_kernel(piece_ptr, tail_ptr, tab_ptr, out_ptr, n_chunks, q_ful
     tl.store(out_ptr + c, r.to(tl.int64), mask=valid)
 
 
+@lru_cache(maxsize=256)
 def _inversion_constant(n_bytes: int) -> int:
     return _shift(0xFFFFFFFF, n_bytes) ^ 0xFFFFFFFF
 
@@ -346,12 +359,13 @@ def _chunk_crc32c_triton(buf: torch.Tensor, chunk_bytes: int, *, lanes: int = DE
     common = dict(PIECE=piece, LANES=lanes, LOG_LANES=lanes.bit_length() - 1, BITS=table_bits,
                   DATA_CACHE=data_cache, num_warps=num_warps)
     args = (chunk_bytes, q_full, n_chunks, q_last, tail_full, tail_last, first_tail)
+    aligned = buf.data_ptr() % 4 == 0 and chunk_bytes % 4 == 0
     if n_pieces:
-        aligned = buf.data_ptr() % 4 == 0 and chunk_bytes % 4 == 0
         _crc32c_pieces_kernel[(n_pieces,)](buf, pieces, tab, *args, TAIL=False, WORD_LOADS=aligned, **common)
     if n_chunks - first_tail:
-        _crc32c_pieces_kernel[(n_chunks - first_tail,)](buf, tails, tab, *args, TAIL=True, WORD_LOADS=False,
-                                                        **common)
+        # Tails are right-aligned in a zero-padded piece; word loads when the padding is whole words.
+        _crc32c_pieces_kernel[(n_chunks - first_tail,)](buf, tails, tab, *args, TAIL=True,
+                                                        WORD_LOADS=aligned and n % 4 == 0, **common)
     _crc32c_chunks_kernel[(triton.cdiv(n_chunks, _COMBINE_BLOCK),)](
         pieces, tails, tab, out, n_chunks, q_full, q_last, tail_full, tail_last, first_tail,
         _inversion_constant(chunk_bytes), _inversion_constant(last_len),

@@ -26,15 +26,32 @@ them on GPU) or as one tensor with a leading layer dimension. CUDA tensors go th
 launch over all (block, layer, half, slice) tiles. CPU tensors (the product's CPU path) go through
 torch: a single strided index_select when all layers share one buffer (vLLM's CPU backend), else
 the per-layer reference. Copies move raw bits (integer views), so NaN payloads survive.
+
+Per-call host cost (CUDA). One engine calls gather/scatter many times with the same layers (vLLM's
+caches never move) and new block ids, so a call does only::
+
+    layers  --data_ptrs + identity--> cached _LayersPlan (checked once: shapes, extent, alignment,
+                                      base layer, device offsets)           9.5 us for 32 layers
+    ids     --numpy min/max/set--> validated on the host (no device sync)    6.5 us for 65 ids
+    out     --_check_buffer + raw views                                      4 us
+    ids     --> reusable pinned slot --async H2D--> device ids               ~10 us (guess)
+    one Triton launch                                                        ~10-20 us (guess)
+
+(measured on the 2-core CPU dev host; the old per-call checks took ~100 us there before the pinning
+and the launch). The first H100 run (triton 3.6) timed that old path at 0.29 ms for a 136 MB gather
+whose kernel needs ~0.1 ms.
 """
 
 from __future__ import annotations
 
+import threading
+import weakref
 from collections import OrderedDict
 from dataclasses import dataclass
 from math import prod
 from typing import Literal, Sequence, Union
 
+import numpy as np
 import torch
 import triton
 import triton.language as tl
@@ -45,9 +62,12 @@ BlockIds = Union[Sequence[int], torch.Tensor]
 # Raw-bit view per element size: copies never go through float registers.
 _RAW_DTYPES = {1: torch.uint8, 2: torch.int16, 4: torch.int32, 8: torch.int64}
 
-# Tile defaults (bytes per program, warps). Unmeasured guess: 8 KiB per program = 128 threads x
-# 4 x 16-byte accesses in flight each; benchmarks/kernels.py sweeps 4-32 KiB x 4/8 warps.
-DEFAULT_BLOCK_BYTES = 8192
+# Tile defaults (bytes per program, capped at one page; warps). H100, triton 3.6, 1.07 GB gather of
+# Llama-8B pages (32 KiB): 32 KiB x 4 warps 0.745 ms (0.961 of a D2D copy) vs 8 KiB x 4 warps
+# 0.760 ms; 4-32 KiB x 4/8 warps all within 2.5%. 32 KiB x 4 warps is 16 LDG.128 in flight per
+# thread, 78 registers (6 programs/SM): ~190 KiB in flight per SM, far over the ~25 KiB that
+# 3.35 TB/s needs. The 136 MB numbers of that run were host-bound (see the module docstring).
+DEFAULT_BLOCK_BYTES = 32768
 DEFAULT_NUM_WARPS = 4
 
 
@@ -155,27 +175,68 @@ def _check_extent(layers: list[torch.Tensor], spec: KVPageSpec) -> None:
                              f"{layer.storage_offset()}) but its storage holds {storage_elems}")
 
 
-def _block_id_tensor(block_ids: BlockIds, spec: KVPageSpec, device: torch.device, unique: bool) -> torch.Tensor:
-    """Validated int64 ids on ``device``. Pass a list or CPU tensor: a CUDA tensor costs a sync to check."""
+def _bad_ids_dtype(block_ids: BlockIds, dtype, shape) -> ValueError:
+    if not isinstance(block_ids, torch.Tensor):
+        try:  # name the dtype torch would have inferred, as the error always did
+            dtype = torch.as_tensor(list(block_ids)).dtype
+        except Exception:
+            pass
+    return ValueError(f"block_ids must be a 1-D integer sequence, got {dtype} shape {tuple(shape)}")
+
+
+def _check_id_values(lo: int, hi: int, n_distinct: int | None, n: int, spec: KVPageSpec) -> None:
+    if lo < 0 or hi >= spec.num_blocks:
+        bad = lo if lo < 0 else hi
+        raise ValueError(f"block id {bad} out of range: the cache has {spec.num_blocks} blocks "
+                         f"(0..{spec.num_blocks - 1})")
+    if n_distinct is not None and n_distinct != n:
+        raise ValueError("block_ids has repeats; a scatter would write one block twice in an undefined order")
+
+
+def _host_ids(block_ids: BlockIds, spec: KVPageSpec, unique: bool) -> np.ndarray | None:
+    """Validated int64 ids as a numpy array, checked on the host (no device sync).
+
+    Takes a Python sequence, a numpy array or a CPU tensor; returns None for a device tensor
+    (see :func:`_device_tensor_ids`). ~5 us for 65 ids in a list.
+    """
     if isinstance(block_ids, torch.Tensor):
-        ids = block_ids
+        if block_ids.device.type != "cpu":
+            return None
+        if block_ids.ndim != 1 or block_ids.dtype.is_floating_point or block_ids.dtype.is_complex \
+                or block_ids.dtype == torch.bool:
+            raise _bad_ids_dtype(block_ids, block_ids.dtype, block_ids.shape)
+        arr = block_ids.detach().numpy()
     else:
-        ids = torch.as_tensor(list(block_ids))
-        ids = ids if ids.numel() else ids.to(torch.int64)
-    if ids.ndim != 1 or ids.dtype.is_floating_point or ids.dtype == torch.bool:
-        raise ValueError(f"block_ids must be a 1-D integer sequence, got {ids.dtype} shape {tuple(ids.shape)}")
+        arr = np.asarray(block_ids if isinstance(block_ids, (list, tuple, np.ndarray)) else list(block_ids))
+        if arr.size == 0 and arr.ndim == 1:
+            return np.empty(0, dtype=np.int64)
+        if arr.ndim != 1 or arr.dtype.kind not in "iu":
+            raise _bad_ids_dtype(block_ids, arr.dtype, arr.shape)
+    n = arr.shape[0]
+    if n:
+        distinct = len(set(arr.tolist())) if unique else None
+        _check_id_values(int(arr.min()), int(arr.max()), distinct, n, spec)
+    return arr.astype(np.int64, copy=False)
+
+
+def _device_tensor_ids(ids: torch.Tensor, spec: KVPageSpec, unique: bool) -> torch.Tensor:
+    """Validate ids that already live on a device: one sync for min/max (pass a list to avoid it)."""
+    if ids.ndim != 1 or ids.dtype.is_floating_point or ids.dtype.is_complex or ids.dtype == torch.bool:
+        raise _bad_ids_dtype(ids, ids.dtype, ids.shape)
     if ids.numel():
-        lo, hi = (int(v) for v in torch.stack([ids.min(), ids.max()]).tolist())  # one sync on CUDA
-        if lo < 0 or hi >= spec.num_blocks:
-            bad = lo if lo < 0 else hi
-            raise ValueError(f"block id {bad} out of range: the cache has {spec.num_blocks} blocks "
-                             f"(0..{spec.num_blocks - 1})")
-        if unique and torch.unique(ids).numel() != ids.numel():
-            raise ValueError("block_ids has repeats; a scatter would write one block twice in an undefined order")
-    ids = ids.to(dtype=torch.int64).contiguous()
-    if device.type == "cuda" and ids.device.type == "cpu":
-        ids = ids.pin_memory().to(device, non_blocking=True)  # a pageable copy would stall the host
-    return ids.to(device)
+        lo, hi = (int(v) for v in torch.stack([ids.min(), ids.max()]).tolist())  # the sync
+        distinct = torch.unique(ids).numel() if unique else None
+        _check_id_values(lo, hi, distinct, ids.numel(), spec)
+    return ids.to(dtype=torch.int64).contiguous()
+
+
+def _block_id_tensor(block_ids: BlockIds, spec: KVPageSpec, device: torch.device, unique: bool) -> torch.Tensor:
+    """Validated int64 ids on ``device`` for the references and the CPU path (the Triton path stages
+    them through :class:`_IdStager` instead)."""
+    arr = _host_ids(block_ids, spec, unique)
+    if arr is None:
+        return _device_tensor_ids(block_ids, spec, unique).to(device)
+    return torch.from_numpy(arr if arr.flags.writeable else arr.copy()).to(device)
 
 
 def _check_buffer(buf: torch.Tensor, name: str, like: torch.Tensor, shape: tuple[int, ...]) -> torch.Tensor:
@@ -266,31 +327,12 @@ def _kv_pages_kernel(cache_ptr, layer_offs_ptr, block_ids_ptr, buf_ptr, n_layers
             tl.store(cache_p, tl.load(buf_p, mask=mask), mask=mask)
 
 
-# (layer data_ptrs, ALIGN, ...) -> device tensor of layer offsets from the lowest layer, in ALIGN
-# units. vLLM's cache tensors live as long as the engine, so this saves a host->device copy per
-# call; keyed by the pointers themselves, a stale entry can never be wrong, only unused.
-_OFFSETS_CACHE: OrderedDict[tuple, torch.Tensor] = OrderedDict()
-
-
-def _layer_offsets(layers: list[torch.Tensor], align: int) -> tuple[int, torch.Tensor]:
-    ptrs = [t.data_ptr() for t in layers]
-    base = min(range(len(ptrs)), key=ptrs.__getitem__)
-    key = (tuple(ptrs), align, layers[0].element_size(), str(layers[0].device))
-    offs = _OFFSETS_CACHE.get(key)
-    if offs is None:
-        unit = align * layers[0].element_size()
-        offs = torch.tensor([(p - ptrs[base]) // unit for p in ptrs], dtype=torch.int64).to(layers[0].device)
-        _OFFSETS_CACHE[key] = offs
-        while len(_OFFSETS_CACHE) > 16:
-            _OFFSETS_CACHE.popitem(last=False)
-    return base, offs
-
-
 def _alignment(layers: list[torch.Tensor], spec: KVPageSpec) -> int:
     """Largest power-of-two element count (<= 16 bytes) dividing every offset and stride."""
     elem = layers[0].element_size()
     ptrs = [t.data_ptr() for t in layers]
-    deltas = [p - min(ptrs) for p in ptrs]
+    low = min(ptrs)
+    deltas = [p - low for p in ptrs]
     if any(d % elem for d in deltas):
         raise ValueError(f"layer base addresses differ by a non-multiple of the element size {elem}: {deltas}")
     align = max(1, 16 // elem)
@@ -300,20 +342,167 @@ def _alignment(layers: list[torch.Tensor], spec: KVPageSpec) -> int:
     return align
 
 
-def _launch(layers: list[torch.Tensor], ids: torch.Tensor, buf: torch.Tensor, spec: KVPageSpec, to_buf: bool,
-            block: int | None = None, num_warps: int = DEFAULT_NUM_WARPS) -> None:
+@dataclass(slots=True, eq=False)
+class _LayersPlan:
+    """Everything the launch derives from one layers set, checked and computed once.
+
+    Valid while the caller passes the very tensors it was built from (``refs``, weak so a plan
+    never keeps a cache alive) at the same addresses (the cache key). vLLM's cache tensors live
+    as long as the engine; sleep mode unmaps and remaps them at the same addresses, which keeps
+    the plan valid. Changing a layer tensor's shape in place (``resize_``, ``as_strided_``)
+    without moving it is not detected: pass new tensors instead.
+    """
+
+    refs: tuple[weakref.ref, ...]
+    """The stacked tensor, or each layer of the list, as first seen."""
+    base: int
+    """Index of the lowest-addressed layer: the kernel's cache pointer."""
+    align: int
+    """ALIGN of the kernel (elements per 16 bytes at most), see :func:`_alignment`."""
+    offs: torch.Tensor
+    """int64 [n_layers] on the device: layer l starts offs[l]*align elements after the base."""
+    n_layers: int
+    device: torch.device
+
+    def is_for(self, objs: Sequence[torch.Tensor]) -> bool:
+        refs = self.refs
+        return len(refs) == len(objs) and all(r() is o for r, o in zip(refs, objs))
+
+
+# (spec, layer data_ptrs, layer 0's shape/stride/dtype/device) -> plan. Small LRU: one engine
+# uses one layers set; tests and benchmarks make a few.
+_PLANS: OrderedDict[tuple, _LayersPlan] = OrderedDict()
+_PLANS_MAX = 16
+_PLANS_LOCK = threading.Lock()
+
+
+def _plan_key(layers: Layers, spec: KVPageSpec) -> tuple[tuple, Sequence[torch.Tensor]] | None:
+    """(cache key, tensors to check identity of), or None when ``layers`` needs the slow checks."""
+    if isinstance(layers, torch.Tensor):
+        return (spec, layers.data_ptr(), layers.shape, layers.stride(), layers.dtype, layers.device), (layers,)
+    if not isinstance(layers, (list, tuple)) or not layers:
+        return None
+    try:
+        ptrs = tuple([t.data_ptr() for t in layers])
+    except (AttributeError, TypeError):
+        return None  # not tensors: _layer_list raises the helpful error
+    first = layers[0]
+    return (spec, ptrs, first.shape, first.stride(), first.dtype, first.device), layers
+
+
+def _build_plan(layers: Layers, spec: KVPageSpec) -> _LayersPlan:
+    layer_list = _layer_list(layers)
+    _check_extent(layer_list, spec)
+    align = _alignment(layer_list, spec)
+    ptrs = [t.data_ptr() for t in layer_list]
+    base = min(range(len(ptrs)), key=ptrs.__getitem__)
+    unit = align * layer_list[0].element_size()
+    device = layer_list[0].device
+    # A blocking copy, once per layers set: later calls may launch on other streams than this one.
+    offs = torch.tensor([(p - ptrs[base]) // unit for p in ptrs], dtype=torch.int64).to(device)
+    objs = (layers,) if isinstance(layers, torch.Tensor) else layer_list
+    return _LayersPlan(refs=tuple(weakref.ref(t) for t in objs), base=base, align=align, offs=offs,
+                       n_layers=len(layer_list), device=device)
+
+
+def _plan_for(layers: Layers, spec: KVPageSpec) -> tuple[_LayersPlan, torch.Tensor]:
+    """The cached plan for ``layers`` (built and validated on a miss) and the base layer tensor."""
+    found = _plan_key(layers, spec)
+    if found is None:
+        layers = _layer_list(layers)  # raises for empty / non-tensor input
+        found = _plan_key(layers, spec)
+    key, objs = found
+    with _PLANS_LOCK:
+        plan = _PLANS.get(key)
+        if plan is not None:
+            _PLANS.move_to_end(key)
+    if plan is None or not plan.is_for(objs):
+        plan = _build_plan(layers, spec)
+        with _PLANS_LOCK:
+            _PLANS[key] = plan
+            _PLANS.move_to_end(key)
+            while len(_PLANS) > _PLANS_MAX:
+                _PLANS.popitem(last=False)
+    return plan, layers[plan.base]
+
+
+# Pinned slots for block ids, used round-robin. A slot is rewritten only once the copy that last
+# read it has run (its event), so the host waits only when it is _ID_SLOTS calls ahead of the GPU.
+_ID_SLOTS = 8
+
+
+class _IdStager:
+    """Host ids -> device ids through reusable pinned slots: no pin_memory() per call, no sync.
+
+    All slots are one pinned [_ID_SLOTS, capacity] tensor, allocated on first use and reallocated
+    (twice the ids) when a call brings more ids than a slot holds. Dropping the old tensor is safe
+    while copies from it are queued: torch's pinned allocator keeps a block until its copies ran.
+    """
+
+    def __init__(self, device: torch.device) -> None:
+        self.device = device
+        self.rows: list[torch.Tensor] = []
+        self.rows_np: list[np.ndarray] = []
+        self.events: list[torch.cuda.Event | None] = []
+        self.next = 0
+        self.lock = threading.Lock()
+
+    def _grow(self, n: int) -> None:
+        host = torch.empty((_ID_SLOTS, max(1024, triton.next_power_of_2(n))), dtype=torch.int64, pin_memory=True)
+        self.rows = list(host.unbind(0))
+        self.rows_np = list(host.numpy())
+        self.events = [None] * _ID_SLOTS
+
+    def to_device(self, ids: np.ndarray) -> torch.Tensor:
+        n = ids.shape[0]
+        out = torch.empty(n, dtype=torch.int64, device=self.device)
+        if n == 0:
+            return out
+        with self.lock:
+            if not self.rows or self.rows[0].shape[0] < n:
+                self._grow(n)
+            i = self.next
+            self.next = (i + 1) % _ID_SLOTS
+            event = self.events[i]
+            if event is None:
+                event = self.events[i] = torch.cuda.Event()
+            elif not event.query():
+                event.synchronize()  # the GPU is _ID_SLOTS calls behind: wait for this slot only
+            self.rows_np[i][:n] = ids
+            out.copy_(self.rows[i][:n], non_blocking=True)
+            event.record(torch.cuda.current_stream(self.device))
+        return out
+
+
+_STAGERS: dict[torch.device, _IdStager] = {}
+
+
+def _device_ids(block_ids: BlockIds, spec: KVPageSpec, device: torch.device, unique: bool) -> torch.Tensor:
+    """Validated int64 block ids on ``device`` for the Triton path."""
+    arr = _host_ids(block_ids, spec, unique)
+    if arr is None:
+        return _device_tensor_ids(block_ids, spec, unique).to(device)
+    if device.type != "cuda":  # the interpreter (tests) runs on CPU tensors
+        return torch.from_numpy(arr if arr.flags.writeable else arr.copy())
+    stager = _STAGERS.get(device)
+    if stager is None:
+        stager = _STAGERS.setdefault(device, _IdStager(device))
+    return stager.to_device(arr)
+
+
+def _launch(plan: _LayersPlan, base: torch.Tensor, ids: torch.Tensor, buf: torch.Tensor, spec: KVPageSpec,
+            to_buf: bool, block: int | None = None, num_warps: int = DEFAULT_NUM_WARPS) -> None:
     if ids.numel() == 0:
         return
-    elem = layers[0].element_size()
+    elem = base.element_size()
     raw = _RAW_DTYPES[elem]
-    align = _alignment(layers, spec)
-    base, offs = _layer_offsets(layers, align)
+    align = plan.align
     if block is None:
         block = DEFAULT_BLOCK_BYTES // elem
     block = min(block, triton.next_power_of_2(spec.page_elems))
     grid = (buf.shape[0] * buf.shape[1] * buf.shape[2], triton.cdiv(spec.page_elems, block))
     _kv_pages_kernel[grid](
-        layers[base].view(raw), offs, ids, buf.view(raw), len(layers),
+        base.view(raw), plan.offs, ids, buf.view(raw), plan.n_layers,
         spec.page_elems // align, spec.block_stride // align, spec.half_stride // align,
         NUM_HALVES=spec.num_halves, ALIGN=align, BLOCK=block, EVEN=spec.page_elems % block == 0,
         TO_BUF=to_buf, num_warps=num_warps)
@@ -321,17 +510,20 @@ def _launch(layers: list[torch.Tensor], ids: torch.Tensor, buf: torch.Tensor, sp
 
 def _kv_gather_triton(layers: Layers, block_ids: BlockIds, spec: KVPageSpec, out: torch.Tensor | None = None,
                       **tile) -> torch.Tensor:
-    layer_list, ids, shape = _prepare(layers, block_ids, spec, unique=False)
-    out = torch.empty(shape, dtype=layer_list[0].dtype, device=ids.device) if out is None else \
-        _check_buffer(out, "out", layer_list[0], shape)
-    _launch(layer_list, ids, out, spec, to_buf=True, **tile)
+    plan, base = _plan_for(layers, spec)
+    ids = _device_ids(block_ids, spec, plan.device, unique=False)
+    shape = (ids.shape[0], plan.n_layers, spec.num_halves, spec.page_elems)
+    out = torch.empty(shape, dtype=base.dtype, device=plan.device) if out is None else \
+        _check_buffer(out, "out", base, shape)
+    _launch(plan, base, ids, out, spec, to_buf=True, **tile)
     return out
 
 
 def _kv_scatter_triton(src: torch.Tensor, layers: Layers, block_ids: BlockIds, spec: KVPageSpec, **tile) -> None:
-    layer_list, ids, shape = _prepare(layers, block_ids, spec, unique=True)
-    src = _check_buffer(src, "src", layer_list[0], shape)
-    _launch(layer_list, ids, src, spec, to_buf=False, **tile)
+    plan, base = _plan_for(layers, spec)
+    ids = _device_ids(block_ids, spec, plan.device, unique=True)
+    src = _check_buffer(src, "src", base, (ids.shape[0], plan.n_layers, spec.num_halves, spec.page_elems))
+    _launch(plan, base, ids, src, spec, to_buf=False, **tile)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -380,7 +572,10 @@ def _kv_scatter_cpu(src: torch.Tensor, layers: Layers, block_ids: BlockIds, spec
 
 
 def _device_of(layers: Layers) -> torch.device:
-    return layers.device if isinstance(layers, torch.Tensor) else _layer_list(layers)[0].device
+    if isinstance(layers, torch.Tensor):
+        return layers.device
+    first = layers[0] if isinstance(layers, (list, tuple)) and layers else None
+    return first.device if isinstance(first, torch.Tensor) else _layer_list(layers)[0].device
 
 
 def kv_gather(layers: Layers, block_ids: BlockIds, spec: KVPageSpec,
