@@ -22,11 +22,19 @@ from __future__ import annotations
 
 import json
 import os
+import subprocess
 import sys
+import tempfile
 import time
 
 MAX_MODEL_LEN = 4096
 KV_CACHE_BYTES = 256 << 20
+BLOCK = 128  # vLLM-CPU's KV block size
+# A system prompt of ~2400 tokens (the tiny model's tokenizer is byte-level: 1 char, 1 token).
+PREFIX_TEXT = " ".join(f"fact {i}: the sky {i % 7} is blue." for i in range(90))
+# Different lengths and contents; chosen so that the tiny model's greedy replies all differ
+# (most short questions get the same reply from this 2-layer random model).
+SUFFIXES = ["x" * 50, "ab" * 30, "q" * 80, "mmmmm nnnnn " * 6]
 
 
 def chat_model(store: str, **overrides):
@@ -37,6 +45,58 @@ def chat_model(store: str, **overrides):
                     max_model_len=MAX_MODEL_LEN,
                     engine_kwargs={"kv_cache_memory_bytes": KV_CACHE_BYTES}, kv_store=store)
     return ChatThaw(**{**settings, **overrides})
+
+
+def running(pid: int) -> bool:
+    """Whether ``pid`` is a live process (a zombie is not)."""
+    import psutil
+
+    try:
+        return psutil.Process(pid).status() != psutil.STATUS_ZOMBIE
+    except psutil.NoSuchProcess:
+        return False
+
+
+class Reference:
+    """Client of a ``reference`` process (started at once, waited for on first use)."""
+
+    def __init__(self) -> None:
+        self.log = tempfile.TemporaryFile()
+        self.proc = subprocess.Popen([sys.executable, __file__, "reference"],
+                                     stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+                                     stderr=self.log, text=True)
+        self.ready = False
+
+    def _line(self, prefix: str) -> str:
+        assert self.proc.stdout is not None
+        for line in self.proc.stdout:
+            if line.startswith(prefix):
+                return line[len(prefix):]
+        self.log.seek(0)
+        tail = self.log.read()[-4000:].decode(errors="replace")
+        raise AssertionError(f"the reference engine exited ({self.proc.wait()}):\n{tail}")
+
+    def greedy(self, prompts: list[list[int]], max_tokens: int,
+               ignore_eos: bool = False) -> list[dict]:
+        """Greedy tokens of each full prompt, computed from scratch: [{"tokens", "cached"}]."""
+        if not self.ready:
+            self._line("READY")
+            self.ready = True
+        assert self.proc.stdin is not None
+        self.proc.stdin.write(json.dumps({"prompts": prompts, "max_tokens": max_tokens,
+                                          "ignore_eos": ignore_eos}) + "\n")
+        self.proc.stdin.flush()
+        return json.loads(self._line("RESULT "))
+
+    def close(self) -> None:
+        if self.proc.stdin is not None:
+            self.proc.stdin.close()
+        try:
+            self.proc.wait(30)
+        except subprocess.TimeoutExpired:
+            self.proc.kill()
+            self.proc.wait()
+        self.log.close()
 
 
 def run_reference() -> None:

@@ -410,10 +410,12 @@ def test_kv_plan_cache_keys_and_lifetime():
     del layers, base, stacked, base_s
     gc.collect()
     assert ref() is None  # plans hold their layers weakly: a dead engine's cache is freed
-    for _ in range(kv_mod._PLANS_MAX + 4):
-        kv_mod._plan_for(make_cache(SHAPES[0], 2, torch.float32, False)[0], make_cache(SHAPES[0], 1, torch.float32,
-                                                                                      False)[1])
-    assert len(kv_mod._PLANS) <= kv_mod._PLANS_MAX
+    alive = [make_cache(SHAPES[0], 2, torch.float32, False) for _ in range(kv_mod._PLANS_MAX + 4)]
+    first_plan = kv_mod._plan_for(*alive[0])[0]
+    for more, spec_m in alive[1:]:
+        kv_mod._plan_for(more, spec_m)
+    assert len(kv_mod._PLANS) == kv_mod._PLANS_MAX  # least recently used dropped, rebuilt when needed
+    assert kv_mod._plan_for(*alive[0])[0] is not first_plan
 
 
 @pytest.mark.parametrize("n,chunk", [(0, 5), (1, 1), (1000, 1000), (1000, 3), (10_001, 4096), (65_536, 1 << 20)])

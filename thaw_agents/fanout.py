@@ -171,7 +171,7 @@ def _event_sink(config: RunnableConfig | None, on_token: TokenCallback | None,
         from langgraph.config import get_stream_writer
 
         writer = get_stream_writer()
-    except (ImportError, RuntimeError):
+    except (ImportError, RuntimeError, KeyError):  # KeyError: a LangChain run, not a graph's
         writer = None
     pending: set[asyncio.Task] = set()
     events = {"enabled": bool(run_config.get("callbacks"))}

@@ -81,10 +81,11 @@ class ForkFanout(RunnableSerializable[dict, list]):
 
     async def ainvoke(self, input: dict, config: RunnableConfig | None = None,
                       **kwargs: Any) -> list[BranchResult]:
-        async def run(inp: dict, run_config: RunnableConfig) -> list[BranchResult]:
+        # The parameter must be named ``config``: that is how LangChain decides to pass it.
+        async def run(inp: dict, config: RunnableConfig) -> list[BranchResult]:
             return await fork_fanout(self.llm, inp["prefix"], inp["suffixes"], n=self.n,
                                      options=self.options, pool=self.pool, route=self.route,
-                                     config=run_config)  # type: ignore[arg-type]
+                                     config=config)  # type: ignore[arg-type]
 
         return await self._acall_with_config(run, input, config, run_type="chain")
 

@@ -122,3 +122,14 @@ def structured_outputs_params(**kwargs: Any) -> Any:
     from vllm.sampling_params import StructuredOutputsParams
 
     return StructuredOutputsParams(**kwargs)
+
+
+def engine_core_pids(async_llm: Any) -> list[int]:
+    """Pids of an ``AsyncLLM``'s engine-core processes ([] when it runs in-process).
+
+    vLLM 0.32 keeps them at ``engine_core.resources.engine_manager.processes``; an unknown
+    layout yields [] (then nothing guards them against a killed parent: see reaper.py).
+    """
+    client = getattr(async_llm, "engine_core", None)
+    manager = getattr(getattr(client, "resources", None), "engine_manager", None)
+    return [p.pid for p in getattr(manager, "processes", None) or [] if p.pid is not None]

@@ -121,10 +121,19 @@ class SchedulerSide:
         else:
             chain = block_hash_chain(state.token_ids, self.block_size)
             match = self.store.lookup(self.namespace_key, chain)
-            if match is not None and match.num_blocks == num_blocks:
+            # Reuse only a snapshot of exactly these blocks: a longer one that starts with them
+            # would make the handle's durable copy (PrefixHandle.save) another, longer prefix.
+            if match is not None and match.num_blocks == num_blocks and \
+                    self._num_blocks_of(match.ref) == num_blocks:
                 state.snapshot_id, state.emitted, state.existing = (match.ref.snapshot_id,
                                                                     True, True)
         self._saves[req_id] = state
+
+    def _num_blocks_of(self, ref: SnapshotRef) -> int | None:
+        try:
+            return self.store.info(ref).num_blocks
+        except (SnapshotNotFoundError, OSError):  # evicted meanwhile: save a new one
+            return None
 
     def update_state_after_alloc(self, request: Any, blocks: Any,
                                  num_external_tokens: int) -> None:

@@ -32,7 +32,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, AsyncIterator, Iterator
 
-from thaw_agents_core import compat
+from thaw_agents_core import compat, reaper
 from thaw_agents_core.loop_thread import LoopThread
 
 _DONE = object()
@@ -109,6 +109,7 @@ class Engine:
     _lock: threading.Lock = field(default_factory=threading.Lock, init=False, repr=False)
     _closed: bool = field(default=False, init=False)
     _store: Any = field(default=None, init=False, repr=False)
+    _reaper: Any = field(default=None, init=False, repr=False)
 
     # ------------------------------------------------------------------ lifecycle
 
@@ -154,6 +155,8 @@ class Engine:
             future = self._loop.submit(self._create())
             try:
                 self._llm = future.result(self.start_timeout_s)
+                # vLLM's engine core outlives a SIGKILLed parent: a reaper ends it (reaper.py).
+                self._reaper = reaper.watch(compat.engine_core_pids(self._llm))
                 # Run our shutdown before the exit hooks vLLM just registered (its weakref
                 # finalizers stop the engine core under a still-reading output handler, which
                 # then logs an EngineDeadError traceback at every interpreter exit).
@@ -235,6 +238,8 @@ class Engine:
                 pass
         if loop is not None:
             loop.stop(timeout_s)
+        reaper.stop(self._reaper)
+        self._reaper = None
         self._close_store()
 
     @property

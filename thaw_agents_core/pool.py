@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import asyncio
 import atexit
+import contextvars
 import itertools
 import json
 import logging
@@ -293,14 +294,19 @@ class ForkPool:
                        timeout_s: float | None = None) -> WorkerResult:
         """Run one request on a worker (the least loaded, or ``worker``); usable from any loop.
 
-        ``on_delta`` gets each new piece of text (called on the caller's loop).
+        ``on_delta`` gets each new piece of text, called on the caller's loop and in its
+        context (LangGraph's stream writer and run config live in context variables).
         """
         if self._loop is None:
             raise PoolError("the pool is not started: call start() or use it as a context manager")
+        if self._closed:  # its loop is stopped: a request sent there would wait forever
+            raise PoolError("the pool is closed: start a new one (llm.fork_pool(...))")
         if on_delta is not None:
             caller = asyncio.get_running_loop()
             callback = on_delta
-            on_delta = lambda text: caller.call_soon_threadsafe(callback, text)  # noqa: E731
+            context = contextvars.copy_context()  # the pool's thread has none of the caller's
+            on_delta = lambda text: caller.call_soon_threadsafe(  # noqa: E731
+                callback, text, context=context)
         payload = {k: v for k, v in asdict(options).items() if v is not None}
         timeout = timeout_s if timeout_s is not None else self.request_timeout_s
         return await self._loop.call(self._generate(prompt_ids, payload, on_delta, worker,

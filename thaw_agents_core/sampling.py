@@ -50,6 +50,13 @@ class GenerationOptions:
             raise ValueError(
                 f"unknown generation parameter(s) {unknown}; valid: {', '.join(cls.names())}"
             )
+        bias = values.get("logit_bias")
+        if isinstance(bias, dict):  # from JSON (the pool wire) its token ids are strings
+            try:
+                values = {**values, "logit_bias": {int(t): float(b) for t, b in bias.items()}}
+            except (TypeError, ValueError):
+                raise ValueError(f"logit_bias must map token ids (integers) to biases, got "
+                                 f"{bias!r}") from None
         return cls(**values)
 
 
