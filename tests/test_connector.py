@@ -5,7 +5,8 @@ Every engine here runs in vLLM's default multi-process mode in its own Python pr
 across processes, so a load that restored anything but the right KV would change them; the
 reference is a cold run without any connector. On a GPU (vLLM 0.26, H100): Llama-3.1-8B shapes
 with seeded dummy weights in bfloat16; the reference is a run without connector that computed
-the same prefix itself first (vLLM's own prefix cache), so both runs take the same kernels.
+the same prefix itself first (vLLM's own prefix cache), so both runs take the same kernels, and
+for the refused (recomputed) load a cold run, whose single full prefill the recompute repeats.
 """
 
 from __future__ import annotations
@@ -79,6 +80,10 @@ def ab_runs(shm_store, tmp_path_factory):
     flip_payload_byte(store, bad["snapshot_id"], bad["namespace_key"])
     loaded = {r["length"]: r for r in run_procs("load", url, str(events), *lengths)}
     plain = {r["length"]: r for r in run_procs(REFERENCE, "-", "-", *lengths)}
+    # A refused load is recomputed in one prefill of the whole prompt: on the GPU (bf16) its
+    # reference is a cold run, which takes that same path (fp32 CPU runs are equal either way).
+    if ON_GPU:
+        plain[CORRUPTED] = run_procs("plain", "-", "-", str(CORRUPTED))[0]
     log = [json.loads(line) for line in events.read_text().splitlines()]
     return saved, loaded, plain, log
 

@@ -47,8 +47,18 @@ def detect_page_spec(layer: torch.Tensor) -> KVPageSpec:
     """
     if layer.ndim == 5 and layer.shape[0] == 2:
         return page_spec_for(layer, "flash")
-    if layer.ndim == 4:
-        return page_spec_for(layer, "cpu")
+    # Each block one contiguous run, its dims in any order (vLLM 0.26 CUDA hands a permuted
+    # view: shape (N, 8, 16, 256), strides (32768, 256, 2048, 1)).
+    inner = sorted((layer.stride(d), layer.shape[d]) for d in range(1, layer.ndim)
+                   if layer.shape[d] != 1)
+    expected = 1
+    for stride, size in inner:
+        if stride != expected:
+            break
+        expected *= size
+    else:
+        return KVPageSpec(num_halves=1, page_elems=expected, block_stride=layer.stride(0),
+                          half_stride=0, num_blocks=layer.shape[0])
     raise ValueError(f"unrecognised KV cache layout {tuple(layer.shape)} (strides "
                      f"{layer.stride()}): expected [2, blocks, ...] or [blocks, heads, size, dim]")
 

@@ -37,6 +37,8 @@ _FILL_THREADS = 8
 
 def as_uint8_tensor(buffer: Any) -> torch.Tensor:
     """A zero-copy uint8 CPU tensor over a buffer (memoryview, mmap, bytearray, numpy)."""
+    if isinstance(buffer, torch.Tensor):
+        return buffer.view(torch.uint8).reshape(-1)
     view = memoryview(buffer).cast("B")
     if view.readonly:  # a read-only mmap: torch warns about non-writable memory; we never write
         import warnings
