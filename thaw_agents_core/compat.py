@@ -133,3 +133,12 @@ def engine_core_pids(async_llm: Any) -> list[int]:
     client = getattr(async_llm, "engine_core", None)
     manager = getattr(getattr(client, "resources", None), "engine_manager", None)
     return [p.pid for p in getattr(manager, "processes", None) or [] if p.pid is not None]
+
+
+def num_unfinished_requests(async_llm: Any) -> int:
+    """Requests in flight in an AsyncLLM (0.32 has a method; 0.26 only its output processor)."""
+    method = getattr(async_llm, "get_num_unfinished_requests", None)
+    if method is not None:
+        return int(method())
+    processor = getattr(async_llm, "output_processor", None)
+    return int(processor.get_num_unfinished_requests()) if processor is not None else 0

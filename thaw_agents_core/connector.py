@@ -107,6 +107,8 @@ class ThawConnector(KVConnectorBase_V1):
     def shutdown(self) -> None:
         if self._worker is not None:
             self._worker.close()
+        if self._scheduler is not None:
+            self._scheduler.verifier.close()
 
     # ------------------------------------------------------------------ scheduler side
 

@@ -8,6 +8,10 @@ answers through the store itself (a published snapshot) and through vLLM's load-
 
 from __future__ import annotations
 
+import json
+import os
+import threading
+import time
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -76,3 +80,20 @@ class ConnectorSettings:
         if unknown:
             raise ValueError(f"unknown ThawConnector settings {unknown}; valid: {sorted(known)}")
         return cls(store=store, **extra)
+
+
+class EventLog:
+    """Append-only JSON lines, one per load/save outcome (a metric tests and tools can read)."""
+
+    def __init__(self, path: str | None) -> None:
+        self.path = path
+        self._lock = threading.Lock()
+
+    def write(self, **event: Any) -> None:
+        if not self.path:
+            return
+        event.setdefault("time", round(time.time(), 6))
+        event.setdefault("pid", os.getpid())
+        line = json.dumps(event, sort_keys=True) + "\n"
+        with self._lock, open(self.path, "a") as handle:
+            handle.write(line)

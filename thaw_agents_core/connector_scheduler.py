@@ -26,11 +26,13 @@ from thaw_agents_core.block_hashes import block_hash_chain
 from thaw_agents_core.connector_meta import (
     PARAMS_KEY,
     ConnectorSettings,
+    EventLog,
     LoadOp,
     SaveOp,
     ThawConnectorMetadata,
 )
 from thaw_agents_core.kv_namespace import namespace_for
+from thaw_agents_core.snapshot_verifier import SnapshotVerifier
 from thaw_agents_core.store import SnapshotNotFoundError, SnapshotRef, SnapshotStore
 
 logger = logging.getLogger("thaw_agents.connector")
@@ -68,7 +70,11 @@ class SchedulerSide:
         self._pending: dict[str, _PendingLoad] = {}
         self._loads: list[LoadOp] = []
         self._saves: dict[str, _SaveState] = {}
-        self._finished_saves: dict[str, _SaveState] = {}
+        self.events = EventLog(settings.events_path)
+        self.verifier = SnapshotVerifier(lambda: self.store, self._refused)
+
+    def _refused(self, ref: Any, reason: str) -> None:
+        self.events.write(event="load_refused", snapshot_id=ref.snapshot_id, error=reason)
 
     @property
     def store(self) -> SnapshotStore:
@@ -79,7 +85,7 @@ class SchedulerSide:
     # ------------------------------------------------------------------ lookups
 
     def get_num_new_matched_tokens(self, request: Any, num_computed_tokens: int
-                                   ) -> tuple[int, bool]:
+                                   ) -> tuple[int | None, bool]:
         params = (getattr(request, "kv_transfer_params", None) or {}).get(PARAMS_KEY) or {}
         prompt = list(request.prompt_token_ids or [])
         if params.get("save") and request.request_id not in self._saves:
@@ -97,6 +103,12 @@ class SchedulerSide:
             logger.warning("thaw: snapshot lookup failed (%s); computing the prompt", exc)
             return 0, False
         if match is None or match.num_blocks * self.block_size <= num_computed_tokens:
+            self._pending.pop(request.request_id, None)
+            return 0, False
+        verdict = self.verifier.verdict(match.ref)  # see snapshot_verifier.py
+        if verdict is None:
+            return None, False  # being verified: vLLM asks again on a later step
+        if not verdict:
             self._pending.pop(request.request_id, None)
             return 0, False
         self._pending[request.request_id] = _PendingLoad(

@@ -12,39 +12,25 @@ Outcomes go to the log and, when configured, to an append-only JSON-lines event 
 
 from __future__ import annotations
 
-import json
 import logging
-import os
-import threading
 import time
 from typing import Any
 
 import torch
 
-from thaw_agents_core.connector_meta import ConnectorSettings, LoadOp, SaveOp, ThawConnectorMetadata
+from thaw_agents_core.connector_meta import (
+    ConnectorSettings,
+    EventLog,
+    LoadOp,
+    SaveOp,
+    ThawConnectorMetadata,
+)
 from thaw_agents_core.kv_namespace import namespace_for
 from thaw_agents_core.kv_transport import KVTransport
 from thaw_agents_core.store import SnapshotRef
 from thaw_agents_core.stream_scheduler import StreamScheduler
 
 logger = logging.getLogger("thaw_agents.connector")
-
-
-class EventLog:
-    """Append-only JSON lines, one per load/save outcome (a metric tests and tools can read)."""
-
-    def __init__(self, path: str | None) -> None:
-        self.path = path
-        self._lock = threading.Lock()
-
-    def write(self, **event: Any) -> None:
-        if not self.path:
-            return
-        event.setdefault("time", round(time.time(), 6))
-        event.setdefault("pid", os.getpid())
-        line = json.dumps(event, sort_keys=True) + "\n"
-        with self._lock, open(self.path, "a") as handle:
-            handle.write(line)
 
 
 class WorkerSide:

@@ -25,6 +25,7 @@ import time
 from dataclasses import dataclass
 from typing import Any, Callable, Literal, Sequence
 
+from thaw_agents_core import compat
 from thaw_agents_core.engine import Engine
 from thaw_agents_core.pool import ForkPool
 from thaw_agents_core.prefix import PARAMS_KEY, PrefixHandle
@@ -188,7 +189,8 @@ async def run_branches(engine: Engine, branches: Sequence[Branch], *,
                        on_delta: DeltaCallback | None = None,
                        timeout_s: float | None = None) -> list[BranchOutcome]:
     """Run every branch concurrently; a failed branch is reported, the others are kept."""
-    parent_in_flight = engine.llm.get_num_unfinished_requests() if engine.is_started else 0
+    parent_in_flight = (compat.num_unfinished_requests(engine.llm) if engine.is_started
+                        else 0)
     routes = plan_routes(len(branches), pool, route, parent_in_flight)
     tasks = []
     for index, (branch, where) in enumerate(zip(branches, routes)):
