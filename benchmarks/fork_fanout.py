@@ -28,7 +28,6 @@ import asyncio
 import json
 import os
 import random
-import statistics
 import sys
 import time
 from pathlib import Path
@@ -182,7 +181,7 @@ async def gpu_rounds(rounds: int, graphs: bool, with_pool: bool, smoke: bool = F
             await engine.run_prefill(prefix)  # the baseline's prefix, computed in-engine once
             t_in = await in_engine([prefix + new(16) for _ in range(4)])
             t0 = time.perf_counter()
-            handle = await forking.asnapshot_ids(engine, prefix)
+            await forking.asnapshot_ids(engine, prefix)
             t_snap = time.perf_counter() - t0
             t0 = time.perf_counter()
             auto = await forking.run_branches(engine, branches, pool=pool, route="auto")

@@ -138,10 +138,68 @@ def bench_data_path(reps: int) -> dict:
             "save_seconds": quantiles(saves), "load_seconds": quantiles(loads),
             "save_GBps_p50": nbytes / statistics.median(saves) / 1e9,
             "load_GBps_p50": nbytes / statistics.median(loads) / 1e9,
+            "phases_p50_seconds": phase_breakdown(transport, ref, src_ids, dst_ids, reps),
         }
     copier.close()
     store.close()
     return out
+
+
+def phase_breakdown(transport, ref, src_ids: list[int], dst_ids: list[int], reps: int) -> dict:
+    """Each step of a save and a load on its own (synchronised), and the load done serially
+    (copy everything, verify, then scatter) against the pipelined ``KVTransport.load``.
+
+    The raw copies between the arena (or a fresh pinned tensor) and the device are the
+    ceiling the load and save paths are measured against.
+    """
+    from thaw_agents_core.stream_scheduler import as_uint8_tensor
+    from thaw_kernels import kv_gather, kv_scatter
+
+    store, copier, layers, spec = transport.store, transport.copier, transport.layers, transport.spec
+    device = layers[0].device
+    sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
+    view = store.open(ref)
+    arena = as_uint8_tensor(view.payload)
+    nbytes = arena.numel()
+    chunk_bytes = view.header.blocks_per_chunk * view.header.block_bytes
+    staging = torch.empty(nbytes, dtype=torch.uint8, device=device)
+    pinned = torch.empty(nbytes, dtype=torch.uint8, pin_memory=device.type == "cuda")
+    pinned.copy_(arena)
+    blocks = transport._blocks_view(staging, len(dst_ids))
+
+    def serial_load() -> None:
+        with store.open(ref) as v:
+            crcs = copier.to_device(v.payload, staging, chunk_bytes).tolist()
+            if crcs != v.header.chunk_crc32c:
+                raise SystemExit("serial load: CRC mismatch")
+            kv_scatter(blocks, layers, dst_ids, spec)
+            sync()
+
+    steps = {
+        "open_header": lambda: store.open(ref).close(),
+        "h2d_arena_raw": lambda: staging.copy_(arena, non_blocking=True),
+        "h2d_pinned_raw": lambda: staging.copy_(pinned, non_blocking=True),
+        "h2d_arena_with_crc": lambda: copier.to_device(view.payload, staging, chunk_bytes).tolist(),
+        "scatter": lambda: kv_scatter(blocks, layers, dst_ids, spec),
+        "load_serial": serial_load,
+        "load_pipelined": lambda: transport.load(ref, 0, len(dst_ids), dst_ids),
+        "gather": lambda: kv_gather(layers, src_ids, spec),
+        "d2h_pinned_raw": lambda: pinned.copy_(staging, non_blocking=True),
+    }
+    result = {}
+    for name, step in steps.items():
+        times = []
+        for rep in range(reps + 1):
+            sync()
+            began = time.perf_counter()
+            step()
+            sync()
+            if rep:
+                times.append(time.perf_counter() - began)
+        result[name] = statistics.median(times)
+    view.close()
+    result["GBps"] = {k: nbytes / v / 1e9 for k, v in result.items() if k != "open_header"}
+    return result
 
 
 # ---------------------------------------------------------------------- part 2: in vLLM
@@ -294,6 +352,8 @@ def main() -> int:
         print(f"{label:6} data path: save {d['save_seconds']['p50'] * 1e3:7.2f} ms "
               f"({d['save_GBps_p50']:5.1f} GB/s)  load {d['load_seconds']['p50'] * 1e3:7.2f} ms "
               f"({d['load_GBps_p50']:5.1f} GB/s)")
+        print("        phases: " + ", ".join(f"{k} {v * 1e3:.2f} ms" for k, v in
+                                             d["phases_p50_seconds"].items() if k != "GBps"))
         if "vllm" in result:
             v = result["vllm"][label]
             print(f"{label:6} vLLM: connector load {v['connector_load_seconds']['p50'] * 1e3:7.2f}"

@@ -25,7 +25,7 @@ from langchain_core.messages import AnyMessage, HumanMessage, SystemMessage
 from langgraph.checkpoint.memory import InMemorySaver
 from langgraph.graph import END, START, StateGraph
 
-from thaw_agents import BRANCH_TOKEN_EVENT, ChatThaw, fanout_node
+from thaw_agents import ChatThaw, fanout_node
 
 DIFF = '''\
 diff --git a/app/auth.py b/app/auth.py

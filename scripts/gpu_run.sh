@@ -33,7 +33,8 @@ for stage in "$@"; do
              timeout 400 python3 benchmarks/kernels.py || status=1 ;;
     stream) timeout 240 python3 benchmarks/stream_scheduler.py || status=1 ;;
     connector) timeout 560 python3 -m pytest -q -p no:cacheprovider -x tests/test_connector.py || status=1 ;;
-    transport) timeout 560 python3 benchmarks/kv_transport.py || status=1 ;;
+    transport) timeout 120 python3 -m pytest -q -p no:cacheprovider -x tests/test_kv_transport.py -m gpu || status=1
+               timeout 500 python3 benchmarks/kv_transport.py || status=1 ;;
     fanout) timeout 560 python3 benchmarks/fork_fanout.py --gpu || status=1 ;;
     fanout-graphs) timeout 560 python3 benchmarks/fork_fanout.py --gpu --graphs --no-pool || status=1 ;;
     *) echo "unknown stage $stage"; status=2 ;;

@@ -171,7 +171,8 @@ def test_snapshot_of_another_namespace_is_refused(chat_a, tmp_path):
 
     from langchain_core.messages import SystemMessage
 
-    from thaw_agents_core.snapshot_format import SnapshotMismatchError, build_snapshot
+    from thaw_agents_core.snapshot_format import SnapshotMismatchError
+    from thaw_agents_core.snapshot_io import build_snapshot
 
     llm, prefix, _ = chat_a
     ours = llm.kv_namespace()

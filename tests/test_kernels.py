@@ -31,6 +31,7 @@ import torch
 from thaw_kernels import (KVPageSpec, chunk_crc32c, chunk_crc32c_reference, combine_chunk_crcs, crc32c_combine,
                           kv_gather, kv_gather_reference, kv_scatter, kv_scatter_reference, page_spec_for)
 from thaw_kernels import crc32c as crc_mod
+from thaw_kernels import block_ids as block_ids_mod
 from thaw_kernels import kv_blocks as kv_mod
 
 INTERPRETED = os.environ.get("TRITON_INTERPRET") == "1"
@@ -388,11 +389,11 @@ def test_kv_host_ids():
     spec = KVPageSpec(1, 4, 4, 0, 10)
     for ids in ([3, 0, 9], (3, 0, 9), range(3), np.array([3, 0], dtype=np.uint8),
                 torch.tensor([9, 1], dtype=torch.int16), torch.arange(10)[::3], [np.int32(2)]):
-        arr = kv_mod._host_ids(ids, spec, unique=True)
+        arr = block_ids_mod.host_ids(ids, spec, unique=True)
         assert arr.dtype == np.int64 and arr.tolist() == [int(i) for i in ids]
-    assert kv_mod._host_ids([], spec, unique=True).dtype == np.int64
-    assert kv_mod._host_ids([4, 4], spec, unique=False).tolist() == [4, 4]
-    assert kv_mod._host_ids(torch.zeros(2, dtype=torch.int64, device="meta"), spec, unique=False) is None
+    assert block_ids_mod.host_ids([], spec, unique=True).dtype == np.int64
+    assert block_ids_mod.host_ids([4, 4], spec, unique=False).tolist() == [4, 4]
+    assert block_ids_mod.host_ids(torch.zeros(2, dtype=torch.int64, device="meta"), spec, unique=False) is None
 
 
 def test_kv_plan_cache_keys_and_lifetime():
@@ -535,8 +536,8 @@ def test_kv_public_path_many_calls_cuda():
     layers, spec = make_cache(("flash", 3000, 16, 2, 64), 3, torch.bfloat16, False, "cuda")
     expected = [t.clone() for t in layers]
     calls = []  # in stream order: gathers see every earlier scatter
-    for k in range(3 * kv_mod._ID_SLOTS):
-        n = 2000 if k == 2 * kv_mod._ID_SLOTS else 1 + k
+    for k in range(3 * block_ids_mod.ID_SLOTS):
+        n = 2000 if k == 2 * block_ids_mod.ID_SLOTS else 1 + k
         ids = torch.randint(0, 3000, (n,)).tolist()
         calls.append(("gather", ids, kv_gather(layers, ids, spec)))
         ids = torch.randperm(3000)[:n].tolist()

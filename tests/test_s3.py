@@ -15,10 +15,9 @@ from thaw_agents_core.snapshot_format import (  # noqa: E402
     Namespace,
     SnapshotChecksumError,
     SnapshotMismatchError,
-    build_snapshot,
     parse_snapshot,
-    write_snapshot_file,
 )
+from thaw_agents_core.snapshot_io import build_snapshot, write_snapshot_file  # noqa: E402
 
 NS = Namespace("tiny-model", "w1", "float32", "auto", "cpu", 4, 2, (1, 4, 2), "0.32.0")
 BUCKET = "thaw-test"

@@ -21,16 +21,18 @@ from thaw_agents_core.snapshot_format import (
     SnapshotError,
     SnapshotFormatError,
     SnapshotMismatchError,
-    build_snapshot,
     check_chunks,
     chunk_byte_range,
     covering_byte_range,
     encode_header,
-    open_snapshot_file,
     parse_snapshot,
     payload_offset_for,
-    plan_snapshot,
     verify_chunks,
+)
+from thaw_agents_core.snapshot_io import (
+    build_snapshot,
+    open_snapshot_file,
+    plan_snapshot,
     write_snapshot_file,
 )
 

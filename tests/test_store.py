@@ -15,8 +15,11 @@ import pytest
 from thaw_agents_core import store as store_mod
 from thaw_agents_core.block_hashes import block_hash_chain
 from thaw_agents_core.shm_store import ShmStore, ShmStoreFullError
-from thaw_agents_core.snapshot_format import Namespace, build_snapshot, parse_snapshot, verify_chunks
-from thaw_agents_core.store import FileStore, Match, SnapshotNotFoundError, SnapshotRef, open_store, parse_size
+from thaw_agents_core.snapshot_format import Namespace, parse_snapshot, verify_chunks
+from thaw_agents_core.snapshot_io import build_snapshot
+from thaw_agents_core.file_store import FileStore
+from thaw_agents_core.store import Match, SnapshotNotFoundError, SnapshotRef
+from thaw_agents_core.store_url import open_store, parse_size
 
 NS = Namespace("tiny-model", "w1", "float32", "auto", "cpu", 4, 2, (1, 4, 2), "0.32.0")
 KEY = NS.key()
@@ -118,7 +121,7 @@ def test_uncommitted_reservation_is_invisible(store):
 
 
 def test_two_phase_write_into_reservation(store):
-    from thaw_agents_core.snapshot_format import plan_snapshot
+    from thaw_agents_core.snapshot_io import plan_snapshot
 
     plan = plan_snapshot(NS, BASE[:8], BLOCK_BYTES, blocks_per_chunk=1)
     with store.reserve(plan.total_bytes) as r:

@@ -12,8 +12,8 @@ from typing import Any
 
 _EXPORTS = {
     "kv_transfer_config": "thaw_agents_core.connector",
-    "open_store": "thaw_agents_core.store",
-    "FileStore": "thaw_agents_core.store",
+    "open_store": "thaw_agents_core.store_url",
+    "FileStore": "thaw_agents_core.file_store",
     "ShmStore": "thaw_agents_core.shm_store",
     "PrefixHandle": "thaw_agents_core.prefix",
     "ForkPool": "thaw_agents_core.pool",

@@ -31,7 +31,8 @@ from vllm.distributed.kv_transfer.kv_connector.v1.base import (
 from thaw_agents_core.connector_meta import ConnectorSettings, ThawConnectorMetadata
 from thaw_agents_core.connector_scheduler import SchedulerSide
 from thaw_agents_core.connector_worker import WorkerSide
-from thaw_agents_core.store import SnapshotStore, attach_url, open_store
+from thaw_agents_core.store import SnapshotStore
+from thaw_agents_core.store_url import attach_url, open_store
 
 
 def kv_transfer_config(store: str, *, weights_version: str = "", events_path: str | None = None,

@@ -30,7 +30,7 @@ import time
 import uuid
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, AsyncIterator, Iterator
+from typing import Any, AsyncIterator, Callable, Iterator
 
 from thaw_agents_core import compat, reaper
 from thaw_agents_core.loop_thread import LoopThread
@@ -192,7 +192,7 @@ class Engine:
         # Opened here, before the engine: for shm:// this process creates and owns the arena
         # (engine processes only attach), so it outlives engine restarts and worker deaths.
         if self.store_url is not None and self._store is None:
-            from thaw_agents_core.store import open_store
+            from thaw_agents_core.store_url import open_store
 
             self._store = open_store(self.store_url)
 
@@ -256,22 +256,13 @@ class Engine:
     def new_request_id(self) -> str:
         return f"thaw-{uuid.uuid4().hex}"
 
-    async def stream(self, prompt_ids: list[int], params: Any, request_id: str | None = None,
-                     timeout_s: float | None = None) -> AsyncIterator[Any]:
-        """Yield vLLM ``RequestOutput``s for one request; usable from any event loop.
-
-        ``timeout_s`` bounds the whole request; on expiry the request is aborted in the engine
-        and ``TimeoutError`` is raised.
-        """
+    def _start_request(self, prompt_ids: list[int], params: Any, request_id: str | None,
+                       push: Callable[[Any], None]) -> concurrent.futures.Future:
+        """Run one request on the engine loop; ``push`` gets each output, then ``_DONE`` or the
+        exception. Cancelling the returned future aborts the request in vLLM."""
         llm = self.llm
         assert self._loop is not None
-        caller_loop = asyncio.get_running_loop()
-        outputs: asyncio.Queue = asyncio.Queue()
         request_id = request_id or self.new_request_id()
-
-        def push(item: Any) -> None:
-            if not caller_loop.is_closed():
-                caller_loop.call_soon_threadsafe(outputs.put_nowait, item)
 
         async def produce() -> None:
             try:
@@ -284,7 +275,23 @@ class Engine:
                 if isinstance(exc, asyncio.CancelledError):
                     raise
 
-        producer = self._loop.submit(produce())
+        return self._loop.submit(produce())
+
+    async def stream(self, prompt_ids: list[int], params: Any, request_id: str | None = None,
+                     timeout_s: float | None = None) -> AsyncIterator[Any]:
+        """Yield vLLM ``RequestOutput``s for one request; usable from any event loop.
+
+        ``timeout_s`` bounds the whole request; on expiry the request is aborted in the engine
+        and ``TimeoutError`` is raised.
+        """
+        caller_loop = asyncio.get_running_loop()
+        outputs: asyncio.Queue = asyncio.Queue()
+
+        def push(item: Any) -> None:
+            if not caller_loop.is_closed():
+                caller_loop.call_soon_threadsafe(outputs.put_nowait, item)
+
+        producer = self._start_request(prompt_ids, params, request_id, push)
         deadline = None if timeout_s is None else time.monotonic() + timeout_s
         try:
             while True:
@@ -308,23 +315,8 @@ class Engine:
     def stream_sync(self, prompt_ids: list[int], params: Any, request_id: str | None = None,
                     timeout_s: float | None = None) -> Iterator[Any]:
         """Blocking twin of ``stream`` for plain code (works inside a running event loop)."""
-        llm = self.llm
-        assert self._loop is not None
         outputs: queue.SimpleQueue = queue.SimpleQueue()
-        request_id = request_id or self.new_request_id()
-
-        async def produce() -> None:
-            try:
-                async for out in llm.generate(compat.tokens_prompt(prompt_ids), params,
-                                              request_id):
-                    outputs.put(out)
-                outputs.put(_DONE)
-            except BaseException as exc:  # noqa: BLE001 - handed to the consumer
-                outputs.put(exc)
-                if isinstance(exc, asyncio.CancelledError):
-                    raise
-
-        producer = self._loop.submit(produce())
+        producer = self._start_request(prompt_ids, params, request_id, outputs.put)
         deadline = None if timeout_s is None else time.monotonic() + timeout_s
         try:
             while True:

@@ -8,8 +8,10 @@ Save::
 
 Load::
 
-    store.open (header, namespace, bounds validated) --StreamScheduler.to_device--> staging
-      --CRC32C of every chunk compared with the header--> kv_scatter into the given blocks
+    store.open: 16-byte prefix read --StreamScheduler.to_device_pieces--> device staging,
+      64 MiB pieces in flight       |  meanwhile: header, namespace, bounds validated
+    each piece's CRC32Cs compared with the header --> kv_scatter of that piece's blocks,
+      while the next pieces are still being copied
 
 Nothing is written into the cache before the header, bounds and the chunk checksums of the
 data being written are verified; any problem raises (``SnapshotError`` and subclasses). The
@@ -29,10 +31,10 @@ from thaw_agents_core.snapshot_format import (
     SnapshotError,
     SnapshotMismatchError,
     default_blocks_per_chunk,
-    plan_snapshot,
 )
+from thaw_agents_core.snapshot_io import plan_snapshot
 from thaw_agents_core.store import SnapshotRef, SnapshotStore
-from thaw_agents_core.stream_scheduler import StreamScheduler, as_uint8_tensor
+from thaw_agents_core.stream_scheduler import CopyPiece, StreamScheduler, as_uint8_tensor
 from thaw_kernels import KVPageSpec, chunk_crc32c, kv_gather, kv_scatter, page_spec_for
 
 
@@ -61,6 +63,34 @@ def detect_page_spec(layer: torch.Tensor) -> KVPageSpec:
                           half_stride=0, num_blocks=layer.shape[0])
     raise ValueError(f"unrecognised KV cache layout {tuple(layer.shape)} (strides "
                      f"{layer.stride()}): expected [2, blocks, ...] or [blocks, heads, size, dim]")
+
+
+@dataclass(frozen=True, slots=True)
+class _Span:
+    """The payload bytes [lo, hi) a load copies: whole CRC chunks around its blocks."""
+
+    first_chunk: int
+    chunk_bytes: int
+    lo: int
+    hi: int
+
+    @staticmethod
+    def of(first_block: int, end_block: int, blocks_per_chunk: int, block_bytes: int,
+           payload_bytes: int) -> _Span | None:
+        """None when the payload does not reach ``end_block``."""
+        if end_block * block_bytes > payload_bytes or not 0 <= first_block < end_block:
+            return None
+        chunk_bytes = blocks_per_chunk * block_bytes
+        first_chunk, last_chunk = first_block // blocks_per_chunk, (end_block - 1) // blocks_per_chunk
+        return _Span(first_chunk, chunk_bytes, first_chunk * chunk_bytes,
+                     min((last_chunk + 1) * chunk_bytes, payload_bytes))
+
+
+@dataclass(slots=True)
+class _Copy:
+    span: _Span
+    staging: torch.Tensor
+    pieces: list[CopyPiece]
 
 
 @dataclass(slots=True)
@@ -128,35 +158,70 @@ class KVTransport:
 
     def load(self, ref: SnapshotRef, first_block: int, end_block: int,
              block_ids: Sequence[int], expected_last_hash: str | None = None) -> TransferStats:
-        """Write snapshot blocks [first_block, end_block) into ``block_ids`` after verifying."""
+        """Write snapshot blocks [first_block, end_block) into ``block_ids``, each copy chunk
+        only once the header is validated and the chunk's CRC32Cs matched.
+
+        The copy into device scratch memory starts as soon as the snapshot's 16-byte prefix
+        is read, assuming this engine's chunk geometry, so validating the header (~2.5 ms for
+        8k tokens on the H100 host) overlaps the DMA; a snapshot of another geometry is
+        copied again once its header is known. On CUDA the chunks are scattered as they
+        arrive, overlapping the copies still in flight: on a bad chunk the chunks before it
+        are already in ``block_ids`` (correct data) and :class:`SnapshotChecksumError` is
+        raised; the connector then reports every block of the load as failed, so vLLM
+        recomputes them all.
+        """
         if ref.namespace_key != self.namespace_key:
             raise SnapshotMismatchError([f"namespace key: snapshot has {ref.namespace_key}, "
                                          f"this engine has {self.namespace_key}"])
-        view = self.store.open(ref, expect_namespace=self.namespace)
+        copy: list[_Copy] = []
+
+        def start_copy(raw: memoryview, payload_offset: int) -> None:
+            span = _Span.of(first_block, end_block, self.blocks_per_chunk, self.block_bytes,
+                            len(raw) - payload_offset)
+            if span is not None:
+                copy.append(self._start_copy(raw[payload_offset:], span))
+
+        view = self.store.open(ref, expect_namespace=self.namespace, on_prefix=start_copy)
         try:
             header = view.header
             self._check_bounds(header, first_block, end_block, block_ids, expected_last_hash)
-            per_chunk = header.blocks_per_chunk
-            first_chunk, last_chunk = first_block // per_chunk, (end_block - 1) // per_chunk
-            lo = first_chunk * per_chunk * header.block_bytes
-            hi = min((last_chunk + 1) * per_chunk, header.num_blocks) * header.block_bytes
-            staging = torch.empty(hi - lo, dtype=torch.uint8, device=self.layers[0].device)
-            crcs = self.copier.to_device(view.payload[lo:hi], staging,
-                                         per_chunk * header.block_bytes).tolist()
-            expected = header.chunk_crc32c[first_chunk:last_chunk + 1]
-            bad = [first_chunk + i for i, (got, want) in enumerate(zip(crcs, expected))
-                   if got != want]
-            if bad:
-                raise SnapshotChecksumError(bad, header.num_chunks)
-            skip = (first_block - first_chunk * per_chunk) * header.block_bytes
+            span = _Span.of(first_block, end_block, header.blocks_per_chunk, header.block_bytes,
+                            header.payload_bytes)
+            assert span is not None  # _check_bounds: the snapshot holds [first_block, end_block)
+            if not copy or copy[-1].span != span:  # the guess missed: copy what the header says
+                copy.append(self._start_copy(view.payload, span))
+            pieces, staging = copy[-1].pieces, copy[-1].staging
+            skip = first_block * header.block_bytes - span.lo  # staging bytes before first_block
             count = end_block - first_block
-            blocks = staging[skip:skip + count * header.block_bytes]
-            kv_scatter(self._blocks_view(blocks, count), self.layers, block_ids, self.spec)
+            for piece in pieces:
+                crcs = piece.wait()
+                chunk = span.first_chunk + piece.lo // span.chunk_bytes
+                bad = [chunk + i for i, (got, want) in
+                       enumerate(zip(crcs, header.chunk_crc32c[chunk:chunk + len(crcs)]))
+                       if got != want]
+                if bad:
+                    raise SnapshotChecksumError(bad, header.num_chunks)
+                # the whole blocks of [first_block, end_block) inside this piece
+                b0 = max(0, (piece.lo - skip) // header.block_bytes)
+                b1 = min(count, (piece.hi - skip) // header.block_bytes)
+                if b1 > b0:
+                    at = skip + b0 * header.block_bytes
+                    blocks = staging[at:at + (b1 - b0) * header.block_bytes]
+                    kv_scatter(self._blocks_view(blocks, b1 - b0), self.layers,
+                               block_ids[b0:b1], self.spec)
             if self.copier.is_cuda:  # done means done: the blocks are in place on return
                 torch.cuda.current_stream(staging.device).synchronize()
             return TransferStats(count, count * header.block_bytes)
         finally:
+            for started in copy:  # no DMA may still target a staging buffer once it is freed
+                for piece in started.pieces:
+                    piece.synchronize()
             view.close()
+
+    def _start_copy(self, payload: memoryview, span: _Span) -> _Copy:
+        staging = torch.empty(span.hi - span.lo, dtype=torch.uint8, device=self.layers[0].device)
+        pieces = self.copier.to_device_pieces(payload[span.lo:span.hi], staging, span.chunk_bytes)
+        return _Copy(span, staging, pieces)
 
     def _check_bounds(self, header: Any, first_block: int, end_block: int,
                       block_ids: Sequence[int], expected_last_hash: str | None) -> None:

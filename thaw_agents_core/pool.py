@@ -5,9 +5,7 @@
       generate(ids, options) --pick least loaded-->      add_request / step / ...
         <-- delta / done / error frames (wire.py) ------ (JSON over a Unix socket pair)
 
-Placement: on CPU, worker i is pinned to one core (cores round-robin, leaving the first core to
-the parent's engine when there are more); on GPU, to device ``i % device_count`` with a
-``gpu_memory_fraction`` share of its memory.
+Placement (:mod:`.placement`): one core per worker on CPU, a device and a memory share on GPU.
 
 Failure handling (every wait on another process has a deadline):
 - start: a worker that is not ready within ``start_timeout_s`` is killed and reported;
@@ -38,9 +36,10 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Callable
 
-from thaw_agents_core import compat, wire
+from thaw_agents_core import wire
 from thaw_agents_core.engine import EngineSpec
 from thaw_agents_core.loop_thread import LoopThread
+from thaw_agents_core.placement import Placement, default_placements
 from thaw_agents_core.sampling import GenerationOptions
 
 logger = logging.getLogger("thaw_agents.pool")
@@ -65,37 +64,6 @@ class WorkerResult:
     total_s: float
     worker: int
     retries: int = 0
-
-
-@dataclass(slots=True)
-class Placement:
-    cpu_cores: list[int] | None = None
-    cuda_device: int | None = None
-    engine_overrides: dict[str, Any] = field(default_factory=dict)
-
-    def environment(self) -> dict[str, str]:
-        env = {"VLLM_ENABLE_V1_MULTIPROCESSING": "0"}
-        if self.cpu_cores:
-            env["VLLM_CPU_OMP_THREADS_BIND"] = ",".join(map(str, self.cpu_cores))
-            env["OMP_NUM_THREADS"] = str(len(self.cpu_cores))
-        if self.cuda_device is not None:
-            env["CUDA_VISIBLE_DEVICES"] = str(self.cuda_device)
-        return env
-
-
-def default_placements(num_workers: int, gpu_memory_fraction: float) -> list[Placement]:
-    if compat.is_cpu_platform():
-        cores = sorted(os.sched_getaffinity(0))
-        spare = cores[1:] if len(cores) > num_workers else cores  # core 0: the parent's engine
-        return [Placement(cpu_cores=[spare[i % len(spare)]]) for i in range(num_workers)]
-    import torch
-
-    count = max(1, torch.cuda.device_count())
-    visible = os.environ.get("CUDA_VISIBLE_DEVICES")
-    ids = [int(d) for d in visible.split(",")] if visible else list(range(count))
-    return [Placement(cuda_device=ids[i % len(ids)],
-                      engine_overrides={"gpu_memory_utilization": gpu_memory_fraction})
-            for i in range(num_workers)]
 
 
 @dataclass

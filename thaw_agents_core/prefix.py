@@ -25,15 +25,10 @@ from thaw_agents_core.snapshot_format import (
     check_chunks,
     encode_header,
     parse_snapshot,
-    write_snapshot_file,
 )
-from thaw_agents_core.store import (
-    SnapshotNotFoundError,
-    SnapshotRef,
-    SnapshotStore,
-    attach_url,
-    open_store,
-)
+from thaw_agents_core.snapshot_io import write_snapshot_file
+from thaw_agents_core.store import SnapshotNotFoundError, SnapshotRef, SnapshotStore
+from thaw_agents_core.store_url import attach_url, open_store
 
 # Key of our entry in a request's ``kv_transfer_params`` (``SamplingParams.extra_args``), both
 # ways: ``{"thaw": {"save": True}}`` asks for a snapshot, ``{"thaw": {"snapshot": {...}}}``

@@ -21,12 +21,12 @@ import signal
 import subprocess
 import sys
 
-from thaw_agents_core.store import _proc_start_ticks, process_alive
+from thaw_agents_core.process_identity import process_alive, process_start_ticks
 
 
 def watch(pids: list[int]) -> subprocess.Popen | None:
     """Start a reaper for ``pids`` (None when there is nothing to watch)."""
-    targets = [f"{pid}:{ticks}" for pid in pids if (ticks := _proc_start_ticks(pid)) is not None]
+    targets = [f"{pid}:{ticks}" for pid in pids if (ticks := process_start_ticks(pid)) is not None]
     if not targets:
         return None
     return subprocess.Popen([sys.executable, "-m", "thaw_agents_core.reaper", *targets],

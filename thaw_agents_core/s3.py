@@ -11,16 +11,11 @@ from __future__ import annotations
 
 import io
 import os
-import tempfile
 from typing import Any
 
-from thaw_agents_core.snapshot_format import (
-    Namespace,
-    SnapshotHeader,
-    check_chunks,
-    open_snapshot_file,
-    parse_snapshot,
-)
+from thaw_agents_core.files import atomic_replace
+from thaw_agents_core.snapshot_format import Namespace, SnapshotHeader, check_chunks, parse_snapshot
+from thaw_agents_core.snapshot_io import open_snapshot_file
 
 MiB = 1 << 20
 _MISSING_CODES = {"404", "NoSuchKey", "NoSuchBucket", "NotFound"}
@@ -123,11 +118,7 @@ def download_snapshot(
     _boto3()
     client = client or make_client(endpoint_url)
     cfg = _config(multipart_threshold, multipart_chunksize, max_concurrency)
-    dest = os.path.abspath(os.fspath(dest_path))
-    name, directory = os.path.basename(dest), os.path.dirname(dest)
-    fd, tmp = tempfile.mkstemp(prefix=f".{name}.", suffix=".download", dir=directory)
-    os.close(fd)
-    try:
+    with atomic_replace(dest_path, suffix=".download") as tmp:
         try:
             client.download_file(bucket, key, tmp, Config=cfg)
         except client.exceptions.ClientError as e:
@@ -138,13 +129,4 @@ def download_snapshot(
         with open_snapshot_file(tmp, expect_namespace=expect_namespace) as view:
             check_chunks(view)
             header = view.header
-        with open(tmp, "rb+") as f:
-            os.fsync(f.fileno())
-        os.replace(tmp, dest)
-    except BaseException:
-        try:
-            os.unlink(tmp)
-        except FileNotFoundError:
-            pass
-        raise
     return header

@@ -19,8 +19,10 @@ from typing import Any
 
 from thaw_agents_core.snapshot_format import ALIGNMENT, Namespace, SnapshotError, SnapshotView
 from thaw_agents_core.snapshot_format import align_up, parse_snapshot
+from thaw_agents_core.files import flocked, touch
+from thaw_agents_core.process_identity import process_alive, process_token
 from thaw_agents_core.store import Reservation, SnapshotInfo, SnapshotNotFoundError, SnapshotRef
-from thaw_agents_core.store import SnapshotStore, check_key, flocked, process_alive, process_token, touch
+from thaw_agents_core.store import PrefixHook, SnapshotStore, check_key
 
 LAYOUT = "thaw-shm/1"
 _NAME_RE = re.compile(r"[A-Za-z0-9_][A-Za-z0-9_.-]{0,63}")
@@ -343,14 +345,15 @@ class ShmStore(SnapshotStore):
             _write_json_atomic(path, {"offset": offset, "nbytes": need, "pid": pid, "start": start})
         return _ShmReservation(self, path, offset, nbytes)
 
-    def open(self, ref: SnapshotRef, *, expect_namespace: Namespace | None = None) -> SnapshotView:
+    def open(self, ref: SnapshotRef, *, expect_namespace: Namespace | None = None,
+             on_prefix: PrefixHook | None = None) -> SnapshotView:
         d = self._read_descriptor(ref)
         if d.offset + d.length > self.capacity_bytes:
             raise ValueError(f"descriptor of {ref.snapshot_id} points past the arena end: {d}")
         region = self._arena[d.offset : d.offset + d.length]
         where = f"region [{d.offset}, {d.offset + d.length}) of arena {self.name!r}"
         try:
-            view = parse_snapshot(region, expect_namespace=expect_namespace)
+            view = parse_snapshot(region, expect_namespace=expect_namespace, on_prefix=on_prefix)
         except SnapshotError as e:
             if not os.path.exists(self._descriptor_path(ref)):
                 raise SnapshotNotFoundError(f"{ref.snapshot_id} was evicted while opening ({where})") from None

@@ -37,6 +37,9 @@ Reading one without this package::
     payload = data[payload_offset : payload_offset + header["payload_bytes"]]
     bb = header["block_bytes"]
     block_3 = payload[3 * bb : 4 * bb]   # all layers of block 3
+
+This module is the format (constants, header, parsing, validation, chunk ranges and CRCs);
+writing snapshots and files is :mod:`thaw_agents_core.snapshot_io`.
 """
 
 from __future__ import annotations
@@ -45,14 +48,9 @@ import dataclasses
 import hashlib
 import json
 import math
-import mmap
-import os
 import re
-import secrets
 import struct
-import tempfile
-import time
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -72,6 +70,13 @@ DEFAULT_CHUNK_BYTES = 4 << 20  # CRC granularity; also the unit a partial load v
 _HEX_ID = re.compile(r"[0-9a-f]{8,64}")
 _HEX_CRC = re.compile(r"[0-9a-f]{8}")
 _HEX_HASH = re.compile(r"[0-9a-f]{64}")
+_HEX_RUN = re.compile(r"[0-9a-f]*")
+
+
+def _all_hex(values: list[Any], width: int) -> bool:
+    """Whether every value is a str of ``width`` lowercase hex chars (one regex pass in total)."""
+    return (set(map(type, values)) <= {str} and set(map(len, values)) <= {width}
+            and _HEX_RUN.fullmatch("".join(values)) is not None)
 _HEX_ANY = re.compile(r"(?:[0-9a-f]{2})*")
 
 
@@ -319,17 +324,19 @@ class SnapshotHeader:
         hashes_hex = obj["block_hashes"]
         if len(hashes_hex) != nb:
             raise _err(f"'block_hashes' has {len(hashes_hex)} entries, expected one per block ({nb})")
-        for i, h in enumerate(hashes_hex):
-            if not isinstance(h, str) or _HEX_HASH.fullmatch(h) is None:
-                raise _err(f"block_hashes[{i}] must be 64 lowercase hex chars, got {_short(h)}")
+        if not _all_hex(hashes_hex, 64):  # one regex pass; the loop only names the culprit
+            for i, h in enumerate(hashes_hex):
+                if not isinstance(h, str) or _HEX_HASH.fullmatch(h) is None:
+                    raise _err(f"block_hashes[{i}] must be 64 lowercase hex chars, got {_short(h)}")
         crcs_hex = obj["chunk_crc32c"]
         num_chunks = math.ceil(nb / bpc)
         if len(crcs_hex) != num_chunks:
             raise _err(f"'chunk_crc32c' has {len(crcs_hex)} entries, "
                        f"expected ceil({nb} / {bpc}) = {num_chunks}")  # fmt: skip
-        for i, c in enumerate(crcs_hex):
-            if not isinstance(c, str) or _HEX_CRC.fullmatch(c) is None:
-                raise _err(f"chunk_crc32c[{i}] must be 8 lowercase hex chars, got {_short(c)}")
+        if not _all_hex(crcs_hex, 8):
+            for i, c in enumerate(crcs_hex):
+                if not isinstance(c, str) or _HEX_CRC.fullmatch(c) is None:
+                    raise _err(f"chunk_crc32c[{i}] must be 8 lowercase hex chars, got {_short(c)}")
         salt = bytes.fromhex(obj["hash_salt"])
         hashes = [bytes.fromhex(h) for h in hashes_hex]
         expected = block_hash_chain(tokens, bs, salt)
@@ -412,6 +419,16 @@ def parse_header(buf: Any) -> tuple[SnapshotHeader, int]:
     reading its payload).
     """
     mv = _as_bytes_view(buf)
+    end = PREFIX_BYTES + _checked_header_len(mv)
+    try:
+        obj = json.loads(bytes(mv[PREFIX_BYTES:end]).decode("utf-8"))
+    except (UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise SnapshotFormatError(f"header is not valid UTF-8 JSON: {e}") from None
+    return SnapshotHeader.from_json(obj), align_up(end)
+
+
+def _checked_header_len(mv: memoryview) -> int:
+    """header_len, once magic, the cap and the buffer's length are checked."""
     n = len(mv)
     if n < PREFIX_BYTES:
         raise SnapshotFormatError(
@@ -427,19 +444,21 @@ def parse_header(buf: Any) -> tuple[SnapshotHeader, int]:
     end = PREFIX_BYTES + header_len
     if n < end:
         raise _err(f"truncated snapshot: header needs bytes [16, {end}) but the buffer has {n} bytes")
-    try:
-        obj = json.loads(bytes(mv[PREFIX_BYTES:end]).decode("utf-8"))
-    except (UnicodeDecodeError, json.JSONDecodeError) as e:
-        raise SnapshotFormatError(f"header is not valid UTF-8 JSON: {e}") from None
-    return SnapshotHeader.from_json(obj), align_up(end)
+    return header_len
 
 
-def parse_snapshot(buf: Any, *, expect_namespace: Namespace | None = None) -> SnapshotView:
+def parse_snapshot(buf: Any, *, expect_namespace: Namespace | None = None,
+                   on_prefix: Callable[[memoryview, int], None] | None = None) -> SnapshotView:
     """Validate everything but the CRCs (see :func:`verify_chunks`) and return a zero-copy view.
 
     ``buf`` (bytes, bytearray, memoryview, mmap) may extend past the snapshot's end.
+    ``on_prefix(buf, payload_offset)`` runs once magic and header_len are checked, before the
+    header is parsed and validated: a reader may start copying the payload into scratch memory
+    meanwhile (never into anything live: the header may still be refused).
     """
     mv = _as_bytes_view(buf)
+    if on_prefix is not None:
+        on_prefix(mv, align_up(PREFIX_BYTES + _checked_header_len(mv)))
     header, payload_offset = parse_header(mv)
     end = payload_offset + header.payload_bytes
     if len(mv) < end:
@@ -456,6 +475,10 @@ def parse_snapshot(buf: Any, *, expect_namespace: Namespace | None = None) -> Sn
         if diff:
             raise SnapshotMismatchError(diff)
     return SnapshotView(header, mv[payload_offset:end], payload_offset)
+
+
+def default_blocks_per_chunk(block_bytes: int, chunk_bytes: int = DEFAULT_CHUNK_BYTES) -> int:
+    return max(1, chunk_bytes // max(1, block_bytes))
 
 
 def chunk_range(header: SnapshotHeader, num_blocks: int | None = None) -> range:
@@ -506,183 +529,3 @@ def check_chunks(view: SnapshotView, num_blocks: int | None = None) -> None:
     bad = verify_chunks(view, num_blocks)
     if bad:
         raise SnapshotChecksumError(bad, view.header.num_chunks)
-
-
-@dataclass(slots=True)
-class SnapshotPlan:
-    """Two-phase writing: reserve ``total_bytes``, fill ``payload_view(dest)``, then ``finish``.
-
-    The header's size is fixed at plan time (CRCs are fixed-width hex), so the payload can be
-    written first (e.g. by a GPU gather straight into shared memory) and the header last.
-    """
-
-    header: SnapshotHeader  # chunk_crc32c are placeholders until finish()
-    payload_offset: int
-
-    @property
-    def payload_bytes(self) -> int:
-        return self.header.payload_bytes
-
-    @property
-    def total_bytes(self) -> int:
-        return self.payload_offset + self.header.payload_bytes
-
-    def payload_view(self, dest: Any) -> memoryview:
-        mv = self._dest(dest)
-        return mv[self.payload_offset : self.total_bytes]
-
-    def _dest(self, dest: Any) -> memoryview:
-        mv = _as_bytes_view(dest)
-        if mv.readonly or len(mv) < self.total_bytes:
-            raise ValueError(
-                f"destination must be a writable buffer of at least {self.total_bytes} bytes, "
-                f"got {len(mv)} bytes{' (read-only)' if mv.readonly else ''}"
-            )
-        return mv
-
-    def finish(self, dest: Any, chunk_crcs: Sequence[int] | None = None) -> SnapshotHeader:
-        """Write the header into ``dest[:payload_offset]``; CRCs are computed here unless given."""
-        mv = self._dest(dest)
-        h = self.header
-        if chunk_crcs is None:
-            chunk_crcs = compute_chunk_crcs(self.payload_view(mv), h.block_bytes, h.blocks_per_chunk)
-        crcs = [int(c) for c in chunk_crcs]
-        if len(crcs) != h.num_chunks or any(not 0 <= c < 2**32 for c in crcs):
-            raise ValueError(f"need {h.num_chunks} chunk CRCs in [0, 2**32), got {len(crcs)}: {_short(crcs)}")
-        final = dataclasses.replace(h, chunk_crc32c=crcs)
-        prefix = encode_header(final)
-        if len(prefix) != self.payload_offset:  # cannot happen: CRCs are fixed-width
-            raise AssertionError(f"header grew from {self.payload_offset} to {len(prefix)} bytes")
-        mv[: self.payload_offset] = prefix
-        return final
-
-
-def default_blocks_per_chunk(block_bytes: int, chunk_bytes: int = DEFAULT_CHUNK_BYTES) -> int:
-    return max(1, chunk_bytes // max(1, block_bytes))
-
-
-def plan_snapshot(
-    namespace: Namespace,
-    token_ids: Sequence[int],
-    block_bytes: int,
-    *,
-    blocks_per_chunk: int | None = None,
-    snapshot_id: str | None = None,
-    created_unix: float | None = None,
-    hash_salt: bytes = b"",
-    extra: dict[str, Any] | None = None,
-) -> SnapshotPlan:
-    """Plan a snapshot of ``token_ids`` (whole blocks only) whose blocks are ``block_bytes`` each."""
-    tokens = [int(t) for t in token_ids]
-    bs = namespace.block_size
-    if not tokens or len(tokens) % bs:
-        full = len(tokens) // bs * bs
-        raise ValueError(
-            f"token_ids has {len(tokens)} tokens, not a positive multiple of block_size {bs}: "
-            f"pass only the full blocks (token_ids[:{full}])"
-        )
-    if not _is_int(block_bytes) or block_bytes <= 0:
-        raise ValueError(f"block_bytes must be a positive int, got {block_bytes!r}")
-    bpc = default_blocks_per_chunk(block_bytes) if blocks_per_chunk is None else blocks_per_chunk
-    if not _is_int(bpc) or bpc <= 0:
-        raise ValueError(f"blocks_per_chunk must be a positive int, got {bpc!r}")
-    sid = secrets.token_hex(16) if snapshot_id is None else snapshot_id
-    if not isinstance(sid, str) or _HEX_ID.fullmatch(sid) is None:
-        raise ValueError(f"snapshot_id must be 8-64 lowercase hex chars, got {sid!r}")
-    try:
-        json.dumps(extra or {})
-    except (TypeError, ValueError) as e:
-        raise ValueError(f"extra must be JSON-serialisable: {e}") from None
-    hashes = block_hash_chain(tokens, bs, hash_salt)
-    header = SnapshotHeader(
-        snapshot_id=sid, namespace=namespace, token_ids=tokens, block_hashes=hashes,
-        block_bytes=block_bytes, blocks_per_chunk=bpc,
-        chunk_crc32c=[0] * math.ceil(len(hashes) / bpc),
-        created_unix=round(time.time(), 3) if created_unix is None else created_unix,
-        hash_salt=bytes(hash_salt), extra=dict(extra or {}),
-    )  # fmt: skip
-    return SnapshotPlan(header, len(encode_header(header)))
-
-
-def build_snapshot(
-    namespace: Namespace, token_ids: Sequence[int], block_bytes: int, payload: Any, **kwargs: Any
-) -> bytearray:
-    """One-shot form of :func:`plan_snapshot`: the complete ``.thawkv`` bytes."""
-    plan = plan_snapshot(namespace, token_ids, block_bytes, **kwargs)
-    src = _as_bytes_view(payload)
-    if len(src) != plan.payload_bytes:
-        raise ValueError(
-            f"payload is {len(src)} bytes, expected num_blocks * block_bytes = "
-            f"{plan.header.num_blocks} * {block_bytes} = {plan.payload_bytes}"
-        )
-    out = bytearray(plan.total_bytes)
-    plan.payload_view(out)[:] = src
-    plan.finish(out)
-    return out
-
-
-def write_snapshot_file(path: str | os.PathLike[str], data: Any) -> None:
-    """Atomically write ``data`` to ``path``: temp file in the same directory, fsync, rename.
-
-    Readers see the old file or the new one, never a partial one (no in-place truncation,
-    which once left safetensors users with zero-filled mmaps).
-    """
-    path = os.fspath(path)
-    directory = os.path.dirname(os.path.abspath(path))
-    fd, tmp = tempfile.mkstemp(prefix=f".{os.path.basename(path)}.", suffix=".tmp", dir=directory)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        try:
-            os.unlink(tmp)
-        except FileNotFoundError:
-            pass
-        raise
-    dfd = os.open(directory, os.O_RDONLY)
-    try:
-        os.fsync(dfd)
-    finally:
-        os.close(dfd)
-
-
-def read_snapshot_header(path: str | os.PathLike[str]) -> tuple[SnapshotHeader, int]:
-    """Validate and return (header, file size) reading only the header bytes."""
-    with open(path, "rb") as f:
-        size = os.fstat(f.fileno()).st_size
-        prefix = f.read(PREFIX_BYTES)
-        if len(prefix) == PREFIX_BYTES and prefix[:8] == MAGIC:
-            (hl,) = struct.unpack_from("<Q", prefix, 8)
-            if hl <= MAX_HEADER_BYTES:
-                prefix += f.read(hl)
-        header, payload_offset = parse_header(prefix)
-    if size < payload_offset + header.payload_bytes:
-        raise SnapshotFormatError(
-            f"truncated snapshot: payload needs bytes [{payload_offset}, "
-            f"{payload_offset + header.payload_bytes}) but the file has {size} bytes"
-        )
-    return header, size
-
-
-def open_snapshot_file(
-    path: str | os.PathLike[str], *, expect_namespace: Namespace | None = None
-) -> SnapshotView:
-    """mmap ``path`` read-only and validate it; ``view.close()`` unmaps."""
-    with open(path, "rb") as f:
-        size = os.fstat(f.fileno()).st_size
-        if size == 0:
-            raise SnapshotFormatError(f"truncated snapshot: {os.fspath(path)} is empty")
-        mm = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ)
-    try:
-        view = parse_snapshot(mm, expect_namespace=expect_namespace)
-    except BaseException:
-        try:
-            mm.close()
-        except BufferError:  # the traceback still references a view of it; the GC unmaps
-            pass
-        raise
-    view.owner = mm
-    return view

@@ -51,6 +51,28 @@ def as_uint8_tensor(buffer: Any) -> torch.Tensor:
     return torch.frombuffer(view, dtype=torch.uint8)
 
 
+@dataclass(slots=True)
+class CopyPiece:
+    """One chunk of a host -> device copy: bytes [lo, hi) of the destination."""
+
+    lo: int
+    hi: int
+    crcs: torch.Tensor
+    """CRC32C of each crc chunk in [lo, hi) (int64; on the device on CUDA)."""
+    done: Any
+    """CUDA event recorded once the bytes are copied and ``crcs`` computed (None on CPU)."""
+
+    def synchronize(self) -> None:
+        """Block until this chunk is copied and checksummed."""
+        if self.done is not None:
+            self.done.synchronize()
+
+    def wait(self) -> list[int]:
+        """Block until this chunk is done; its CRCs."""
+        self.synchronize()
+        return self.crcs.tolist()
+
+
 @dataclass
 class StreamScheduler:
     """Copies between host buffers and device tensors, returning chunk CRC32Cs (int64 tensor)."""
@@ -121,70 +143,73 @@ class StreamScheduler:
         On CUDA the returned CRCs are a device tensor and the work is queued on the current
         stream's timeline (callers read the CRCs, which synchronises).
         """
+        pieces = self.to_device_pieces(src, dst, crc_chunk_bytes)
+        if self.is_cuda:
+            copy_stream, crc_stream = self._ensure_streams()
+            current = torch.cuda.current_stream(self.device)
+            current.wait_stream(copy_stream)
+            current.wait_stream(crc_stream)
+        return torch.cat([piece.crcs for piece in pieces])
+
+    def to_device_pieces(self, src: Any, dst: torch.Tensor, crc_chunk_bytes: int) -> list[CopyPiece]:
+        """Queue the copy of host ``src`` into ``dst`` chunk by chunk; return the chunks.
+
+        A caller can use each chunk as soon as its ``done`` event has fired (its bytes and its
+        CRCs are then final) while later chunks are still being copied. On CPU every chunk
+        is done on return.
+        """
         host = as_uint8_tensor(src)
         if host.numel() != dst.numel():
             raise ValueError(f"source has {host.numel()} bytes, destination {dst.numel()}")
-        if not self.is_cuda:
-            dst.copy_(host)
-            return chunk_crc32c(dst, crc_chunk_bytes)
+        if not self.is_cuda:  # memcpy + CRC, piece by piece as on CUDA (all done on return)
+            step = self._copy_chunk(crc_chunk_bytes, host.numel())
+            pieces = []
+            for lo in range(0, host.numel(), step):
+                hi = min(lo + step, host.numel())
+                dst[lo:hi].copy_(host[lo:hi])
+                pieces.append(CopyPiece(lo, hi, chunk_crc32c(dst[lo:hi], crc_chunk_bytes), None))
+            return pieces
         with self._lock:
-            if self._is_registered(host.data_ptr(), host.numel()):
-                return self._to_device_direct(host, dst, crc_chunk_bytes)
-            return self._to_device_staged(host, dst, crc_chunk_bytes)
+            staged = not self._is_registered(host.data_ptr(), host.numel())
+            return self._queue_to_device(host, dst, crc_chunk_bytes, staged)
 
     def _copy_chunk(self, crc_chunk_bytes: int, limit: int) -> int:
         step = max(crc_chunk_bytes, self.copy_chunk_bytes // crc_chunk_bytes * crc_chunk_bytes)
         return min(step, max(crc_chunk_bytes, limit // crc_chunk_bytes * crc_chunk_bytes))
 
-    def _to_device_direct(self, host: torch.Tensor, dst: torch.Tensor,
-                          crc_chunk_bytes: int) -> torch.Tensor:
+    def _queue_to_device(self, host: torch.Tensor, dst: torch.Tensor, crc_chunk_bytes: int,
+                         staged: bool) -> list[CopyPiece]:
+        """Registered memory: every chunk's DMA is queued at once. Pageable (``staged``): the
+        host fills staging buffer k % 2 (waiting for its previous DMA) before queuing chunk k."""
         copy_stream, crc_stream = self._ensure_streams()
         current = torch.cuda.current_stream(self.device)
         copy_stream.wait_stream(current)
         crc_stream.wait_stream(current)
-        step = self._copy_chunk(crc_chunk_bytes, host.numel())
-        pieces = []
-        for lo in range(0, host.numel(), step):
-            hi = min(lo + step, host.numel())
-            with torch.cuda.stream(copy_stream):
-                dst[lo:hi].copy_(host[lo:hi], non_blocking=True)
-                done = torch.cuda.Event()
-                done.record(copy_stream)
-            crc_stream.wait_event(done)
-            with torch.cuda.stream(crc_stream):
-                pieces.append(chunk_crc32c(dst[lo:hi], crc_chunk_bytes))
-        current.wait_stream(copy_stream)
-        current.wait_stream(crc_stream)
-        return torch.cat(pieces)
-
-    def _to_device_staged(self, host: torch.Tensor, dst: torch.Tensor,
-                          crc_chunk_bytes: int) -> torch.Tensor:
-        staging = self._ensure_staging()
-        assert self._pool is not None
-        copy_stream, crc_stream = self._ensure_streams()
-        current = torch.cuda.current_stream(self.device)
-        copy_stream.wait_stream(current)
-        crc_stream.wait_stream(current)
-        step = self._copy_chunk(crc_chunk_bytes, self.staging_bytes)
-        freed = [None, None]  # event: staging buffer k's last DMA is done
+        staging = self._ensure_staging() if staged else []
+        step = self._copy_chunk(crc_chunk_bytes, self.staging_bytes if staged else host.numel())
+        freed: list[Any] = [None, None]  # staged: event when staging buffer k's DMA is done
         pieces = []
         for i, lo in enumerate(range(0, host.numel(), step)):
             hi = min(lo + step, host.numel())
-            buf = staging[i % 2][: hi - lo]
-            if freed[i % 2] is not None:
-                freed[i % 2].synchronize()
-            _parallel_copy(self._pool, buf, host[lo:hi])
+            source = host[lo:hi]
+            if staged:
+                assert self._pool is not None
+                if freed[i % 2] is not None:
+                    freed[i % 2].synchronize()
+                source = staging[i % 2][: hi - lo]
+                _parallel_copy(self._pool, source, host[lo:hi])
             with torch.cuda.stream(copy_stream):
-                dst[lo:hi].copy_(buf, non_blocking=True)
-                done = torch.cuda.Event()
-                done.record(copy_stream)
-            freed[i % 2] = done
-            crc_stream.wait_event(done)
+                dst[lo:hi].copy_(source, non_blocking=True)
+                copied = torch.cuda.Event()
+                copied.record(copy_stream)
+            freed[i % 2] = copied
+            crc_stream.wait_event(copied)
             with torch.cuda.stream(crc_stream):
-                pieces.append(chunk_crc32c(dst[lo:hi], crc_chunk_bytes))
-        current.wait_stream(copy_stream)
-        current.wait_stream(crc_stream)
-        return torch.cat(pieces)
+                crcs = chunk_crc32c(dst[lo:hi], crc_chunk_bytes)
+                done = torch.cuda.Event()
+                done.record(crc_stream)
+            pieces.append(CopyPiece(lo, hi, crcs, done))
+        return pieces
 
     # ------------------------------------------------------------------ device -> host
 

@@ -34,7 +34,7 @@ caches never move) and new block ids, so a call does only::
                                       base layer, device offsets)           9.5 us for 32 layers
     ids     --numpy min/max/set--> validated on the host (no device sync)    6.5 us for 65 ids
     out     --_check_buffer + raw views                                      4 us
-    ids     --> reusable pinned slot --async H2D--> device ids               ~10 us (guess)
+    ids     --> reusable pinned slot --async H2D--> device ids (.block_ids)  ~10 us (guess)
     one Triton launch                                                        ~10-20 us (guess)
 
 (measured on the 2-core CPU dev host; the old per-call checks took ~100 us there before the pinning
@@ -51,13 +51,13 @@ from dataclasses import dataclass
 from math import prod
 from typing import Literal, Sequence, Union
 
-import numpy as np
 import torch
 import triton
 import triton.language as tl
 
+from .block_ids import BlockIds, block_id_tensor, device_ids
+
 Layers = Union[Sequence[torch.Tensor], torch.Tensor]
-BlockIds = Union[Sequence[int], torch.Tensor]
 
 # Raw-bit view per element size: copies never go through float registers.
 _RAW_DTYPES = {1: torch.uint8, 2: torch.int16, 4: torch.int32, 8: torch.int64}
@@ -178,70 +178,6 @@ def _check_extent(layers: list[torch.Tensor], spec: KVPageSpec) -> None:
                              f"{layer.storage_offset()}) but its storage holds {storage_elems}")
 
 
-def _bad_ids_dtype(block_ids: BlockIds, dtype, shape) -> ValueError:
-    if not isinstance(block_ids, torch.Tensor):
-        try:  # name the dtype torch would have inferred, as the error always did
-            dtype = torch.as_tensor(list(block_ids)).dtype
-        except Exception:
-            pass
-    return ValueError(f"block_ids must be a 1-D integer sequence, got {dtype} shape {tuple(shape)}")
-
-
-def _check_id_values(lo: int, hi: int, n_distinct: int | None, n: int, spec: KVPageSpec) -> None:
-    if lo < 0 or hi >= spec.num_blocks:
-        bad = lo if lo < 0 else hi
-        raise ValueError(f"block id {bad} out of range: the cache has {spec.num_blocks} blocks "
-                         f"(0..{spec.num_blocks - 1})")
-    if n_distinct is not None and n_distinct != n:
-        raise ValueError("block_ids has repeats; a scatter would write one block twice in an undefined order")
-
-
-def _host_ids(block_ids: BlockIds, spec: KVPageSpec, unique: bool) -> np.ndarray | None:
-    """Validated int64 ids as a numpy array, checked on the host (no device sync).
-
-    Takes a Python sequence, a numpy array or a CPU tensor; returns None for a device tensor
-    (see :func:`_device_tensor_ids`). ~5 us for 65 ids in a list.
-    """
-    if isinstance(block_ids, torch.Tensor):
-        if block_ids.device.type != "cpu":
-            return None
-        if block_ids.ndim != 1 or block_ids.dtype.is_floating_point or block_ids.dtype.is_complex \
-                or block_ids.dtype == torch.bool:
-            raise _bad_ids_dtype(block_ids, block_ids.dtype, block_ids.shape)
-        arr = block_ids.detach().numpy()
-    else:
-        arr = np.asarray(block_ids if isinstance(block_ids, (list, tuple, np.ndarray)) else list(block_ids))
-        if arr.size == 0 and arr.ndim == 1:
-            return np.empty(0, dtype=np.int64)
-        if arr.ndim != 1 or arr.dtype.kind not in "iu":
-            raise _bad_ids_dtype(block_ids, arr.dtype, arr.shape)
-    n = arr.shape[0]
-    if n:
-        distinct = len(set(arr.tolist())) if unique else None
-        _check_id_values(int(arr.min()), int(arr.max()), distinct, n, spec)
-    return arr.astype(np.int64, copy=False)
-
-
-def _device_tensor_ids(ids: torch.Tensor, spec: KVPageSpec, unique: bool) -> torch.Tensor:
-    """Validate ids that already live on a device: one sync for min/max (pass a list to avoid it)."""
-    if ids.ndim != 1 or ids.dtype.is_floating_point or ids.dtype.is_complex or ids.dtype == torch.bool:
-        raise _bad_ids_dtype(ids, ids.dtype, ids.shape)
-    if ids.numel():
-        lo, hi = (int(v) for v in torch.stack([ids.min(), ids.max()]).tolist())  # the sync
-        distinct = torch.unique(ids).numel() if unique else None
-        _check_id_values(lo, hi, distinct, ids.numel(), spec)
-    return ids.to(dtype=torch.int64).contiguous()
-
-
-def _block_id_tensor(block_ids: BlockIds, spec: KVPageSpec, device: torch.device, unique: bool) -> torch.Tensor:
-    """Validated int64 ids on ``device`` for the references and the CPU path (the Triton path stages
-    them through :class:`_IdStager` instead)."""
-    arr = _host_ids(block_ids, spec, unique)
-    if arr is None:
-        return _device_tensor_ids(block_ids, spec, unique).to(device)
-    return torch.from_numpy(arr if arr.flags.writeable else arr.copy()).to(device)
-
-
 def _check_buffer(buf: torch.Tensor, name: str, like: torch.Tensor, shape: tuple[int, ...]) -> torch.Tensor:
     if buf.dtype != like.dtype or buf.device != like.device:
         raise ValueError(f"{name} is {buf.dtype} on {buf.device}, expected {like.dtype} on {like.device}")
@@ -256,7 +192,7 @@ def _check_buffer(buf: torch.Tensor, name: str, like: torch.Tensor, shape: tuple
 def _prepare(layers: Layers, block_ids: BlockIds, spec: KVPageSpec, unique: bool):
     layer_list = _layer_list(layers)
     _check_extent(layer_list, spec)
-    ids = _block_id_tensor(block_ids, spec, layer_list[0].device, unique)
+    ids = block_id_tensor(block_ids, spec, layer_list[0].device, unique)
     shape = (ids.numel(), len(layer_list), spec.num_halves, spec.page_elems)
     return layer_list, ids, shape
 
@@ -429,70 +365,6 @@ def _plan_for(layers: Layers, spec: KVPageSpec) -> tuple[_LayersPlan, torch.Tens
     return plan, layers[plan.base]
 
 
-# Pinned slots for block ids, used round-robin. A slot is rewritten only once the copy that last
-# read it has run (its event), so the host waits only when it is _ID_SLOTS calls ahead of the GPU.
-_ID_SLOTS = 8
-
-
-class _IdStager:
-    """Host ids -> device ids through reusable pinned slots: no pin_memory() per call, no sync.
-
-    All slots are one pinned [_ID_SLOTS, capacity] tensor, allocated on first use and reallocated
-    (twice the ids) when a call brings more ids than a slot holds. Dropping the old tensor is safe
-    while copies from it are queued: torch's pinned allocator keeps a block until its copies ran.
-    """
-
-    def __init__(self, device: torch.device) -> None:
-        self.device = device
-        self.rows: list[torch.Tensor] = []
-        self.rows_np: list[np.ndarray] = []
-        self.events: list[torch.cuda.Event | None] = []
-        self.next = 0
-        self.lock = threading.Lock()
-
-    def _grow(self, n: int) -> None:
-        host = torch.empty((_ID_SLOTS, max(1024, triton.next_power_of_2(n))), dtype=torch.int64, pin_memory=True)
-        self.rows = list(host.unbind(0))
-        self.rows_np = list(host.numpy())
-        self.events = [None] * _ID_SLOTS
-
-    def to_device(self, ids: np.ndarray) -> torch.Tensor:
-        n = ids.shape[0]
-        out = torch.empty(n, dtype=torch.int64, device=self.device)
-        if n == 0:
-            return out
-        with self.lock:
-            if not self.rows or self.rows[0].shape[0] < n:
-                self._grow(n)
-            i = self.next
-            self.next = (i + 1) % _ID_SLOTS
-            event = self.events[i]
-            if event is None:
-                event = self.events[i] = torch.cuda.Event()
-            elif not event.query():
-                event.synchronize()  # the GPU is _ID_SLOTS calls behind: wait for this slot only
-            self.rows_np[i][:n] = ids
-            out.copy_(self.rows[i][:n], non_blocking=True)
-            event.record(torch.cuda.current_stream(self.device))
-        return out
-
-
-_STAGERS: dict[torch.device, _IdStager] = {}
-
-
-def _device_ids(block_ids: BlockIds, spec: KVPageSpec, device: torch.device, unique: bool) -> torch.Tensor:
-    """Validated int64 block ids on ``device`` for the Triton path."""
-    arr = _host_ids(block_ids, spec, unique)
-    if arr is None:
-        return _device_tensor_ids(block_ids, spec, unique).to(device)
-    if device.type != "cuda":  # the interpreter (tests) runs on CPU tensors
-        return torch.from_numpy(arr if arr.flags.writeable else arr.copy())
-    stager = _STAGERS.get(device)
-    if stager is None:
-        stager = _STAGERS.setdefault(device, _IdStager(device))
-    return stager.to_device(arr)
-
-
 def _launch(plan: _LayersPlan, base: torch.Tensor, ids: torch.Tensor, buf: torch.Tensor, spec: KVPageSpec,
             to_buf: bool, block: int | None = None, num_warps: int = DEFAULT_NUM_WARPS) -> None:
     if ids.numel() == 0:
@@ -514,7 +386,7 @@ def _launch(plan: _LayersPlan, base: torch.Tensor, ids: torch.Tensor, buf: torch
 def _kv_gather_triton(layers: Layers, block_ids: BlockIds, spec: KVPageSpec, out: torch.Tensor | None = None,
                       **tile) -> torch.Tensor:
     plan, base = _plan_for(layers, spec)
-    ids = _device_ids(block_ids, spec, plan.device, unique=False)
+    ids = device_ids(block_ids, spec, plan.device, unique=False)
     shape = (ids.shape[0], plan.n_layers, spec.num_halves, spec.page_elems)
     out = torch.empty(shape, dtype=base.dtype, device=plan.device) if out is None else \
         _check_buffer(out, "out", base, shape)
@@ -524,7 +396,7 @@ def _kv_gather_triton(layers: Layers, block_ids: BlockIds, spec: KVPageSpec, out
 
 def _kv_scatter_triton(src: torch.Tensor, layers: Layers, block_ids: BlockIds, spec: KVPageSpec, **tile) -> None:
     plan, base = _plan_for(layers, spec)
-    ids = _device_ids(block_ids, spec, plan.device, unique=True)
+    ids = device_ids(block_ids, spec, plan.device, unique=True)
     src = _check_buffer(src, "src", base, (ids.shape[0], plan.n_layers, spec.num_halves, spec.page_elems))
     _launch(plan, base, ids, src, spec, to_buf=False, **tile)
 

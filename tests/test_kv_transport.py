@@ -1,0 +1,196 @@
+"""KVTransport and StreamScheduler on their own: paged KV <-> snapshot, chunk by chunk.
+
+The connector tests drive the same code inside vLLM; these pin down the data path's edges with
+small caches: sub-ranges that do not start on a chunk, many copy pieces, a corrupted chunk in
+the middle (nothing from it or after it reaches the cache), the wrong namespace (nothing at all
+reaches it). CPU always; CUDA (registered and pageable host memory) when a GPU is present.
+"""
+
+from __future__ import annotations
+
+import random
+
+import pytest
+import torch
+
+from thaw_agents_core.file_store import FileStore
+from thaw_agents_core.kv_transport import KVTransport
+from thaw_agents_core.shm_store import ShmStore
+from thaw_agents_core.snapshot_format import Namespace, SnapshotChecksumError, SnapshotMismatchError
+from thaw_agents_core.stream_scheduler import StreamScheduler
+from thaw_kernels import chunk_crc32c_reference
+
+LAYERS, BLOCKS, BLOCK_SIZE, KV_HEADS, HEAD_DIM = 3, 24, 4, 2, 8
+POISON = -12345.0
+
+DEVICES = ["cpu", pytest.param("cuda", marks=[pytest.mark.gpu, pytest.mark.skipif(
+    not torch.cuda.is_available(), reason="needs a CUDA device")])]
+
+
+def make_layers(device: str) -> list[torch.Tensor]:
+    """Random float32 caches in the engine's layout for ``device`` (vLLM-CPU or FlashAttention)."""
+    shape = ((BLOCKS, KV_HEADS, BLOCK_SIZE, 2 * HEAD_DIM) if device == "cpu"
+             else (2, BLOCKS, BLOCK_SIZE, KV_HEADS, HEAD_DIM))
+    return [torch.randn(shape, device=device) for _ in range(LAYERS)]
+
+
+def namespace(device: str, model: str = "tiny") -> Namespace:
+    return Namespace(model, "", "float32", "auto", "cpu" if device == "cpu" else "cuda",
+                     BLOCK_SIZE, LAYERS, (BLOCK_SIZE, KV_HEADS, HEAD_DIM), "test")
+
+
+def block(layers: list[torch.Tensor], b: int) -> torch.Tensor:
+    """Every layer's KV of block ``b``, stacked."""
+    return torch.stack([t[b] if t.shape[0] == BLOCKS else t[:, b] for t in layers])
+
+
+def poison(layers: list[torch.Tensor], block_ids: list[int]) -> None:
+    for t in layers:
+        if t.shape[0] == BLOCKS:
+            t[block_ids] = POISON
+        else:
+            t[:, block_ids] = POISON
+
+
+@pytest.fixture(params=["file", "shm"])
+def store(request, tmp_path):
+    if request.param == "file":
+        s = FileStore(tmp_path / "store")
+    else:
+        s = ShmStore(f"test-kvt-{random.getrandbits(32):08x}", 16 << 20, create=True)
+    yield s
+    s.close()
+
+
+@pytest.fixture
+def transport_for():
+    """Make transports whose snapshots have ``blocks_per_chunk``-block chunks, copied
+    ``copy_chunks`` chunks at a time (several pieces even for these small caches). Their
+    copiers are closed (the arena unregistered from CUDA) before the store goes away."""
+    made: list[KVTransport] = []
+
+    def make(device: str, store, layers, *, blocks_per_chunk: int = 2, copy_chunks: int = 2,
+             model: str = "tiny") -> KVTransport:
+        t = KVTransport(layers, namespace(device, model), store, StreamScheduler(torch.device(device)))
+        made.append(t)
+        t.blocks_per_chunk = blocks_per_chunk
+        t.copier.copy_chunk_bytes = copy_chunks * blocks_per_chunk * t.block_bytes
+        if hasattr(store, "arena_view"):
+            t.copier.register_host(store.arena_view())
+        return t
+
+    yield make
+    for t in made:
+        t.copier.close()
+
+
+def count_copies(t: KVTransport) -> list:
+    """Record each copy a transport starts (spans), for asserting on the speculative copy."""
+    calls: list = []
+    start = t._start_copy
+    t._start_copy = lambda payload, span: calls.append(span) or start(payload, span)
+    return calls
+
+
+def tokens(num_blocks: int, seed: int = 0) -> list[int]:
+    rng = random.Random(seed)
+    return [rng.randrange(3, 250) for _ in range(num_blocks * BLOCK_SIZE)]
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("first_block,end_block", [(0, 9), (3, 9), (1, 2), (5, 6), (0, 1)])
+def test_load_writes_exactly_the_requested_blocks(device, store, transport_for, first_block, end_block):
+    layers = make_layers(device)
+    t = transport_for(device, store, layers)
+    src = [7, 2, 11, 0, 19, 4, 13, 21, 9]  # 9 blocks: 5 chunks of 2 (the last of 1), 3 pieces
+    ref, stats = t.save(tokens(len(src)), src)
+    assert stats.num_blocks == 9
+    expected = {b: block(layers, b).clone() for b in src}
+    dst = [5, 6, 8, 10, 12, 14, 15, 16, 17][: end_block - first_block]
+    poison(layers, [5, 6, 8, 10, 12, 14, 15, 16, 17])
+    copies = count_copies(t)
+    t.load(ref, first_block, end_block, dst)
+    assert len(copies) == 1  # started from the prefix, before the header was parsed
+    for i, b in enumerate(dst):
+        assert torch.equal(block(layers, b), expected[src[first_block + i]])
+    for b in {5, 6, 8, 10, 12, 14, 15, 16, 17} - set(dst):
+        assert bool((block(layers, b) == POISON).all())
+    for b in src:  # the sources are untouched
+        assert torch.equal(block(layers, b), expected[b])
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_corrupt_chunk_stops_the_load_at_that_chunk(device, tmp_path, transport_for):
+    store = FileStore(tmp_path / "store")
+    layers = make_layers(device)
+    t = transport_for(device, store, layers, copy_chunks=1)  # one piece per chunk
+    src = list(range(8))  # chunks: blocks 0-1, 2-3, 4-5, 6-7
+    ref, _ = t.save(tokens(8, seed=1), src)
+    path = store.path_of(ref)
+    with store.open(ref) as view:
+        offset = view.payload_offset + 2 * t.blocks_per_chunk * t.block_bytes + 5  # in chunk 2
+    data = bytearray(open(path, "rb").read())
+    data[offset] ^= 0x01
+    open(path, "wb").write(bytes(data))
+    dst = list(range(8, 16))
+    poison(layers, dst)
+    with pytest.raises(SnapshotChecksumError) as err:
+        t.load(ref, 0, 8, dst)
+    assert err.value.bad_chunks == [2]
+    for b in dst[4:]:  # the bad chunk and every block after it: never written
+        assert bool((block(layers, b) == POISON).all())
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_snapshot_of_other_chunk_geometry_is_copied_again(device, store, transport_for):
+    """The loader starts copying assuming its own chunk size; the header says otherwise."""
+    layers = make_layers(device)
+    ref, _ = transport_for(device, store, layers, blocks_per_chunk=3).save(tokens(7), list(range(7)))
+    expected = [block(layers, b).clone() for b in range(7)]
+    loader = transport_for(device, store, layers, blocks_per_chunk=2)
+    dst = list(range(10, 15))
+    poison(layers, dst)
+    copies = count_copies(loader)
+    loader.load(ref, 2, 7, dst)
+    assert len(copies) == 2  # the guess (2-block chunks), then the header's 3-block chunks
+    for i, b in enumerate(dst):
+        assert torch.equal(block(layers, b), expected[2 + i])
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_other_namespace_is_refused_before_any_write(device, tmp_path, transport_for):
+    store = FileStore(tmp_path / "store")
+    layers = make_layers(device)
+    ref, _ = transport_for(device, store, layers).save(tokens(4), [0, 1, 2, 3])
+    other = transport_for(device, store, layers, model="other")
+    poison(layers, [4, 5, 6, 7])
+    with pytest.raises(SnapshotMismatchError):
+        other.load(ref, 0, 4, [4, 5, 6, 7])
+    for b in [4, 5, 6, 7]:
+        assert bool((block(layers, b) == POISON).all())
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("registered", [True, False])
+def test_stream_scheduler_round_trip(device, registered):
+    if device == "cpu" and not registered:
+        pytest.skip("registration is a CUDA notion")
+    crc_chunk = 4096
+    copier = StreamScheduler(torch.device(device), copy_chunk_bytes=3 * crc_chunk,
+                             staging_bytes=2 * crc_chunk)
+    host = torch.randint(0, 256, (10 * crc_chunk + 100,), dtype=torch.uint8)
+    if registered:
+        copier.register_host(host)
+    expected = chunk_crc32c_reference(host, crc_chunk).tolist()
+    dst = torch.full((host.numel(),), 0xA5, dtype=torch.uint8, device=device)
+    pieces = copier.to_device_pieces(host, dst, crc_chunk)
+    assert [(p.lo, p.hi) for p in pieces][:2] == [(0, 3 * crc_chunk), (3 * crc_chunk, 6 * crc_chunk)]
+    assert sum((p.wait() for p in pieces), []) == expected
+    assert torch.equal(dst.cpu(), host)
+    assert copier.to_device(host, dst, crc_chunk).tolist() == expected
+    back = torch.zeros_like(host)
+    if registered:
+        copier.register_host(back)
+    assert copier.to_host(dst, back, crc_chunk) == expected
+    assert torch.equal(back, host)
+    copier.close()
