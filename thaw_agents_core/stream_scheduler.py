@@ -22,6 +22,7 @@ are whole multiples of them so a checksum never straddles two copies.
 from __future__ import annotations
 
 import threading
+import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Any
@@ -49,6 +50,56 @@ def as_uint8_tensor(buffer: Any) -> torch.Tensor:
             warnings.simplefilter("ignore", UserWarning)
             return torch.from_numpy(np.frombuffer(view, dtype=np.uint8))
     return torch.frombuffer(view, dtype=torch.uint8)
+
+
+class _PinnedRanges:
+    """Host ranges registered with CUDA in this process, shared by every StreamScheduler
+    (CUDA refuses to register a range twice), released when their last user lets go.
+
+    A range must be unregistered before its memory is unmapped: DMA from a registered
+    address range keeps using the pages pinned at registration.
+    """
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._ranges: dict[int, list[int]] = {}  # start -> [end, users]
+
+    def covers(self, start: int, nbytes: int) -> bool:
+        with self._lock:
+            return any(lo <= start and start + nbytes <= end for lo, (end, _) in self._ranges.items())
+
+    def acquire(self, start: int, nbytes: int) -> float:
+        """Register [start, start + nbytes) unless it already is; the seconds it took."""
+        with self._lock:
+            held = self._ranges.get(start)
+            if held is not None and held[0] == start + nbytes:
+                held[1] += 1
+                return 0.0
+            overlaps = [(lo, end) for lo, (end, _) in self._ranges.items()
+                        if lo < start + nbytes and start < end]
+            if overlaps:
+                raise RuntimeError(f"host range [{start:#x}, {start + nbytes:#x}) overlaps ranges "
+                                   f"already registered with CUDA: {overlaps}")
+            began = time.perf_counter()
+            err = int(torch.cuda.cudart().cudaHostRegister(start, nbytes, 0))
+            if err != 0:
+                raise RuntimeError(f"cudaHostRegister of {nbytes} bytes at {start:#x} failed: "
+                                   f"CUDA error {err}")
+            self._ranges[start] = [start + nbytes, 1]
+            return time.perf_counter() - began
+
+    def release(self, start: int) -> None:
+        with self._lock:
+            held = self._ranges.get(start)
+            if held is None:
+                return
+            held[1] -= 1
+            if held[1] == 0:
+                del self._ranges[start]
+                torch.cuda.cudart().cudaHostUnregister(start)
+
+
+_PINNED = _PinnedRanges()
 
 
 @dataclass(slots=True)
@@ -80,7 +131,7 @@ class StreamScheduler:
     device: torch.device
     copy_chunk_bytes: int = DEFAULT_COPY_CHUNK_BYTES
     staging_bytes: int = DEFAULT_STAGING_BYTES
-    _registered: list[tuple[int, int]] = field(default_factory=list, init=False)
+    _registered: list[int] = field(default_factory=list, init=False)  # starts it acquired
     _staging: list[torch.Tensor] = field(default_factory=list, init=False)
     _streams: tuple[Any, Any] | None = field(default=None, init=False)
     _pool: ThreadPoolExecutor | None = field(default=None, init=False)
@@ -96,32 +147,23 @@ class StreamScheduler:
         """Pin a long-lived host segment once (cudaHostRegister); returns the seconds it took.
 
         Registration costs ~0.74 s per GiB on the H100 host, so it is done once per process
-        for the shared-memory arena, never per snapshot. No-op on CPU.
+        for the shared-memory arena, never per snapshot (schedulers share registrations).
+        Call :meth:`close` before the segment is unmapped. No-op on CPU.
         """
         if not self.is_cuda:
             return 0.0
-        import time
-
         tensor = as_uint8_tensor(buffer)
-        start = tensor.data_ptr()
-        if self._is_registered(start, tensor.numel()):
-            return 0.0
-        began = time.perf_counter()
-        err = torch.cuda.cudart().cudaHostRegister(start, tensor.numel(), 0)
-        if int(err) != 0:
-            raise RuntimeError(f"cudaHostRegister of {tensor.numel()} bytes failed: error {err}")
-        self._registered.append((start, start + tensor.numel()))
-        return time.perf_counter() - began
+        seconds = _PINNED.acquire(tensor.data_ptr(), tensor.numel())
+        self._registered.append(tensor.data_ptr())
+        return seconds
 
     def unregister_all(self) -> None:
-        if not self.is_cuda:
-            return
-        for start, _ in self._registered:
-            torch.cuda.cudart().cudaHostUnregister(start)
+        for start in self._registered:
+            _PINNED.release(start)
         self._registered.clear()
 
     def _is_registered(self, start: int, nbytes: int) -> bool:
-        return any(lo <= start and start + nbytes <= hi for lo, hi in self._registered)
+        return _PINNED.covers(start, nbytes)
 
     def _ensure_streams(self) -> tuple[Any, Any]:
         if self._streams is None:
