@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-
 import pytest
 
 from thaw_agents_core.compat import configure_vllm_environment
@@ -48,3 +47,4 @@ def _close_engines_at_end():
     from thaw_agents_core.engine import close_all_engines
 
     close_all_engines()
+

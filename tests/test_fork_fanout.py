@@ -16,7 +16,6 @@ from __future__ import annotations
 import asyncio
 import json
 import os
-import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -32,6 +31,7 @@ from thaw_agents_core.shm_store import ShmStore
 HERE = Path(__file__).parent
 sys.path.insert(0, str(HERE))
 from fanout_procs import BLOCK, PREFIX_TEXT, SUFFIXES, Reference, chat_model, running  # noqa: E402,E501
+from moto_s3 import moto_s3  # noqa: E402
 
 pytestmark = pytest.mark.slow  # engines: ~40 s to start the parent and its pool
 
@@ -254,32 +254,9 @@ BUCKET = "thaw-handles"
 
 @pytest.fixture(scope="module")
 def s3_endpoint():
-    """moto's S3 server on a free loopback port; credentials and endpoint in the environment
-    (inherited by the hydrating processes)."""
-    moto_server = pytest.importorskip("moto.server")
-    from thaw_agents_core.s3 import make_client
-
-    names = ["AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_DEFAULT_REGION",
-             "AWS_ENDPOINT_URL", "AWS_ENDPOINT_URL_S3", "AWS_SESSION_TOKEN"]
-    saved = {name: os.environ.get(name) for name in names}
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        port = sock.getsockname()[1]
-    server = moto_server.ThreadedMotoServer(ip_address="127.0.0.1", port=port, verbose=False)
-    server.start()
-    url = f"http://127.0.0.1:{port}"
-    os.environ.update(AWS_ACCESS_KEY_ID="testing", AWS_SECRET_ACCESS_KEY="testing",
-                      AWS_DEFAULT_REGION="us-east-1", AWS_ENDPOINT_URL=url)
-    os.environ.pop("AWS_ENDPOINT_URL_S3", None)
-    os.environ.pop("AWS_SESSION_TOKEN", None)
-    make_client().create_bucket(Bucket=BUCKET)
-    yield url
-    server.stop()
-    for name, value in saved.items():
-        if value is None:
-            os.environ.pop(name, None)
-        else:
-            os.environ[name] = value
+    """The endpoint is in the environment: the hydrating processes inherit it."""
+    with moto_s3(BUCKET, endpoint_in_env=True) as url:
+        yield url
 
 
 def _hydrate(src: str, store: str) -> subprocess.Popen:

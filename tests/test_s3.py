@@ -3,12 +3,12 @@
 from __future__ import annotations
 
 import os
-import socket
 
 import pytest
+from moto_s3 import moto_s3
 
 pytest.importorskip("boto3")
-moto_server = pytest.importorskip("moto.server")
+pytest.importorskip("moto.server")
 
 from thaw_agents_core.s3 import download_snapshot, make_client, parse_s3_url, upload_snapshot  # noqa: E402
 from thaw_agents_core.snapshot_format import (  # noqa: E402
@@ -31,25 +31,8 @@ def snapshot(num_blocks: int, block_bytes: int = 64, **kw) -> bytearray:
 
 @pytest.fixture(scope="module")
 def endpoint():
-    env = {"AWS_ACCESS_KEY_ID": "testing", "AWS_SECRET_ACCESS_KEY": "testing", "AWS_DEFAULT_REGION": "us-east-1"}
-    saved = {k: os.environ.get(k) for k in [*env, "AWS_ENDPOINT_URL", "AWS_ENDPOINT_URL_S3", "AWS_SESSION_TOKEN"]}
-    os.environ.update(env)
-    for k in ("AWS_ENDPOINT_URL", "AWS_ENDPOINT_URL_S3", "AWS_SESSION_TOKEN"):
-        os.environ.pop(k, None)
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        port = sock.getsockname()[1]
-    server = moto_server.ThreadedMotoServer(ip_address="127.0.0.1", port=port, verbose=False)
-    server.start()
-    url = f"http://127.0.0.1:{port}"
-    make_client(url).create_bucket(Bucket=BUCKET)
-    yield url
-    server.stop()
-    for k, v in saved.items():
-        if v is None:
-            os.environ.pop(k, None)
-        else:
-            os.environ[k] = v
+    with moto_s3(BUCKET, endpoint_in_env=False) as url:  # clients get it explicitly
+        yield url
 
 
 @pytest.fixture
