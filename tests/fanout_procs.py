@@ -26,6 +26,9 @@ import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+from typing import Any
 
 MAX_MODEL_LEN = 4096
 KV_CACHE_BYTES = 256 << 20
@@ -45,6 +48,18 @@ def chat_model(store: str, **overrides):
                     max_model_len=MAX_MODEL_LEN,
                     engine_kwargs={"kv_cache_memory_bytes": KV_CACHE_BYTES}, kv_store=store)
     return ChatThaw(**{**settings, **overrides})
+
+
+@contextmanager
+def parent_model(store_name: str, **overrides) -> Iterator[Any]:
+    """The tests' parent ChatThaw on a fresh shared-memory store; once it is closed, the store
+    must be gone from /dev/shm."""
+    model = chat_model(f"shm://{store_name}?capacity=256MiB", **overrides)
+    try:
+        yield model
+    finally:
+        model.close()
+    assert not os.path.exists(f"/dev/shm/thaw-{store_name}"), "the parent's store leaked"
 
 
 def running(pid: int) -> bool:

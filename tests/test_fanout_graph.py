@@ -34,7 +34,7 @@ from thaw_agents.snapshots import render_prefix
 
 HERE = Path(__file__).parent
 sys.path.insert(0, str(HERE))
-from fanout_procs import BLOCK, PREFIX_TEXT, SUFFIXES, chat_model, running  # noqa: E402
+from fanout_procs import BLOCK, PREFIX_TEXT, SUFFIXES, parent_model, running  # noqa: E402
 
 pytestmark = pytest.mark.slow  # engines: ~40 s to start the parent and its pool
 
@@ -61,10 +61,8 @@ def join(state: State) -> dict[str, Any]:
 
 @pytest.fixture(scope="module")
 def llm():
-    model = chat_model(f"shm://{STORE}?capacity=256MiB")
-    yield model
-    model.close()
-    assert not os.path.exists(f"/dev/shm/thaw-{STORE}"), "the parent's store leaked"
+    with parent_model(STORE) as model:
+        yield model
 
 
 @pytest.fixture(scope="module")

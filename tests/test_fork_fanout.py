@@ -30,7 +30,7 @@ from thaw_agents_core.shm_store import ShmStore
 
 HERE = Path(__file__).parent
 sys.path.insert(0, str(HERE))
-from fanout_procs import BLOCK, PREFIX_TEXT, SUFFIXES, Reference, chat_model, running  # noqa: E402,E501
+from fanout_procs import BLOCK, PREFIX_TEXT, SUFFIXES, Reference, parent_model, running  # noqa: E402,E501
 from moto_s3 import moto_s3  # noqa: E402
 
 pytestmark = pytest.mark.slow  # engines: ~40 s to start the parent and its pool
@@ -57,10 +57,8 @@ def events_path(tmp_path_factory) -> Path:
 
 @pytest.fixture(scope="module")
 def llm(events_path):
-    model = chat_model(f"shm://{STORE}?capacity=256MiB", kv_events_path=str(events_path))
-    yield model
-    model.close()
-    assert not os.path.exists(f"/dev/shm/thaw-{STORE}"), "the parent's store leaked"
+    with parent_model(STORE, kv_events_path=str(events_path)) as model:
+        yield model
 
 
 @pytest.fixture(scope="module")

@@ -33,7 +33,7 @@ from thaw_agents_core.shm_store import ShmStore
 
 HERE = Path(__file__).parent
 sys.path.insert(0, str(HERE))
-from fanout_procs import BLOCK, PREFIX_TEXT, SUFFIXES, chat_model, running  # noqa: E402
+from fanout_procs import BLOCK, PREFIX_TEXT, SUFFIXES, parent_model, running  # noqa: E402
 
 STORE = f"pool-{os.getpid()}"
 PREFIX = [SystemMessage(PREFIX_TEXT)]
@@ -108,10 +108,8 @@ async def _wait_for(condition, timeout_s: float, what: str) -> None:
 
 @pytest.fixture(scope="module")
 def llm():
-    model = chat_model(f"shm://{STORE}?capacity=256MiB")
-    yield model
-    model.close()
-    assert not os.path.exists(f"/dev/shm/thaw-{STORE}"), "the parent's store leaked"
+    with parent_model(STORE) as model:
+        yield model
 
 
 @pytest.fixture(scope="module")
