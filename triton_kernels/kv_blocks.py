@@ -31,15 +31,17 @@ Per-call host cost (CUDA). One engine calls gather/scatter many times with the s
 caches never move) and new block ids, so a call does only::
 
     layers  --data_ptrs + identity--> cached _LayersPlan (checked once: shapes, extent, alignment,
-                                      base layer, device offsets)           9.5 us for 32 layers
-    ids     --numpy min/max/set--> validated on the host (no device sync)    6.5 us for 65 ids
-    out     --_check_buffer + raw views                                      4 us
-    ids     --> reusable pinned slot --async H2D--> device ids (.block_ids)  ~10 us (guess)
-    one Triton launch                                                        ~10-20 us (guess)
+                                      base layer, device offsets)
+    ids     --numpy min/max/set--> validated on the host (no device sync)
+    ids     --> reusable pinned slot --async H2D--> device ids (.block_ids)
+    out     --_check_buffer + raw views
+    one launch of the already compiled kernel (CompiledKernel[grid], see _COMPILED)
 
-(measured on the 2-core CPU dev host; the old per-call checks took ~100 us there before the pinning
-and the launch). The first H100 run (triton 3.6) timed that old path at 0.29 ms for a 136 MB gather
-whose kernel needs ~0.1 ms.
+benchmarks/kv_host_cost.py times each step on the H100 host (results/kv_host_cost_h100.json).
+benchmarks/kernels.py's host column for one public call at 136 MB: 131 / 168 us (gather /
+scatter) with JITFunction.run for every launch (run 3), 90 / 116 us with the compiled-kernel
+relaunch (run 4); the kernel itself takes ~100 us, so back-to-back calls are no longer
+host-bound (scatter went from 0.79 to 0.94 of a device-to-device copy).
 """
 
 from __future__ import annotations
@@ -49,7 +51,7 @@ import weakref
 from collections import OrderedDict
 from dataclasses import dataclass
 from math import prod
-from typing import Literal, Sequence, Union
+from typing import Any, Literal, Sequence, Union
 
 import torch
 import triton
@@ -365,6 +367,13 @@ def _plan_for(layers: Layers, spec: KVPageSpec) -> tuple[_LayersPlan, torch.Tens
     return plan, layers[plan.base]
 
 
+# Compiled kernels by everything Triton specialises a launch on, and more: exact int arguments
+# (fixed for one layers plan), each pointer's address mod 16, dtypes, constexprs, warps.
+# Relaunching one through CompiledKernel[grid] skips JITFunction.run's per-call argument binding
+# and cache lookup (~40 us per call on the H100 host, see the module docstring).
+_COMPILED: dict[tuple, Any] = {}
+
+
 def _launch(plan: _LayersPlan, base: torch.Tensor, ids: torch.Tensor, buf: torch.Tensor, spec: KVPageSpec,
             to_buf: bool, block: int | None = None, num_warps: int = DEFAULT_NUM_WARPS) -> None:
     if ids.numel() == 0:
@@ -375,12 +384,20 @@ def _launch(plan: _LayersPlan, base: torch.Tensor, ids: torch.Tensor, buf: torch
     if block is None:
         block = DEFAULT_BLOCK_BYTES // elem
     block = min(block, triton.next_power_of_2(spec.page_elems))
-    grid = (buf.shape[0] * buf.shape[1] * buf.shape[2], triton.cdiv(spec.page_elems, block))
-    _kv_pages_kernel[grid](
-        base.view(raw), plan.offs, ids, buf.view(raw), plan.n_layers,
-        spec.page_elems // align, spec.block_stride // align, spec.half_stride // align,
-        NUM_HALVES=spec.num_halves, ALIGN=align, BLOCK=block, EVEN=spec.page_elems % block == 0,
-        TO_BUF=to_buf, num_warps=num_warps)
+    grid = (buf.shape[0] * buf.shape[1] * buf.shape[2], triton.cdiv(spec.page_elems, block), 1)
+    args = (base.view(raw), plan.offs, ids, buf.view(raw), plan.n_layers,
+            spec.page_elems // align, spec.block_stride // align, spec.half_stride // align)
+    consts = (spec.num_halves, align, block, spec.page_elems % block == 0, to_buf)
+    key = (base.device, raw, consts, num_warps, args[4:], tuple(t.data_ptr() % 16 for t in args[:4]))
+    compiled = _COMPILED.get(key)
+    if compiled is not None:
+        compiled[grid](*args, *consts, stream=torch.cuda.current_stream(base.device).cuda_stream)
+        return
+    compiled = _kv_pages_kernel[grid](
+        *args, NUM_HALVES=consts[0], ALIGN=align, BLOCK=block, EVEN=consts[3], TO_BUF=to_buf,
+        num_warps=num_warps)
+    if base.is_cuda and hasattr(compiled, "packed_metadata"):  # not under the interpreter
+        _COMPILED[key] = compiled
 
 
 def _kv_gather_triton(layers: Layers, block_ids: BlockIds, spec: KVPageSpec, out: torch.Tensor | None = None,
