@@ -65,7 +65,7 @@ async def cpu_rounds(rounds: int, workers: int) -> dict:
     from thaw_agents import ChatThaw, fork_fanout
     from thaw_agents.fanout import branch_prompt
     from thaw_agents.snapshots import render_prefix
-    from thaw_agents_core.sampling import GenerationOptions
+    from thaw_agents_core.engine.sampling import GenerationOptions
 
     llm = ChatThaw(temperature=0.0, max_tokens=16, max_model_len=4096, kv_store="auto")
     began = time.perf_counter()
@@ -119,9 +119,10 @@ async def cpu_rounds(rounds: int, workers: int) -> dict:
 
 
 def gpu_spec(graphs: bool, store: str, smoke: bool = False):
-    from thaw_agents_core.connector import kv_transfer_config
-    from thaw_agents_core.engine import EngineSpec
-    from thaw_agents_core.models import llama_8b_shaped_path, tiny_model_path
+    from thaw_agents_core.connector.facade import kv_transfer_config
+    from thaw_agents_core.engine.engine import EngineSpec
+    from thaw_agents_core.engine.models import tiny_model_path
+    from thaw_agents_core.testing import llama_8b_shaped_path
 
     if smoke:  # the same code path on a CPU machine, with the tiny model
         return EngineSpec.create(str(tiny_model_path()), dtype="float32", max_model_len=4096,
@@ -135,11 +136,11 @@ def gpu_spec(graphs: bool, store: str, smoke: bool = False):
 
 
 async def gpu_rounds(rounds: int, graphs: bool, with_pool: bool, smoke: bool = False) -> dict:
-    from thaw_agents_core import forking
-    from thaw_agents_core.engine import Engine
-    from thaw_agents_core.forking import Branch
-    from thaw_agents_core.pool import ForkPool
-    from thaw_agents_core.sampling import GenerationOptions, to_sampling_params
+    from thaw_agents_core.engine.engine import Engine
+    from thaw_agents_core.engine.sampling import GenerationOptions, to_sampling_params
+    from thaw_agents_core.fork import branches as forking
+    from thaw_agents_core.fork.branches import Branch
+    from thaw_agents_core.pool.fork_pool import ForkPool
 
     prefix_len, vocab = (2048, (3, 259)) if smoke else (8192, (1000, 120000))
     store = f"shm://fanout-bench-{os.getpid()}?capacity={(rounds + 2) * 1100}MiB"
@@ -233,7 +234,7 @@ def main() -> int:
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--workers", type=int, default=2)
     args = parser.parse_args()
-    from thaw_agents_core.compat import configure_vllm_environment
+    from thaw_agents_core.util.compat import configure_vllm_environment
 
     configure_vllm_environment()
     result: dict = {"machine": machine()}

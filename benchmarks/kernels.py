@@ -60,8 +60,14 @@ from pathlib import Path
 import torch
 import triton
 
-from thaw_kernels import (chunk_crc32c, chunk_crc32c_reference, kv_gather, kv_gather_reference, kv_scatter,
-                          page_spec_for)
+from thaw_kernels import (
+    chunk_crc32c,
+    chunk_crc32c_reference,
+    kv_gather,
+    kv_gather_reference,
+    kv_scatter,
+    page_spec_for,
+)
 from thaw_kernels import crc32c as crc_mod
 from thaw_kernels import kv_blocks as kv_mod
 

@@ -73,7 +73,7 @@ def machine() -> dict:
 
 
 def make_store(name: str, capacity: int):
-    from thaw_agents_core.shm_store import ShmStore
+    from thaw_agents_core.store.shm import ShmStore
 
     free = shutil.disk_usage("/dev/shm").free
     if free < capacity + (256 << 20):
@@ -88,9 +88,9 @@ def make_store(name: str, capacity: int):
 
 
 def bench_data_path(reps: int) -> dict:
-    from thaw_agents_core.kv_transport import KVTransport
-    from thaw_agents_core.snapshot_format import Namespace
-    from thaw_agents_core.stream_scheduler import StreamScheduler
+    from thaw_agents_core.snapshot.format import Namespace
+    from thaw_agents_core.transport.kv import KVTransport
+    from thaw_agents_core.transport.stream_scheduler import StreamScheduler
 
     device = torch.device("cpu" if SMOKE else "cuda")
     num_blocks = 2048 if not SMOKE else 64
@@ -152,7 +152,7 @@ def phase_breakdown(transport, ref, src_ids: list[int], dst_ids: list[int], reps
     The raw copies between the arena (or a fresh pinned tensor) and the device are the
     ceiling the load and save paths are measured against.
     """
-    from thaw_agents_core.stream_scheduler import as_uint8_tensor
+    from thaw_agents_core.transport.stream_scheduler import as_uint8_tensor
     from thaw_kernels import kv_gather, kv_scatter
 
     store, copier, layers, spec = transport.store, transport.copier, transport.layers, transport.spec
@@ -209,8 +209,9 @@ def engine(store_url: str | None, events: str | None):
     from vllm import LLM
     from vllm.config import KVTransferConfig
 
-    from thaw_agents_core.connector import kv_transfer_config
-    from thaw_agents_core.models import llama_8b_shaped_path, tiny_model_path
+    from thaw_agents_core.connector.facade import kv_transfer_config
+    from thaw_agents_core.engine.models import tiny_model_path
+    from thaw_agents_core.testing import llama_8b_shaped_path
 
     kwargs = {}
     if store_url:

@@ -45,7 +45,7 @@ def timed(fn, reps: int = REPS) -> list[float]:
 
 
 def main() -> int:
-    from thaw_agents_core.stream_scheduler import StreamScheduler
+    from thaw_agents_core.transport.stream_scheduler import StreamScheduler
 
     if not torch.cuda.is_available():
         print("stream_scheduler: needs a CUDA GPU", file=sys.stderr)

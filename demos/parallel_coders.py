@@ -18,7 +18,7 @@ import time
 from langchain_core.messages import HumanMessage, SystemMessage
 
 from thaw_agents import ChatThaw, fork_fanout
-from thaw_agents_core import wire
+from thaw_agents_core.pool import wire
 
 TASKS = {
     "docstring": "Write a better docstring for FrameBuffer.feed. Reply with the docstring only.",

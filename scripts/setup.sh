@@ -37,6 +37,6 @@ if [ ! -f "$STAMP" ]; then
 fi
 
 echo "== embedded model (SmolLM2-135M-Instruct; downloaded and converted on first run)"
-"$VENV/bin/python" -m thaw_agents_core.models embedded >/dev/null
-"$VENV/bin/python" -m thaw_agents_core.models tiny >/dev/null
+"$VENV/bin/python" -m thaw_agents_core.engine.models embedded >/dev/null
+"$VENV/bin/python" -m thaw_agents_core.engine.models tiny >/dev/null
 echo "== ready: $VENV"

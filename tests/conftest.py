@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from thaw_agents_core.compat import configure_vllm_environment
+from thaw_agents_core.util.compat import configure_vllm_environment
 
 configure_vllm_environment()
 
@@ -12,7 +12,7 @@ configure_vllm_environment()
 @pytest.fixture(scope="session")
 def smol_model_path() -> str:
     """The embedded SmolLM2-135M-Instruct, converted on first use."""
-    from thaw_agents_core.models import embedded_model_path
+    from thaw_agents_core.engine.models import embedded_model_path
 
     return str(embedded_model_path())
 
@@ -20,7 +20,7 @@ def smol_model_path() -> str:
 @pytest.fixture(scope="session")
 def tiny_model_path() -> str:
     """The deterministic float32 tiny Llama (bit-exact greedy outputs on CPU)."""
-    from thaw_agents_core.models import tiny_model_path
+    from thaw_agents_core.engine.models import tiny_model_path
 
     return str(tiny_model_path())
 
@@ -44,7 +44,7 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
 def _close_engines_at_end():
     """Shut every shared engine down while pytest's logging is still open."""
     yield
-    from thaw_agents_core.engine import close_all_engines
+    from thaw_agents_core.engine.engine import close_all_engines
 
     close_all_engines()
 

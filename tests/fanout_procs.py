@@ -121,7 +121,7 @@ def run_reference() -> None:
     from vllm import LLM, SamplingParams
     from vllm.inputs import TokensPrompt
 
-    from thaw_agents_core.models import tiny_model_path
+    from thaw_agents_core.engine.models import tiny_model_path
 
     llm = LLM(model=str(tiny_model_path()), dtype="float32", enforce_eager=True,
               max_model_len=MAX_MODEL_LEN, kv_cache_memory_bytes=KV_CACHE_BYTES,
@@ -161,7 +161,7 @@ def run_orphan(store: str) -> None:
 
 
 def main(argv: list[str]) -> None:
-    from thaw_agents_core.compat import configure_vllm_environment
+    from thaw_agents_core.util.compat import configure_vllm_environment
 
     configure_vllm_environment()
     mode, *args = argv

@@ -70,8 +70,9 @@ def build_engine(store: str | None, events: str | None):
     from vllm import LLM
     from vllm.config import KVTransferConfig
 
-    from thaw_agents_core.connector import kv_transfer_config
-    from thaw_agents_core.models import llama_8b_shaped_path, tiny_model_path
+    from thaw_agents_core.connector.facade import kv_transfer_config
+    from thaw_agents_core.engine.models import tiny_model_path
+    from thaw_agents_core.testing import llama_8b_shaped_path
 
     kwargs: dict = {}
     if store is not None:
@@ -89,7 +90,7 @@ def main(argv: list[str]) -> None:
     from vllm import SamplingParams
     from vllm.inputs import TokensPrompt
 
-    from thaw_agents_core.compat import configure_vllm_environment
+    from thaw_agents_core.util.compat import configure_vllm_environment
 
     configure_vllm_environment()
     if argv[0] == "chat":

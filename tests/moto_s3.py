@@ -9,7 +9,6 @@ from contextlib import contextmanager
 
 import pytest
 
-
 _AWS_NAMES = ["AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_DEFAULT_REGION",
               "AWS_ENDPOINT_URL", "AWS_ENDPOINT_URL_S3", "AWS_SESSION_TOKEN"]
 
@@ -22,7 +21,7 @@ def moto_s3(bucket: str, *, endpoint_in_env: bool) -> Iterator[str]:
     (processes started meanwhile inherit it); the environment is restored afterwards.
     """
     moto_server = pytest.importorskip("moto.server")
-    from thaw_agents_core.s3 import make_client
+    from thaw_agents_core.store.s3 import make_client
 
     saved = {name: os.environ.get(name) for name in _AWS_NAMES}
     with socket.socket() as sock:

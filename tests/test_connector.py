@@ -20,8 +20,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from thaw_agents_core.shm_store import ShmStore
-from thaw_agents_core.snapshot_format import parse_snapshot
+from thaw_agents_core.snapshot.format import parse_snapshot
+from thaw_agents_core.store.shm import ShmStore
 
 pytestmark = pytest.mark.slow
 
@@ -60,7 +60,7 @@ def shm_store():
 
 
 def flip_payload_byte(store: ShmStore, snapshot_id: str, namespace_key: str) -> None:
-    from thaw_agents_core.store import SnapshotRef
+    from thaw_agents_core.store.base import SnapshotRef
 
     offset, length = store.region_of(SnapshotRef(namespace_key, snapshot_id))
     arena = store.arena_view()
@@ -153,7 +153,7 @@ def test_chat_snapshot_reused_by_another_process(chat_a, shm_store, tmp_path):
 def test_saved_file_hydrates_another_store(chat_a, tmp_path):
     from langchain_core.messages import SystemMessage
 
-    from thaw_agents_core.prefix import PrefixHandle
+    from thaw_agents_core.fork.prefix import PrefixHandle
 
     llm, prefix, chat_messages = chat_a
     handle = llm.snapshot([SystemMessage(prefix)])
@@ -171,8 +171,8 @@ def test_snapshot_of_another_namespace_is_refused(chat_a, tmp_path):
 
     from langchain_core.messages import SystemMessage
 
-    from thaw_agents_core.snapshot_format import SnapshotMismatchError
-    from thaw_agents_core.snapshot_io import build_snapshot
+    from thaw_agents_core.snapshot.format import SnapshotMismatchError
+    from thaw_agents_core.snapshot.io import build_snapshot
 
     llm, prefix, _ = chat_a
     ours = llm.kv_namespace()
@@ -193,7 +193,7 @@ def test_snapshot_of_another_namespace_is_refused(chat_a, tmp_path):
 
 
 def test_prefix_shorter_than_a_block_is_a_clear_error(chat_a):
-    from thaw_agents_core.snapshot_format import SnapshotError
+    from thaw_agents_core.snapshot.format import SnapshotError
 
     llm, _, _ = chat_a
     with pytest.raises(SnapshotError, match="shorter than one KV block"):

@@ -26,7 +26,7 @@ from langchain_core.messages import AIMessage, HumanMessage, SystemMessage
 from thaw_agents import fork_fanout, fork_fanout_sync
 from thaw_agents.fanout import branch_prompt
 from thaw_agents.snapshots import render_prefix
-from thaw_agents_core.shm_store import ShmStore
+from thaw_agents_core.store.shm import ShmStore
 
 HERE = Path(__file__).parent
 sys.path.insert(0, str(HERE))

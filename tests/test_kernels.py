@@ -28,10 +28,20 @@ import numpy as np
 import pytest
 import torch
 
-from thaw_kernels import (KVPageSpec, chunk_crc32c, chunk_crc32c_reference, combine_chunk_crcs, crc32c_combine,
-                          kv_gather, kv_gather_reference, kv_scatter, kv_scatter_reference, page_spec_for)
-from thaw_kernels import crc32c as crc_mod
+from thaw_kernels import (
+    KVPageSpec,
+    chunk_crc32c,
+    chunk_crc32c_reference,
+    combine_chunk_crcs,
+    crc32c_combine,
+    kv_gather,
+    kv_gather_reference,
+    kv_scatter,
+    kv_scatter_reference,
+    page_spec_for,
+)
 from thaw_kernels import block_ids as block_ids_mod
+from thaw_kernels import crc32c as crc_mod
 from thaw_kernels import kv_blocks as kv_mod
 
 INTERPRETED = os.environ.get("TRITON_INTERPRET") == "1"

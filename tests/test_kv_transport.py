@@ -13,11 +13,11 @@ import random
 import pytest
 import torch
 
-from thaw_agents_core.file_store import FileStore
-from thaw_agents_core.kv_transport import KVTransport
-from thaw_agents_core.shm_store import ShmStore
-from thaw_agents_core.snapshot_format import Namespace, SnapshotChecksumError, SnapshotMismatchError
-from thaw_agents_core.stream_scheduler import StreamScheduler
+from thaw_agents_core.snapshot.format import Namespace, SnapshotChecksumError, SnapshotMismatchError
+from thaw_agents_core.store.file import FileStore
+from thaw_agents_core.store.shm import ShmStore
+from thaw_agents_core.transport.kv import KVTransport
+from thaw_agents_core.transport.stream_scheduler import StreamScheduler
 from thaw_kernels import chunk_crc32c_reference
 
 LAYERS, BLOCKS, BLOCK_SIZE, KV_HEADS, HEAD_DIM = 3, 24, 4, 2, 8

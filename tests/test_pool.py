@@ -26,10 +26,10 @@ from langchain_core.messages import SystemMessage
 
 from thaw_agents import ForkPool, fork_fanout
 from thaw_agents.snapshots import render_prefix
-from thaw_agents_core import wire
-from thaw_agents_core.pool import PoolError
-from thaw_agents_core.sampling import GenerationOptions
-from thaw_agents_core.shm_store import ShmStore
+from thaw_agents_core.engine.sampling import GenerationOptions
+from thaw_agents_core.pool import wire
+from thaw_agents_core.pool.fork_pool import PoolError
+from thaw_agents_core.store.shm import ShmStore
 
 HERE = Path(__file__).parent
 sys.path.insert(0, str(HERE))

@@ -12,8 +12,8 @@ import sys
 import google_crc32c
 import pytest
 
-from thaw_agents_core.block_hashes import HASH_ALGO, block_hash_chain, root_hash
-from thaw_agents_core.snapshot_format import (
+from thaw_agents_core.snapshot.block_hashes import HASH_ALGO, block_hash_chain, root_hash
+from thaw_agents_core.snapshot.format import (
     MAGIC,
     MAX_HEADER_BYTES,
     Namespace,
@@ -29,7 +29,7 @@ from thaw_agents_core.snapshot_format import (
     payload_offset_for,
     verify_chunks,
 )
-from thaw_agents_core.snapshot_io import (
+from thaw_agents_core.snapshot.io import (
     build_snapshot,
     open_snapshot_file,
     plan_snapshot,
@@ -178,7 +178,7 @@ def test_block_hash_chain_properties():
 
 
 def test_block_hash_chain_is_reproducible_across_processes():
-    code = "from thaw_agents_core.block_hashes import block_hash_chain as c; print(c(list(range(64)), 16)[-1].hex())"
+    code = "from thaw_agents_core.snapshot.block_hashes import block_hash_chain as c; print(c(list(range(64)), 16)[-1].hex())"
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
     assert out.strip() == block_hash_chain(list(range(64)), 16)[-1].hex()
 

@@ -12,14 +12,14 @@ import uuid
 import numpy as np
 import pytest
 
-from thaw_agents_core import store as store_mod
-from thaw_agents_core.block_hashes import block_hash_chain
-from thaw_agents_core.shm_store import ShmStore, ShmStoreFullError
-from thaw_agents_core.snapshot_format import Namespace, parse_snapshot, verify_chunks
-from thaw_agents_core.snapshot_io import build_snapshot
-from thaw_agents_core.file_store import FileStore
-from thaw_agents_core.store import Match, SnapshotNotFoundError, SnapshotRef
-from thaw_agents_core.store_url import open_store, parse_size
+from thaw_agents_core.snapshot.block_hashes import block_hash_chain
+from thaw_agents_core.snapshot.format import Namespace, parse_snapshot, verify_chunks
+from thaw_agents_core.snapshot.io import build_snapshot
+from thaw_agents_core.store import base as store_mod
+from thaw_agents_core.store.base import Match, SnapshotNotFoundError, SnapshotRef
+from thaw_agents_core.store.file import FileStore
+from thaw_agents_core.store.shm import ShmStore, ShmStoreFullError
+from thaw_agents_core.store.url import open_store, parse_size
 
 NS = Namespace("tiny-model", "w1", "float32", "auto", "cpu", 4, 2, (1, 4, 2), "0.32.0")
 KEY = NS.key()
@@ -121,7 +121,7 @@ def test_uncommitted_reservation_is_invisible(store):
 
 
 def test_two_phase_write_into_reservation(store):
-    from thaw_agents_core.snapshot_io import plan_snapshot
+    from thaw_agents_core.snapshot.io import plan_snapshot
 
     plan = plan_snapshot(NS, BASE[:8], BLOCK_BYTES, blocks_per_chunk=1)
     with store.reserve(plan.total_bytes) as r:
@@ -319,7 +319,7 @@ def child_code(name: str, body: str) -> str:
 import hashlib, sys
 sys.path.insert(0, {here!r})
 from test_store import KEY, BASE, snapshot, chain
-from thaw_agents_core.shm_store import ShmStore
+from thaw_agents_core.store.shm import ShmStore
 s = ShmStore({name!r}, create=False)
 {textwrap.dedent(body)}
 s.close()

@@ -18,8 +18,8 @@ from thaw_agents.graph import (
     run_branch,
     snapshot_node,
 )
-from thaw_agents_core.pool import ForkPool
-from thaw_agents_core.prefix import PrefixHandle
+from thaw_agents_core.fork.prefix import PrefixHandle
+from thaw_agents_core.pool.fork_pool import ForkPool
 
 __all__ = [
     "BRANCH_TOKEN_EVENT",

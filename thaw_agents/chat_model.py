@@ -39,9 +39,9 @@ from pydantic import ConfigDict, Field, PrivateAttr
 from thaw_agents import snapshots, structured
 from thaw_agents import tool_calls as tc
 from thaw_agents.request_plan import EngineCall, RequestPlan
-from thaw_agents_core import models
-from thaw_agents_core.engine import Engine, EngineSpec, acquire_engine, release_engine
-from thaw_agents_core.prefix import PrefixHandle
+from thaw_agents_core.engine import models
+from thaw_agents_core.engine.engine import Engine, EngineSpec, acquire_engine, release_engine
+from thaw_agents_core.fork.prefix import PrefixHandle
 
 # Instance fields that are generation defaults (per-call kwargs of the same name override them).
 _OPTION_FIELDS = ("max_tokens", "temperature", "top_p", "top_k", "min_p", "seed", "stop",
@@ -180,7 +180,7 @@ class ChatThaw(BaseChatModel):
         store = self.resolved_kv_store()
         kv_transfer = None
         if store is not None:
-            from thaw_agents_core.connector import kv_transfer_config
+            from thaw_agents_core.connector.facade import kv_transfer_config
 
             kv_transfer = kv_transfer_config(store, weights_version=self.weights_version,
                                              events_path=self.kv_events_path)
@@ -206,7 +206,7 @@ class ChatThaw(BaseChatModel):
     async def aclose(self) -> None:
         await asyncio.to_thread(self.close)
 
-    def __enter__(self) -> "ChatThaw":
+    def __enter__(self) -> ChatThaw:
         return self
 
     def __exit__(self, *exc: Any) -> None:

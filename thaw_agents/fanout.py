@@ -28,11 +28,11 @@ from langchain_core.runnables import RunnableConfig
 
 from thaw_agents import messages as msg
 from thaw_agents import snapshots
-from thaw_agents_core import forking
-from thaw_agents_core.forking import Branch, BranchOutcome, Route
-from thaw_agents_core.pool import ForkPool
-from thaw_agents_core.prefix import PrefixHandle
-from thaw_agents_core.sampling import GenerationOptions
+from thaw_agents_core.engine.sampling import GenerationOptions
+from thaw_agents_core.fork import branches as forking
+from thaw_agents_core.fork.branches import Branch, BranchOutcome, Route
+from thaw_agents_core.fork.prefix import PrefixHandle
+from thaw_agents_core.pool.fork_pool import ForkPool
 
 if TYPE_CHECKING:
     from thaw_agents.chat_model import ChatThaw
@@ -117,7 +117,7 @@ def branch_prompt(tokenizer: Any, prefix: msg.RenderedPrompt,
     return [*prefix.token_ids, *rest]
 
 
-def _branch_options(llm: "ChatThaw", options: dict[str, Any] | Sequence[dict[str, Any]] | None,
+def _branch_options(llm: ChatThaw, options: dict[str, Any] | Sequence[dict[str, Any]] | None,
                     num_suffixes: int, n: int) -> list[list[GenerationOptions]]:
     from thaw_agents.chat_model import _OPTION_FIELDS
 
@@ -141,7 +141,7 @@ def _branch_options(llm: "ChatThaw", options: dict[str, Any] | Sequence[dict[str
     return table
 
 
-def _result(llm: "ChatThaw", outcome: BranchOutcome, handle: PrefixHandle | None,
+def _result(llm: ChatThaw, outcome: BranchOutcome, handle: PrefixHandle | None,
             prefix_messages: list[BaseMessage], suffix: list[BaseMessage]) -> BranchResult:
     output_tokens = len(outcome.token_ids or [])
     usage = UsageMetadata(input_tokens=outcome.prompt_tokens, output_tokens=output_tokens,
@@ -198,7 +198,7 @@ def _event_sink(config: RunnableConfig | None, on_token: TokenCallback | None,
     return sink
 
 
-async def fork_fanout(llm: "ChatThaw", prefix: Sequence[BaseMessage] | str | PrefixHandle,
+async def fork_fanout(llm: ChatThaw, prefix: Sequence[BaseMessage] | str | PrefixHandle,
                       suffixes: Sequence[Suffix], *, n: int = 1,
                       options: dict[str, Any] | Sequence[dict[str, Any]] | None = None,
                       pool: ForkPool | None = None, route: Route = "auto",
@@ -245,7 +245,7 @@ async def fork_fanout(llm: "ChatThaw", prefix: Sequence[BaseMessage] | str | Pre
             for o in outcomes]
 
 
-def fork_fanout_sync(llm: "ChatThaw", prefix: Sequence[BaseMessage] | str | PrefixHandle,
+def fork_fanout_sync(llm: ChatThaw, prefix: Sequence[BaseMessage] | str | PrefixHandle,
                      suffixes: Sequence[Suffix], **kwargs: Any) -> list[BranchResult]:
     """Blocking ``fork_fanout``; works from plain code and inside a running event loop."""
     coro = fork_fanout(llm, prefix, suffixes, **kwargs)
@@ -257,7 +257,7 @@ def fork_fanout_sync(llm: "ChatThaw", prefix: Sequence[BaseMessage] | str | Pref
         return executor.submit(asyncio.run, coro).result()
 
 
-def fork_pool(llm: "ChatThaw", num_workers: int = 2, *, start: bool = True,
+def fork_pool(llm: ChatThaw, num_workers: int = 2, *, start: bool = True,
               **kwargs: Any) -> ForkPool:
     """A ForkPool of warm workers running this model, sharing its snapshot store."""
     if llm.kv_store is None:

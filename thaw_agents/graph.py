@@ -31,8 +31,8 @@ from langchain_core.runnables import RunnableConfig, RunnableSerializable
 from langgraph.types import Send
 
 from thaw_agents.fanout import BranchResult, Suffix, fork_fanout
-from thaw_agents_core.pool import ForkPool
-from thaw_agents_core.prefix import PrefixHandle
+from thaw_agents_core.fork.prefix import PrefixHandle
+from thaw_agents_core.pool.fork_pool import ForkPool
 
 if TYPE_CHECKING:
     from thaw_agents.chat_model import ChatThaw
@@ -40,7 +40,7 @@ if TYPE_CHECKING:
 SuffixSource = Sequence[Suffix] | Callable[[dict[str, Any]], Sequence[Suffix]]
 
 
-def fanout_node(llm: "ChatThaw", *, suffixes: SuffixSource, prefix_key: str = "messages",
+def fanout_node(llm: ChatThaw, *, suffixes: SuffixSource, prefix_key: str = "messages",
                 output_key: str = "branches", n: int = 1,
                 options: dict[str, Any] | Sequence[dict[str, Any]] | None = None,
                 pool: ForkPool | None = None, route: str = "auto"):
@@ -90,7 +90,7 @@ class ForkFanout(RunnableSerializable[dict, list]):
         return await self._acall_with_config(run, input, config, run_type="chain")
 
 
-def snapshot_node(llm: "ChatThaw", *, prefix_key: str = "messages",
+def snapshot_node(llm: ChatThaw, *, prefix_key: str = "messages",
                   handle_key: str = "prefix_handle"):
     """A node that computes and snapshots the prefix once; the handle goes into the state."""
 
@@ -110,7 +110,7 @@ def branch_sends(state: dict[str, Any], node: str, suffixes: Sequence[Suffix] | 
             for i, suffix in enumerate(chosen)]
 
 
-async def run_branch(llm: "ChatThaw", handle: PrefixHandle | dict[str, Any], suffix: Suffix, *,
+async def run_branch(llm: ChatThaw, handle: PrefixHandle | dict[str, Any], suffix: Suffix, *,
                      options: dict[str, Any] | None = None, pool: ForkPool | None = None,
                      route: str = "auto", config: RunnableConfig | None = None) -> BranchResult:
     """One branch from a prefix handle (the ``Send`` target's work)."""
@@ -123,7 +123,7 @@ async def run_branch(llm: "ChatThaw", handle: PrefixHandle | dict[str, Any], suf
     return result
 
 
-def branch_node(llm: "ChatThaw", *, handle_key: str = "prefix_handle",
+def branch_node(llm: ChatThaw, *, handle_key: str = "prefix_handle",
                 output_key: str = "branches", options: dict[str, Any] | None = None,
                 pool: ForkPool | None = None, route: str = "auto"):
     """The node ``branch_sends`` targets: runs its branch, appends to ``output_key``."""

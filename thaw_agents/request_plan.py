@@ -38,7 +38,7 @@ from thaw_agents import messages as msg
 from thaw_agents import structured
 from thaw_agents import tool_calls as tc
 from thaw_agents.outputs import CompletionAssembler, ToolMode
-from thaw_agents_core.sampling import GenerationOptions, to_sampling_params
+from thaw_agents_core.engine.sampling import GenerationOptions, to_sampling_params
 
 # Call kwargs that LangChain integrations accept but that mean nothing for a local engine.
 IGNORED_KWARGS = ("parallel_tool_calls", "strict", "stream_options", "user", "n")
@@ -70,7 +70,7 @@ class RequestPlan:
     @classmethod
     def create(cls, *, messages: Sequence[BaseMessage], defaults: dict[str, Any],
                kwargs: dict[str, Any], stop: list[str] | None, stream: bool, tokenizer: Any,
-               max_model_len: int, model_name: str, auto_tool_routing: bool) -> "RequestPlan":
+               max_model_len: int, model_name: str, auto_tool_routing: bool) -> RequestPlan:
         kwargs = dict(kwargs)
         if not messages:
             raise ValueError("ChatThaw needs at least one message; got an empty list")

@@ -15,14 +15,14 @@ from typing import TYPE_CHECKING, Any, Sequence
 from langchain_core.messages import BaseMessage, messages_from_dict, messages_to_dict
 
 from thaw_agents import messages as msg
-from thaw_agents_core import forking
-from thaw_agents_core.prefix import PrefixHandle
+from thaw_agents_core.fork import branches as forking
+from thaw_agents_core.fork.prefix import PrefixHandle
 
 if TYPE_CHECKING:
     from thaw_agents.chat_model import ChatThaw
 
 
-def require_store(llm: "ChatThaw") -> None:
+def require_store(llm: ChatThaw) -> None:
     if llm.kv_store is None:
         raise ValueError(
             "snapshots need a KV store: create the model with ChatThaw(kv_store='auto') (a "
@@ -31,7 +31,7 @@ def require_store(llm: "ChatThaw") -> None:
         )
 
 
-def render_prefix(llm: "ChatThaw", messages: Sequence[BaseMessage]) -> msg.RenderedPrompt:
+def render_prefix(llm: ChatThaw, messages: Sequence[BaseMessage]) -> msg.RenderedPrompt:
     """The prefix as the chat template renders it inside a longer conversation."""
     return msg.render(llm.engine.tokenizer, messages, add_generation_prompt=False)
 
@@ -41,7 +41,7 @@ def _extra(messages: Sequence[BaseMessage], extra: dict[str, Any] | None) -> dic
     return {**(extra or {}), "messages": messages_to_dict(messages)}
 
 
-def _complete(llm: "ChatThaw", handle: PrefixHandle, rendered: msg.RenderedPrompt,
+def _complete(llm: ChatThaw, handle: PrefixHandle, rendered: msg.RenderedPrompt,
               extra: dict[str, Any]) -> PrefixHandle:
     return dataclasses.replace(handle, model_name=llm.model_name, prefix_text=rendered.text,
                                extra={**handle.extra, **extra})
@@ -56,7 +56,7 @@ def prefix_messages(handle: PrefixHandle) -> list[BaseMessage]:
     return messages_from_dict(data)
 
 
-def snapshot(llm: "ChatThaw", messages: Sequence[BaseMessage],
+def snapshot(llm: ChatThaw, messages: Sequence[BaseMessage],
              extra: dict[str, Any] | None) -> PrefixHandle:
     require_store(llm)
     rendered = render_prefix(llm, messages)
@@ -65,7 +65,7 @@ def snapshot(llm: "ChatThaw", messages: Sequence[BaseMessage],
     return _complete(llm, handle, rendered, extra)
 
 
-async def asnapshot(llm: "ChatThaw", messages: Sequence[BaseMessage],
+async def asnapshot(llm: ChatThaw, messages: Sequence[BaseMessage],
                     extra: dict[str, Any] | None) -> PrefixHandle:
     require_store(llm)
     if not llm.engine.is_started:  # first use: model build and engine start off the loop
@@ -78,7 +78,7 @@ async def asnapshot(llm: "ChatThaw", messages: Sequence[BaseMessage],
     return _complete(llm, handle, rendered, extra)
 
 
-def load(llm: "ChatThaw", src: str | os.PathLike[str]) -> PrefixHandle:
+def load(llm: ChatThaw, src: str | os.PathLike[str]) -> PrefixHandle:
     require_store(llm)
     engine = llm.engine
     return PrefixHandle.load(src, engine.store, store_url=engine.store_url or "",

@@ -11,19 +11,19 @@ from importlib import import_module
 from typing import Any
 
 _EXPORTS = {
-    "kv_transfer_config": "thaw_agents_core.connector",
-    "open_store": "thaw_agents_core.store_url",
-    "FileStore": "thaw_agents_core.file_store",
-    "ShmStore": "thaw_agents_core.shm_store",
-    "PrefixHandle": "thaw_agents_core.prefix",
-    "ForkPool": "thaw_agents_core.pool",
-    "Engine": "thaw_agents_core.engine",
-    "EngineSpec": "thaw_agents_core.engine",
-    "GenerationOptions": "thaw_agents_core.sampling",
-    "asnapshot_ids": "thaw_agents_core.forking",
-    "snapshot_ids": "thaw_agents_core.forking",
-    "run_branches": "thaw_agents_core.forking",
-    "Branch": "thaw_agents_core.forking",
+    "kv_transfer_config": "thaw_agents_core.connector.settings",
+    "open_store": "thaw_agents_core.store.url",
+    "FileStore": "thaw_agents_core.store.file",
+    "ShmStore": "thaw_agents_core.store.shm",
+    "PrefixHandle": "thaw_agents_core.fork.prefix",
+    "ForkPool": "thaw_agents_core.pool.fork_pool",
+    "Engine": "thaw_agents_core.engine.engine",
+    "EngineSpec": "thaw_agents_core.engine.engine",
+    "GenerationOptions": "thaw_agents_core.engine.sampling",
+    "asnapshot_ids": "thaw_agents_core.fork.branches",
+    "snapshot_ids": "thaw_agents_core.fork.branches",
+    "run_branches": "thaw_agents_core.fork.branches",
+    "Branch": "thaw_agents_core.fork.branches",
 }
 
 __all__ = sorted(_EXPORTS)

@@ -10,8 +10,14 @@ CUDA tensors run Triton kernels; CPU tensors run the torch/libcrc32c paths.
 """
 
 from .crc32c import chunk_crc32c, chunk_crc32c_reference, combine_chunk_crcs, crc32c_combine
-from .kv_blocks import (KVPageSpec, kv_gather, kv_gather_reference, kv_scatter, kv_scatter_reference,
-                        page_spec_for)
+from .kv_blocks import (
+                        KVPageSpec,
+                        kv_gather,
+                        kv_gather_reference,
+                        kv_scatter,
+                        kv_scatter_reference,
+                        page_spec_for,
+)
 
 __all__ = [
     "KVPageSpec", "page_spec_for", "kv_gather", "kv_scatter", "kv_gather_reference", "kv_scatter_reference",

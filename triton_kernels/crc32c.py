@@ -47,7 +47,7 @@ import ctypes
 import glob
 import os
 from concurrent.futures import ThreadPoolExecutor
-from functools import lru_cache
+from functools import cache, lru_cache
 from typing import Sequence
 
 import google_crc32c
@@ -82,7 +82,7 @@ def _multmodp(a: int, b: int) -> int:
     return p
 
 
-@lru_cache(maxsize=None)
+@cache
 def _x2n(k: int) -> int:
     """x^(2^k) mod P."""
     return 1 << 30 if k == 0 else _multmodp(_x2n(k - 1), _x2n(k - 1))

@@ -17,12 +17,25 @@ import weakref
 from dataclasses import asdict, dataclass
 from typing import Any
 
-from thaw_agents_core.snapshot_format import ALIGNMENT, Namespace, SnapshotError, SnapshotView
-from thaw_agents_core.snapshot_format import align_up, parse_snapshot
-from thaw_agents_core.files import flocked, touch
-from thaw_agents_core.process_identity import process_alive, process_token
-from thaw_agents_core.store import Reservation, SnapshotInfo, SnapshotNotFoundError, SnapshotRef
-from thaw_agents_core.store import PrefixHook, SnapshotStore, check_key
+from thaw_agents_core.snapshot.format import (
+    ALIGNMENT,
+    Namespace,
+    SnapshotError,
+    SnapshotView,
+    align_up,
+    parse_snapshot,
+)
+from thaw_agents_core.store.base import (
+    PrefixHook,
+    Reservation,
+    SnapshotInfo,
+    SnapshotNotFoundError,
+    SnapshotRef,
+    SnapshotStore,
+    check_key,
+)
+from thaw_agents_core.util.files import flocked, touch
+from thaw_agents_core.util.process_identity import process_alive, process_token
 
 LAYOUT = "thaw-shm/1"
 _NAME_RE = re.compile(r"[A-Za-z0-9_][A-Za-z0-9_.-]{0,63}")

@@ -11,7 +11,7 @@ one. So every multi-process engine gets a reaper:
       still names the same process (pid + start time), then exits
       Engine.close(): the engine shuts down first, then the reaper is stopped (nothing to reap)
 
-    python -m thaw_agents_core.reaper PID:START_TICKS [PID:START_TICKS ...]
+    python -m thaw_agents_core.engine.reaper PID:START_TICKS [PID:START_TICKS ...]
 """
 
 from __future__ import annotations
@@ -21,7 +21,7 @@ import signal
 import subprocess
 import sys
 
-from thaw_agents_core.process_identity import process_alive, process_start_ticks
+from thaw_agents_core.util.process_identity import process_alive, process_start_ticks
 
 
 def watch(pids: list[int]) -> subprocess.Popen | None:
@@ -29,7 +29,7 @@ def watch(pids: list[int]) -> subprocess.Popen | None:
     targets = [f"{pid}:{ticks}" for pid in pids if (ticks := process_start_ticks(pid)) is not None]
     if not targets:
         return None
-    return subprocess.Popen([sys.executable, "-m", "thaw_agents_core.reaper", *targets],
+    return subprocess.Popen([sys.executable, "-m", "thaw_agents_core.engine.reaper", *targets],
                             stdin=subprocess.PIPE, stdout=subprocess.DEVNULL,
                             stderr=subprocess.DEVNULL)
 

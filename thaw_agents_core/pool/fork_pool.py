@@ -36,11 +36,11 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Callable
 
-from thaw_agents_core import wire
-from thaw_agents_core.engine import EngineSpec
-from thaw_agents_core.loop_thread import LoopThread
-from thaw_agents_core.placement import Placement, default_placements
-from thaw_agents_core.sampling import GenerationOptions
+from thaw_agents_core.engine.engine import EngineSpec
+from thaw_agents_core.engine.sampling import GenerationOptions
+from thaw_agents_core.pool import wire
+from thaw_agents_core.pool.placement import Placement, default_placements
+from thaw_agents_core.util.loop_thread import LoopThread
 
 logger = logging.getLogger("thaw_agents.pool")
 
@@ -138,7 +138,7 @@ class ForkPool:
     def worker_pids(self) -> list[int]:
         return [w.proc.pid for w in self._workers if w.proc is not None and w.alive]
 
-    def start(self) -> "ForkPool":
+    def start(self) -> ForkPool:
         """Start every worker and wait until all are ready (blocking)."""
         if self._loop is None:
             self._loop = LoopThread("thaw-pool")
@@ -149,7 +149,7 @@ class ForkPool:
                 raise
         return self
 
-    async def astart(self) -> "ForkPool":
+    async def astart(self) -> ForkPool:
         await asyncio.to_thread(self.start)
         return self
 
@@ -165,7 +165,7 @@ class ForkPool:
         worker.log_path = os.path.join(self.log_dir, f"worker-{worker.index}.log")
         with open(worker.log_path, "ab") as log:
             worker.proc = subprocess.Popen(
-                [sys.executable, "-m", "thaw_agents_core.pool_worker", str(child_sock.fileno()),
+                [sys.executable, "-m", "thaw_agents_core.pool.worker", str(child_sock.fileno()),
                  json.dumps(config)],
                 pass_fds=[child_sock.fileno()], stdin=subprocess.DEVNULL, stdout=log,
                 stderr=subprocess.STDOUT, env={**os.environ, **worker.placement.environment()})
@@ -243,13 +243,13 @@ class ForkPool:
         except OSError:
             return "(no log)"
 
-    def __enter__(self) -> "ForkPool":
+    def __enter__(self) -> ForkPool:
         return self.start()
 
     def __exit__(self, *exc: Any) -> None:
         self.close()
 
-    async def __aenter__(self) -> "ForkPool":
+    async def __aenter__(self) -> ForkPool:
         return await self.astart()
 
     async def __aexit__(self, *exc: Any) -> None:
@@ -432,7 +432,7 @@ class ForkPool:
                     worker.writer.write(wire.encode({"type": "ping", "id": int(now)}))
 
 
-_live_pools: "weakref.WeakSet[ForkPool]" = weakref.WeakSet()
+_live_pools: weakref.WeakSet[ForkPool] = weakref.WeakSet()
 
 
 @atexit.register

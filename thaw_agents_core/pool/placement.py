@@ -12,7 +12,7 @@ import os
 from dataclasses import dataclass, field
 from typing import Any
 
-from thaw_agents_core import compat
+from thaw_agents_core.util import compat
 
 
 @dataclass(slots=True)

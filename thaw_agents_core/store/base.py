@@ -32,7 +32,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
-from thaw_agents_core.snapshot_format import Namespace, SnapshotView, parse_snapshot
+from thaw_agents_core.snapshot.format import Namespace, SnapshotView, parse_snapshot
 
 PrefixHook = Callable[[memoryview, int], None]
 _RACY_NS = 50_000_000  # 50 ms: well above the coarse clock tick of directory timestamps

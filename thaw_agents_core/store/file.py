@@ -6,11 +6,9 @@ import mmap
 import os
 import secrets
 
-from thaw_agents_core.files import flocked, fsync_directory, touch, unlink_if_exists
-from thaw_agents_core.process_identity import process_alive, process_token
-from thaw_agents_core.snapshot_format import Namespace, SnapshotView
-from thaw_agents_core.snapshot_io import open_snapshot_file, read_snapshot_header
-from thaw_agents_core.store import (
+from thaw_agents_core.snapshot.format import Namespace, SnapshotView
+from thaw_agents_core.snapshot.io import open_snapshot_file, read_snapshot_header
+from thaw_agents_core.store.base import (
     PrefixHook,
     Reservation,
     SnapshotInfo,
@@ -19,6 +17,8 @@ from thaw_agents_core.store import (
     SnapshotStore,
     check_key,
 )
+from thaw_agents_core.util.files import flocked, fsync_directory, touch, unlink_if_exists
+from thaw_agents_core.util.process_identity import process_alive, process_token
 
 
 class _FileReservation(Reservation):

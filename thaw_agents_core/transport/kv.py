@@ -25,16 +25,16 @@ from typing import Any, Sequence
 
 import torch
 
-from thaw_agents_core.snapshot_format import (
+from thaw_agents_core.snapshot.format import (
     Namespace,
     SnapshotChecksumError,
     SnapshotError,
     SnapshotMismatchError,
     default_blocks_per_chunk,
 )
-from thaw_agents_core.snapshot_io import plan_snapshot
-from thaw_agents_core.store import SnapshotRef, SnapshotStore
-from thaw_agents_core.stream_scheduler import CopyPiece, StreamScheduler, as_uint8_tensor
+from thaw_agents_core.snapshot.io import plan_snapshot
+from thaw_agents_core.store.base import SnapshotRef, SnapshotStore
+from thaw_agents_core.transport.stream_scheduler import CopyPiece, StreamScheduler, as_uint8_tensor
 from thaw_kernels import KVPageSpec, chunk_crc32c, kv_gather, kv_scatter, page_spec_for
 
 

@@ -19,15 +19,15 @@ import os
 from pathlib import Path
 from typing import Any
 
-from thaw_agents_core import compat
-from thaw_agents_core.block_hashes import HASH_ALGO
-from thaw_agents_core.snapshot_format import Namespace
+from thaw_agents_core.snapshot.block_hashes import HASH_ALGO
+from thaw_agents_core.snapshot.format import Namespace
+from thaw_agents_core.util import compat
 
 _EDGE_BYTES = 1 << 20
 _WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".gguf")
 
 
-def _file_digest(path: Path, digest: "hashlib._Hash") -> None:
+def _file_digest(path: Path, digest: hashlib._Hash) -> None:
     size = path.stat().st_size
     digest.update(f"{path.name}:{size}\0".encode())
     with open(path, "rb") as handle:

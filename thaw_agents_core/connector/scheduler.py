@@ -22,18 +22,13 @@ import secrets
 from dataclasses import dataclass, field
 from typing import Any
 
-from thaw_agents_core.block_hashes import block_hash_chain
-from thaw_agents_core.connector_meta import (
-    PARAMS_KEY,
-    ConnectorSettings,
-    EventLog,
-    LoadOp,
-    SaveOp,
-    ThawConnectorMetadata,
-)
-from thaw_agents_core.kv_namespace import namespace_for
-from thaw_agents_core.snapshot_verifier import SnapshotVerifier
-from thaw_agents_core.store import SnapshotNotFoundError, SnapshotRef, SnapshotStore
+from thaw_agents_core.connector.events import EventLog
+from thaw_agents_core.connector.meta import LoadOp, SaveOp, ThawConnectorMetadata
+from thaw_agents_core.connector.settings import PARAMS_KEY, ConnectorSettings
+from thaw_agents_core.connector.verifier import SnapshotVerifier
+from thaw_agents_core.snapshot.block_hashes import block_hash_chain
+from thaw_agents_core.snapshot.namespace import namespace_for
+from thaw_agents_core.store.base import SnapshotNotFoundError, SnapshotRef, SnapshotStore
 
 logger = logging.getLogger("thaw_agents.connector")
 

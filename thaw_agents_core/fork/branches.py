@@ -25,12 +25,13 @@ import time
 from dataclasses import dataclass
 from typing import Any, Callable, Literal, Sequence
 
-from thaw_agents_core import compat
-from thaw_agents_core.engine import Engine
-from thaw_agents_core.pool import ForkPool
-from thaw_agents_core.prefix import PARAMS_KEY, PrefixHandle
-from thaw_agents_core.sampling import GenerationOptions, to_sampling_params
-from thaw_agents_core.snapshot_format import SnapshotError
+from thaw_agents_core.connector.settings import PARAMS_KEY
+from thaw_agents_core.engine.engine import Engine
+from thaw_agents_core.engine.sampling import GenerationOptions, to_sampling_params
+from thaw_agents_core.fork.prefix import PrefixHandle
+from thaw_agents_core.pool.fork_pool import ForkPool
+from thaw_agents_core.snapshot.format import SnapshotError
+from thaw_agents_core.util import compat
 
 Route = Literal["auto", "parent", "pool"]
 DeltaCallback = Callable[[int, str], None]
@@ -119,7 +120,7 @@ class BranchOutcome:
 
 
 def _pool_shares_parent_gpu(pool: ForkPool) -> bool:
-    from thaw_agents_core import compat
+    from thaw_agents_core.util import compat
 
     if compat.is_cpu_platform():
         return False

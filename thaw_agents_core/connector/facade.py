@@ -1,8 +1,8 @@
 """ThawConnector: a vLLM KV connector that restores prompt prefixes from KV snapshots.
 
 A thin facade (like vLLM's offloading_connector): by role it builds the scheduler side
-(``connector_scheduler``) or the worker side (``connector_worker``) and delegates; what crosses
-between them is ``connector_meta.ThawConnectorMetadata``.
+(``scheduler``) or the worker side (``worker``) and delegates; what crosses between them is
+``meta.ThawConnectorMetadata``; the settings are ``settings.ConnectorSettings``.
 
 Use it with an engine you build yourself::
 
@@ -28,33 +28,14 @@ from vllm.distributed.kv_transfer.kv_connector.v1.base import (
     KVConnectorRole,
 )
 
-from thaw_agents_core.connector_meta import ConnectorSettings, ThawConnectorMetadata
-from thaw_agents_core.connector_scheduler import SchedulerSide
-from thaw_agents_core.connector_worker import WorkerSide
-from thaw_agents_core.store import SnapshotStore
-from thaw_agents_core.store_url import attach_url, open_store
+from thaw_agents_core.connector.meta import ThawConnectorMetadata
+from thaw_agents_core.connector.scheduler import SchedulerSide
+from thaw_agents_core.connector.settings import ConnectorSettings, kv_transfer_config
+from thaw_agents_core.connector.worker import WorkerSide
+from thaw_agents_core.store.base import SnapshotStore
+from thaw_agents_core.store.url import attach_url, open_store
 
-
-def kv_transfer_config(store: str, *, weights_version: str = "", events_path: str | None = None,
-                       load: bool = True) -> dict[str, Any]:
-    """Fields of vLLM's ``KVTransferConfig`` that plug ThawConnector into an engine.
-
-    Pass as ``LLM(..., kv_transfer_config=KVTransferConfig(**kv_transfer_config(url)))`` (or the
-    dict itself where vLLM accepts one). A failed or refused load is recomputed, never used.
-    """
-    settings = ConnectorSettings(store=store, weights_version=weights_version,
-                                 events_path=events_path, load=load)
-    extra: dict[str, Any] = {"store": settings.store, "weights_version": weights_version,
-                             "load": load}
-    if events_path:
-        extra["events_path"] = events_path
-    return {
-        "kv_connector": "ThawConnector",
-        "kv_connector_module_path": "thaw_agents_core.connector",
-        "kv_role": "kv_both",
-        "kv_load_failure_policy": "recompute",
-        "kv_connector_extra_config": extra,
-    }
+__all__ = ["ThawConnector", "kv_transfer_config"]
 
 
 class ThawConnector(KVConnectorBase_V1):

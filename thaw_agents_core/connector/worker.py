@@ -18,17 +18,13 @@ from typing import Any
 
 import torch
 
-from thaw_agents_core.connector_meta import (
-    ConnectorSettings,
-    EventLog,
-    LoadOp,
-    SaveOp,
-    ThawConnectorMetadata,
-)
-from thaw_agents_core.kv_namespace import namespace_for
-from thaw_agents_core.kv_transport import KVTransport
-from thaw_agents_core.store import SnapshotRef
-from thaw_agents_core.stream_scheduler import StreamScheduler
+from thaw_agents_core.connector.events import EventLog
+from thaw_agents_core.connector.meta import LoadOp, SaveOp, ThawConnectorMetadata
+from thaw_agents_core.connector.settings import ConnectorSettings
+from thaw_agents_core.snapshot.namespace import namespace_for
+from thaw_agents_core.store.base import SnapshotRef
+from thaw_agents_core.transport.kv import KVTransport
+from thaw_agents_core.transport.stream_scheduler import StreamScheduler
 
 logger = logging.getLogger("thaw_agents.connector")
 

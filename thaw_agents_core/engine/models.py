@@ -247,33 +247,6 @@ def _build_tiny_model(target: Path, seed: int, num_layers: int) -> None:
 
 # --------------------------------------------------------------------------- shaped configs
 
-LLAMA_3_1_8B_CONFIG = {
-    "architectures": ["LlamaForCausalLM"], "model_type": "llama", "hidden_size": 4096,
-    "intermediate_size": 14336, "num_hidden_layers": 32, "num_attention_heads": 32,
-    "num_key_value_heads": 8, "head_dim": 128, "vocab_size": 128256,
-    "max_position_embeddings": 131072, "rms_norm_eps": 1e-5, "rope_theta": 500000.0,
-    "tie_word_embeddings": False, "torch_dtype": "bfloat16", "bos_token_id": 128000,
-    "eos_token_id": 128001, "hidden_act": "silu",
-}
-
-
-def llama_8b_shaped_path() -> Path:
-    """A folder with only Llama-3.1-8B's config.json: real shapes for ``load_format="dummy"``.
-
-    vLLM's dummy weights are seeded per parameter, so two processes get identical weights:
-    right for KV save/load and determinism checks, meaningless as text. Use with
-    ``skip_tokenizer_init=True`` and token-id prompts (no tokenizer is shipped).
-    """
-    target = cache_dir() / "models" / "llama-3.1-8b-shaped"
-    config = target / "config.json"
-    if not config.exists():
-        target.mkdir(parents=True, exist_ok=True)
-        tmp = config.with_suffix(".tmp")
-        tmp.write_text(json.dumps(LLAMA_3_1_8B_CONFIG, indent=2))
-        os.replace(tmp, config)
-    return target
-
-
 def resolve_model(model: str | None) -> str:
     """``None`` -> the embedded model's folder; ``"tiny"`` -> the tiny test model; else as given."""
     if model is None:
@@ -290,7 +263,7 @@ def _main(argv: list[str]) -> int:
     elif what == "tiny":
         print(tiny_model_path())
     else:
-        print(f"usage: python -m thaw_agents_core.models [embedded|tiny] (got {what!r})",
+        print(f"usage: python -m thaw_agents_core.engine.models [embedded|tiny] (got {what!r})",
               file=sys.stderr)
         return 2
     return 0

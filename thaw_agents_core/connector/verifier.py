@@ -24,9 +24,9 @@ import logging
 from concurrent.futures import ThreadPoolExecutor
 from typing import Callable
 
-from thaw_agents_core.snapshot_format import SnapshotChecksumError, SnapshotError
-from thaw_agents_core.store import SnapshotRef, SnapshotStore
-from thaw_agents_core.stream_scheduler import as_uint8_tensor
+from thaw_agents_core.snapshot.format import SnapshotChecksumError, SnapshotError
+from thaw_agents_core.store.base import SnapshotRef, SnapshotStore
+from thaw_agents_core.transport.stream_scheduler import as_uint8_tensor
 from thaw_kernels import chunk_crc32c
 
 logger = logging.getLogger("thaw_agents.connector")

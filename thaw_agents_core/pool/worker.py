@@ -1,6 +1,6 @@
 """A ForkPool worker: one process, one in-process vLLM engine with ThawConnector.
 
-    python -m thaw_agents_core.pool_worker FD CONFIG_JSON
+    python -m thaw_agents_core.pool.worker FD CONFIG_JSON
 
 FD is this end of a Unix socket pair (wire.py frames); CONFIG_JSON is the engine spec and
 placement. The worker dies with its parent (PR_SET_PDEATHSIG, and end-of-file on the socket),
@@ -23,7 +23,7 @@ import sys
 import time
 from typing import Any
 
-from thaw_agents_core import wire
+from thaw_agents_core.pool import wire
 
 _IDLE_WAIT_S = 0.2
 
@@ -51,8 +51,8 @@ class Worker:
     def start_engine(self) -> None:
         from vllm.v1.engine.llm_engine import LLMEngine
 
-        from thaw_agents_core.engine import EngineSpec
-        from thaw_agents_core.kv_namespace import namespace_for
+        from thaw_agents_core.engine.engine import EngineSpec
+        from thaw_agents_core.snapshot.namespace import namespace_for
 
         began = time.perf_counter()
         spec = EngineSpec(**self.config["spec"])
@@ -60,8 +60,9 @@ class Worker:
         for name, value in self.config.get("engine_overrides", {}).items():
             setattr(args, name, value)
         self.engine = LLMEngine.from_engine_args(args)
-        extra = json.loads(spec.kv_transfer_json or "{}").get("kv_connector_extra_config", {})
-        namespace = namespace_for(self.engine.vllm_config, extra.get("weights_version", ""))
+        settings = spec.connector_settings
+        namespace = namespace_for(self.engine.vllm_config,
+                                  settings.weights_version if settings else "")
         self.send(type="ready", pid=os.getpid(), namespace_key=namespace.key(),
                   startup_s=round(time.perf_counter() - began, 3))
 
@@ -83,8 +84,8 @@ class Worker:
         return True
 
     def add(self, message: dict[str, Any]) -> None:
-        from thaw_agents_core import compat
-        from thaw_agents_core.sampling import GenerationOptions, to_sampling_params
+        from thaw_agents_core.engine.sampling import GenerationOptions, to_sampling_params
+        from thaw_agents_core.util import compat
 
         request_id = message["id"]
         try:
@@ -145,7 +146,7 @@ def main(argv: list[str]) -> int:
     if cores:
         os.sched_setaffinity(0, set(cores))
     os.environ["VLLM_ENABLE_V1_MULTIPROCESSING"] = "0"
-    from thaw_agents_core.compat import configure_vllm_environment
+    from thaw_agents_core.util.compat import configure_vllm_environment
 
     configure_vllm_environment()
     sock = socket.socket(fileno=fd)

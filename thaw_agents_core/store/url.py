@@ -6,8 +6,8 @@ import os
 import re
 import urllib.parse
 
-from thaw_agents_core.file_store import FileStore
-from thaw_agents_core.store import SnapshotStore
+from thaw_agents_core.store.base import SnapshotStore
+from thaw_agents_core.store.file import FileStore
 
 _SIZE_RE = re.compile(r"(\d+)\s*([kmgt]?)(i?b)?", re.IGNORECASE)
 
@@ -43,7 +43,7 @@ def open_store(url: str | os.PathLike[str]) -> SnapshotStore:
     parsed = urllib.parse.urlsplit(text)
     query = dict(urllib.parse.parse_qsl(parsed.query))
     if parsed.scheme == "shm":
-        from thaw_agents_core.shm_store import ShmStore
+        from thaw_agents_core.store.shm import ShmStore
 
         create = {"true": True, "false": False, None: None}.get(query.get("create"), "bad")
         if create == "bad":

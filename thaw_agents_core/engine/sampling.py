@@ -9,7 +9,7 @@ from __future__ import annotations
 from dataclasses import dataclass, fields
 from typing import Any
 
-from thaw_agents_core import compat
+from thaw_agents_core.util import compat
 
 
 @dataclass(slots=True)
@@ -44,7 +44,7 @@ class GenerationOptions:
         return [f.name for f in fields(cls)]
 
     @classmethod
-    def from_mapping(cls, values: dict[str, Any]) -> "GenerationOptions":
+    def from_mapping(cls, values: dict[str, Any]) -> GenerationOptions:
         unknown = sorted(set(values) - set(cls.names()))
         if unknown:
             raise ValueError(

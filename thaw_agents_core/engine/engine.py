@@ -32,8 +32,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, AsyncIterator, Callable, Iterator
 
-from thaw_agents_core import compat, reaper
-from thaw_agents_core.loop_thread import LoopThread
+from thaw_agents_core.connector.settings import ConnectorSettings
+from thaw_agents_core.engine import reaper
+from thaw_agents_core.util import compat
+from thaw_agents_core.util.loop_thread import LoopThread
 
 _DONE = object()
 _POLL_S = 0.5
@@ -60,7 +62,7 @@ class EngineSpec:
     @staticmethod
     def create(model: str, *, dtype: str = "auto", max_model_len: int | None = None,
                enable_prefix_caching: bool = True, engine_kwargs: dict[str, Any] | None = None,
-               kv_transfer: dict[str, Any] | None = None) -> "EngineSpec":
+               kv_transfer: dict[str, Any] | None = None) -> EngineSpec:
         return EngineSpec(
             model=model, dtype=dtype, max_model_len=max_model_len,
             enable_prefix_caching=enable_prefix_caching,
@@ -70,7 +72,13 @@ class EngineSpec:
 
     @property
     def engine_kwargs(self) -> dict[str, Any]:
+        """The extra ``AsyncEngineArgs`` as a dict."""
         return json.loads(self.engine_kwargs_json)
+
+    @property
+    def connector_settings(self) -> ConnectorSettings | None:
+        """The ThawConnector settings of this engine (None: no ThawConnector)."""
+        return ConnectorSettings.from_kv_transfer_json(self.kv_transfer_json)
 
     def model_dtype(self) -> str | None:
         """The dtype a local model folder's config.json declares (None for hub ids)."""
@@ -178,9 +186,8 @@ class Engine:
     @property
     def store_url(self) -> str | None:
         """URL of the KV snapshot store this engine's connector uses (None: no connector)."""
-        if not self.spec.kv_transfer_json:
-            return None
-        return json.loads(self.spec.kv_transfer_json)["kv_connector_extra_config"]["store"]
+        settings = self.spec.connector_settings
+        return settings.store if settings is not None else None
 
     @property
     def store(self) -> Any:
@@ -192,7 +199,7 @@ class Engine:
         # Opened here, before the engine: for shm:// this process creates and owns the arena
         # (engine processes only attach), so it outlives engine restarts and worker deaths.
         if self.store_url is not None and self._store is None:
-            from thaw_agents_core.store_url import open_store
+            from thaw_agents_core.store.url import open_store
 
             self._store = open_store(self.store_url)
 
@@ -203,13 +210,10 @@ class Engine:
 
     def namespace(self) -> Any:
         """The KV namespace of this engine (what a snapshot must match to be loaded here)."""
-        from thaw_agents_core.kv_namespace import namespace_for
+        from thaw_agents_core.snapshot.namespace import namespace_for
 
-        weights_version = ""
-        if self.spec.kv_transfer_json:
-            extra = json.loads(self.spec.kv_transfer_json)["kv_connector_extra_config"]
-            weights_version = extra.get("weights_version", "")
-        return namespace_for(self.llm.vllm_config, weights_version)
+        settings = self.spec.connector_settings
+        return namespace_for(self.llm.vllm_config, settings.weights_version if settings else "")
 
     async def _create(self) -> Any:
         from vllm.v1.engine.async_llm import AsyncLLM
@@ -343,7 +347,7 @@ class Engine:
 
     async def run_prefill(self, prompt_ids: list[int]) -> None:
         """Compute a prompt once (one token out), so later prompts sharing it hit the cache."""
-        from thaw_agents_core.sampling import GenerationOptions, to_sampling_params
+        from thaw_agents_core.engine.sampling import GenerationOptions, to_sampling_params
 
         params = to_sampling_params(GenerationOptions(max_tokens=1, temperature=0.0),
                                     stream=False)

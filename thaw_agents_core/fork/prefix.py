@@ -19,21 +19,17 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
-from thaw_agents_core.snapshot_format import (
+from thaw_agents_core.connector.settings import PARAMS_KEY  # noqa: F401 - re-exported
+from thaw_agents_core.snapshot.format import (
     Namespace,
     SnapshotMismatchError,
     check_chunks,
     encode_header,
     parse_snapshot,
 )
-from thaw_agents_core.snapshot_io import write_snapshot_file
-from thaw_agents_core.store import SnapshotNotFoundError, SnapshotRef, SnapshotStore
-from thaw_agents_core.store_url import attach_url, open_store
-
-# Key of our entry in a request's ``kv_transfer_params`` (``SamplingParams.extra_args``), both
-# ways: ``{"thaw": {"save": True}}`` asks for a snapshot, ``{"thaw": {"snapshot": {...}}}``
-# comes back in ``RequestOutput.kv_transfer_params``.
-PARAMS_KEY = "thaw"
+from thaw_agents_core.snapshot.io import write_snapshot_file
+from thaw_agents_core.store.base import SnapshotNotFoundError, SnapshotRef, SnapshotStore
+from thaw_agents_core.store.url import attach_url, open_store
 
 
 @dataclass(frozen=True, slots=True)
@@ -65,7 +61,7 @@ class PrefixHandle:
         return asdict(self)
 
     @classmethod
-    def from_json(cls, data: dict[str, Any] | str) -> "PrefixHandle":
+    def from_json(cls, data: dict[str, Any] | str) -> PrefixHandle:
         if isinstance(data, str):
             data = json.loads(data)
         return cls(**data)
@@ -91,7 +87,7 @@ class PrefixHandle:
         data = self.read_bytes()
         text = os.fspath(dest)
         if text.startswith("s3://"):
-            from thaw_agents_core.s3 import upload_snapshot
+            from thaw_agents_core.store.s3 import upload_snapshot
 
             upload_snapshot(data, text)
             return text
@@ -104,7 +100,7 @@ class PrefixHandle:
 
     @classmethod
     def load(cls, src: str | os.PathLike[str], store: SnapshotStore, *, store_url: str,
-             expect_namespace: Namespace | None = None, model_name: str = "") -> "PrefixHandle":
+             expect_namespace: Namespace | None = None, model_name: str = "") -> PrefixHandle:
         """Validate a saved snapshot (file or ``s3://``) and publish it into ``store``.
 
         Raises ``SnapshotMismatchError`` naming every differing namespace field when the
@@ -131,7 +127,7 @@ class PrefixHandle:
 
 def _read_source(src: str) -> bytes:
     if src.startswith("s3://"):
-        from thaw_agents_core.s3 import download_snapshot
+        from thaw_agents_core.store.s3 import download_snapshot
 
         with tempfile.TemporaryDirectory(prefix="thaw-s3-") as tmp:
             path = Path(tmp) / "snapshot.thawkv"

@@ -27,9 +27,8 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
-from thaw_agents_core.block_hashes import block_hash_chain
-from thaw_agents_core.files import atomic_replace
-from thaw_agents_core.snapshot_format import (
+from thaw_agents_core.snapshot.block_hashes import block_hash_chain
+from thaw_agents_core.snapshot.format import (
     _HEX_ID,
     MAGIC,
     MAX_HEADER_BYTES,
@@ -47,6 +46,7 @@ from thaw_agents_core.snapshot_format import (
     parse_header,
     parse_snapshot,
 )
+from thaw_agents_core.util.files import atomic_replace
 
 
 @dataclass(slots=True)

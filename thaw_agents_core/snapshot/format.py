@@ -39,7 +39,7 @@ Reading one without this package::
     block_3 = payload[3 * bb : 4 * bb]   # all layers of block 3
 
 This module is the format (constants, header, parsing, validation, chunk ranges and CRCs);
-writing snapshots and files is :mod:`thaw_agents_core.snapshot_io`.
+writing snapshots and files is :mod:`thaw_agents_core.snapshot.io`.
 """
 
 from __future__ import annotations
@@ -57,7 +57,7 @@ from typing import Any
 import google_crc32c
 import numpy as np
 
-from thaw_agents_core.block_hashes import HASH_ALGO, block_hash_chain
+from thaw_agents_core.snapshot.block_hashes import HASH_ALGO, block_hash_chain
 
 MAGIC = b"THAWKV01"
 FORMAT_NAME = "thawkv"
