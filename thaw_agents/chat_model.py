@@ -22,6 +22,7 @@ interpreter exit shut it down.
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import os
 from pathlib import Path
 from typing import Any, AsyncIterator, Callable, Iterator, Literal, Sequence
@@ -29,23 +30,27 @@ from typing import Any, AsyncIterator, Callable, Iterator, Literal, Sequence
 from langchain_core.callbacks import AsyncCallbackManagerForLLMRun, CallbackManagerForLLMRun
 from langchain_core.language_models import BaseChatModel, LanguageModelInput
 from langchain_core.language_models.chat_models import LangSmithParams
-from langchain_core.messages import AIMessage, BaseMessage
+from langchain_core.messages import AIMessage, BaseMessage, messages_to_dict
 from langchain_core.outputs import ChatGeneration, ChatGenerationChunk, ChatResult
 from langchain_core.runnables import Runnable
 from langchain_core.tools import BaseTool
 from langchain_core.utils.function_calling import convert_to_openai_tool
 from pydantic import ConfigDict, Field, PrivateAttr
 
-from thaw_agents import snapshots, structured
+from thaw_agents import messages as msg
+from thaw_agents import structured
 from thaw_agents import tool_calls as tc
+from thaw_agents.options import OPTION_FIELDS
 from thaw_agents.request_plan import EngineCall, RequestPlan
 from thaw_agents_core.engine import models
-from thaw_agents_core.engine.engine import Engine, EngineSpec, acquire_engine, release_engine
+from thaw_agents_core.engine.engine import Engine
+from thaw_agents_core.engine.registry import acquire_engine, release_engine
+from thaw_agents_core.engine.spec import EngineSpec
+from thaw_agents_core.fork import branches as forking
 from thaw_agents_core.fork.prefix import PrefixHandle
+from thaw_agents_core.pool.fork_pool import ForkPool
+from thaw_agents_core.snapshot.format import Namespace
 
-# Instance fields that are generation defaults (per-call kwargs of the same name override them).
-_OPTION_FIELDS = ("max_tokens", "temperature", "top_p", "top_k", "min_p", "seed", "stop",
-                  "presence_penalty", "frequency_penalty", "repetition_penalty", "logit_bias")
 
 class ChatThaw(BaseChatModel):
     """LangChain chat model over a local vLLM engine, with shared-prefix reuse.
@@ -152,7 +157,12 @@ class ChatThaw(BaseChatModel):
     @property
     def _identifying_params(self) -> dict[str, Any]:
         return {"model_name": self.model_name, "dtype": self.dtype,
-                **{name: getattr(self, name) for name in _OPTION_FIELDS}}
+                **self.generation_defaults()}
+
+    def generation_defaults(self) -> dict[str, Any]:
+        """This model's generation fields (``temperature``, ``max_tokens``, ...): the defaults
+        of every call and every fork_fanout branch."""
+        return {name: getattr(self, name) for name in OPTION_FIELDS}
 
     def _get_ls_params(self, stop: list[str] | None = None, **kwargs: Any) -> LangSmithParams:
         params = LangSmithParams(ls_provider="thaw", ls_model_type="chat",
@@ -204,6 +214,7 @@ class ChatThaw(BaseChatModel):
             release_engine(engine)
 
     async def aclose(self) -> None:
+        """Async twin of ``close``."""
         await asyncio.to_thread(self.close)
 
     def __enter__(self) -> ChatThaw:
@@ -223,11 +234,9 @@ class ChatThaw(BaseChatModel):
                 f"this ChatThaw serves {self.model_name!r}; per-call model={requested_model!r} "
                 "is not supported (create another ChatThaw for another model)"
             )
-        defaults = {name: getattr(self, name) for name in _OPTION_FIELDS}
-        defaults.update(logprobs=self.logprobs, top_logprobs=self.top_logprobs)
         engine = self.engine
         return RequestPlan.create(
-            messages=messages, defaults=defaults, kwargs=kwargs, stop=stop, stream=stream,
+            messages=messages, defaults=self.generation_defaults(), kwargs=kwargs, stop=stop, stream=stream,
             tokenizer=engine.tokenizer, max_model_len=self.max_model_len or engine.max_model_len,
             model_name=self.model_name, auto_tool_routing=self.auto_tool_routing,
         )
@@ -296,6 +305,28 @@ class ChatThaw(BaseChatModel):
         yield ChatGenerationChunk(message=call.assembler.final_chunk())
 
     # ------------------------------------------------------------------ prefix snapshots
+    #
+    #   messages --render (no generation prompt)--> prefix token ids
+    #     --forking.asnapshot_ids: one request, max_tokens=1, {"thaw": {"save": True}}-->
+    #   engine: prefill (reusing its prefix cache) -> connector saves the full blocks
+    #     --> PrefixHandle (+ the prefix messages, so branches can be rendered after it)
+
+    def render_prefix(self, messages: Sequence[BaseMessage]) -> msg.RenderedPrompt:
+        """The prefix as the chat template renders it at the start of a longer conversation."""
+        return msg.render(self.engine.tokenizer, messages, add_generation_prompt=False)
+
+    def _require_store(self) -> None:
+        if self.kv_store is None:
+            raise ValueError(
+                "snapshots need a KV store: create the model with ChatThaw(kv_store='auto') (a "
+                "shared-memory store for this process), kv_store='shm://NAME?capacity=2GiB' or "
+                "a directory path"
+            )
+
+    def _handle(self, handle: PrefixHandle, rendered: msg.RenderedPrompt,
+                extra: dict[str, Any]) -> PrefixHandle:
+        return dataclasses.replace(handle, model_name=self.model_name, prefix_text=rendered.text,
+                                   extra={**handle.extra, **extra})
 
     async def asnapshot(self, prefix: LanguageModelInput, *,
                         extra: dict[str, Any] | None = None) -> PrefixHandle:
@@ -305,12 +336,24 @@ class ChatThaw(BaseChatModel):
         starts prompts that begin with the prefix from the snapshot instead of recomputing it.
         Needs ``kv_store``.
         """
-        return await snapshots.asnapshot(self, self._convert_input(prefix).to_messages(), extra)
+        self._require_store()
+        if not self.engine.is_started:  # first use: model build and engine start off the loop
+            await asyncio.to_thread(self.engine.start)
+        messages = self._convert_input(prefix).to_messages()
+        rendered = self.render_prefix(messages)
+        extra = {**(extra or {}), "messages": messages_to_dict(messages)}
+        handle = await forking.asnapshot_ids(self.engine, rendered.token_ids, extra)
+        return self._handle(handle, rendered, extra)
 
     def snapshot(self, prefix: LanguageModelInput, *,
                  extra: dict[str, Any] | None = None) -> PrefixHandle:
         """Blocking twin of ``asnapshot``."""
-        return snapshots.snapshot(self, self._convert_input(prefix).to_messages(), extra)
+        self._require_store()
+        messages = self._convert_input(prefix).to_messages()
+        rendered = self.render_prefix(messages)
+        extra = {**(extra or {}), "messages": messages_to_dict(messages)}
+        handle = forking.snapshot_ids(self.engine, rendered.token_ids, extra)
+        return self._handle(handle, rendered, extra)
 
     def load_snapshot(self, src: str | os.PathLike[str]) -> PrefixHandle:
         """Validate a saved snapshot (file or ``s3://``) and publish it in this model's store.
@@ -318,19 +361,27 @@ class ChatThaw(BaseChatModel):
         Refuses, naming each differing field, a snapshot made by another model, dtype, KV
         layout, block size or weights version.
         """
-        return snapshots.load(self, src)
+        self._require_store()
+        engine = self.engine
+        return PrefixHandle.load(src, engine.store, store_url=engine.store_url or "",
+                                 expect_namespace=engine.namespace(), model_name=self.model_name)
 
-    def fork_pool(self, num_workers: int = 2, **kwargs: Any) -> Any:
-        """Start a ForkPool of warm worker processes running this model on its KV store.
+    def fork_pool(self, num_workers: int = 2, *, start: bool = True, **kwargs: Any) -> ForkPool:
+        """A ForkPool of warm worker processes running this model on its KV store (started
+        unless ``start=False``). Use with ``fork_fanout(..., pool=pool)``; close it with
+        ``pool.close()`` or ``with``. ``kwargs`` go to ``ForkPool``."""
+        if self.kv_store is None:
+            raise ValueError("a ForkPool needs the model's kv_store (e.g. "
+                             "ChatThaw(kv_store='auto'))")
+        engine = self.engine
+        engine.start()  # owns the store; the workers attach to it
+        pool = ForkPool(self.engine_spec(), num_workers,
+                        expected_namespace_key=engine.namespace().key(), **kwargs)
+        return pool.start() if start else pool
 
-        Use with ``fork_fanout(..., pool=pool)``; close it with ``pool.close()`` or ``with``.
-        """
-        from thaw_agents.fanout import fork_pool
-
-        return fork_pool(self, num_workers, **kwargs)
-
-    def kv_namespace(self) -> Any:
-        """The namespace (model fingerprint, dtype, layout, block size, ...) of this engine."""
+    def kv_namespace(self) -> Namespace:
+        """The namespace (model fingerprint, dtype, layout, block size, weights version, ...)
+        a snapshot must match to be loaded by this model's engine."""
         return self.engine.namespace()
 
     # ------------------------------------------------------------------ tools / structure

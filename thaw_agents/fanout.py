@@ -19,18 +19,26 @@ from __future__ import annotations
 
 import asyncio
 import concurrent.futures
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields
 from typing import TYPE_CHECKING, Any, Callable, Sequence
 
-from langchain_core.messages import AIMessage, BaseMessage, HumanMessage, messages_to_dict
-from langchain_core.messages.ai import InputTokenDetails, UsageMetadata
+from langchain_core.messages import (
+    AIMessage,
+    BaseMessage,
+    HumanMessage,
+    messages_from_dict,
+    messages_to_dict,
+)
+from langchain_core.messages.ai import UsageMetadata
 from langchain_core.runnables import RunnableConfig
 
 from thaw_agents import messages as msg
-from thaw_agents import snapshots
+from thaw_agents.options import build_options
+from thaw_agents.outputs import PROVIDER, usage_metadata
+from thaw_agents_core.engine.results import GenerationResult
 from thaw_agents_core.engine.sampling import GenerationOptions
 from thaw_agents_core.fork import branches as forking
-from thaw_agents_core.fork.branches import Branch, BranchOutcome, Route
+from thaw_agents_core.fork.branches import Branch, Route
 from thaw_agents_core.fork.prefix import PrefixHandle
 from thaw_agents_core.pool.fork_pool import ForkPool
 
@@ -43,39 +51,36 @@ BRANCH_TOKEN_EVENT = "thaw_branch_token"
 
 
 @dataclass
-class BranchResult:
-    """One branch of a fork_fanout."""
+class BranchResult(GenerationResult):
+    """One branch of a fork_fanout: the core ``GenerationResult`` (text, token_ids,
+    finish_reason, prompt/cached token counts, ttft_s/total_s, engine, retries, error, logprobs)
+    plus what LangChain needs to continue from it."""
 
-    index: int
-    suffix_index: int
-    sample_index: int
-    text: str
-    token_ids: list[int]
-    finish_reason: str | None
-    usage: UsageMetadata
-    """input/output/total tokens; ``input_token_details.cache_read`` = prefix tokens reused."""
-    timings: dict[str, float | None]
-    """``ttft_s`` (submit to first token) and ``total_s``."""
-    engine: str
-    """Where it ran: "parent" or "worker-<i>"."""
-    error: str | None
-    prefix: PrefixHandle | None
-    prefix_messages: list[BaseMessage]
-    suffix_messages: list[BaseMessage]
+    prefix: PrefixHandle | None = None
+    prefix_messages: list[BaseMessage] = field(default_factory=list)
+    suffix_messages: list[BaseMessage] = field(default_factory=list)
     model_name: str = ""
-    retries: int = 0
-    extra: dict[str, Any] = field(default_factory=dict)
 
     @property
-    def ok(self) -> bool:
-        return self.error is None
+    def usage(self) -> UsageMetadata:
+        """input/output/total tokens; ``input_token_details.cache_read`` = prefix tokens reused."""
+        return usage_metadata(self.prompt_tokens, len(self.token_ids), self.cached_tokens)
+
+    @property
+    def timings(self) -> dict[str, float | None]:
+        """``ttft_s`` (submit to first token) and ``total_s``."""
+        return {"ttft_s": self.ttft_s, "total_s": self.total_s}
 
     @property
     def message(self) -> AIMessage:
         """The branch's reply as an AIMessage (usage and metadata attached)."""
-        return AIMessage(content=self.text, usage_metadata=self.usage, response_metadata={
+        metadata: dict[str, Any] = {
             "model_name": self.model_name, "finish_reason": self.finish_reason,
-            "model_provider": "thaw", "engine": self.engine, **self.timings})
+            "model_provider": PROVIDER, "engine": self.engine, **self.timings}
+        if self.logprobs:
+            metadata["logprobs"] = {"content": self.logprobs}
+        return AIMessage(content=self.text, usage_metadata=self.usage,
+                         response_metadata=metadata)
 
     @property
     def messages(self) -> list[BaseMessage]:
@@ -84,13 +89,19 @@ class BranchResult:
 
     def to_dict(self) -> dict[str, Any]:
         """Plain JSON data (for LangGraph state and checkpointers)."""
-        return {"index": self.index, "suffix_index": self.suffix_index,
-                "sample_index": self.sample_index, "text": self.text,
-                "token_ids": self.token_ids, "finish_reason": self.finish_reason,
-                "usage": dict(self.usage), "timings": self.timings, "engine": self.engine,
-                "error": self.error, "retries": self.retries,
+        data = {f.name: getattr(self, f.name) for f in fields(GenerationResult)}
+        return {**data, "usage": dict(self.usage), "timings": self.timings,
                 "prefix": self.prefix.to_json() if self.prefix else None,
                 "suffix_messages": messages_to_dict(self.suffix_messages)}
+
+
+def prefix_messages_of(handle: PrefixHandle) -> list[BaseMessage]:
+    """The messages a handle was made from (saved in it by ``ChatThaw.snapshot``)."""
+    data = handle.extra.get("messages")
+    if data is None:
+        raise ValueError("this PrefixHandle carries no messages (it was made from token ids); "
+                         "pass the prefix messages instead")
+    return messages_from_dict(data)
 
 
 def _suffix_messages(suffix: Suffix) -> list[BaseMessage]:
@@ -119,18 +130,16 @@ def branch_prompt(tokenizer: Any, prefix: msg.RenderedPrompt,
 
 def _branch_options(llm: ChatThaw, options: dict[str, Any] | Sequence[dict[str, Any]] | None,
                     num_suffixes: int, n: int) -> list[list[GenerationOptions]]:
-    from thaw_agents.chat_model import _OPTION_FIELDS
-
     if options is None or isinstance(options, dict):
         per_suffix = [dict(options or {})] * num_suffixes
     else:
         per_suffix = [dict(o or {}) for o in options]
         if len(per_suffix) != num_suffixes:
             raise ValueError(f"{len(per_suffix)} option dicts for {num_suffixes} suffixes")
-    defaults = {name: getattr(llm, name) for name in _OPTION_FIELDS}
+    defaults = llm.generation_defaults()
     table = []
     for values in per_suffix:
-        merged = {k: v for k, v in {**defaults, **values}.items() if v is not None}
+        merged = build_options(defaults, values)
         samples = []
         for k in range(n):
             sample = dict(merged)
@@ -141,20 +150,11 @@ def _branch_options(llm: ChatThaw, options: dict[str, Any] | Sequence[dict[str, 
     return table
 
 
-def _result(llm: ChatThaw, outcome: BranchOutcome, handle: PrefixHandle | None,
+def _result(llm: ChatThaw, outcome: GenerationResult, handle: PrefixHandle | None,
             prefix_messages: list[BaseMessage], suffix: list[BaseMessage]) -> BranchResult:
-    output_tokens = len(outcome.token_ids or [])
-    usage = UsageMetadata(input_tokens=outcome.prompt_tokens, output_tokens=output_tokens,
-                          total_tokens=outcome.prompt_tokens + output_tokens,
-                          input_token_details=InputTokenDetails(cache_read=outcome.cached_tokens))
-    return BranchResult(
-        index=outcome.index, suffix_index=outcome.suffix_index,
-        sample_index=outcome.sample_index, text=outcome.text,
-        token_ids=list(outcome.token_ids or []), finish_reason=outcome.finish_reason,
-        usage=usage, timings={"ttft_s": outcome.ttft_s, "total_s": outcome.total_s},
-        engine=outcome.engine, error=outcome.error, prefix=handle,
-        prefix_messages=prefix_messages, suffix_messages=suffix, model_name=llm.model_name,
-        retries=outcome.retries)
+    return BranchResult.from_wire(outcome.to_wire(), prefix=handle,
+                                  prefix_messages=prefix_messages, suffix_messages=suffix,
+                                  model_name=llm.model_name)
 
 
 def _event_sink(config: RunnableConfig | None, on_token: TokenCallback | None,
@@ -224,11 +224,11 @@ async def fork_fanout(llm: ChatThaw, prefix: Sequence[BaseMessage] | str | Prefi
     tokenizer = llm.engine.tokenizer
     if isinstance(prefix, PrefixHandle):
         handle: PrefixHandle | None = prefix
-        prefix_messages = snapshots.prefix_messages(prefix)
+        prefix_messages = prefix_messages_of(prefix)
     else:
         prefix_messages = llm._convert_input(prefix).to_messages()
         handle = None
-    rendered = snapshots.render_prefix(llm, prefix_messages)
+    rendered = llm.render_prefix(prefix_messages)
     if handle is None and llm.kv_store is not None and \
             len(rendered.token_ids) >= llm.kv_namespace().block_size:
         handle = await llm.asnapshot(prefix_messages)
@@ -255,15 +255,3 @@ def fork_fanout_sync(llm: ChatThaw, prefix: Sequence[BaseMessage] | str | Prefix
         return asyncio.run(coro)
     with concurrent.futures.ThreadPoolExecutor(1) as executor:  # Jupyter: a loop is running
         return executor.submit(asyncio.run, coro).result()
-
-
-def fork_pool(llm: ChatThaw, num_workers: int = 2, *, start: bool = True,
-              **kwargs: Any) -> ForkPool:
-    """A ForkPool of warm workers running this model, sharing its snapshot store."""
-    if llm.kv_store is None:
-        raise ValueError("a ForkPool needs the model's kv_store (e.g. ChatThaw(kv_store='auto'))")
-    engine = llm.engine
-    engine.start()  # owns the store; the workers attach to it
-    pool = ForkPool(llm.engine_spec(), num_workers,
-                    expected_namespace_key=engine.namespace().key(), **kwargs)
-    return pool.start() if start else pool

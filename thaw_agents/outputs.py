@@ -21,25 +21,17 @@ from langchain_core.messages.ai import InputTokenDetails, UsageMetadata
 
 from thaw_agents import tool_calls as tc
 from thaw_agents.messages import dumps_args
+from thaw_agents_core.engine.results import logprob_entries
 
 ToolMode = Literal["none", "auto", "forced"]
 PROVIDER = "thaw"
 
 
-def _logprob_entries(out: Any) -> list[dict[str, Any]]:
-    """OpenAI-style ``logprobs.content`` entries for the tokens of one completion output."""
-    entries = []
-    for token_id, candidates in zip(out.token_ids, out.logprobs or []):
-        chosen = candidates.get(token_id)
-        top = sorted(candidates.items(), key=lambda kv: kv[1].rank or 0)
-        entries.append({
-            "token": chosen.decoded_token if chosen else str(token_id),
-            "token_id": token_id,
-            "logprob": chosen.logprob if chosen else None,
-            "top_logprobs": [{"token": lp.decoded_token, "token_id": tid, "logprob": lp.logprob}
-                             for tid, lp in top if tid != token_id or lp.rank is not None],
-        })
-    return entries
+def usage_metadata(input_tokens: int, output_tokens: int, cache_read: int) -> UsageMetadata:
+    """LangChain usage: ``cache_read`` = prompt tokens served from the prefix cache/snapshot."""
+    return UsageMetadata(input_tokens=input_tokens, output_tokens=output_tokens,
+                         total_tokens=input_tokens + output_tokens,
+                         input_token_details=InputTokenDetails(cache_read=cache_read))
 
 
 @dataclass
@@ -64,7 +56,7 @@ class CompletionAssembler:
         completion = out.outputs[0]
         self.text += completion.text
         self.token_ids.extend(completion.token_ids)
-        new_logprobs = _logprob_entries(completion) if completion.logprobs else []
+        new_logprobs = logprob_entries(completion) if completion.logprobs else []
         self.logprobs.extend(new_logprobs)
         if out.num_cached_tokens is not None:
             self.cached_tokens = int(out.num_cached_tokens)
@@ -131,11 +123,7 @@ class CompletionAssembler:
         """Tokens of this request, plus the auto-tool router's request if one ran."""
         input_tokens = self.prompt_tokens + self.routing.get("routing_input_tokens", 0)
         output_tokens = len(self.token_ids) + self.routing.get("routing_output_tokens", 0)
-        return UsageMetadata(
-            input_tokens=input_tokens, output_tokens=output_tokens,
-            total_tokens=input_tokens + output_tokens,
-            input_token_details=InputTokenDetails(cache_read=self.cached_tokens),
-        )
+        return usage_metadata(input_tokens, output_tokens, self.cached_tokens)
 
     def metadata(self, has_tool_calls: bool) -> dict[str, Any]:
         finish = "tool_calls" if has_tool_calls else self.finish_reason

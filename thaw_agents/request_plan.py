@@ -37,6 +37,7 @@ from langchain_core.messages import (
 from thaw_agents import messages as msg
 from thaw_agents import structured
 from thaw_agents import tool_calls as tc
+from thaw_agents.options import build_options
 from thaw_agents.outputs import CompletionAssembler, ToolMode
 from thaw_agents_core.engine.sampling import GenerationOptions, to_sampling_params
 
@@ -55,6 +56,8 @@ class EngineCall:
 
 @dataclass
 class RequestPlan:
+    """One LangChain call: its messages, merged options and tool handling (see module doc)."""
+
     messages: Sequence[BaseMessage]
     options: dict[str, Any]
     tokenizer: Any
@@ -82,17 +85,10 @@ class RequestPlan:
         options.update(format_options)
         for name in IGNORED_KWARGS:
             kwargs.pop(name, None)
-        if "max_completion_tokens" in kwargs:
-            kwargs["max_tokens"] = kwargs.pop("max_completion_tokens")
-        logprobs = kwargs.pop("logprobs", options.pop("logprobs", None))
-        top_logprobs = kwargs.pop("top_logprobs", options.pop("top_logprobs", None))
-        if logprobs or top_logprobs:
-            options["logprobs"] = int(top_logprobs or 0)
-        options.update(kwargs)
         if stop is not None:
-            options["stop"] = stop
-        # Fail on unknown names or bad values before anything reaches the engine.
-        GenerationOptions.from_mapping({k: v for k, v in options.items() if v is not None})
+            kwargs["stop"] = stop
+        # Fails on unknown names or bad values before anything reaches the engine.
+        options = build_options(options, kwargs)
 
         plan = cls(messages=messages, options=options, tokenizer=tokenizer,
                    max_model_len=max_model_len, model_name=model_name, stream=stream,
@@ -156,8 +152,7 @@ class RequestPlan:
     # ------------------------------------------------------------------ the request itself
 
     def main_call(self) -> EngineCall:
-        generation = GenerationOptions.from_mapping(
-            {k: v for k, v in self.options.items() if v is not None})
+        generation = GenerationOptions.from_mapping(self.options)
         rendered = msg.render(self.tokenizer, self.messages, tools=self.tools,
                               instructions=self.instructions)
         if len(rendered.token_ids) >= self.max_model_len:

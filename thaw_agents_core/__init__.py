@@ -18,7 +18,7 @@ _EXPORTS = {
     "PrefixHandle": "thaw_agents_core.fork.prefix",
     "ForkPool": "thaw_agents_core.pool.fork_pool",
     "Engine": "thaw_agents_core.engine.engine",
-    "EngineSpec": "thaw_agents_core.engine.engine",
+    "EngineSpec": "thaw_agents_core.engine.spec",
     "GenerationOptions": "thaw_agents_core.engine.sampling",
     "asnapshot_ids": "thaw_agents_core.fork.branches",
     "snapshot_ids": "thaw_agents_core.fork.branches",

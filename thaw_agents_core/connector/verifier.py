@@ -24,7 +24,7 @@ import logging
 from concurrent.futures import ThreadPoolExecutor
 from typing import Callable
 
-from thaw_agents_core.snapshot.format import SnapshotChecksumError, SnapshotError
+from thaw_agents_core.snapshot.format import SnapshotError, check_chunk_crcs
 from thaw_agents_core.store.base import SnapshotRef, SnapshotStore
 from thaw_agents_core.transport.stream_scheduler import as_uint8_tensor
 from thaw_kernels import chunk_crc32c
@@ -49,11 +49,6 @@ class SnapshotVerifier:
             self._pool.submit(self._check, ref)
         return self._verdicts[ref.snapshot_id]
 
-    def check_now(self, ref: SnapshotRef) -> bool:
-        """Verify in the caller's thread (tests, tools)."""
-        self._check(ref)
-        return bool(self._verdicts[ref.snapshot_id])
-
     def _check(self, ref: SnapshotRef) -> None:
         reason = ""
         try:
@@ -61,10 +56,7 @@ class SnapshotVerifier:
                 header = view.header
                 chunk_bytes = header.blocks_per_chunk * header.block_bytes
                 crcs = chunk_crc32c(as_uint8_tensor(view.payload), chunk_bytes).tolist()
-                bad = [i for i, (got, want) in enumerate(zip(crcs, header.chunk_crc32c))
-                       if got != want]
-                if bad:
-                    raise SnapshotChecksumError(bad, header.num_chunks)
+                check_chunk_crcs(header, crcs)
             good = True
         except (SnapshotError, LookupError, OSError, ValueError) as exc:
             good, reason = False, f"{type(exc).__name__}: {exc}"

@@ -23,7 +23,6 @@ from __future__ import annotations
 import asyncio
 import atexit
 import concurrent.futures
-import json
 import queue
 import threading
 import time
@@ -32,8 +31,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, AsyncIterator, Callable, Iterator
 
-from thaw_agents_core.connector.settings import ConnectorSettings
 from thaw_agents_core.engine import reaper
+from thaw_agents_core.engine.spec import EngineSpec
 from thaw_agents_core.util import compat
 from thaw_agents_core.util.loop_thread import LoopThread
 
@@ -43,66 +42,6 @@ _POLL_S = 0.5
 
 class EngineError(RuntimeError):
     """The engine could not start, or died while serving."""
-
-
-@dataclass(frozen=True, slots=True)
-class EngineSpec:
-    """What identifies an engine: two specs that compare equal share one engine."""
-
-    model: str
-    """Local folder or hub id of the model (already resolved; see models.resolve_model)."""
-    dtype: str = "auto"
-    max_model_len: int | None = None
-    enable_prefix_caching: bool = True
-    engine_kwargs_json: str = "{}"
-    """Extra ``AsyncEngineArgs`` as canonical JSON (a dict is not hashable)."""
-    kv_transfer_json: str | None = None
-    """``KVTransferConfig`` fields as canonical JSON, or None for no connector."""
-
-    @staticmethod
-    def create(model: str, *, dtype: str = "auto", max_model_len: int | None = None,
-               enable_prefix_caching: bool = True, engine_kwargs: dict[str, Any] | None = None,
-               kv_transfer: dict[str, Any] | None = None) -> EngineSpec:
-        return EngineSpec(
-            model=model, dtype=dtype, max_model_len=max_model_len,
-            enable_prefix_caching=enable_prefix_caching,
-            engine_kwargs_json=json.dumps(engine_kwargs or {}, sort_keys=True),
-            kv_transfer_json=json.dumps(kv_transfer, sort_keys=True) if kv_transfer else None,
-        )
-
-    @property
-    def engine_kwargs(self) -> dict[str, Any]:
-        """The extra ``AsyncEngineArgs`` as a dict."""
-        return json.loads(self.engine_kwargs_json)
-
-    @property
-    def connector_settings(self) -> ConnectorSettings | None:
-        """The ThawConnector settings of this engine (None: no ThawConnector)."""
-        return ConnectorSettings.from_kv_transfer_json(self.kv_transfer_json)
-
-    def model_dtype(self) -> str | None:
-        """The dtype a local model folder's config.json declares (None for hub ids)."""
-        config = Path(self.model) / "config.json"
-        if not config.is_file():
-            return None
-        data = json.loads(config.read_text())
-        return data.get("dtype") or data.get("torch_dtype")
-
-    def engine_args(self) -> Any:
-        from vllm.engine.arg_utils import AsyncEngineArgs
-
-        kwargs = compat.platform_engine_defaults(self.engine_kwargs)
-        kwargs.setdefault("disable_log_stats", True)
-        if self.kv_transfer_json:
-            from vllm.config import KVTransferConfig
-
-            kwargs["kv_transfer_config"] = KVTransferConfig(**json.loads(self.kv_transfer_json))
-        return AsyncEngineArgs(
-            model=self.model, tokenizer=self.model,
-            dtype=compat.resolve_dtype(self.dtype, self.model_dtype()),
-            max_model_len=self.max_model_len,
-            enable_prefix_caching=self.enable_prefix_caching, **kwargs,
-        )
 
 
 @dataclass
@@ -168,8 +107,8 @@ class Engine:
                 # Run our shutdown before the exit hooks vLLM just registered (its weakref
                 # finalizers stop the engine core under a still-reading output handler, which
                 # then logs an EngineDeadError traceback at every interpreter exit).
-                atexit.unregister(close_all_engines)
-                atexit.register(close_all_engines)
+                atexit.unregister(self.close)
+                atexit.register(self.close)
             except concurrent.futures.TimeoutError as exc:
                 future.cancel()
                 raise EngineError(
@@ -377,41 +316,3 @@ def _translate(exc: BaseException) -> BaseException:
 
 
 # ---------------------------------------------------------------------- shared engines
-
-_registry_lock = threading.Lock()
-_engines: dict[EngineSpec, tuple[Engine, int]] = {}
-
-
-def acquire_engine(spec: EngineSpec) -> Engine:
-    """The shared engine for ``spec`` (created, not started); pair with ``release_engine``."""
-    with _registry_lock:
-        engine, count = _engines.get(spec, (None, 0))
-        if engine is None or engine._closed:
-            engine, count = Engine(spec), 0
-        _engines[spec] = (engine, count + 1)
-        return engine
-
-
-def release_engine(engine: Engine) -> None:
-    """Drop one reference; the last one shuts the engine down."""
-    with _registry_lock:
-        entry = _engines.get(engine.spec)
-        if entry is None or entry[0] is not engine:
-            return
-        count = entry[1] - 1
-        if count > 0:
-            _engines[engine.spec] = (engine, count)
-            return
-        del _engines[engine.spec]
-    engine.close()
-
-
-def close_all_engines() -> None:
-    with _registry_lock:
-        engines = [engine for engine, _ in _engines.values()]
-        _engines.clear()
-    for engine in engines:
-        engine.close()
-
-
-atexit.register(close_all_engines)

@@ -6,16 +6,7 @@
         each branch prompt = prefix ids + its suffix ids, so every engine finds the prefix:
         the parent in its own prefix cache, pool workers in the snapshot store
 
-Routing (``route="auto"``), per branch, in this order:
-1. no started pool                         -> the parent (vLLM shares the prefix blocks and
-                                              batches the branches' decode)
-2. the pool's workers share the parent's GPU -> the parent: one GPU decodes a batch in one pass;
-                                              other processes on it add context switches and
-                                              KV loads, not compute
-3. otherwise (own CPU cores or own GPUs)    -> whichever engine has the fewest branches in
-                                              flight, the parent counted as one engine and
-                                              preferred on ties (it holds the prefix already)
-``route="parent"`` and ``route="pool"`` force one side.
+Where each branch runs: ``routing.plan_routes``.
 """
 
 from __future__ import annotations
@@ -23,17 +14,18 @@ from __future__ import annotations
 import asyncio
 import time
 from dataclasses import dataclass
-from typing import Any, Callable, Literal, Sequence
+from typing import Any, Callable, Sequence
 
 from thaw_agents_core.connector.settings import PARAMS_KEY
 from thaw_agents_core.engine.engine import Engine
+from thaw_agents_core.engine.results import GenerationResult
 from thaw_agents_core.engine.sampling import GenerationOptions, to_sampling_params
 from thaw_agents_core.fork.prefix import PrefixHandle
+from thaw_agents_core.fork.routing import Route, plan_routes
 from thaw_agents_core.pool.fork_pool import ForkPool
 from thaw_agents_core.snapshot.format import SnapshotError
 from thaw_agents_core.util import compat
 
-Route = Literal["auto", "parent", "pool"]
 DeltaCallback = Callable[[int, str], None]
 
 
@@ -101,94 +93,41 @@ class Branch:
     sample_index: int = 0
 
 
-@dataclass(slots=True)
-class BranchOutcome:
-    index: int
-    suffix_index: int
-    sample_index: int
-    engine: str
-    """"parent" or "worker-<i>"."""
-    text: str = ""
-    token_ids: list[int] | None = None
-    finish_reason: str | None = None
-    prompt_tokens: int = 0
-    cached_tokens: int = 0
-    ttft_s: float | None = None
-    total_s: float = 0.0
-    retries: int = 0
-    error: str | None = None
-
-
-def _pool_shares_parent_gpu(pool: ForkPool) -> bool:
-    from thaw_agents_core.util import compat
-
-    if compat.is_cpu_platform():
-        return False
-    return all(p.cuda_device is not None for p in pool.placements) and len(
-        {p.cuda_device for p in pool.placements}) <= 1
-
-
-def plan_routes(num_branches: int, pool: ForkPool | None, route: Route,
-                parent_in_flight: int = 0) -> list[str]:
-    """"parent" or "pool" for each branch (see the module docstring for the rule)."""
-    if route not in ("auto", "parent", "pool"):
-        raise ValueError(f"route must be 'auto', 'parent' or 'pool', got {route!r}")
-    started = pool is not None and bool(pool.alive_workers())
-    if route == "pool":
-        if not started:
-            raise ValueError("route='pool' needs a started ForkPool with live workers")
-        return ["pool"] * num_branches
-    if route == "parent" or not started or _pool_shares_parent_gpu(pool):  # type: ignore[arg-type]
-        return ["parent"] * num_branches
-    assert pool is not None
-    loads = {"parent": parent_in_flight, **{f"w{i}": n for i, n in pool.load().items()}}
-    routes = []
-    for _ in range(num_branches):
-        target = min(loads, key=lambda name: (loads[name], name != "parent"))
-        loads[target] += 1
-        routes.append("parent" if target == "parent" else "pool")
-    return routes
-
-
 async def _run_in_parent(engine: Engine, index: int, branch: Branch,
                          on_delta: DeltaCallback | None,
-                         timeout_s: float | None) -> BranchOutcome:
+                         timeout_s: float | None) -> GenerationResult:
     began = time.perf_counter()
-    outcome = BranchOutcome(index, branch.suffix_index, branch.sample_index, "parent",
-                            token_ids=[], prompt_tokens=len(branch.prompt_ids))
+    result = _new_result(index, branch, "parent")
     params = to_sampling_params(branch.options, stream=True)
     async for out in engine.stream(branch.prompt_ids, params, timeout_s=timeout_s):
-        completion = out.outputs[0]
-        if completion.token_ids and outcome.ttft_s is None:
-            outcome.ttft_s = time.perf_counter() - began
-        outcome.text += completion.text
-        outcome.token_ids.extend(completion.token_ids)  # type: ignore[union-attr]
-        outcome.cached_tokens = int(out.num_cached_tokens or 0)
-        if completion.finish_reason is not None:
-            outcome.finish_reason = completion.finish_reason
-        if on_delta is not None and completion.text:
-            on_delta(index, completion.text)
-    outcome.total_s = time.perf_counter() - began
-    return outcome
+        text = result.absorb(out, began, time.perf_counter())
+        if on_delta is not None and text:
+            on_delta(index, text)
+    result.total_s = time.perf_counter() - began
+    return result
+
+
+def _new_result(index: int, branch: Branch, engine: str, **values: Any) -> GenerationResult:
+    return GenerationResult(index=index, suffix_index=branch.suffix_index,
+                            sample_index=branch.sample_index, engine=engine,
+                            prompt_tokens=len(branch.prompt_ids), **values)
 
 
 async def _run_in_pool(pool: ForkPool, index: int, branch: Branch,
                        on_delta: DeltaCallback | None,
-                       timeout_s: float | None) -> BranchOutcome:
+                       timeout_s: float | None) -> GenerationResult:
     callback = None if on_delta is None else (lambda text: on_delta(index, text))
     result = await pool.generate(branch.prompt_ids, branch.options, on_delta=callback,
                                  timeout_s=timeout_s)
-    return BranchOutcome(index, branch.suffix_index, branch.sample_index, f"worker-{result.worker}",
-                         text=result.text, token_ids=result.token_ids,
-                         finish_reason=result.finish_reason, prompt_tokens=result.prompt_tokens,
-                         cached_tokens=result.num_cached_tokens, ttft_s=result.ttft_s,
-                         total_s=result.total_s, retries=result.retries)
+    result.index, result.suffix_index, result.sample_index = (
+        index, branch.suffix_index, branch.sample_index)
+    return result
 
 
 async def run_branches(engine: Engine, branches: Sequence[Branch], *,
                        pool: ForkPool | None = None, route: Route = "auto",
                        on_delta: DeltaCallback | None = None,
-                       timeout_s: float | None = None) -> list[BranchOutcome]:
+                       timeout_s: float | None = None) -> list[GenerationResult]:
     """Run every branch concurrently; a failed branch is reported, the others are kept."""
     parent_in_flight = (compat.num_unfinished_requests(engine.llm) if engine.is_started
                         else 0)
@@ -206,8 +145,7 @@ async def run_branches(engine: Engine, branches: Sequence[Branch], *,
         if isinstance(result, BaseException):
             if isinstance(result, asyncio.CancelledError):
                 raise result
-            result = BranchOutcome(index, branch.suffix_index, branch.sample_index, where,
-                                   prompt_tokens=len(branch.prompt_ids),
-                                   error=f"{type(result).__name__}: {result}")
+            result = _new_result(index, branch, where,
+                                 error=f"{type(result).__name__}: {result}")
         outcomes.append(result)
     return outcomes

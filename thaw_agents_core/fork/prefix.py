@@ -22,7 +22,6 @@ from typing import Any
 from thaw_agents_core.connector.settings import PARAMS_KEY  # noqa: F401 - re-exported
 from thaw_agents_core.snapshot.format import (
     Namespace,
-    SnapshotMismatchError,
     check_chunks,
     encode_header,
     parse_snapshot,
@@ -139,8 +138,3 @@ def _read_source(src: str) -> bytes:
     return path.read_bytes()
 
 
-def check_namespace(snapshot_namespace: dict[str, Any], engine: Namespace) -> None:
-    """Raise SnapshotMismatchError naming each field where a snapshot and an engine differ."""
-    mismatches = Namespace.from_json(snapshot_namespace).mismatches(engine)
-    if mismatches:
-        raise SnapshotMismatchError(mismatches)

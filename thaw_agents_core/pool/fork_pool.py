@@ -36,8 +36,9 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Callable
 
-from thaw_agents_core.engine.engine import EngineSpec
+from thaw_agents_core.engine.results import GenerationResult
 from thaw_agents_core.engine.sampling import GenerationOptions
+from thaw_agents_core.engine.spec import EngineSpec
 from thaw_agents_core.pool import wire
 from thaw_agents_core.pool.placement import Placement, default_placements
 from thaw_agents_core.util.loop_thread import LoopThread
@@ -49,21 +50,6 @@ DeltaCallback = Callable[[str], None]
 
 class PoolError(RuntimeError):
     """The pool could not start, or a request failed on every try."""
-
-
-@dataclass(slots=True)
-class WorkerResult:
-    """One request's outcome in a worker."""
-
-    text: str
-    token_ids: list[int]
-    finish_reason: str | None
-    num_cached_tokens: int
-    prompt_tokens: int
-    ttft_s: float | None
-    total_s: float
-    worker: int
-    retries: int = 0
 
 
 @dataclass
@@ -259,7 +245,7 @@ class ForkPool:
 
     async def generate(self, prompt_ids: list[int], options: GenerationOptions, *,
                        on_delta: DeltaCallback | None = None, worker: int | None = None,
-                       timeout_s: float | None = None) -> WorkerResult:
+                       timeout_s: float | None = None) -> GenerationResult:
         """Run one request on a worker (the least loaded, or ``worker``); usable from any loop.
 
         ``on_delta`` gets each new piece of text, called on the caller's loop and in its
@@ -282,7 +268,7 @@ class ForkPool:
 
     async def _generate(self, prompt_ids: list[int], options: dict[str, Any],
                         on_delta: DeltaCallback | None, worker: int | None,
-                        timeout_s: float | None) -> WorkerResult:
+                        timeout_s: float | None) -> GenerationResult:
         request = _Request(id=f"fork-{next(self._ids)}", prompt_ids=list(prompt_ids),
                            options=options, stream=on_delta is not None, on_delta=on_delta,
                            future=asyncio.get_running_loop().create_future(),
@@ -367,12 +353,8 @@ class ForkPool:
         if message["type"] == "error":
             request.future.set_exception(ValueError(message["message"]))
             return
-        request.future.set_result(WorkerResult(
-            text=message["text"], token_ids=message["token_ids"],
-            finish_reason=message["finish_reason"],
-            num_cached_tokens=message["num_cached_tokens"],
-            prompt_tokens=message["prompt_tokens"], ttft_s=message["ttft_s"],
-            total_s=message["total_s"], worker=worker.index, retries=request.retries))
+        request.future.set_result(GenerationResult.from_wire(
+            message["result"], engine=f"worker-{worker.index}", retries=request.retries))
 
     async def _on_death(self, worker: _Worker) -> None:
         was_ready = worker.ready is not None and worker.ready.done()

@@ -21,8 +21,10 @@ import signal
 import socket
 import sys
 import time
+from dataclasses import dataclass
 from typing import Any
 
+from thaw_agents_core.engine.results import GenerationResult
 from thaw_agents_core.pool import wire
 
 _IDLE_WAIT_S = 0.2
@@ -37,7 +39,16 @@ def die_with_parent() -> None:
         pass
 
 
+@dataclass(slots=True)
+class _Running:
+    began: float
+    stream: bool
+    result: GenerationResult
+
+
 class Worker:
+    """The worker process: one vLLM ``LLMEngine`` driven by frames from the parent."""
+
     def __init__(self, sock: socket.socket, config: dict[str, Any]) -> None:
         self.sock = sock
         self.config = config
@@ -51,7 +62,7 @@ class Worker:
     def start_engine(self) -> None:
         from vllm.v1.engine.llm_engine import LLMEngine
 
-        from thaw_agents_core.engine.engine import EngineSpec
+        from thaw_agents_core.engine.spec import EngineSpec
         from thaw_agents_core.snapshot.namespace import namespace_for
 
         began = time.perf_counter()
@@ -96,30 +107,23 @@ class Worker:
         except Exception as exc:  # noqa: BLE001 - reported to the caller, worker keeps serving
             self.send(type="error", id=request_id, message=f"{type(exc).__name__}: {exc}")
             return
-        self.requests[request_id] = {"began": time.perf_counter(), "ttft_s": None, "text": [],
-                                     "token_ids": [], "stream": bool(message.get("stream")),
-                                     "prompt_tokens": len(message["prompt_ids"])}
+        self.requests[request_id] = _Running(
+            began=time.perf_counter(), stream=bool(message.get("stream")),
+            result=GenerationResult(prompt_tokens=len(message["prompt_ids"])))
 
     def step(self) -> None:
+        """One engine step: stream deltas, send each finished request's result."""
         for out in self.engine.step():
-            state = self.requests.get(out.request_id)
-            if state is None:
+            running = self.requests.get(out.request_id)
+            if running is None:
                 continue
-            completion = out.outputs[0]
-            if completion.token_ids and state["ttft_s"] is None:
-                state["ttft_s"] = time.perf_counter() - state["began"]
-            state["text"].append(completion.text)
-            state["token_ids"].extend(completion.token_ids)
-            if state["stream"] and completion.text:
-                self.send(type="delta", id=out.request_id, text=completion.text,
-                          num_tokens=len(completion.token_ids))
+            text = running.result.absorb(out, running.began, time.perf_counter())
+            if running.stream and text:
+                self.send(type="delta", id=out.request_id, text=text,
+                          num_tokens=len(out.outputs[0].token_ids))
             if out.finished:
                 del self.requests[out.request_id]
-                self.send(type="done", id=out.request_id, text="".join(state["text"]),
-                          token_ids=state["token_ids"], finish_reason=completion.finish_reason,
-                          num_cached_tokens=int(out.num_cached_tokens or 0),
-                          prompt_tokens=state["prompt_tokens"], ttft_s=state["ttft_s"],
-                          total_s=time.perf_counter() - state["began"])
+                self.send(type="done", id=out.request_id, result=running.result.to_wire())
 
     def run(self) -> None:
         self.start_engine()

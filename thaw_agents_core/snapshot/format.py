@@ -52,7 +52,7 @@ import re
 import struct
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Sequence
 
 import google_crc32c
 import numpy as np
@@ -110,6 +110,7 @@ class SnapshotChecksumError(SnapshotError):
 
 
 def align_up(n: int, alignment: int = ALIGNMENT) -> int:
+    """``n`` rounded up to a multiple of ``alignment`` (default ALIGNMENT, 4096 bytes)."""
     return (n + alignment - 1) // alignment * alignment
 
 
@@ -154,12 +155,14 @@ class Namespace:
         object.__setattr__(self, "_key", hashlib.sha256(canon.encode()).hexdigest()[:32])
 
     def to_json(self) -> dict[str, Any]:
+        """The header's ``namespace`` object (``page_shape`` as a list)."""
         d = {name: getattr(self, name) for name in _NS_FIELDS}
         d["page_shape"] = list(self.page_shape)
         return d
 
     @classmethod
     def from_json(cls, obj: Any) -> Namespace:
+        """Parse a header's ``namespace`` object (SnapshotFormatError unless exact)."""
         if not isinstance(obj, Mapping):
             raise SnapshotFormatError(f"header field 'namespace' must be an object, got {_short(obj)}")
         missing = [n for n in _NS_FIELDS if n not in obj]
@@ -243,25 +246,31 @@ class SnapshotHeader:
 
     @property
     def block_size(self) -> int:
+        """Tokens per KV block (the namespace's block size)."""
         return self.namespace.block_size
 
     @property
     def num_blocks(self) -> int:
+        """Number of KV blocks in the snapshot (one block hash each)."""
         return len(self.block_hashes)
 
     @property
     def num_tokens(self) -> int:
+        """Number of prefix tokens (= num_blocks * block_size)."""
         return len(self.token_ids)
 
     @property
     def payload_bytes(self) -> int:
+        """Bytes of the payload (= num_blocks * block_bytes)."""
         return self.num_blocks * self.block_bytes
 
     @property
     def num_chunks(self) -> int:
+        """Number of CRC32C chunks (the last may hold fewer blocks)."""
         return math.ceil(self.num_blocks / self.blocks_per_chunk)
 
     def to_json(self) -> dict[str, Any]:
+        """The JSON header object as written to disk (CRCs and hashes in hex)."""
         return {
             "format": FORMAT_NAME,
             "version": FORMAT_VERSION,
@@ -368,6 +377,7 @@ def encode_header(header: SnapshotHeader) -> bytes:
 
 
 def payload_offset_for(header: SnapshotHeader) -> int:
+    """Byte offset of the payload in a snapshot with this header (ALIGNMENT-aligned)."""
     return align_up(PREFIX_BYTES + len(_header_json(header)))
 
 
@@ -382,6 +392,7 @@ class SnapshotView:
 
     @property
     def total_bytes(self) -> int:
+        """Bytes of the whole snapshot: prefix, header, padding and payload."""
         return self.payload_offset + len(self.payload)
 
     def blocks(self, num_blocks: int) -> memoryview:
@@ -478,6 +489,7 @@ def parse_snapshot(buf: Any, *, expect_namespace: Namespace | None = None,
 
 
 def default_blocks_per_chunk(block_bytes: int, chunk_bytes: int = DEFAULT_CHUNK_BYTES) -> int:
+    """Blocks per CRC chunk so a chunk holds about ``chunk_bytes`` (at least 1 block)."""
     return max(1, chunk_bytes // max(1, block_bytes))
 
 
@@ -508,9 +520,21 @@ def crc32c(data: Any) -> int:
 
 
 def compute_chunk_crcs(payload: Any, block_bytes: int, blocks_per_chunk: int) -> list[int]:
+    """CRC32C of each ``blocks_per_chunk``-block chunk of ``payload``, on the CPU."""
     mv = _as_bytes_view(payload)
     step = block_bytes * blocks_per_chunk
     return [crc32c(mv[i : i + step]) for i in range(0, len(mv), step)]
+
+
+def check_chunk_crcs(header: SnapshotHeader, crcs: Sequence[int], first_chunk: int = 0) -> None:
+    """The one chunk check: ``crcs`` (computed over chunks ``first_chunk, first_chunk + 1, ...``)
+    must equal the header's; raises :class:`SnapshotChecksumError` naming every bad chunk."""
+    want = header.chunk_crc32c[first_chunk:first_chunk + len(crcs)]
+    bad = [first_chunk + i for i, (got, expected) in enumerate(zip(crcs, want))
+           if int(got) != expected]
+    bad += range(first_chunk + len(want), first_chunk + len(crcs))  # past the header's chunks
+    if bad:
+        raise SnapshotChecksumError(bad, header.num_chunks)
 
 
 def verify_chunks(view: SnapshotView, num_blocks: int | None = None) -> list[int]:
@@ -519,7 +543,9 @@ def verify_chunks(view: SnapshotView, num_blocks: int | None = None) -> list[int
     bad = []
     for i in chunk_range(h, num_blocks):
         start, end = chunk_byte_range(h, i)
-        if crc32c(view.payload[start:end]) != h.chunk_crc32c[i]:
+        try:
+            check_chunk_crcs(h, [crc32c(view.payload[start:end])], i)
+        except SnapshotChecksumError:
             bad.append(i)
     return bad
 

@@ -62,13 +62,16 @@ class SnapshotPlan:
 
     @property
     def payload_bytes(self) -> int:
+        """Bytes of the payload (the header's ``payload_bytes``)."""
         return self.header.payload_bytes
 
     @property
     def total_bytes(self) -> int:
+        """Bytes to reserve for the whole snapshot: header region plus payload."""
         return self.payload_offset + self.header.payload_bytes
 
     def payload_view(self, dest: Any) -> memoryview:
+        """The writable payload region of ``dest`` (a buffer of at least total_bytes)."""
         mv = self._dest(dest)
         return mv[self.payload_offset : self.total_bytes]
 

@@ -14,7 +14,6 @@ weights change in practice; for certainty across in-place weight updates (RL), p
 from __future__ import annotations
 
 import hashlib
-import json
 import os
 from pathlib import Path
 from typing import Any
@@ -100,5 +99,3 @@ def _cached_fingerprint(model_config: Any, load_format: str) -> str:
     return _fingerprints[key]
 
 
-def namespace_json(namespace: Namespace) -> str:
-    return json.dumps(namespace.to_json(), sort_keys=True)

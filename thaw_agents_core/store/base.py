@@ -45,6 +45,8 @@ class SnapshotNotFoundError(LookupError):
 
 @dataclass(frozen=True, slots=True)
 class SnapshotRef:
+    """Names one published snapshot: its namespace key and snapshot id."""
+
     namespace_key: str
     snapshot_id: str
 
@@ -59,6 +61,8 @@ class Match:
 
 @dataclass(frozen=True, slots=True)
 class SnapshotInfo:
+    """One indexed snapshot: its ref, size (blocks, bytes), creation time and block hashes."""
+
     ref: SnapshotRef
     num_blocks: int
     total_bytes: int
@@ -116,7 +120,8 @@ class Reservation(ABC):
         against the header's namespace when given."""
 
     @abstractmethod
-    def abort(self) -> None: ...
+    def abort(self) -> None:
+        """Free the region without publishing (no-op once committed or aborted)."""
 
     def __enter__(self) -> Reservation:
         return self
@@ -162,7 +167,8 @@ class SnapshotStore(ABC):
     def _load_entry(self, namespace_key: str, snapshot_id: str) -> SnapshotInfo: ...
 
     @abstractmethod
-    def reserve(self, nbytes: int) -> Reservation: ...
+    def reserve(self, nbytes: int) -> Reservation:
+        """A writable region of ``nbytes`` bytes for one new snapshot (see :class:`Reservation`)."""
 
     @abstractmethod
     def open(self, ref: SnapshotRef, *, expect_namespace: Namespace | None = None,
@@ -172,9 +178,11 @@ class SnapshotStore(ABC):
         :func:`~thaw_agents_core.snapshot_format.parse_snapshot`."""
 
     @abstractmethod
-    def delete(self, ref: SnapshotRef) -> bool: ...
+    def delete(self, ref: SnapshotRef) -> bool:
+        """Remove the snapshot; False if it was not there."""
 
     def close(self) -> None:
+        """Drop the cached indexes (backends also release their files or mappings)."""
         self._indexes.clear()
 
     def __enter__(self) -> SnapshotStore:
@@ -219,9 +227,11 @@ class SnapshotStore(ABC):
         return None
 
     def list(self, namespace_key: str) -> list[SnapshotInfo]:
+        """Every snapshot in the namespace, oldest first."""
         return sorted(self._refresh(namespace_key).entries.values(), key=lambda i: i.created_unix)
 
     def info(self, ref: SnapshotRef) -> SnapshotInfo:
+        """The index entry of ``ref``; raises :class:`SnapshotNotFoundError` when it is gone."""
         found = self._refresh(ref.namespace_key).entries.get(ref.snapshot_id)
         if found is None:
             raise SnapshotNotFoundError(f"snapshot {ref.snapshot_id} is not in namespace {ref.namespace_key}")

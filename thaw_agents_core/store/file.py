@@ -110,6 +110,7 @@ class FileStore(SnapshotStore):
         return None
 
     def path_of(self, ref: SnapshotRef) -> str:
+        """Path of the snapshot's file: ``<root>/<namespace_key>/<snapshot_id>.thawkv``."""
         check_key(ref.namespace_key)
         check_key(ref.snapshot_id, "snapshot_id")
         return os.path.join(self.root, ref.namespace_key, ref.snapshot_id + self.SUFFIX)
@@ -122,6 +123,7 @@ class FileStore(SnapshotStore):
         return SnapshotInfo(ref, header.num_blocks, size, header.created_unix, tuple(header.block_hashes))
 
     def reserve(self, nbytes: int) -> Reservation:
+        """A preallocated temp file of ``nbytes`` (ValueError over ``max_bytes``)."""
         if nbytes <= 0:
             raise ValueError(f"nbytes must be positive, got {nbytes}")
         if self.max_bytes is not None and nbytes > self.max_bytes:
@@ -163,6 +165,7 @@ class FileStore(SnapshotStore):
 
     def open(self, ref: SnapshotRef, *, expect_namespace: Namespace | None = None,
              on_prefix: PrefixHook | None = None) -> SnapshotView:
+        """Map and validate the snapshot's file (see SnapshotStore.open); marks it used."""
         path = self.path_of(ref)
         try:
             view = open_snapshot_file(path, expect_namespace=expect_namespace, on_prefix=on_prefix)
@@ -175,4 +178,5 @@ class FileStore(SnapshotStore):
         return view
 
     def delete(self, ref: SnapshotRef) -> bool:
+        """Unlink the snapshot's file; False if it was not there."""
         return unlink_if_exists(self.path_of(ref))

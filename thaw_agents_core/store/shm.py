@@ -60,6 +60,7 @@ class ShmDescriptor:
 
     @classmethod
     def from_json(cls, obj: Any) -> ShmDescriptor:
+        """Parse a descriptor file's object; ValueError unless offsets and counts are sane."""
         d = cls(**obj)
         ints = (d.offset, d.length, d.num_blocks, d.pid)
         if not all(isinstance(v, int) and v >= 0 for v in ints) or d.offset % ALIGNMENT:
@@ -327,6 +328,7 @@ class ShmStore(SnapshotStore):
         return out
 
     def reserve(self, nbytes: int) -> Reservation:
+        """A first-fit arena region, evicting least recently used snapshots to make room."""
         if nbytes <= 0:
             raise ValueError(f"nbytes must be positive, got {nbytes}")
         need = align_up(nbytes)
@@ -360,6 +362,7 @@ class ShmStore(SnapshotStore):
 
     def open(self, ref: SnapshotRef, *, expect_namespace: Namespace | None = None,
              on_prefix: PrefixHook | None = None) -> SnapshotView:
+        """Validate the snapshot in its arena region, zero-copy (see SnapshotStore.open)."""
         d = self._read_descriptor(ref)
         if d.offset + d.length > self.capacity_bytes:
             raise ValueError(f"descriptor of {ref.snapshot_id} points past the arena end: {d}")
@@ -381,6 +384,7 @@ class ShmStore(SnapshotStore):
         return view
 
     def delete(self, ref: SnapshotRef) -> bool:
+        """Remove the snapshot's descriptor (its region becomes free); False if gone."""
         with flocked(self._lock):
             try:
                 os.unlink(self._descriptor_path(ref))

