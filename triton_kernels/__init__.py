@@ -3,21 +3,26 @@
 Installed as ``thaw_kernels`` (the folder is ``triton_kernels/``): vLLM imports a module named
 ``triton_kernels`` (OpenAI's MoE kernels) and must never find this one.
 
+One module per op, each holding the op's Triton kernel, its launcher, its torch reference and
+its CPU path (tests: ``tests/unit/test_<op>.py``; benchmark: ``benchmarks/kernels.py``):
+
 - :mod:`.kv_blocks`: gather/scatter KV-cache blocks of all layers in one launch.
 - :mod:`.crc32c`: CRC32C per fixed-size chunk, and combining chunk CRCs.
+
+and what the KV op builds on:
+
+- :mod:`.block_ids`: block ids validated on the host and staged to the device.
+- :mod:`.kv_pages`: where a layer tensor's pages are (``KVPageSpec``), layer/buffer checks.
+
+Imports point down only: kv_blocks -> block_ids -> kv_pages (and kv_blocks -> kv_pages);
+crc32c and kv_pages import no sibling.
 
 CUDA tensors run Triton kernels; CPU tensors run the torch/libcrc32c paths.
 """
 
 from .crc32c import chunk_crc32c, chunk_crc32c_reference, combine_chunk_crcs, crc32c_combine
-from .kv_blocks import (
-                        KVPageSpec,
-                        kv_gather,
-                        kv_gather_reference,
-                        kv_scatter,
-                        kv_scatter_reference,
-                        page_spec_for,
-)
+from .kv_blocks import kv_gather, kv_gather_reference, kv_scatter, kv_scatter_reference
+from .kv_pages import KVPageSpec, page_spec_for
 
 __all__ = [
     "KVPageSpec", "page_spec_for", "kv_gather", "kv_scatter", "kv_gather_reference", "kv_scatter_reference",

@@ -8,19 +8,20 @@ nor synchronises. Ids that already live on a device are checked there (one sync)
 from __future__ import annotations
 
 import threading
-from typing import TYPE_CHECKING, Sequence, Union
+from typing import Sequence, Union
 
 import numpy as np
 import torch
 import triton
 
-if TYPE_CHECKING:
-    from .kv_blocks import KVPageSpec
+from .kv_pages import KVPageSpec
 
 BlockIds = Union[Sequence[int], torch.Tensor]
+"""Block ids as a Python sequence, a numpy array, or a CPU or device tensor."""
 
 
 def bad_ids_dtype(block_ids: BlockIds, dtype, shape) -> ValueError:
+    """The error for ids that are not a 1-D integer sequence (names the dtype torch would infer)."""
     if not isinstance(block_ids, torch.Tensor):
         try:  # name the dtype torch would have inferred, as the error always did
             dtype = torch.as_tensor(list(block_ids)).dtype
@@ -30,6 +31,7 @@ def bad_ids_dtype(block_ids: BlockIds, dtype, shape) -> ValueError:
 
 
 def check_id_values(lo: int, hi: int, n_distinct: int | None, n: int, spec: KVPageSpec) -> None:
+    """Raise unless ids lie in 0..num_blocks-1 and, when ``n_distinct`` is given, none repeats."""
     if lo < 0 or hi >= spec.num_blocks:
         bad = lo if lo < 0 else hi
         raise ValueError(f"block id {bad} out of range: the cache has {spec.num_blocks} blocks "
@@ -112,6 +114,7 @@ class _IdStager:
         self.events = [None] * ID_SLOTS
 
     def to_device(self, ids: np.ndarray) -> torch.Tensor:
+        """``ids`` on the device, copied asynchronously from the next pinned slot."""
         n = ids.shape[0]
         out = torch.empty(n, dtype=torch.int64, device=self.device)
         if n == 0:

@@ -5,6 +5,11 @@
 
 ``combine_chunk_crcs(crcs, chunk_bytes, len(buf))`` folds them into the CRC of the whole buffer.
 
+In this module, in order: the GF(2) host math and the combines (``crc32c_combine``,
+``combine_chunk_crcs``), the reference (``chunk_crc32c_reference``) and the CPU path, the Triton
+kernels (``_crc32c_pieces_kernel``, ``_crc32c_chunks_kernel``) and their launcher
+(``_chunk_crc32c_triton``), and the public dispatch (``chunk_crc32c``).
+
 CUDA: Triton. CPU: libcrc32c (SSE4.2) through ctypes, which releases the GIL, so chunks run on
 threads without copying the tensor to ``bytes``; ``google_crc32c.value(bytes(...))`` if the library
 cannot be found.

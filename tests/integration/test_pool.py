@@ -1,6 +1,6 @@
-"""ForkPool: the wire framing, then lifecycle and faults on real vLLM engines.
+"""ForkPool: lifecycle and faults on real vLLM engines.
 
-Wire: length-prefixed JSON frames (thaw_agents_core/wire.py), round trips and refusals.
+(The wire framing between the pool and its workers: tests/unit/test_pool_wire.py.)
 
 Engines: one parent ChatThaw (float32 tiny Llama, its own shared-memory store) and one 2-worker
 pool for the module. Faults: a worker SIGKILLed in the middle of a fanout (every branch still
@@ -22,77 +22,18 @@ from pathlib import Path
 
 import psutil
 import pytest
+from fanout_procs import BLOCK, PREFIX_TEXT, SUFFIXES, parent_model, running
 from langchain_core.messages import SystemMessage
 
 from thaw_agents import ForkPool, fork_fanout
-from thaw_agents.snapshots import render_prefix
 from thaw_agents_core.engine.sampling import GenerationOptions
-from thaw_agents_core.pool import wire
 from thaw_agents_core.pool.fork_pool import PoolError
 from thaw_agents_core.store.shm import ShmStore
 
 HERE = Path(__file__).parent
-sys.path.insert(0, str(HERE))
-from fanout_procs import BLOCK, PREFIX_TEXT, SUFFIXES, parent_model, running  # noqa: E402
 
 STORE = f"pool-{os.getpid()}"
 PREFIX = [SystemMessage(PREFIX_TEXT)]
-
-
-# ---------------------------------------------------------------------- wire framing
-
-
-def test_wire_round_trip_in_any_chunking():
-    messages = [{"type": "generate", "id": "fork-1", "prompt_ids": list(range(3000)),
-                 "options": {"max_tokens": 8, "stop": ["\n"], "logit_bias": {"65": 1.5}},
-                 "stream": True},
-                {"type": "delta", "id": "fork-1", "text": "h\u00e9llo \u2603 \x00", "num_tokens": 3},
-                {"type": "shutdown"}]
-    data = b"".join(wire.encode(m) for m in messages)
-    assert int.from_bytes(data[:4], "little") == len(json.dumps(
-        messages[0], separators=(",", ":")).encode())
-    whole = wire.FrameBuffer()
-    assert whole.feed(data) == messages
-    bytewise = wire.FrameBuffer()
-    got = [m for i in range(len(data)) for m in bytewise.feed(data[i:i + 1])]
-    assert got == messages
-    assert bytewise.feed(b"") == []
-
-
-async def test_wire_stream_reader_round_trip_and_end_of_stream():
-    reader = asyncio.StreamReader()
-    reader.feed_data(wire.encode({"type": "pong", "id": 7, "num_running": 0}))
-    reader.feed_data(wire.encode({"type": "ping", "id": 8})[:6])  # cut mid-frame: peer died
-    reader.feed_eof()
-    assert await wire.read_message(reader) == {"type": "pong", "id": 7, "num_running": 0}
-    assert await wire.read_message(reader) is None
-    assert await wire.read_message(reader) is None
-
-
-async def test_wire_refuses_oversized_frames(monkeypatch):
-    header = (wire.MAX_FRAME_BYTES + 1).to_bytes(4, "little")
-    with pytest.raises(wire.WireError, match=f"exceeds {wire.MAX_FRAME_BYTES}"):
-        wire.FrameBuffer().feed(header + b"{}")
-    reader = asyncio.StreamReader()
-    reader.feed_data(header)
-    with pytest.raises(wire.WireError, match="exceeds"):
-        await wire.read_message(reader)
-    monkeypatch.setattr(wire, "MAX_FRAME_BYTES", 1024)
-    with pytest.raises(wire.WireError, match="exceeds 1024"):
-        wire.encode({"type": "done", "text": "x" * 2000})
-
-
-@pytest.mark.parametrize("body", [b"\xff\xfe not utf-8", b"{not json", b"[1, 2]", b'"text"',
-                                  b'{"id": 1}', b'{"type": 3}'])
-async def test_wire_garbage_is_a_wire_error(body):
-    frame = len(body).to_bytes(4, "little") + body
-    with pytest.raises(wire.WireError):
-        wire.FrameBuffer().feed(frame)
-    reader = asyncio.StreamReader()
-    reader.feed_data(frame)
-    reader.feed_eof()
-    with pytest.raises(wire.WireError):
-        await wire.read_message(reader)
 
 
 # ---------------------------------------------------------------------- engines
@@ -124,7 +65,7 @@ def pool(llm):
 
 @pytest.fixture(scope="module")
 def prefix_ids(llm) -> list[int]:
-    ids = render_prefix(llm, PREFIX).token_ids
+    ids = llm.render_prefix(PREFIX).token_ids
     assert len(ids) >= 2000
     return ids
 
@@ -186,7 +127,7 @@ async def test_request_timeout_aborts_and_the_worker_keeps_serving(llm, pool, pr
     assert time.monotonic() - began < 10
     short = await pool.generate(prefix_ids, GenerationOptions(max_tokens=4, temperature=0.0),
                                 worker=0)
-    assert short.worker == 0 and len(short.token_ids) == 4
+    assert short.engine == "worker-0" and len(short.token_ids) == 4
     # the same through fork_fanout: every branch reports the TimeoutError, none is lost
     results = await fork_fanout(llm, PREFIX, SUFFIXES[:2], options={"max_tokens": 1300,
                                 "ignore_eos": True}, pool=pool, route="pool", timeout_s=0.5)
@@ -203,8 +144,8 @@ def test_context_manager_and_close_leave_no_workers(llm, prefix_ids):
         (pid,) = one.worker_pids()
         result = asyncio.run(one.generate(prefix_ids, GenerationOptions(max_tokens=4,
                                                                         temperature=0.0)))
-        assert result.worker == 0 and len(result.token_ids) == 4
-        assert result.num_cached_tokens >= len(prefix_ids) // BLOCK * BLOCK  # from the store
+        assert result.engine == "worker-0" and len(result.token_ids) == 4
+        assert result.cached_tokens >= len(prefix_ids) // BLOCK * BLOCK  # from the store
     assert not running(pid) and one.alive_workers() == []
     one.close()  # twice is fine
     with pytest.raises(PoolError, match="closed"):

@@ -1,4 +1,7 @@
-"""S3 transfers against a real HTTP endpoint (moto's threaded server on loopback)."""
+"""S3 transfers against a real HTTP endpoint (moto's threaded server on loopback).
+
+(S3 URL parsing, no server: tests/unit/test_s3_urls.py.)
+"""
 
 from __future__ import annotations
 
@@ -17,7 +20,7 @@ from thaw_agents_core.snapshot.format import (  # noqa: E402
     parse_snapshot,
 )
 from thaw_agents_core.snapshot.io import build_snapshot, write_snapshot_file  # noqa: E402
-from thaw_agents_core.store.s3 import download_snapshot, make_client, parse_s3_url, upload_snapshot  # noqa: E402
+from thaw_agents_core.store.s3 import download_snapshot, make_client, upload_snapshot  # noqa: E402
 
 NS = Namespace("tiny-model", "w1", "float32", "auto", "cpu", 4, 2, (1, 4, 2), "0.32.0")
 BUCKET = "thaw-test"
@@ -96,10 +99,3 @@ def test_invalid_snapshots_are_rejected_both_ways(client, tmp_path):
         download_snapshot(f"s3://{BUCKET}/ok.thawkv", dest, client=client, expect_namespace=other)
     assert os.listdir(tmp_path) == []  # the destination only ever appears complete and valid
     assert parse_snapshot(client.get_object(Bucket=BUCKET, Key="ok.thawkv")["Body"].read()).header.num_blocks == 1
-
-
-@pytest.mark.parametrize("url", ["http://b/k", "s3://", "s3://bucket", "s3://bucket/", "s3:///key", "s3://b/dir/"])
-def test_bad_urls(url):
-    with pytest.raises(ValueError, match="bad S3 URL"):
-        parse_s3_url(url)
-    assert parse_s3_url("s3://b/some/key.thawkv") == ("b", "some/key.thawkv")

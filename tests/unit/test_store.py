@@ -1,59 +1,34 @@
-"""FileStore and ShmStore: longest-prefix lookup, atomic publish, eviction, processes, leaks."""
+"""FileStore and ShmStore: longest-prefix lookup, atomic publish, eviction, layout, leaks.
+
+In one process; what other processes see (and leave behind) is
+tests/integration/test_store_processes.py.
+"""
 
 from __future__ import annotations
 
 import os
-import subprocess
-import sys
-import textwrap
 import time
-import uuid
 
-import numpy as np
 import pytest
+from store_samples import (  # noqa: F401  (no_shm_leaks: an autouse fixture)
+    BASE,
+    BLOCK_BYTES,
+    CAPACITY,
+    KEY,
+    NS,
+    OTHER_KEY,
+    chain,
+    no_shm_leaks,
+    shm_name,
+    snapshot,
+)
 
-from thaw_agents_core.snapshot.block_hashes import block_hash_chain
-from thaw_agents_core.snapshot.format import Namespace, parse_snapshot, verify_chunks
-from thaw_agents_core.snapshot.io import build_snapshot
+from thaw_agents_core.snapshot.format import parse_snapshot, verify_chunks
 from thaw_agents_core.store import base as store_mod
 from thaw_agents_core.store.base import Match, SnapshotNotFoundError, SnapshotRef
 from thaw_agents_core.store.file import FileStore
 from thaw_agents_core.store.shm import ShmStore, ShmStoreFullError
 from thaw_agents_core.store.url import open_store, parse_size
-
-NS = Namespace("tiny-model", "w1", "float32", "auto", "cpu", 4, 2, (1, 4, 2), "0.32.0")
-KEY = NS.key()
-OTHER_KEY = Namespace(**{**NS.to_json(), "block_size": 8}).key()
-BLOCK_BYTES = 64
-CAPACITY = 64 * 4096  # 256 KiB: a 1-8 block snapshot takes 2 pages (4096 header + payload)
-
-BASE = list(range(1000, 1040))  # 10 blocks
-
-
-def snapshot(tokens: list[int], seed: int = 0, **kw) -> bytearray:
-    """A snapshot whose payload bytes are a deterministic function of (seed, tokens)."""
-    rng = np.random.default_rng([seed, *tokens[:4], len(tokens)])
-    payload = rng.integers(0, 256, len(tokens) // 4 * BLOCK_BYTES, dtype=np.uint8)
-    return build_snapshot(NS, tokens, BLOCK_BYTES, payload, blocks_per_chunk=2, created_unix=1700000000, **kw)
-
-
-def chain(tokens: list[int]) -> list[bytes]:
-    return block_hash_chain(tokens, 4)
-
-
-def thaw_shm_entries() -> set[str]:
-    return {n for n in os.listdir("/dev/shm") if n.startswith(("thaw-", ".thaw-"))}
-
-
-@pytest.fixture(autouse=True)
-def no_shm_leaks():
-    before = thaw_shm_entries()
-    yield
-    assert thaw_shm_entries() == before, "a test leaked /dev/shm entries"
-
-
-def shm_name() -> str:
-    return f"test-{os.getpid()}-{uuid.uuid4().hex[:8]}"
 
 
 @pytest.fixture(params=["file", "shm"])
@@ -61,12 +36,6 @@ def store(request, tmp_path):
     s = FileStore(tmp_path / "store") if request.param == "file" else ShmStore(shm_name(), CAPACITY, create=True)
     yield s
     s.close()
-
-
-def run_child(code: str) -> str:
-    proc = subprocess.run([sys.executable, "-c", textwrap.dedent(code)], capture_output=True, text=True, timeout=60)
-    assert proc.returncode == 0, proc.stderr
-    return proc.stdout.strip()
 
 
 # -- both stores --------------------------------------------------------------------------
@@ -206,14 +175,6 @@ def test_filestore_evicts_least_recently_used(tmp_path):
     )
 
 
-def test_filestore_reclaims_temp_files_of_dead_writers(tmp_path):
-    FileStore(tmp_path)
-    dead_pid = int(run_child("import os; print(os.getpid())"))
-    (tmp_path / ".tmp" / f"{dead_pid}-1-abcd.partial").write_bytes(b"x")
-    FileStore(tmp_path)
-    assert os.listdir(tmp_path / ".tmp") == []
-
-
 # -- ShmStore -----------------------------------------------------------------------------
 
 
@@ -311,72 +272,6 @@ def test_shm_overwrite_while_reading_is_caught_by_crc():
         s.arena_view()[offset + view.payload_offset + 5 * BLOCK_BYTES] ^= 1  # block 5 -> chunk 2
         assert verify_chunks(view) == [2] and verify_chunks(view, num_blocks=4) == []
         view.close()
-
-
-def child_code(name: str, body: str) -> str:
-    here = os.path.dirname(__file__)
-    return f"""
-import hashlib, sys
-sys.path.insert(0, {here!r})
-from test_store import KEY, BASE, snapshot, chain
-from thaw_agents_core.store.shm import ShmStore
-s = ShmStore({name!r}, create=False)
-{textwrap.dedent(body)}
-s.close()
-"""
-
-
-def test_shm_two_processes_share_snapshots():
-    with ShmStore(shm_name(), CAPACITY, create=True) as s:
-        # child publishes, parent finds and reads it
-        sid = run_child(child_code(s.name, "print(s.publish_bytes(KEY, snapshot(BASE, seed=7)).snapshot_id)"))
-        match = s.lookup(KEY, chain(BASE))
-        assert match is not None and match.ref.snapshot_id == sid and match.num_blocks == 10
-        with s.open(match.ref) as view:
-            assert bytes(view.payload) == bytes(parse_snapshot(snapshot(BASE, seed=7)).payload)
-        # parent publishes, child finds it and reads identical bytes
-        ref = s.publish_bytes(KEY, snapshot(BASE[:20] + [3] * 8, seed=8))
-        digest = run_child(child_code(s.name, """
-            m = s.lookup(KEY, chain(BASE[:20] + [3] * 8))
-            v = s.open(m.ref)
-            print(m.ref.snapshot_id, m.num_blocks, hashlib.sha256(v.payload).hexdigest())
-            v.close()
-        """))
-        import hashlib
-
-        expected = hashlib.sha256(parse_snapshot(snapshot(BASE[:20] + [3] * 8, seed=8)).payload).hexdigest()
-        assert digest == f"{ref.snapshot_id} 7 {expected}"
-    # the child attached and closed: it did not unlink, the parent (creator) did
-
-
-def test_shm_concurrent_writers_never_overlap():
-    with ShmStore(shm_name(), 16 * 4096, create=True) as s:  # room for 8 of 12 x 3 snapshots
-        body = """
-            for i in range(12):
-                s.publish_bytes(KEY, snapshot(BASE[:4 * (1 + i % 8)], seed=int(sys.argv[1]) * 100 + i))
-        """
-        procs = [subprocess.Popen([sys.executable, "-c", textwrap.dedent(child_code(s.name, body)), str(k)],
-                                  stderr=subprocess.PIPE, text=True) for k in range(3)]  # fmt: skip
-        for p in procs:
-            assert p.wait(timeout=60) == 0, p.stderr.read()
-            p.stderr.close()
-        regions = sorted(s.region_of(i.ref) for i in s.list(KEY))
-        assert 1 <= len(regions) <= 8
-        for (off, length), (next_off, _) in zip(regions, regions[1:]):
-            assert off + length <= next_off
-        for info in s.list(KEY):
-            with s.open(info.ref) as view:
-                assert verify_chunks(view) == []
-        assert os.listdir(os.path.join(s.path, "reservations")) == []
-
-
-def test_shm_reservation_of_dead_process_is_reclaimed():
-    with ShmStore(shm_name(), 4 * 4096, create=True) as s:
-        run_child(child_code(s.name, "r = s.reserve(4 * 4096); import os; os._exit(0)"))
-        assert len(os.listdir(os.path.join(s.path, "reservations"))) == 1
-        with s.reserve(4 * 4096) as r:  # the dead child's region is reclaimed
-            assert r.offset == 0
-        assert os.listdir(os.path.join(s.path, "reservations")) == []
 
 
 # -- open_store ---------------------------------------------------------------------------

@@ -86,6 +86,15 @@ class ThawConnector(KVConnectorBase_V1):
         assert self._worker is not None
         return self._worker.get_block_ids_with_load_errors()
 
+    def reset_cache(self) -> bool:
+        """vLLM's ``reset_prefix_cache(reset_connector=True)``: after a weight swap the
+        scheduler side takes the new weights version (worker side: on its next step)."""
+        if self._scheduler is not None:
+            self._scheduler.refresh_namespace()
+        if self._worker is not None:
+            self._worker.refresh_namespace()
+        return True
+
     def shutdown(self) -> None:
         if self._worker is not None:
             self._worker.close()

@@ -22,6 +22,7 @@ import secrets
 from dataclasses import dataclass, field
 from typing import Any
 
+from thaw_agents_core.connector.cost import cost_model_for
 from thaw_agents_core.connector.events import EventLog
 from thaw_agents_core.connector.meta import LoadOp, SaveOp, ThawConnectorMetadata
 from thaw_agents_core.connector.settings import PARAMS_KEY, ConnectorSettings
@@ -29,6 +30,7 @@ from thaw_agents_core.connector.verifier import SnapshotVerifier
 from thaw_agents_core.snapshot.block_hashes import block_hash_chain
 from thaw_agents_core.snapshot.namespace import namespace_for
 from thaw_agents_core.store.base import SnapshotNotFoundError, SnapshotRef, SnapshotStore
+from thaw_agents_core.weights import fence
 
 logger = logging.getLogger("thaw_agents.connector")
 
@@ -52,11 +54,25 @@ class _SaveState:
     existing: bool = False
 
 
+def kv_bytes_per_token(kv_cache_config: Any, block_size: int) -> int:
+    """KV bytes one token takes across all layers (0 when vLLM does not say)."""
+    try:
+        num_blocks = int(kv_cache_config.num_blocks)
+        total = sum(int(t.size) for t in kv_cache_config.kv_cache_tensors)
+        return total // max(1, num_blocks * block_size)
+    except (AttributeError, TypeError, ValueError):
+        return 0
+
+
 class SchedulerSide:
+    """Everything the ThawConnector does inside vLLM's scheduler (see the module docstring)."""
+
     def __init__(self, vllm_config: Any, kv_cache_config: Any, settings: ConnectorSettings,
                  open_store: Any) -> None:
         self.settings = settings
         self.block_size = int(vllm_config.cache_config.block_size)
+        self._vllm_config = vllm_config
+        self._engine_id = fence.engine_id_of(vllm_config)
         self.namespace = namespace_for(vllm_config, settings.weights_version)
         self.namespace_key = self.namespace.key()
         self._open_store = open_store
@@ -65,8 +81,11 @@ class SchedulerSide:
         self._pending: dict[str, _PendingLoad] = {}
         self._loads: list[LoadOp] = []
         self._saves: dict[str, _SaveState] = {}
+        self._decisions: dict[str, dict[str, Any]] = {}
         self.events = EventLog(settings.events_path)
-        self.verifier = SnapshotVerifier(lambda: self.store, self._refused)
+        self.verifier = SnapshotVerifier(lambda: self.store, self.namespace, self._refused)
+        self.cost = cost_model_for(self.namespace_key)
+        self.bytes_per_token = kv_bytes_per_token(kv_cache_config, self.block_size)
 
     def _refused(self, ref: Any, reason: str) -> None:
         self.events.write(event="load_refused", snapshot_id=ref.snapshot_id, error=reason)
@@ -77,10 +96,18 @@ class SchedulerSide:
             self._store = self._open_store()
         return self._store
 
+    def refresh_namespace(self) -> None:
+        """Follow a weight swap (weights/fence.py): the namespace of the current version."""
+        version = fence.weights_version(self._engine_id, self.settings.weights_version)
+        if version != self.namespace.weights_version:
+            self.namespace = namespace_for(self._vllm_config, version)
+            self.namespace_key = self.namespace.key()
+
     # ------------------------------------------------------------------ lookups
 
     def get_num_new_matched_tokens(self, request: Any, num_computed_tokens: int
                                    ) -> tuple[int | None, bool]:
+        self.refresh_namespace()
         params = (getattr(request, "kv_transfer_params", None) or {}).get(PARAMS_KEY) or {}
         prompt = list(request.prompt_token_ids or [])
         if params.get("save") and request.request_id not in self._saves:
@@ -100,15 +127,21 @@ class SchedulerSide:
         if match is None or match.num_blocks * self.block_size <= num_computed_tokens:
             self._pending.pop(request.request_id, None)
             return 0, False
-        verdict = self.verifier.verdict(match.ref)  # see snapshot_verifier.py
-        if verdict is None:
-            return None, False  # being verified: vLLM asks again on a later step
-        if not verdict:
+        last_hash = chain[match.num_blocks - 1].hex()
+        if not self.verifier.accepts(match.ref, match.num_blocks, last_hash):  # header only
+            self._pending.pop(request.request_id, None)
+            return 0, False
+        num_tokens = match.num_blocks * self.block_size - num_computed_tokens
+        decision = self.cost.decide(num_tokens, num_tokens * self.bytes_per_token)
+        self._decisions[request.request_id] = decision.to_json()
+        if not decision.load:  # this engine recomputes these tokens faster than it loads them
+            self.events.write(event="load_skipped", req_id=request.request_id,
+                              snapshot_id=match.ref.snapshot_id, decision=decision.to_json())
             self._pending.pop(request.request_id, None)
             return 0, False
         self._pending[request.request_id] = _PendingLoad(
             snapshot_id=match.ref.snapshot_id, first_block=num_computed_tokens // self.block_size,
-            end_block=match.num_blocks, last_hash=chain[match.num_blocks - 1].hex())
+            end_block=match.num_blocks, last_hash=last_hash)
         return match.num_blocks * self.block_size - num_computed_tokens, False
 
     def _chain(self, req_id: str, prompt: list[int], max_blocks: int) -> list[bytes]:
@@ -158,6 +191,7 @@ class SchedulerSide:
     # ------------------------------------------------------------------ per-step metadata
 
     def build_connector_meta(self, scheduler_output: Any) -> ThawConnectorMetadata:
+        self.cost.on_step(int(getattr(scheduler_output, "total_num_scheduled_tokens", 0) or 0))
         meta = ThawConnectorMetadata(loads=self._loads)
         self._loads = []
         if not self._saves:
@@ -200,9 +234,13 @@ class SchedulerSide:
         self._chains.pop(req_id, None)
         self._pending.pop(req_id, None)
         state = self._saves.pop(req_id, None)
-        if state is None:
-            return False, None
-        return False, {PARAMS_KEY: {"snapshot": self._save_result(state)}}
+        params: dict[str, Any] = {}
+        decision = self._decisions.pop(req_id, None)
+        if decision is not None:
+            params["load_decision"] = decision
+        if state is not None:
+            params["snapshot"] = self._save_result(state)
+        return False, ({PARAMS_KEY: params} if params else None)
 
     def _save_result(self, state: _SaveState) -> dict[str, Any]:
         result: dict[str, Any] = {

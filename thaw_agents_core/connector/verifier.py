@@ -1,71 +1,75 @@
-"""Checks every snapshot's chunk CRC32Cs once per process, before any request may load it.
+"""The scheduler side's check of a snapshot before it offers it to vLLM: header, namespace and
+bounds only; no pass over the payload.
 
-Why the scheduler side checks too (the worker re-checks the bytes it copies): a load that fails
-on the worker is reported to vLLM as a load error and recomputed, and on the CPU engine that
-recovery is exact. On the H100 (vLLM 0.26, asynchronous scheduling on by default) a request
-whose snapshot failed there produced different tokens than a cold run (seen 2026-11-23: one
-flipped payload byte). So a snapshot is offered to vLLM only once its bytes are known good:
+    scheduler: lookup -> match -> SnapshotVerifier.accepts(ref, num_blocks, last_hash)
+        the header (parsed once per snapshot id, ~1.5 ms at 8192 tokens) must parse and
+        validate, its namespace must equal this engine's (model, weights version, dtypes,
+        layout, block size, vLLM version), it must hold the matched blocks, and its block-hash
+        chain must end in the hash the request computed -> report the matched tokens
+        otherwise -> report no match: the request computes its prompt
 
-    scheduler: lookup -> match -> verdict(ref)
-        unknown  -> start a background check, answer "ask again later" (vLLM re-queries the
-                    request on its next step; other requests keep running)
-        good     -> report the matched tokens (the worker copies and verifies again)
-        bad      -> report no match: the request computes its prompt, and the store's other
-                    snapshots are unaffected
+The bytes are verified where they are copied: ``transport.kv.KVTransport.load`` checks every
+chunk's CRC32C (on the device on CUDA, on the copy path on the CPU) before it scatters that
+chunk into the cache; a bad chunk is reported to vLLM as a load error and recomputed. So no
+byte reaches a live cache unverified, and a good snapshot costs no extra pass (the host CRC pass
+this module used to run cost 1-4 ms per 136 MB and an extra scheduler step per new snapshot:
+TTFT 32.4 vs 28.2 ms recomputing 1040 tokens on the H200, 2026-12-01).
 
-A check reads the whole snapshot once on the CPU (multi-threaded CRC32C, ~6 GB/s per core).
-Snapshots never change once published (a recycled shared-memory region carries a new id), so
-a verdict per snapshot id holds for the life of the process.
+Snapshots never change once published (a recycled shared-memory region carries a new id), so a
+header verdict per snapshot id holds for the life of the process.
 """
 
 from __future__ import annotations
 
 import logging
-from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
 from typing import Callable
 
-from thaw_agents_core.snapshot.format import SnapshotError, check_chunk_crcs
+from thaw_agents_core.snapshot.format import Namespace, SnapshotError
 from thaw_agents_core.store.base import SnapshotRef, SnapshotStore
-from thaw_agents_core.transport.stream_scheduler import as_uint8_tensor
-from thaw_kernels import chunk_crc32c
 
 logger = logging.getLogger("thaw_agents.connector")
 
 
-class SnapshotVerifier:
-    """Verdicts (True good / False bad / None being checked) per snapshot id."""
+@dataclass(frozen=True, slots=True)
+class _HeaderFacts:
+    num_blocks: int
+    block_hashes_hex: tuple[str, ...]
 
-    def __init__(self, store: Callable[[], SnapshotStore],
+
+class SnapshotVerifier:
+    """Header verdicts per snapshot id (None: refused, with the reason logged once)."""
+
+    def __init__(self, store: Callable[[], SnapshotStore], namespace: Namespace,
                  on_bad: Callable[[SnapshotRef, str], None] | None = None) -> None:
         self._store = store
+        self._namespace = namespace
         self._on_bad = on_bad
-        self._verdicts: dict[str, bool | None] = {}
-        self._pool = ThreadPoolExecutor(1, thread_name_prefix="thaw-verify")
+        self._facts: dict[str, _HeaderFacts | None] = {}
 
-    def verdict(self, ref: SnapshotRef) -> bool | None:
-        """The snapshot's verdict; None starts (or awaits) its background check."""
-        if ref.snapshot_id not in self._verdicts:
-            self._verdicts[ref.snapshot_id] = None
-            self._pool.submit(self._check, ref)
-        return self._verdicts[ref.snapshot_id]
+    def accepts(self, ref: SnapshotRef, num_blocks: int, last_hash_hex: str) -> bool:
+        """Whether the snapshot's header allows loading its first ``num_blocks`` blocks for a
+        request whose block-hash chain ends (at block ``num_blocks - 1``) in ``last_hash_hex``."""
+        if ref.snapshot_id not in self._facts:
+            self._facts[ref.snapshot_id] = self._read(ref)
+        facts = self._facts[ref.snapshot_id]
+        return (facts is not None and 0 < num_blocks <= facts.num_blocks
+                and facts.block_hashes_hex[num_blocks - 1] == last_hash_hex)
 
-    def _check(self, ref: SnapshotRef) -> None:
-        reason = ""
+    def _read(self, ref: SnapshotRef) -> _HeaderFacts | None:
         try:
-            with self._store().open(ref) as view:
+            with self._store().open(ref, expect_namespace=self._namespace) as view:
                 header = view.header
-                chunk_bytes = header.blocks_per_chunk * header.block_bytes
-                crcs = chunk_crc32c(as_uint8_tensor(view.payload), chunk_bytes).tolist()
-                check_chunk_crcs(header, crcs)
-            good = True
+                return _HeaderFacts(header.num_blocks,
+                                    tuple(h.hex() for h in header.block_hashes))
         except (SnapshotError, LookupError, OSError, ValueError) as exc:
-            good, reason = False, f"{type(exc).__name__}: {exc}"
-        self._verdicts[ref.snapshot_id] = good
-        if not good:
+            reason = f"{type(exc).__name__}: {exc}"
             logger.warning("thaw: snapshot %s is not loadable (%s); requests that start with "
                            "its prefix compute it instead", ref.snapshot_id, reason)
             if self._on_bad is not None:
                 self._on_bad(ref, reason)
+            return None
 
     def close(self) -> None:
-        self._pool.shutdown(wait=False, cancel_futures=True)
+        """Forget every verdict."""
+        self._facts.clear()

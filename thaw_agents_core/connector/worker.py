@@ -18,6 +18,7 @@ from typing import Any
 
 import torch
 
+from thaw_agents_core.connector.cost import cost_model_for
 from thaw_agents_core.connector.events import EventLog
 from thaw_agents_core.connector.meta import LoadOp, SaveOp, ThawConnectorMetadata
 from thaw_agents_core.connector.settings import ConnectorSettings
@@ -25,6 +26,7 @@ from thaw_agents_core.snapshot.namespace import namespace_for
 from thaw_agents_core.store.base import SnapshotRef
 from thaw_agents_core.transport.kv import KVTransport
 from thaw_agents_core.transport.stream_scheduler import StreamScheduler
+from thaw_agents_core.weights import fence
 
 logger = logging.getLogger("thaw_agents.connector")
 
@@ -33,7 +35,10 @@ class WorkerSide:
     def __init__(self, vllm_config: Any, kv_cache_config: Any, settings: ConnectorSettings,
                  open_store: Any) -> None:
         self.settings = settings
+        self._vllm_config = vllm_config
+        self._engine_id = fence.engine_id_of(vllm_config)
         self.namespace = namespace_for(vllm_config, settings.weights_version)
+        self.cost = cost_model_for(self.namespace.key())
         groups = kv_cache_config.kv_cache_groups if kv_cache_config is not None else []
         self.layer_names: list[str] = list(groups[0].layer_names) if len(groups) == 1 else []
         self._open_store = open_store
@@ -65,9 +70,20 @@ class WorkerSide:
             copier.close()
             store.close()
 
+    def refresh_namespace(self) -> None:
+        """Follow a weight swap (weights/fence.py): saves and loads use the new version."""
+        version = fence.weights_version(self._engine_id, self.settings.weights_version)
+        if version != self.namespace.weights_version:
+            self.namespace = namespace_for(self._vllm_config, version)
+            if self.transport is not None:
+                self.transport.namespace = self.namespace
+                self.transport.namespace_key = self.namespace.key()
+
     # ------------------------------------------------------------------ load
 
     def start_load_kv(self, metadata: ThawConnectorMetadata) -> None:
+        if metadata.loads or metadata.saves:
+            self.refresh_namespace()
         for op in metadata.loads:
             self._load(op)
 
@@ -79,9 +95,11 @@ class WorkerSide:
             stats = self.transport.load(SnapshotRef(op.namespace_key, op.snapshot_id),
                                         op.first_block, op.end_block, op.block_ids,
                                         op.expected_last_hash)
+            seconds = time.perf_counter() - began
+            self.cost.on_load(stats.num_bytes, seconds)
             self.events.write(event="load", req_id=op.req_id, snapshot_id=op.snapshot_id,
                               num_blocks=stats.num_blocks, bytes=stats.num_bytes,
-                              seconds=round(time.perf_counter() - began, 6))
+                              seconds=round(seconds, 6))
         except Exception as exc:  # noqa: BLE001 - any failure means: recompute these blocks
             self._load_errors.update(op.block_ids)
             reason = f"{type(exc).__name__}: {exc}"

@@ -23,6 +23,7 @@ from __future__ import annotations
 import asyncio
 import atexit
 import concurrent.futures
+import logging
 import queue
 import threading
 import time
@@ -36,6 +37,7 @@ from thaw_agents_core.engine.spec import EngineSpec
 from thaw_agents_core.util import compat
 from thaw_agents_core.util.loop_thread import LoopThread
 
+logger = logging.getLogger("thaw_agents.engine")
 _DONE = object()
 _POLL_S = 0.5
 
@@ -50,6 +52,9 @@ class Engine:
 
     spec: EngineSpec
     start_timeout_s: float = 1800.0
+    max_restarts: int = 3
+    """How many times a dead engine is replaced by a fresh one before calls keep failing."""
+    num_restarts: int = field(default=0, init=False)
     _llm: Any = field(default=None, init=False, repr=False)
     _tokenizer: Any = field(default=None, init=False, repr=False)
     _loop: LoopThread | None = field(default=None, init=False, repr=False)
@@ -57,6 +62,7 @@ class Engine:
     _closed: bool = field(default=False, init=False)
     _store: Any = field(default=None, init=False, repr=False)
     _reaper: Any = field(default=None, init=False, repr=False)
+    _weights_version: str | None = field(default=None, init=False, repr=False)
 
     # ------------------------------------------------------------------ lifecycle
 
@@ -88,14 +94,21 @@ class Engine:
         return self._loop.loop
 
     def start(self) -> None:
-        """Start the engine if it is not running (thread-safe, idempotent)."""
-        if self._llm is not None:
+        """Start the engine if it is not running (thread-safe, idempotent).
+
+        An engine that died (any cause) is replaced here by a fresh one, at most
+        ``max_restarts`` times; the calls that were in flight got ``EngineError``.
+        """
+        llm = self._llm
+        if llm is not None and not llm.errored:
             return
         with self._lock:
             if self._closed:
                 raise EngineError("this engine was closed; create a new ChatThaw to start another")
             if self._llm is not None:
-                return
+                if not self._llm.errored:
+                    return
+                self._discard_dead_engine()
             compat.configure_vllm_environment()
             self._open_store()
             self._loop = LoopThread(f"thaw-engine-{Path(self.spec.model).name}")
@@ -151,13 +164,28 @@ class Engine:
         """The KV namespace of this engine (what a snapshot must match to be loaded here)."""
         from thaw_agents_core.snapshot.namespace import namespace_for
 
-        settings = self.spec.connector_settings
-        return namespace_for(self.llm.vllm_config, settings.weights_version if settings else "")
+        return namespace_for(self.llm.vllm_config, self.weights_version)
 
     async def _create(self) -> Any:
         from vllm.v1.engine.async_llm import AsyncLLM
 
         return AsyncLLM.from_engine_args(self.spec.engine_args())
+
+    def _discard_dead_engine(self) -> None:
+        """Tear down a dead engine (under ``_lock``) so ``start`` can make a new one; the store
+        stays open: snapshots outlive engine restarts."""
+        dead_error = getattr(self._llm, "dead_error", None)
+        if self.num_restarts >= self.max_restarts:
+            raise EngineError(f"the vLLM engine for {self.spec.model} died again after "
+                              f"{self.num_restarts} restarts; not restarting: {dead_error}")
+        self.num_restarts += 1
+        logger.warning("thaw: the vLLM engine for %s died (%s); starting a new one (restart %d "
+                       "of at most %d)", self.spec.model, dead_error, self.num_restarts,
+                       self.max_restarts)
+        llm, loop = self._llm, self._loop
+        self._llm = None
+        self._loop = None
+        self._stop(llm, loop, timeout_s=30.0)
 
     def close(self, timeout_s: float = 60.0) -> None:
         """Shut the engine down (engine-core process included). Safe to call twice."""
@@ -166,6 +194,10 @@ class Engine:
             llm, loop = self._llm, self._loop
             self._llm = None
             self._loop = None
+        self._stop(llm, loop, timeout_s)
+        self._close_store()
+
+    def _stop(self, llm: Any, loop: LoopThread | None, timeout_s: float) -> None:
         if llm is not None and loop is not None:
             async def _shutdown() -> None:
                 # Stop reading outputs first: otherwise the handler sees the engine core go
@@ -183,7 +215,15 @@ class Engine:
             loop.stop(timeout_s)
         reaper.stop(self._reaper)
         self._reaper = None
-        self._close_store()
+
+    def info(self) -> dict[str, Any]:
+        """What this engine runs (starts it): model, context, restarts, and the vLLM features
+        that matter for forks (cascade attention for shared prefixes, model runner, async
+        scheduling; see ``compat.shared_prefix_engine_defaults``)."""
+        llm = self.llm
+        return {"model": self.spec.model, "max_model_len": self.max_model_len,
+                "num_restarts": self.num_restarts, "has_connector": self.store_url is not None,
+                **compat.engine_features(llm.vllm_config)}
 
     @property
     def max_model_len(self) -> int:
@@ -298,6 +338,61 @@ class Engine:
         assert self._loop is not None or self.llm is not None
         assert self._loop is not None
         return self._loop.submit(coro).result(timeout_s)
+
+
+    # ------------------------------------------------------------------ weights (weights/)
+
+    @property
+    def weights_version(self) -> str:
+        """The version of the weights this engine serves (the KV namespace's weights_version):
+        the spec's until a ``load_weights``, then the last swap's."""
+        if self._weights_version is not None:
+            return self._weights_version
+        settings = self.spec.connector_settings
+        return settings.weights_version if settings is not None else ""
+
+    def load_weights(self, src: Any, weights_version: str | None = None, *, layout: str = "auto",
+                     timeout_s: float | None = 600.0) -> dict[str, Any]:
+        """Hot-swap the weights of the running engine, no restart; returns rank 0's stats.
+
+        ``src``: a ``.thaw`` path, a ``WeightsBuffer`` (registered once per worker, reused: the
+        PCIe-rate path) or a state dict of tensors (CUDA tensors on the engine's GPU travel as
+        CUDA IPC handles; CPU tensors through a temporary shared-memory image). Every rank loads
+        through vLLM's ``collective_rpc`` (ThawWorkerExtension), verifies CRC32C, then the prefix
+        cache is reset and the KV namespace takes ``weights_version`` (default: the snapshot's,
+        else a fresh one): KV saved under the old weights is refused from now on.
+        """
+        from thaw_agents_core.weights.sources import describe, resolve_version
+
+        version = resolve_version(src, weights_version, self.weights_version)
+        llm = self.llm
+        desc, cleanup = describe(src, version, layout)
+
+        async def swap() -> list[dict[str, Any]]:
+            stats = await llm.collective_rpc("thaw_load_weights", timeout=timeout_s,
+                                             args=(desc, version))
+            reset = llm.reset_prefix_cache
+            await reset(**compat.reset_prefix_cache_kwargs(reset))
+            return stats
+
+        try:
+            stats = self.run_sync(swap(), timeout_s)
+        finally:
+            cleanup()
+        self._weights_version = version
+        return {**stats[0], "ranks": len(stats)}
+
+    def freeze_weights(self, path: str | Path, *, timeout_s: float | None = 600.0) -> list[dict[str, Any]]:
+        """Write the engine's parameters (engine layout, one file per tensor-parallel rank)."""
+        llm = self.llm
+        return self.run_sync(llm.collective_rpc("thaw_freeze", timeout=timeout_s,
+                                                args=(str(path), self.weights_version)), timeout_s)
+
+    def register_weights_buffer(self, buffer: Any, *, timeout_s: float | None = 600.0) -> list[dict[str, Any]]:
+        """Pin a ``WeightsBuffer`` in every worker now (CUDA: cudaHostRegister, once)."""
+        llm = self.llm
+        return self.run_sync(llm.collective_rpc("thaw_register_buffer", timeout=timeout_s,
+                                                args=(buffer.descriptor(),)), timeout_s)
 
 
 def _timeout_message(timeout_s: float | None) -> str:

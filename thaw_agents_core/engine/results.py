@@ -51,6 +51,10 @@ class GenerationResult:
     """How often a pool re-sent it after its worker died."""
     error: str | None = None
     """Why it failed ("Type: message"); None when it succeeded."""
+    route: dict[str, Any] = field(default_factory=dict)
+    """Why it ran where it did: ``rule`` (the fork's routing rule that picked the engine) and
+    ``load_decision`` (the engine's cost model: loaded the prefix snapshot or recomputed it,
+    with both estimates), when they applied."""
     index: int = 0
     """Position among the branches of one fork."""
     suffix_index: int = 0
@@ -74,6 +78,9 @@ class GenerationResult:
             self.cached_tokens = int(out.num_cached_tokens)
         if completion.finish_reason is not None:
             self.finish_reason = completion.finish_reason
+            params = (getattr(out, "kv_transfer_params", None) or {}).get("thaw") or {}
+            if "load_decision" in params:
+                self.route["load_decision"] = params["load_decision"]
         self.total_s = now - began
         return completion.text
 

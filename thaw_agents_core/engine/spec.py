@@ -61,8 +61,15 @@ class EngineSpec:
     def engine_args(self) -> Any:
         from vllm.engine.arg_utils import AsyncEngineArgs
 
-        kwargs = compat.platform_engine_defaults(self.engine_kwargs)
+        engine_kwargs = compat.shared_prefix_engine_defaults(self.engine_kwargs)
+        if self.kv_transfer_json:
+            engine_kwargs = compat.connector_engine_defaults(engine_kwargs)
+        kwargs = compat.platform_engine_defaults(engine_kwargs)
         kwargs.setdefault("disable_log_stats", True)
+        # thaw_load_weights / thaw_freeze in every worker (hot swap) and load_format="thaw"
+        from thaw_agents_core.weights.extension import WORKER_EXTENSION
+
+        kwargs.setdefault("worker_extension_cls", WORKER_EXTENSION)
         if self.kv_transfer_json:
             from vllm.config import KVTransferConfig
 

@@ -21,7 +21,7 @@ from thaw_agents_core.engine.engine import Engine
 from thaw_agents_core.engine.results import GenerationResult
 from thaw_agents_core.engine.sampling import GenerationOptions, to_sampling_params
 from thaw_agents_core.fork.prefix import PrefixHandle
-from thaw_agents_core.fork.routing import Route, plan_routes
+from thaw_agents_core.fork.routing import Route, plan_routes, routing_rule
 from thaw_agents_core.pool.fork_pool import ForkPool
 from thaw_agents_core.snapshot.format import SnapshotError
 from thaw_agents_core.util import compat
@@ -132,6 +132,7 @@ async def run_branches(engine: Engine, branches: Sequence[Branch], *,
     parent_in_flight = (compat.num_unfinished_requests(engine.llm) if engine.is_started
                         else 0)
     routes = plan_routes(len(branches), pool, route, parent_in_flight)
+    rule = routing_rule(pool, route)
     tasks = []
     for index, (branch, where) in enumerate(zip(branches, routes)):
         if where == "parent":
@@ -147,5 +148,6 @@ async def run_branches(engine: Engine, branches: Sequence[Branch], *,
                 raise result
             result = _new_result(index, branch, where,
                                  error=f"{type(result).__name__}: {result}")
+        result.route["rule"] = rule
         outcomes.append(result)
     return outcomes

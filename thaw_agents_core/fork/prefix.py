@@ -15,7 +15,7 @@ from __future__ import annotations
 import json
 import os
 import tempfile
-from dataclasses import asdict, dataclass, field
+from dataclasses import MISSING, asdict, dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
@@ -61,9 +61,32 @@ class PrefixHandle:
 
     @classmethod
     def from_json(cls, data: dict[str, Any] | str) -> PrefixHandle:
-        if isinstance(data, str):
-            data = json.loads(data)
-        return cls(**data)
+        """The handle :meth:`to_json` wrote (or its JSON text); ``ValueError`` for anything else:
+        handles come back from checkpointers and other processes."""
+        try:
+            obj = json.loads(data) if isinstance(data, str) else data
+        except RecursionError:
+            raise ValueError("PrefixHandle JSON is nested too deeply") from None
+        if not isinstance(obj, dict):
+            raise ValueError(f"a PrefixHandle is a JSON object, got {type(obj).__name__}")
+        names = [f.name for f in fields(cls)]
+        missing = [f.name for f in fields(cls) if f.name not in obj
+                   and f.default is MISSING and f.default_factory is MISSING]
+        unknown = sorted(repr(k) for k in obj if k not in names)
+        if missing or unknown:
+            raise ValueError(f"not a PrefixHandle: missing {missing}, unknown {unknown}")
+        handle = cls(**obj)
+        tokens, n = handle.prefix_token_ids, handle.num_snapshot_tokens
+        bad = [k for k in ("snapshot_id", "namespace_key", "store", "model_name", "prefix_text")
+               if not isinstance(getattr(handle, k), str)]
+        bad += [k for k in ("namespace", "extra") if not isinstance(getattr(handle, k), dict)]
+        if not (isinstance(tokens, list) and all(type(t) is int and 0 <= t < 2**31 for t in tokens)):
+            bad.append("prefix_token_ids (ints in [0, 2**31))")
+        elif not (type(n) is int and 0 <= n <= len(tokens)):
+            bad.append("num_snapshot_tokens (an int in [0, len(prefix_token_ids)])")
+        if bad:
+            raise ValueError(f"PrefixHandle field(s) of the wrong type or range: {', '.join(bad)}")
+        return handle
 
     # ------------------------------------------------------------------ durable copies
 

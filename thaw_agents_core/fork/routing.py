@@ -30,17 +30,30 @@ def _pool_shares_parent_gpu(pool: ForkPool) -> bool:
         {p.cuda_device for p in pool.placements}) <= 1
 
 
-def plan_routes(num_branches: int, pool: ForkPool | None, route: Route,
-                parent_in_flight: int = 0) -> list[str]:
-    """"parent" or "pool" for each branch (see the module docstring for the rule)."""
+def routing_rule(pool: ForkPool | None, route: Route) -> str:
+    """Which rule of the module docstring applies: "forced", "no pool", "shared GPU" or
+    "least loaded" (reported in each branch's ``route["rule"]``)."""
     if route not in ("auto", "parent", "pool"):
         raise ValueError(f"route must be 'auto', 'parent' or 'pool', got {route!r}")
     started = pool is not None and bool(pool.alive_workers())
+    if route == "pool" and not started:
+        raise ValueError("route='pool' needs a started ForkPool with live workers")
+    if route != "auto":
+        return "forced"
+    if not started:
+        return "no pool"
+    if _pool_shares_parent_gpu(pool):  # type: ignore[arg-type]
+        return "shared GPU"
+    return "least loaded"
+
+
+def plan_routes(num_branches: int, pool: ForkPool | None, route: Route,
+                parent_in_flight: int = 0) -> list[str]:
+    """"parent" or "pool" for each branch (see the module docstring for the rule)."""
+    rule = routing_rule(pool, route)
     if route == "pool":
-        if not started:
-            raise ValueError("route='pool' needs a started ForkPool with live workers")
         return ["pool"] * num_branches
-    if route == "parent" or not started or _pool_shares_parent_gpu(pool):  # type: ignore[arg-type]
+    if rule != "least loaded":
         return ["parent"] * num_branches
     assert pool is not None
     loads = {"parent": parent_in_flight, **{f"w{i}": n for i, n in pool.load().items()}}

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import reprlib
 import socket
 import struct
 from typing import Any
@@ -38,10 +39,10 @@ def encode(message: dict[str, Any]) -> bytes:
 def _decode(body: bytes) -> dict[str, Any]:
     try:
         message = json.loads(body)
-    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+    except (ValueError, RecursionError) as exc:  # + int digit limit (ValueError), deep nesting
         raise WireError(f"frame is not JSON: {exc}") from None
     if not isinstance(message, dict) or not isinstance(message.get("type"), str):
-        raise WireError(f"frame is not a message object: {str(message)[:200]}")
+        raise WireError(f"frame is not a message object: {reprlib.repr(message)}")  # bounded depth
     return message
 
 

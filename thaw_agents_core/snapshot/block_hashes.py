@@ -11,7 +11,7 @@ first ``k + 1`` blocks. That lets a store index every block hash of every snapsh
 "longest shared prefix" with a handful of dict look-ups.
 
 The hash covers tokens only, not the model: the model, dtype, layout... live in the snapshot's
-namespace (``snapshot_format.Namespace``). ``salt`` separates otherwise equal token streams that
+namespace (``snapshot.format.Namespace``). ``salt`` separates otherwise equal token streams that
 must not share KV (e.g. a per-tenant cache salt). sha256 is reproducible across processes, unlike
 Python's ``hash()`` or seeded xxhash.
 """

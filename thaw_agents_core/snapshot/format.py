@@ -22,7 +22,8 @@ Header fields: ``format`` ("thawkv"), ``version`` (1), ``snapshot_id`` (8-64 low
 ``namespace`` (object, see :class:`Namespace`), ``num_tokens`` (= num_blocks * block_size),
 ``block_bytes`` (bytes of one block across all layers), ``payload_bytes`` (= num_blocks *
 block_bytes), ``blocks_per_chunk``, ``hash_salt`` (hex, usually ""), ``created_unix``, ``extra``
-(free-form object), ``chunk_crc32c`` (one 8-char lowercase hex CRC32C per chunk; fixed width, so a
+(free-form object, nested at most ``MAX_EXTRA_DEPTH`` = 64 deep), ``chunk_crc32c`` (one 8-char
+lowercase hex CRC32C per chunk; fixed width, so a
 writer knows the header length before the CRCs exist), ``block_hashes`` (64-char hex per block,
 equal to ``block_hash_chain(token_ids, block_size, salt)``) and ``token_ids`` (num_tokens ints).
 
@@ -66,6 +67,7 @@ PREFIX_BYTES = 16
 ALIGNMENT = 4096
 MAX_HEADER_BYTES = 16 << 20
 DEFAULT_CHUNK_BYTES = 4 << 20  # CRC granularity; also the unit a partial load verifies
+MAX_EXTRA_DEPTH = 64  # deeper ``extra`` parses, then breaks recursive code (asdict, deepcopy)
 
 _HEX_ID = re.compile(r"[0-9a-f]{8,64}")
 _HEX_CRC = re.compile(r"[0-9a-f]{8}")
@@ -210,6 +212,19 @@ def _nonneg_int(v: Any) -> bool:
     return _is_int(v) and v >= 0
 
 
+def json_nesting(value: Any, limit: int = MAX_EXTRA_DEPTH) -> int:
+    """How many dicts/lists deep ``value`` nests (0 for a scalar), counted to ``limit + 1`` at
+    most; iterative, so any depth is measured without recursion."""
+    depth, level = 0, [value]
+    while depth <= limit:
+        containers = [x for x in level if isinstance(x, (dict, list))]
+        if not containers:
+            break
+        depth += 1
+        level = [v for x in containers for v in (x.values() if isinstance(x, dict) else x)]
+    return depth
+
+
 # Per-field type checks, in header order: (predicate, what the message says is valid).
 _FIELD_CHECKS: dict[str, tuple[Any, str]] = {
     "snapshot_id": (_hex(_HEX_ID), "8-64 lowercase hex chars"),
@@ -219,7 +234,8 @@ _FIELD_CHECKS: dict[str, tuple[Any, str]] = {
     "blocks_per_chunk": (lambda v: _is_int(v) and v > 0, "a positive int"),
     "hash_salt": (_hex(_HEX_ANY), "lowercase hex"),
     "created_unix": (
-        lambda v: (_is_int(v) or isinstance(v, float)) and math.isfinite(v) and v >= 0,
+        # ints are finite: math.isfinite(10**400) would raise OverflowError
+        lambda v: (_is_int(v) or isinstance(v, float) and math.isfinite(v)) and v >= 0,
         "a non-negative number",
     ),
     "extra": (lambda v: isinstance(v, dict), "an object"),
@@ -267,7 +283,7 @@ class SnapshotHeader:
     @property
     def num_chunks(self) -> int:
         """Number of CRC32C chunks (the last may hold fewer blocks)."""
-        return math.ceil(self.num_blocks / self.blocks_per_chunk)
+        return -(-self.num_blocks // self.blocks_per_chunk)  # ints: a float ceil is 0 for 10**400
 
     def to_json(self) -> dict[str, Any]:
         """The JSON header object as written to disk (CRCs and hashes in hex)."""
@@ -307,6 +323,8 @@ class SnapshotHeader:
         for name, (ok, what) in _FIELD_CHECKS.items():
             if not ok(obj[name]):
                 raise _err(f"header field {name!r} must be {what}, got {_short(obj[name])}")
+        if json_nesting(obj["extra"]) > MAX_EXTRA_DEPTH:
+            raise _err(f"header field 'extra' nests more than MAX_EXTRA_DEPTH = {MAX_EXTRA_DEPTH} deep")
         tokens = obj["token_ids"]
         if not set(map(type, tokens)) <= {int} or (tokens and (min(tokens) < 0 or max(tokens) >= 2**31)):
             raise _err("header field 'token_ids' must be a list of ints in [0, 2**31)")
@@ -338,7 +356,7 @@ class SnapshotHeader:
                 if not isinstance(h, str) or _HEX_HASH.fullmatch(h) is None:
                     raise _err(f"block_hashes[{i}] must be 64 lowercase hex chars, got {_short(h)}")
         crcs_hex = obj["chunk_crc32c"]
-        num_chunks = math.ceil(nb / bpc)
+        num_chunks = -(-nb // bpc)  # integer ceil: ceil(nb / bpc) in floats is 0 for bpc = 10**400
         if len(crcs_hex) != num_chunks:
             raise _err(f"'chunk_crc32c' has {len(crcs_hex)} entries, "
                        f"expected ceil({nb} / {bpc}) = {num_chunks}")  # fmt: skip
@@ -433,7 +451,7 @@ def parse_header(buf: Any) -> tuple[SnapshotHeader, int]:
     end = PREFIX_BYTES + _checked_header_len(mv)
     try:
         obj = json.loads(bytes(mv[PREFIX_BYTES:end]).decode("utf-8"))
-    except (UnicodeDecodeError, json.JSONDecodeError) as e:
+    except (ValueError, RecursionError) as e:  # + int digit limit (ValueError), deep nesting
         raise SnapshotFormatError(f"header is not valid UTF-8 JSON: {e}") from None
     return SnapshotHeader.from_json(obj), align_up(end)
 
@@ -498,7 +516,7 @@ def chunk_range(header: SnapshotHeader, num_blocks: int | None = None) -> range:
     k = header.num_blocks if num_blocks is None else num_blocks
     if not 0 <= k <= header.num_blocks:
         raise ValueError(f"num_blocks {k} outside [0, {header.num_blocks}]")
-    return range(math.ceil(k / header.blocks_per_chunk))
+    return range(-(-k // header.blocks_per_chunk))
 
 
 def chunk_byte_range(header: SnapshotHeader, chunk_index: int) -> tuple[int, int]:

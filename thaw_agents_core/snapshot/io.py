@@ -1,4 +1,4 @@
-"""Writing and reading ``.thawkv`` files; the format itself is :mod:`.snapshot_format`.
+"""Writing and reading ``.thawkv`` files; the format itself is :mod:`.format`.
 
 Writing is two-phase, so the payload can land first (a GPU gather straight into shared memory)
 and the header last::
@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import math
 import mmap
 import os
 import secrets
@@ -31,6 +30,7 @@ from thaw_agents_core.snapshot.block_hashes import block_hash_chain
 from thaw_agents_core.snapshot.format import (
     _HEX_ID,
     MAGIC,
+    MAX_EXTRA_DEPTH,
     MAX_HEADER_BYTES,
     PREFIX_BYTES,
     Namespace,
@@ -43,6 +43,7 @@ from thaw_agents_core.snapshot.format import (
     compute_chunk_crcs,
     default_blocks_per_chunk,
     encode_header,
+    json_nesting,
     parse_header,
     parse_snapshot,
 )
@@ -129,6 +130,9 @@ def plan_snapshot(
     sid = secrets.token_hex(16) if snapshot_id is None else snapshot_id
     if not isinstance(sid, str) or _HEX_ID.fullmatch(sid) is None:
         raise ValueError(f"snapshot_id must be 8-64 lowercase hex chars, got {sid!r}")
+    if json_nesting(extra or {}) > MAX_EXTRA_DEPTH:
+        raise ValueError(f"extra nests more than MAX_EXTRA_DEPTH = {MAX_EXTRA_DEPTH} deep: "
+                         "readers refuse such a header")
     try:
         json.dumps(extra or {})
     except (TypeError, ValueError) as e:
@@ -137,7 +141,7 @@ def plan_snapshot(
     header = SnapshotHeader(
         snapshot_id=sid, namespace=namespace, token_ids=tokens, block_hashes=hashes,
         block_bytes=block_bytes, blocks_per_chunk=bpc,
-        chunk_crc32c=[0] * math.ceil(len(hashes) / bpc),
+        chunk_crc32c=[0] * -(-len(hashes) // bpc),
         created_unix=round(time.time(), 3) if created_unix is None else created_unix,
         hash_salt=bytes(hash_salt), extra=dict(extra or {}),
     )  # fmt: skip

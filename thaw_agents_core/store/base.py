@@ -17,8 +17,8 @@ the next lookup re-lists (git's "racy clean" rule).
 Entry mtimes double as the cross-process LRU clock: publish and open() set them to now;
 eviction removes the oldest first.
 
-Backends: :mod:`.file_store` (durable files) and :mod:`.shm_store` (one host, shared memory);
-:func:`~thaw_agents_core.store_url.open_store` opens either from a URL.
+Backends: :mod:`.file` (durable files) and :mod:`.shm` (one host, shared memory);
+:func:`~thaw_agents_core.store.url.open_store` opens either from a URL.
 """
 
 from __future__ import annotations
@@ -175,7 +175,7 @@ class SnapshotStore(ABC):
              on_prefix: PrefixHook | None = None) -> SnapshotView:
         """A validated view (CRCs are the reader's job: ``verify_chunks``); raises
         :class:`SnapshotNotFoundError` when the snapshot is gone. ``on_prefix``: see
-        :func:`~thaw_agents_core.snapshot_format.parse_snapshot`."""
+        :func:`~thaw_agents_core.snapshot.format.parse_snapshot`."""
 
     @abstractmethod
     def delete(self, ref: SnapshotRef) -> bool:

@@ -6,10 +6,12 @@ One arena (instead of one segment per snapshot) lets a GPU process pin it with a
 
 from __future__ import annotations
 
+import errno
 import json
 import mmap
 import os
 import re
+import reprlib
 import secrets
 import shutil
 import tempfile
@@ -61,10 +63,16 @@ class ShmDescriptor:
     @classmethod
     def from_json(cls, obj: Any) -> ShmDescriptor:
         """Parse a descriptor file's object; ValueError unless offsets and counts are sane."""
+        if not isinstance(obj, dict) or set(obj) != set(cls.__dataclass_fields__):
+            raise ValueError(f"not a descriptor: {reprlib.repr(obj)}")
         d = cls(**obj)
         ints = (d.offset, d.length, d.num_blocks, d.pid)
-        if not all(isinstance(v, int) and v >= 0 for v in ints) or d.offset % ALIGNMENT:
-            raise ValueError(f"bad descriptor {obj!r}")
+        if not all(type(v) is int and v >= 0 for v in ints) or d.offset % ALIGNMENT:
+            raise ValueError(f"bad descriptor {reprlib.repr(obj)}")
+        if not (isinstance(d.snapshot_id, str) and isinstance(d.namespace_key, str)
+                and type(d.created_unix) in (int, float) and isinstance(d.block_hashes, list)
+                and all(isinstance(h, str) for h in d.block_hashes)):
+            raise ValueError(f"descriptor fields of the wrong type: {reprlib.repr(obj)}")
         if len(d.block_hashes) != d.num_blocks:
             raise ValueError(f"descriptor lists {len(d.block_hashes)} hashes for {d.num_blocks} blocks")
         return d
@@ -120,8 +128,9 @@ class ShmStore(SnapshotStore):
          the reader's CRC check (``verify_chunks``) detects.
       5. ``close()``: attachers only unmap. The creator's ``close()`` (or its GC / interpreter
          exit) also unlinks the directory; processes still attached keep their mapping until
-         they close. Only the creator unlinks (``destroy``); after a crash, ``ShmStore.unlink(name)``
-         removes a stale store.
+         they close. Only the creator unlinks (``destroy``). A creator killed before it could
+         (SIGKILL) leaves the directory behind; ``meta.json`` names the creator (pid + start
+         time), and the next store created on this host removes it (``remove_stale``).
     """
 
     def __init__(
@@ -139,6 +148,9 @@ class ShmStore(SnapshotStore):
         self.path = os.path.join(shm_root, f"thaw-{name}")
         self.is_owner = False
         self._mm = None
+        wants_create = create or (create is None and capacity_bytes is not None)
+        if wants_create:
+            ShmStore.remove_stale(shm_root)  # stores whose creator died (SIGKILL, crash)
         exists = os.path.exists(os.path.join(self.path, "meta.json"))
         if create or (create is None and not exists and capacity_bytes is not None):
             if capacity_bytes is None or capacity_bytes <= 0:
@@ -166,9 +178,13 @@ class ShmStore(SnapshotStore):
 
     def _attach(self) -> None:
         with open(os.path.join(self.path, "meta.json")) as f:
-            meta = json.load(f)
-        if meta.get("layout") != LAYOUT:
-            raise ValueError(f"{self.path} has layout {meta.get('layout')!r}, this version reads {LAYOUT!r}")
+            try:
+                meta = json.load(f)
+            except RecursionError:
+                meta = None
+        layout = meta.get("layout") if isinstance(meta, dict) else None
+        if layout != LAYOUT:
+            raise ValueError(f"{self.path} has layout {reprlib.repr(layout)}, this version reads {LAYOUT!r}")
         fd = os.open(os.path.join(self.path, "arena"), os.O_RDWR)
         try:
             self.capacity_bytes = os.fstat(fd).st_size
@@ -186,17 +202,19 @@ class ShmStore(SnapshotStore):
             fd = os.open(os.path.join(tmp, "arena"), os.O_RDWR | os.O_CREAT | os.O_EXCL, 0o600)
             try:
                 os.posix_fallocate(fd, 0, capacity)
-            except OSError as e:
+            except (OSError, OverflowError) as e:  # OverflowError: capacity past off_t (2**63)
                 free = shutil.disk_usage(shm_root).free
                 raise OSError(
-                    e.errno,
+                    getattr(e, "errno", None) or errno.EFBIG,
                     f"cannot allocate a {capacity}-byte arena in {shm_root} ({free} bytes free): "
                     f"lower capacity_bytes or grow {shm_root} (docker run --shm-size)",
                 ) from None
             finally:
                 os.close(fd)
+            pid, start_ticks = process_token()
             with open(os.path.join(tmp, "meta.json"), "w") as f:
-                json.dump({"layout": LAYOUT, "capacity_bytes": capacity}, f)
+                json.dump({"layout": LAYOUT, "capacity_bytes": capacity, "owner_pid": pid,
+                           "owner_start_ticks": start_ticks}, f)
             os.chmod(tmp, 0o700)
             try:
                 os.rename(tmp, self.path)
@@ -236,6 +254,34 @@ class ShmStore(SnapshotStore):
             self._finalizer()
 
     @staticmethod
+    def remove_stale(shm_root: str = "/dev/shm") -> list[str]:
+        """Remove every store under ``shm_root`` whose creator is no longer running (its
+        ``meta.json`` names the creator by pid and start time); returns the removed paths.
+
+        Called whenever a store is created, so a SIGKILLed owner's arena does not stay in
+        /dev/shm for good. Stores of live creators, and any without an owner record, are kept.
+        """
+        removed = []
+        try:
+            names = os.listdir(shm_root)
+        except OSError:
+            return removed
+        for entry in names:
+            if not entry.startswith("thaw-"):
+                continue
+            path = os.path.join(shm_root, entry)
+            try:
+                with open(os.path.join(path, "meta.json")) as f:
+                    meta = json.load(f)
+                pid, ticks = int(meta["owner_pid"]), int(meta["owner_start_ticks"])
+            except (OSError, ValueError, KeyError, TypeError, RecursionError):
+                continue
+            if pid != os.getpid() and not process_alive(pid, ticks):
+                shutil.rmtree(path, ignore_errors=True)
+                removed.append(path)
+        return removed
+
+    @staticmethod
     def unlink(name: str, shm_root: str = "/dev/shm") -> None:
         """Remove a store left behind by a crashed creator."""
         if _NAME_RE.fullmatch(name) is None:
@@ -263,6 +309,8 @@ class ShmStore(SnapshotStore):
                 d = ShmDescriptor.from_json(json.load(f))
         except FileNotFoundError:
             raise SnapshotNotFoundError(f"snapshot {ref.snapshot_id} is not in {self!r}") from None
+        except RecursionError:  # nested past the recursion limit: as corrupt as bad JSON
+            raise ValueError(f"descriptor {path} is not a descriptor (nested too deeply)") from None
         if (d.snapshot_id, d.namespace_key) != (ref.snapshot_id, ref.namespace_key):
             raise ValueError(f"descriptor {path} names snapshot {d.snapshot_id} of {d.namespace_key}")
         return d
@@ -303,7 +351,7 @@ class ShmStore(SnapshotStore):
                 alive = process_alive(int(r["pid"]), int(r["start"]))
             except FileNotFoundError:
                 continue
-            except (ValueError, KeyError, TypeError):
+            except (ValueError, KeyError, TypeError, RecursionError):
                 alive = False  # unreadable: treat as abandoned
             if not alive:
                 os.unlink(path)
@@ -321,7 +369,7 @@ class ShmStore(SnapshotStore):
                     mtime = os.stat(path).st_mtime_ns
                 except FileNotFoundError:
                     continue
-                except (ValueError, TypeError):  # unreadable: its region is unknown, drop it
+                except (ValueError, TypeError, RecursionError):  # unreadable: region unknown, drop it
                     os.unlink(path)
                     continue
                 out.append(_Region(d.offset, align_up(d.length), path, True, mtime))

@@ -133,6 +133,10 @@ class StreamScheduler:
     staging_bytes: int = DEFAULT_STAGING_BYTES
     _registered: list[int] = field(default_factory=list, init=False)  # starts it acquired
     _staging: list[torch.Tensor] = field(default_factory=list, init=False)
+    _staging_free: list[Any] = field(default_factory=lambda: [None, None], init=False)
+    """Event of the last DMA out of each staging buffer: kept across calls, so back-to-back
+    calls (one per weight tensor) never refill a buffer whose copy is still in flight."""
+    _staging_turn: int = field(default=0, init=False)
     _streams: tuple[Any, Any] | None = field(default=None, init=False)
     _pool: ThreadPoolExecutor | None = field(default=None, init=False)
     _lock: threading.Lock = field(default_factory=threading.Lock, init=False)
@@ -231,22 +235,26 @@ class StreamScheduler:
         crc_stream.wait_stream(current)
         staging = self._ensure_staging() if staged else []
         step = self._copy_chunk(crc_chunk_bytes, self.staging_bytes if staged else host.numel())
-        freed: list[Any] = [None, None]  # staged: event when staging buffer k's DMA is done
+        freed = self._staging_free  # staged: event when staging buffer k's DMA is done
+        turn = 0
         pieces = []
-        for i, lo in enumerate(range(0, host.numel(), step)):
+        for lo in range(0, host.numel(), step):
             hi = min(lo + step, host.numel())
             source = host[lo:hi]
             if staged:
                 assert self._pool is not None
-                if freed[i % 2] is not None:
-                    freed[i % 2].synchronize()
-                source = staging[i % 2][: hi - lo]
+                turn = self._staging_turn
+                self._staging_turn ^= 1
+                if freed[turn] is not None:
+                    freed[turn].synchronize()
+                source = staging[turn][: hi - lo]
                 _parallel_copy(self._pool, source, host[lo:hi])
             with torch.cuda.stream(copy_stream):
                 dst[lo:hi].copy_(source, non_blocking=True)
                 copied = torch.cuda.Event()
                 copied.record(copy_stream)
-            freed[i % 2] = copied
+            if staged:
+                freed[turn] = copied
             crc_stream.wait_event(copied)
             with torch.cuda.stream(crc_stream):
                 crcs = chunk_crc32c(dst[lo:hi], crc_chunk_bytes)

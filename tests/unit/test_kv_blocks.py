@@ -1,39 +1,40 @@
-"""thaw_kernels: KV block gather/scatter and chunk CRC32C.
+"""thaw_kernels.kv_blocks: gather/scatter KV-cache blocks (and kv_pages, block_ids beneath it).
 
-Four groups, all comparing bytes exactly (integer views + torch.equal, never a tolerance):
+All comparisons are exact (integer views + torch.equal), on fresh random caches, into poisoned
+outputs; see kernel_cases.py for the helpers and the three ways a kernel runs here:
 
 - CPU: the public dispatch (torch: one strided index_select when the layers share a buffer, else
-  the per-layer reference; libcrc32c) and the references, against independent oracles written
-  from the layout definitions and google_crc32c; error messages.
-- Interpreter: the Triton kernels on CPU tensors under TRITON_INTERPRET=1. The interpreter is
-  chosen when a kernel is *decorated*, process-wide, and this pytest session also starts real vLLM
-  engines, so ``test_triton_kernels_under_interpreter`` re-runs this file in a child pytest with
-  TRITON_INTERPRET=1 and ``-o python_functions=interp_*``: only the ``interp_*`` functions are
-  collected there, and nothing leaks into this process.
-- Offline compile (CPU machines): the kernels compile for sm_90 and move data with 128-bit accesses.
-- GPU (``-m gpu``, needs CUDA): the compiled kernels against the references on CUDA tensors.
+  the per-layer reference) and the references, against independent oracles written from the
+  layout definitions; error messages; the page spec; host-side ids; the layers plan cache.
+- Interpreter (``test_interp_*``): the Triton kernel on CPU tensors, in this process.
+- Offline compile (CPU machines): the kernel compiles for sm_90 with 128-bit accesses.
+- GPU (``-m gpu``, needs CUDA): the compiled kernel against the references on CUDA tensors.
 """
 
 from __future__ import annotations
 
 import gc
-import os
-import re
-import subprocess
-import sys
 import weakref
 
-import google_crc32c
 import numpy as np
 import pytest
 import torch
+from kernel_cases import (
+    DTYPES,
+    bits,
+    compile_sm90,
+    gpu,
+    interpret_kernels,
+    needs_cuda,
+    offline_compile,
+    poisoned,
+    random_bits,
+    require_nvidia_backend,
+    same_bits,
+)
 
 from thaw_kernels import (
     KVPageSpec,
-    chunk_crc32c,
-    chunk_crc32c_reference,
-    combine_chunk_crcs,
-    crc32c_combine,
     kv_gather,
     kv_gather_reference,
     kv_scatter,
@@ -41,14 +42,7 @@ from thaw_kernels import (
     page_spec_for,
 )
 from thaw_kernels import block_ids as block_ids_mod
-from thaw_kernels import crc32c as crc_mod
 from thaw_kernels import kv_blocks as kv_mod
-
-INTERPRETED = os.environ.get("TRITON_INTERPRET") == "1"
-RAW = {1: torch.uint8, 2: torch.int16, 4: torch.int32, 8: torch.int64}
-DTYPES = [torch.float32, torch.bfloat16, torch.float16, torch.uint8, torch.float8_e4m3fn]
-gpu = pytest.mark.gpu
-needs_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
 
 # (layout, num_blocks, block_size, kv_heads, head_dim): page sizes 30 and 36 (odd, not a power of two,
 # tail masks), 2048 (even tiles), and a 1-block cache.
@@ -64,21 +58,6 @@ SHAPES = [
 
 # ---------------------------------------------------------------------------------------------
 # Helpers and oracles.
-
-
-def random_bits(shape, dtype, device="cpu") -> torch.Tensor:
-    """Uniformly random bit patterns, NaN payloads and all."""
-    raw = RAW[torch.empty(0, dtype=dtype).element_size()]
-    info = torch.iinfo(raw)
-    return torch.randint(info.min, info.max, shape, dtype=raw, device=device).view(dtype)
-
-
-def bits(t: torch.Tensor) -> torch.Tensor:
-    return t.view(RAW[t.element_size()])
-
-
-def same_bits(a: torch.Tensor, b: torch.Tensor) -> bool:
-    return a.shape == b.shape and torch.equal(bits(a).cpu(), bits(b).cpu())
 
 
 def make_cache(shape_case, n_layers: int, dtype, stacked: bool, device="cpu"):
@@ -117,11 +96,11 @@ def oracle_gather(layers, ids, cpu_layout: bool) -> torch.Tensor:
 def oracle_scatter(src: torch.Tensor, layers, ids, cpu_layout: bool) -> None:
     raw_src = bits(src)
     for i, b in enumerate(ids):
-        for l, layer in enumerate(layers):
+        for li, layer in enumerate(layers):
             raw_layer = bits(layer)
             for h in range(1 if cpu_layout else 2):
                 dst = raw_layer[b] if cpu_layout else raw_layer[h, b]
-                dst.copy_(raw_src[i, l, h].view(dst.shape))
+                dst.copy_(raw_src[i, li, h].view(dst.shape))
 
 
 def random_ids(num_blocks: int, n: int, unique: bool) -> list[int]:
@@ -129,12 +108,6 @@ def random_ids(num_blocks: int, n: int, unique: bool) -> list[int]:
         return torch.randperm(num_blocks)[:n].tolist()
     ids = torch.randint(0, num_blocks, (n,)).tolist()
     return ids + ids[:1]  # at least one repeat, unsorted
-
-
-def poisoned(shape, dtype, device="cpu") -> torch.Tensor:
-    out = torch.empty(shape, dtype=dtype, device=device)
-    bits(out).fill_(0x5A if out.element_size() == 1 else -0x5A5A)
-    return out
 
 
 def check_gather_scatter(gather, scatter, shape_case, dtype, stacked, device="cpu", n_layers=3, **tile):
@@ -154,56 +127,32 @@ def check_gather_scatter(gather, scatter, shape_case, dtype, stacked, device="cp
     assert all(same_bits(a, b) for a, b in zip(layers, expected))
 
 
-CRC_CASES = [  # (n_bytes, chunk_bytes, kernel config)
-    (1000, 256, dict(lanes=16, piece_bytes=128)),  # tails in every chunk
-    (4096, 4096, dict(lanes=32, piece_bytes=1024)),  # exact fit
-    (5003, 1000, dict(lanes=8, piece_bytes=256, table_bits=8)),
-    (9999, 16384, dict(lanes=64, piece_bytes=1024)),  # one short chunk
-    (3, 1, {}),
-    (1, 7, dict(table_bits=2)),
-    (20000, 4096, dict(lanes=128, piece_bytes=2048)),  # short last chunk with full pieces + tail
-    (12000, 3000, dict(lanes=32, piece_bytes=1024)),  # whole-word tails in every chunk: masked word loads
-]
-
-
-def check_crc(fn, n: int, chunk: int, offset: int = 0, device="cpu", **cfg):
-    buf = torch.randint(0, 256, (n + offset,), dtype=torch.uint8, device=device)[offset:]
-    got = fn(buf, chunk, **cfg)
-    data = buf.cpu().numpy().tobytes()
-    expected = [google_crc32c.value(data[i:i + chunk]) for i in range(0, n, chunk)]
-    assert got.dtype == torch.int64 and got.device == buf.device
-    assert got.cpu().tolist() == expected, (n, chunk, offset, cfg)
+@pytest.fixture
+def interpreter(monkeypatch):
+    """kv_blocks' Triton kernel runs under the interpreter for this test (CPU tensors)."""
+    interpret_kernels(monkeypatch, kv_mod)
 
 
 # ---------------------------------------------------------------------------------------------
-# Triton kernels under the interpreter (collected only in the child started below).
-
-
-def _require_interpreter():
-    if not INTERPRETED:
-        pytest.skip("interp_* tests need TRITON_INTERPRET=1 set before import (see the module docstring)")
-    assert type(kv_mod._kv_pages_kernel).__name__ == "InterpretedFunction"
+# The Triton kernel under the interpreter.
 
 
 @pytest.mark.parametrize("shape_case", SHAPES)
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("stacked", [False, True])
-def interp_kv_gather_scatter(shape_case, dtype, stacked):
-    _require_interpreter()
+def test_interp_kv_gather_scatter(interpreter, shape_case, dtype, stacked):
     check_gather_scatter(kv_mod._kv_gather_triton, kv_mod._kv_scatter_triton, shape_case, dtype, stacked)
 
 
 @pytest.mark.parametrize("block", [8, 32])
-def interp_kv_small_tiles(block):
+def test_interp_kv_small_tiles(interpreter, block):
     """Several programs per page, the last one masked."""
-    _require_interpreter()
     check_gather_scatter(kv_mod._kv_gather_triton, kv_mod._kv_scatter_triton, ("flash", 4, 3, 2, 7),
                          torch.bfloat16, False, block=block)
 
 
-def interp_kv_misaligned_layers():
+def test_interp_kv_misaligned_layers(interpreter):
     """Layer bases 73 elements apart: the kernel must fall back to ALIGN=1, not misaddress."""
-    _require_interpreter()
     big = random_bits((2 * 3 * 4 * 8 * 3 + 1,), torch.float16)
     layers = [big[i * 72 + i: i * 72 + i + 72].view(3, 4, 2, 3) for i in range(2)]  # cpu layout
     spec = page_spec_for(layers[0], "cpu")
@@ -212,9 +161,8 @@ def interp_kv_misaligned_layers():
     assert same_bits(kv_mod._kv_gather_triton(layers, ids, spec), oracle_gather(layers, ids, True))
 
 
-def interp_kv_plan_cache_stays_exact():
+def test_interp_kv_plan_cache_stays_exact(interpreter):
     """Cached plans: reused for the same tensors, rebuilt for other pointers or objects; exact either way."""
-    _require_interpreter()
     layers, spec = make_cache(("flash", 6, 4, 2, 8), 3, torch.bfloat16, False)
     for ids in ([5, 0, 3], [2, 2], torch.tensor([1, 4], dtype=torch.int32)):
         got = kv_mod._kv_gather_triton(layers, ids, spec)
@@ -234,29 +182,6 @@ def interp_kv_plan_cache_stays_exact():
         kv_mod._kv_gather_triton(layers, [0, 6], spec)  # a cached plan still checks the ids
     with pytest.raises(ValueError, match=r"block_ids has repeats"):
         kv_mod._kv_scatter_triton(src, other, [1, 1], spec)
-
-
-@pytest.mark.parametrize("case", CRC_CASES)
-@pytest.mark.parametrize("offset", [0, 1])
-def interp_chunk_crc32c(case, offset):
-    _require_interpreter()
-    n, chunk, cfg = case
-    check_crc(crc_mod._chunk_crc32c_triton, n, chunk, offset, **cfg)
-
-
-def interp_chunk_crc32c_defaults():
-    _require_interpreter()
-    check_crc(crc_mod._chunk_crc32c_triton, 70_000, 65_536)
-
-
-def test_triton_kernels_under_interpreter():
-    env = {**os.environ, "TRITON_INTERPRET": "1"}
-    cmd = [sys.executable, "-m", "pytest", __file__, "-q", "--no-header", "-p", "no:cacheprovider",
-           "--noconftest", "-o", "python_functions=interp_*", "-o", "addopts=", "-W", "ignore::UserWarning"]
-    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600)
-    report = proc.stdout[-6000:] + proc.stderr[-3000:]
-    assert proc.returncode == 0, report
-    assert re.search(r"\b\d+ passed", proc.stdout) and "skipped" not in proc.stdout, report
 
 
 # ---------------------------------------------------------------------------------------------
@@ -429,96 +354,26 @@ def test_kv_plan_cache_keys_and_lifetime():
     assert kv_mod._plan_for(*alive[0])[0] is not first_plan
 
 
-@pytest.mark.parametrize("n,chunk", [(0, 5), (1, 1), (1000, 1000), (1000, 3), (10_001, 4096), (65_536, 1 << 20)])
-def test_chunk_crc32c_cpu(n, chunk):
-    check_crc(chunk_crc32c, n, chunk)
-    check_crc(chunk_crc32c_reference, n, chunk)
-
-
-def test_chunk_crc32c_cpu_threads_and_fallback(monkeypatch):
-    check_crc(chunk_crc32c, (32 << 20) + 3, 4 << 20)  # big enough for the thread pool
-    monkeypatch.setattr(crc_mod, "_libcrc32c", lambda: None)  # google_crc32c.value(bytes) path
-    check_crc(chunk_crc32c, 10_001, 4096, offset=1)
-
-
-@pytest.mark.parametrize("n,chunk", [(0, 7), (1, 7), (7, 7), (8, 7), (100_003, 4096), (1 << 16, 1 << 12)])
-def test_combine_chunk_crcs_matches_serial(n, chunk):
-    buf = torch.randint(0, 256, (n,), dtype=torch.uint8)
-    crcs = chunk_crc32c(buf, chunk)
-    assert combine_chunk_crcs(crcs, chunk, n) == google_crc32c.value(buf.numpy().tobytes())
-
-
-def test_crc32c_combine():
-    data = os.urandom(777)
-    for cut in (0, 1, 400, 777):
-        a, b = google_crc32c.value(data[:cut]), google_crc32c.value(data[cut:])
-        assert crc32c_combine(a, b, 777 - cut) == google_crc32c.value(data)
-
-
-def test_crc_input_errors():
-    with pytest.raises(ValueError, match=r"1-D contiguous uint8 tensor, got torch.int32 shape \(4,\)"):
-        chunk_crc32c(torch.zeros(4, dtype=torch.int32), 2)
-    with pytest.raises(ValueError, match=r"1-D contiguous uint8 tensor, got torch.uint8 shape \(2, 2\)"):
-        chunk_crc32c(torch.zeros(2, 2, dtype=torch.uint8), 2)
-    with pytest.raises(ValueError, match=r"chunk_bytes must be a positive int, got 0"):
-        chunk_crc32c(torch.zeros(4, dtype=torch.uint8), 0)
-    with pytest.raises(ValueError, match=r"3 chunk CRCs do not cover 20 bytes in chunks of 4 \(expected 5 chunks"):
-        combine_chunk_crcs([1, 2, 3], 4, 20)
-    with pytest.raises(ValueError, match=r"len_b must be >= 0"):
-        crc32c_combine(1, 2, -1)
-
-
 # ---------------------------------------------------------------------------------------------
-# Offline compile for the H100 (sm_90): catches compiler-only failures the interpreter cannot,
+# Offline compile for the H100/H200 (sm_90): catches compiler-only failures the interpreter cannot,
 # and checks the copies vectorize to 16-byte accesses.
 
 
-def _compile_sm90(fn, signature: dict, constexprs: dict, aligned: list[str]) -> str:
-    from triton import compile as triton_compile
-    from triton.backends.compiler import GPUTarget
-    from triton.compiler import ASTSource
-
-    names = list(fn.arg_names)
-    attrs = {(names.index(n),): [["tt.divisibility", 16]] for n in aligned}
-    src = ASTSource(fn=fn, signature={**signature, **{k: "constexpr" for k in constexprs}},
-                    constexprs=constexprs, attrs=attrs)
-    return triton_compile(src, target=GPUTarget("cuda", 90, 32), options={"num_warps": 4}).asm["ptx"]
-
-
-@pytest.mark.skipif(INTERPRETED or torch.cuda.is_available(), reason="CUDA machines run the real kernels instead")
+@offline_compile
 @pytest.mark.filterwarnings("ignore::UserWarning")
-def test_kernels_compile_for_sm90():
-    try:
-        import triton.backends.nvidia  # noqa: F401
-    except ImportError:
-        pytest.skip("triton without its NVIDIA backend")
+def test_kv_kernel_compiles_for_sm90():
+    require_nvidia_backend()
     kv_sig = dict(cache_ptr="*i16", layer_offs_ptr="*i64", block_ids_ptr="*i64", buf_ptr="*i16", n_layers="i32",
                   page_units="i32", block_units="i32", half_units="i32")
     for to_buf in (True, False):
-        ptx = _compile_sm90(kv_mod._kv_pages_kernel, kv_sig,
-                            dict(NUM_HALVES=2, ALIGN=8, BLOCK=4096, EVEN=False, TO_BUF=to_buf),
-                            ["cache_ptr", "layer_offs_ptr", "block_ids_ptr", "buf_ptr"])
+        ptx = compile_sm90(kv_mod._kv_pages_kernel, kv_sig,
+                           dict(NUM_HALVES=2, ALIGN=8, BLOCK=4096, EVEN=False, TO_BUF=to_buf),
+                           ["cache_ptr", "layer_offs_ptr", "block_ids_ptr", "buf_ptr"])
         assert "ld.global.v4.b32" in ptx and "st.global.v4.b32" in ptx
-    crc_sig = dict(buf_ptr="*u8", out_ptr="*i32", tab_ptr="*i32", chunk_bytes="i32", q_full="i32", n_chunks="i32",
-                   q_last="i32", tail_len_full="i32", tail_len_last="i32", first_tail="i32")
-    ptx = _compile_sm90(crc_mod._crc32c_pieces_kernel, crc_sig,
-                        dict(PIECE=crc_mod.DEFAULT_PIECE_BYTES, LANES=crc_mod.DEFAULT_LANES,
-                             LOG_LANES=crc_mod.DEFAULT_LANES.bit_length() - 1, BITS=crc_mod.DEFAULT_TABLE_BITS,
-                             TAIL=False, WORD_LOADS=True, DATA_CACHE=""),
-                        ["buf_ptr", "out_ptr", "tab_ptr", "chunk_bytes"])
-    assert "ld.global.v4.b32" in ptx
-    for word_loads in (False, True):
-        _compile_sm90(crc_mod._crc32c_pieces_kernel, crc_sig, dict(PIECE=1024, LANES=64, LOG_LANES=6, BITS=8, TAIL=True,
-                                                                   WORD_LOADS=word_loads, DATA_CACHE=""), [])
-    _compile_sm90(crc_mod._crc32c_chunks_kernel,
-                  dict(piece_ptr="*i32", tail_ptr="*i32", tab_ptr="*i32", out_ptr="*i64", n_chunks="i32",
-                       q_full="i32", q_last="i32", tail_len_full="i32", tail_len_last="i32", first_tail="i32",
-                       k_full="i64", k_last="i64"),
-                  dict(LOG_PIECE=10, BITS=4, BLOCK_C=64), [])
 
 
 # ---------------------------------------------------------------------------------------------
-# Compiled kernels on CUDA.
+# Compiled kernel on CUDA.
 
 
 @gpu
@@ -570,23 +425,3 @@ def test_kv_gather_matches_reference_cuda():
     ids = torch.randint(0, 300, (65,), device="cuda")
     assert same_bits(kv_gather(layers, ids, spec), kv_gather_reference(layers, ids, spec))
 
-
-@gpu
-@needs_cuda
-@pytest.mark.parametrize("case", CRC_CASES + [(70_000, 65_536, {}), ((64 << 20) + 5, 1 << 20, {}),
-                                              (3 << 20, 1_000_000, {})])
-@pytest.mark.parametrize("offset", [0, 1])
-def test_chunk_crc32c_cuda(case, offset):
-    n, chunk, cfg = case
-    check_crc(crc_mod._chunk_crc32c_triton, n, chunk, offset, device="cuda", **cfg)
-    if not cfg:
-        check_crc(chunk_crc32c, n, chunk, offset, device="cuda")
-
-
-@gpu
-@needs_cuda
-@pytest.mark.parametrize("bits_", [4, 8])
-@pytest.mark.parametrize("lanes,piece", [(512, 65536), (1024, 65536), (2048, 262144)])
-def test_chunk_crc32c_variants_cuda(bits_, lanes, piece):
-    check_crc(crc_mod._chunk_crc32c_triton, (8 << 20) + 12, 1 << 20, device="cuda", lanes=lanes,
-              piece_bytes=piece, table_bits=bits_)

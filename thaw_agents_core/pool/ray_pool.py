@@ -1,0 +1,478 @@
+"""RayForkPool: ForkPool's interface, its workers Ray actors on any node of a Ray cluster.
+
+    driver (this process: the parent engine, its store)        node N of the cluster
+    RayForkPool (own event-loop thread)                        NodeStore actor: N's shm arena
+      generate(ids, options)                                   EngineActor i (placement-group
+        -> longest snapshot of ids in the parent's store          bundle i): LLMEngine +
+        -> once per (node, snapshot): stage + ingest              ThawConnector on N's arena
+           (ray_transport: object store or a shared store)
+        -> least-loaded live actor: generate.remote() --->     streamed JSON frames back
+
+Placement: one placement group, bundle i = ``{"CPU": num_cpus_per_worker, "GPU":
+num_gpus_per_worker, **resources_per_worker}`` (CPU platform: one core, no GPU; GPU: one GPU),
+spread over nodes by ``placement_strategy``. ``address=`` joins an existing cluster.
+
+Failure handling (every wait has a deadline): an actor or node that dies (a failed call, or no
+pong within ``ping_timeout_s``) is replaced in its bundle (Ray moves the bundle of a dead node
+when another node has room) and its in-flight requests are re-sent to live actors, at most
+``max_retries`` times each; a request past its timeout is aborted in its actor (TimeoutError);
+``close()`` stops engines, kills every actor of the pool, removes the placement group and waits
+until Ray lists none of its actors. Non-detached actors also die with the driver.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextvars
+import dataclasses
+import itertools
+import json
+import logging
+import secrets
+import time
+from collections import OrderedDict
+from dataclasses import asdict, dataclass, field
+from typing import Any, Callable
+
+from thaw_agents_core.engine.results import GenerationResult
+from thaw_agents_core.engine.sampling import GenerationOptions
+from thaw_agents_core.engine.spec import EngineSpec
+from thaw_agents_core.pool.fork_pool import PoolError
+from thaw_agents_core.pool.placement import Placement
+from thaw_agents_core.pool.ray_transport import OBJECT_STORE, check_transport, stage_snapshot
+from thaw_agents_core.util import compat
+from thaw_agents_core.util.loop_thread import LoopThread
+
+logger = logging.getLogger("thaw_agents.pool")
+
+DeltaCallback = Callable[[str], None]
+_STAGED_KEEP = 8  # snapshots whose staged copy (e.g. an ObjectRef) the driver keeps
+
+
+def _ray() -> Any:
+    try:
+        import ray
+    except ImportError as exc:
+        raise ImportError("RayForkPool needs Ray: pip install 'thaw-agents[ray]' (or ray)") \
+            from exc
+    return ray
+
+
+@dataclass(slots=True)
+class RayPlacement(Placement):
+    """Where one Ray worker runs: its bundle, Ray resources, and (once placed) its node."""
+
+    bundle_index: int = -1
+    resources: dict[str, float] = field(default_factory=dict)
+    node_id: str = ""
+
+
+@dataclass
+class _Request:
+    id: str
+    payload: dict[str, Any]
+    on_delta: DeltaCallback | None
+    snapshot: Any  # store.base.Match of the prompt in the parent's store, or None
+    retries: int = 0
+
+
+@dataclass
+class _Slot:
+    index: int
+    placement: RayPlacement
+    actor: Any = None
+    generation: int = 0
+    alive: bool = False
+    pid: int = 0
+    namespace_key: str = ""
+    pending: dict[str, _Request] = field(default_factory=dict)
+
+
+class _WorkerLost(Exception):
+    """The actor (or its node) died under a request."""
+
+
+class RayForkPool:
+    """N warm vLLM engines as Ray actors; branches load the prefix from their node's store."""
+
+    def __init__(self, spec: EngineSpec, num_workers: int = 2, *, address: str | None = None,
+                 snapshot_transport: str = OBJECT_STORE, num_cpus_per_worker: float = 1.0,
+                 num_gpus_per_worker: float | None = None,
+                 resources_per_worker: dict[str, float] | None = None,
+                 placement_strategy: str = "SPREAD", node_store_bytes: int = 1 << 30,
+                 engine_overrides: dict[str, Any] | None = None,
+                 worker_env: dict[str, str] | None = None, start_timeout_s: float = 900.0,
+                 request_timeout_s: float | None = None, ping_interval_s: float = 5.0,
+                 ping_timeout_s: float = 60.0, max_retries: int = 2,
+                 expected_namespace_key: str | None = None,
+                 ray_init_kwargs: dict[str, Any] | None = None) -> None:
+        if num_workers < 1:
+            raise ValueError(f"num_workers must be >= 1, got {num_workers}")
+        settings = spec.connector_settings
+        if settings is None:
+            raise ValueError("pool workers load prefixes through ThawConnector: the spec needs "
+                             "a KV store (ChatThaw(kv_store=...) or kv_transfer=...)")
+        if placement_strategy not in ("PACK", "SPREAD", "STRICT_PACK", "STRICT_SPREAD"):
+            raise ValueError(f"placement_strategy must be PACK, SPREAD, STRICT_PACK or "
+                             f"STRICT_SPREAD, got {placement_strategy!r}")
+        self.spec = spec
+        self.address = address
+        self.snapshot_transport = check_transport(snapshot_transport)
+        gpus = num_gpus_per_worker if num_gpus_per_worker is not None else (
+            0.0 if compat.is_cpu_platform() else 1.0)
+        bundle = {"CPU": float(num_cpus_per_worker), **({"GPU": float(gpus)} if gpus else {}),
+                  **{k: float(v) for k, v in (resources_per_worker or {}).items()}}
+        self.placements = [RayPlacement(bundle_index=i, resources=dict(bundle))
+                           for i in range(num_workers)]
+        self.placement_strategy = placement_strategy
+        self.node_store_bytes = node_store_bytes
+        self.engine_overrides = dict(engine_overrides or {})
+        self.environment = {"VLLM_ENABLE_V1_MULTIPROCESSING": "0", **(
+            {"OMP_NUM_THREADS": str(max(1, int(num_cpus_per_worker)))} if not gpus else {}),
+            **(worker_env or {})}
+        self.start_timeout_s = start_timeout_s
+        self.request_timeout_s = request_timeout_s
+        self.ping_interval_s = ping_interval_s
+        self.ping_timeout_s = ping_timeout_s
+        self.max_retries = max_retries
+        self.expected_namespace_key = expected_namespace_key
+        self.ray_init_kwargs = dict(ray_init_kwargs or {})
+        self.name = f"thaw-{secrets.token_hex(4)}"
+        """Prefix of every Ray actor and placement group of this pool."""
+        self.replacements = 0
+        self.transfers: list[dict[str, Any]] = []
+        """One entry per snapshot copied to a node: node, bytes, stage/copy/verify seconds."""
+        self._slots = [_Slot(i, p) for i, p in enumerate(self.placements)]
+        self._block_size = 0
+        self._ids = itertools.count()
+        self._loop: LoopThread | None = None
+        self._owns_ray = False
+        self._parent_store: Any = None
+        self._pg: Any = None
+        self._node_stores: dict[str, asyncio.Future] = {}
+        self._staged: OrderedDict[str, asyncio.Future] = OrderedDict()
+        self._shipped: dict[tuple[str, str], asyncio.Future] = {}
+        self._tasks: set[asyncio.Task] = set()
+        self._closed = False
+
+    # ------------------------------------------------------------------ lifecycle
+
+    @property
+    def num_workers(self) -> int:
+        return len(self._slots)
+
+    def alive_workers(self) -> list[int]:
+        return [s.index for s in self._slots if s.alive]
+
+    def worker_pids(self) -> list[int]:
+        """Process ids of the live actors (each on its own node's host)."""
+        return [s.pid for s in self._slots if s.alive]
+
+    def worker_nodes(self) -> list[str]:
+        """Ray node id of each live actor."""
+        return [s.placement.node_id for s in self._slots if s.alive]
+
+    def load(self) -> dict[int, int]:
+        """In-flight requests per live worker."""
+        return {s.index: len(s.pending) for s in self._slots if s.alive}
+
+    def start(self) -> RayForkPool:
+        """Join (or start) Ray, place every worker and wait until all are ready (blocking)."""
+        if self._closed:
+            raise PoolError("the pool is closed: start a new one")
+        if self._loop is not None:
+            return self
+        ray = _ray()
+        if not ray.is_initialized():
+            ray.init(address=self.address, **{"log_to_driver": False, **self.ray_init_kwargs})
+            self._owns_ray = True
+        from thaw_agents_core.store.url import attach_url, open_store
+
+        self._parent_store = open_store(attach_url(self.spec.connector_settings.store))
+        self._loop = LoopThread("thaw-ray-pool")
+        try:
+            self._loop.submit(self._start_all()).result()
+        except BaseException:
+            self.close()
+            raise
+        return self
+
+    async def astart(self) -> RayForkPool:
+        await asyncio.to_thread(self.start)
+        return self
+
+    def __enter__(self) -> RayForkPool:
+        return self.start()
+
+    def __exit__(self, *exc: Any) -> None:
+        self.close()
+
+    async def __aenter__(self) -> RayForkPool:
+        return await self.astart()
+
+    async def __aexit__(self, *exc: Any) -> None:
+        await asyncio.to_thread(self.close)
+
+    async def _start_all(self) -> None:
+        ray = _ray()
+        from ray.util.placement_group import placement_group
+
+        self._pg = placement_group([p.resources for p in self.placements],
+                                   strategy=self.placement_strategy, name=f"{self.name}-pg")
+        try:
+            await asyncio.wait_for(self._pg.ready(), self.start_timeout_s)
+        except asyncio.TimeoutError:
+            raise PoolError(
+                f"Ray could not place {self.num_workers} worker(s) of {self.placements[0].resources}"
+                f" ({self.placement_strategy}) within {self.start_timeout_s} s; the cluster has "
+                f"{ray.cluster_resources()}, free {ray.available_resources()}") from None
+        await asyncio.gather(*(self._spawn(s) for s in self._slots))
+        self._spawn_task(self._watch())
+
+    def _spawn_task(self, coro: Any) -> None:
+        task = asyncio.get_running_loop().create_task(coro)
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+
+    async def _spawn(self, slot: _Slot) -> None:
+        from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
+
+        from thaw_agents_core.pool import ray_actor
+
+        ray = _ray()
+        resources = dict(slot.placement.resources)
+        cpus, gpus = resources.pop("CPU", 0.0), resources.pop("GPU", 0.0)
+        slot.generation += 1
+        actor = ray.remote(ray_actor.EngineActor).options(
+            name=f"{self.name}-w{slot.index}.{slot.generation}", num_cpus=cpus, num_gpus=gpus,
+            resources=resources, max_restarts=0, max_concurrency=1000,
+            scheduling_strategy=PlacementGroupSchedulingStrategy(self._pg, slot.index),
+        ).remote(self.environment)
+        slot.actor = actor  # close() kills it even while it waits for a node
+        step = "placed"
+        try:
+            info = json.loads(await asyncio.wait_for(actor.info.remote(), self.start_timeout_s))
+            step = "ready"
+            store = await self._node_store(info["node_id"])
+            spec = _with_store(self.spec, await store.url.remote())
+            config = {"spec": asdict(spec), "engine_overrides": self.engine_overrides}
+            ready = json.loads(await asyncio.wait_for(
+                actor.start_engine.remote(json.dumps(config)), self.start_timeout_s))
+        except (asyncio.TimeoutError, ray.exceptions.RayError) as exc:
+            _kill(actor)
+            raise PoolError(f"Ray worker {slot.index} was not {step} within "
+                            f"{self.start_timeout_s} s: {type(exc).__name__}: {exc}") from None
+        if self.expected_namespace_key and ready["namespace_key"] != self.expected_namespace_key:
+            _kill(actor)
+            raise PoolError(f"Ray worker {slot.index} has KV namespace {ready['namespace_key']}, "
+                            f"the parent {self.expected_namespace_key}: same model (at the same "
+                            "path on every node), dtype and block size are needed")
+        self._block_size = ready["block_size"]
+        slot.placement.node_id, slot.pid = info["node_id"], ready["pid"]
+        slot.namespace_key, slot.pending, slot.alive = ready["namespace_key"], {}, True
+        logger.info("thaw: Ray worker %d ready on node %s (pid %d, %.1f s)", slot.index,
+                    info["node_id"][:12], ready["pid"], ready["startup_s"])
+
+    def close(self, timeout_s: float = 30.0) -> None:
+        """Stop every engine, kill every actor of the pool; safe to call twice."""
+        if self._closed:
+            return
+        self._closed = True
+        if self._loop is not None:
+            try:
+                self._loop.submit(self._shutdown(timeout_s)).result(timeout_s + 10)
+            except Exception as exc:  # noqa: BLE001 - fall through to the hard kill below
+                logger.warning("thaw: RayForkPool shutdown: %s", exc)
+            self._loop.stop(5.0)
+        for slot in self._slots:
+            slot.alive = False
+            _kill(slot.actor)
+        if self._parent_store is not None:
+            self._parent_store.close()
+        from thaw_agents_core.store.shm import ShmStore
+
+        ShmStore.remove_stale()  # arenas of node stores killed before they could unlink
+        if self._owns_ray:
+            _ray().shutdown()
+
+    async def _shutdown(self, timeout_s: float) -> None:
+        ray = _ray()
+        deadline = time.monotonic() + timeout_s
+        for task in list(self._tasks):
+            task.cancel()
+        for slot in self._slots:
+            slot.alive = False
+        stores = [f.result() for f in self._node_stores.values() if f.done() and not
+                  f.exception()]
+        calls = [s.actor.shutdown.remote() for s in self._slots if s.actor is not None]
+        calls += [store.close.remote() for store in stores]
+        if calls:
+            await asyncio.wait([asyncio.ensure_future(_settle(c)) for c in calls],
+                               timeout=max(1.0, deadline - time.monotonic()) / 2)
+        for actor in [s.actor for s in self._slots] + stores:
+            _kill(actor)
+        self._staged.clear()
+        if self._pg is not None:
+            ray.util.remove_placement_group(self._pg)
+        while _named_actors(self.name) and time.monotonic() < deadline:
+            await asyncio.sleep(0.1)
+
+    # ------------------------------------------------------------------ requests
+
+    async def generate(self, prompt_ids: list[int], options: GenerationOptions, *,
+                       on_delta: DeltaCallback | None = None, worker: int | None = None,
+                       timeout_s: float | None = None) -> GenerationResult:
+        """Run one request on a worker (the least loaded, or ``worker``); usable from any loop.
+
+        ``on_delta`` gets each new piece of text, on the caller's loop and in its context.
+        """
+        if self._loop is None:
+            raise PoolError("the pool is not started: call start() or use it as a context manager")
+        if self._closed:
+            raise PoolError("the pool is closed: start a new one")
+        if on_delta is not None:
+            caller, callback = asyncio.get_running_loop(), on_delta
+            context = contextvars.copy_context()
+            on_delta = lambda text: caller.call_soon_threadsafe(  # noqa: E731
+                callback, text, context=context)
+        payload = {"prompt_ids": list(prompt_ids), "stream": on_delta is not None,
+                   "options": {k: v for k, v in asdict(options).items() if v is not None}}
+        timeout = timeout_s if timeout_s is not None else self.request_timeout_s
+        return await self._loop.call(self._generate(payload, on_delta, worker, timeout))
+
+    async def _generate(self, payload: dict[str, Any], on_delta: DeltaCallback | None,
+                        preferred: int | None, timeout_s: float | None) -> GenerationResult:
+        request = _Request(f"fork-{next(self._ids)}", payload, on_delta,
+                           self._snapshot_of(payload["prompt_ids"]))
+        deadline = None if timeout_s is None else time.monotonic() + timeout_s
+        while True:
+            slot = await self._pick(preferred)
+            generation = slot.generation
+            slot.pending[request.id] = request
+            try:
+                remaining = None if deadline is None else max(0.0, deadline - time.monotonic())
+                return await asyncio.wait_for(self._run_on(slot, request), remaining)
+            except asyncio.TimeoutError:
+                slot.actor.abort.remote(request.id)
+                raise TimeoutError(f"branch request {request.id} exceeded its timeout on worker "
+                                   f"{slot.index}; aborted") from None
+            except asyncio.CancelledError:
+                if slot.alive:
+                    slot.actor.abort.remote(request.id)
+                raise
+            except _WorkerLost as lost:
+                self._on_death(slot, generation, str(lost))
+                if request.retries >= self.max_retries:
+                    raise PoolError(f"request {request.id} failed: its worker died "
+                                    f"{request.retries + 1} times ({lost})") from None
+                request.retries += 1
+                preferred = None
+            finally:
+                slot.pending.pop(request.id, None)
+
+    async def _pick(self, preferred: int | None) -> _Slot:
+        deadline = time.monotonic() + self.start_timeout_s
+        while True:
+            live = [s for s in self._slots if s.alive]
+            if preferred is not None and any(s.index == preferred for s in live):
+                return self._slots[preferred]
+            if live:
+                return min(live, key=lambda s: (len(s.pending), s.index))
+            if self._closed or time.monotonic() > deadline:
+                raise PoolError("the pool was closed" if self._closed else
+                                "no live Ray worker (all died and none came back)")
+            await asyncio.sleep(0.1)  # replacements are starting
+
+    async def _run_on(self, slot: _Slot, request: _Request) -> GenerationResult:
+        ray = _ray()
+        if request.snapshot is not None:
+            await self._ensure_on_node(slot.placement.node_id, request.snapshot.ref)
+        try:
+            stream = slot.actor.generate.remote(json.dumps({"id": request.id, **request.payload}))
+            async for ref in stream:
+                frame = json.loads(await ref)
+                if frame["type"] == "delta":
+                    if request.on_delta is not None:
+                        request.on_delta(frame["text"])
+                elif frame["type"] == "error":
+                    raise ValueError(frame["message"])
+                elif frame["type"] == "done":
+                    return self._finished(slot, request, frame["result"])
+        except (ray.exceptions.RayActorError, ray.exceptions.ObjectLostError,
+                ray.exceptions.WorkerCrashedError, ray.exceptions.NodeDiedError) as exc:
+            raise _WorkerLost(f"{type(exc).__name__}: {str(exc)[:300]}") from None
+        except ray.exceptions.RayTaskError as exc:
+            raise PoolError(f"Ray worker {slot.index} failed request {request.id}: {exc}") \
+                from None
+        raise _WorkerLost("its stream ended without a result")
+
+    def _finished(self, slot: _Slot, request: _Request, wire: dict[str, Any]) -> GenerationResult:
+        result = GenerationResult.from_wire(wire, engine=f"worker-{slot.index}",
+                                            retries=request.retries)
+        match = request.snapshot
+        if match is not None and result.cached_tokens < match.num_blocks * self._block_size:
+            # the node's copy was evicted (or never arrived): the next branch re-sends it
+            self._shipped.pop((slot.placement.node_id, match.ref.snapshot_id), None)
+        return result
+
+    def _on_death(self, slot: _Slot, generation: int, reason: str) -> None:
+        if slot.generation != generation or not slot.alive:
+            return  # already handled (another request saw it first)
+        slot.alive = False
+        _kill(slot.actor)
+        if self._closed:
+            return
+        logger.warning("thaw: Ray worker %d died (%s); replacing it, re-sending %d request(s)",
+                       slot.index, reason, len(slot.pending))
+        self.replacements += 1
+        self._spawn_task(self._replace(slot))
+
+    async def _replace(self, slot: _Slot) -> None:
+        try:
+            await self._spawn(slot)
+        except PoolError as exc:
+            logger.error("thaw: could not replace Ray worker %d: %s", slot.index, exc)
+
+    async def _watch(self) -> None:
+        """Ping every live actor; one that does not answer in time is replaced."""
+        ray = _ray()
+        while not self._closed:
+            await asyncio.sleep(self.ping_interval_s)
+            live = [(s, s.generation) for s in self._slots if s.alive]
+            answers = await asyncio.gather(
+                *(asyncio.wait_for(s.actor.ping.remote(), self.ping_timeout_s) for s, _ in live),
+                return_exceptions=True)
+            for (slot, generation), answer in zip(live, answers):
+                if isinstance(answer, (asyncio.TimeoutError, ray.exceptions.RayError)):
+                    self._on_death(slot, generation, f"ping: {type(answer).__name__}")
+
+def _with_store(spec: EngineSpec, store_url: str) -> EngineSpec:
+    """``spec`` with its connector pointed at ``store_url`` (a node's arena)."""
+    config = json.loads(spec.kv_transfer_json or "{}")
+    config["kv_connector_extra_config"] = {**config["kv_connector_extra_config"],
+                                           "store": store_url}
+    return dataclasses.replace(spec, kv_transfer_json=json.dumps(config, sort_keys=True))
+
+
+def _kill(actor: Any) -> None:
+    if actor is None:
+        return
+    try:
+        _ray().kill(actor, no_restart=True)
+    except Exception:  # noqa: BLE001 - already dead, or Ray is gone
+        pass
+
+
+async def _settle(ref: Any) -> None:
+    try:
+        await ref
+    except Exception:  # noqa: BLE001 - a dead actor needs no graceful stop
+        pass
+
+
+def _named_actors(prefix: str) -> list[str]:
+    try:
+        names = _ray().util.list_named_actors(all_namespaces=True)
+    except Exception:  # noqa: BLE001 - Ray is gone: nothing of ours is listed
+        return []
+    return [n["name"] for n in names if n["name"].startswith(prefix + "-")]

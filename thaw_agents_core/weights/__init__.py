@@ -1,0 +1,1 @@
+"""``.thaw`` weight snapshots: format, freeze, restore, hot swap, the vLLM model loader."""

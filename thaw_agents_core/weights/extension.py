@@ -1,0 +1,187 @@
+"""ThawWorkerExtension: weight methods vLLM mixes into its workers (``worker_extension_cls``).
+
+Called through vLLM's public ``collective_rpc`` (``AsyncLLM`` / ``LLMEngine``), on every rank:
+
+    thaw_load_weights(desc, weights_version)   desc from sources.describe: a .thaw file (this
+                                               rank's), a WeightsBuffer, CUDA IPC tensors
+        -> validate namespace + tensor table (nothing written yet) -> copy through the stream
+           scheduler -> CRC32C verified -> fence.set_weights_version (the KV namespace follows)
+    thaw_freeze(path, weights_version)         this rank's parameters -> path (per-rank name)
+    thaw_register_buffer(desc)                 pin a WeightsBuffer once (CUDA), before a swap
+    thaw_weights_version()                     the version this rank serves
+
+``collective_rpc`` runs between engine steps, so no request runs on half-swapped weights. Each
+method returns a small JSON-able dict.
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import Any
+
+import torch
+
+from thaw_agents_core.transport.stream_scheduler import StreamScheduler
+from thaw_agents_core.weights import fence, model_params
+from thaw_agents_core.weights.format import WeightsMismatchError, rank_path
+from thaw_agents_core.weights.io import WeightsFile, open_weights, write_weights
+from thaw_agents_core.weights.restore import RestoreStats, copy_tensors, restore_into, table_mismatches
+
+logger = logging.getLogger("thaw_agents.weights")
+
+WORKER_EXTENSION = "thaw_agents_core.weights.extension.ThawWorkerExtension"
+
+
+def restore_model(model: torch.nn.Module, vllm_config: Any, weights: WeightsFile,
+                  copier: StreamScheduler, *, processed: bool = True) -> RestoreStats:
+    """Install a validated ``.thaw`` image into ``model`` (engine or checkpoint layout)."""
+    header = weights.header
+    engine_ns = model_params.engine_namespace(vllm_config, header.namespace.weights_version)
+    diff = header.namespace.mismatches(engine_ns)
+    if diff:
+        raise WeightsMismatchError(diff)
+    fits = not table_mismatches(header.tensors, model_params.targets(model)) or (
+        model_params._is_cpu(model) and processed and _fits_after_recreate(model, header))
+    if header.namespace.layout == "engine" or fits:
+        return model_params.install(model, vllm_config, lambda t: restore_into(weights, t, copier),
+                                    processed=processed)
+    weights.verify()  # checkpoint layout: the weight loaders read these host bytes
+    named = [(e.name, weights.tensor_of(e)) for e in header.tensors]
+    import time
+
+    began = time.perf_counter()
+    model_params.install(model, vllm_config,
+                         lambda _: model_params.load_checkpoint_tensors(model, vllm_config, named),
+                         processed=processed)
+    return RestoreStats(len(named), header.num_tensor_bytes, time.perf_counter() - began,
+                        weights.path, header.namespace.weights_version, "checkpoint")
+
+
+def _fits_after_recreate(model: torch.nn.Module, header: Any) -> bool:
+    """CPU: would the table fit once dropped linear weights are re-created (their shapes)?"""
+    shapes = {n: (tuple(p.shape), p.dtype) for n, p in model.named_parameters()}
+    for _, layer in model_params._dropped_linear_layers(model):
+        shapes_out = sum(getattr(layer, "output_partition_sizes", [layer.output_size]))
+        in_size = getattr(layer, "input_size_per_partition", layer.input_size)
+        for n, p in model.named_parameters():
+            if p is layer.weight:
+                shapes[n] = ((shapes_out, in_size), layer.params_dtype)
+    by_name = header.by_name()
+    if set(by_name) != set(shapes):
+        return False
+    return all(tuple(e.shape) == shapes[n][0] and e.dtype == str(shapes[n][1]).replace("torch.", "")
+               for n, e in by_name.items())
+
+
+class ThawWorkerExtension:
+    """Mixed into vLLM's Worker class: ``self`` is the worker (model_runner, vllm_config)."""
+
+    def _thaw_state(self) -> dict[str, Any]:
+        state = self.__dict__.get("_thaw")
+        if state is None:
+            model = self.model_runner.get_model()
+            device = next(model.parameters()).device
+            state = {"copier": StreamScheduler(device), "buffers": {}}
+            self.__dict__["_thaw"] = state
+        return state
+
+    def _thaw_model(self) -> torch.nn.Module:
+        return self.model_runner.get_model()
+
+    def _thaw_rank(self) -> tuple[int, int]:
+        ns = model_params.engine_namespace(self.vllm_config, "")
+        return ns.tp_rank, ns.tp_size
+
+    def _thaw_buffer(self, desc: dict[str, Any]) -> Any:
+        from thaw_agents_core.weights.buffer import WeightsBuffer
+
+        state = self._thaw_state()
+        buf = state["buffers"].get(desc["name"])
+        if buf is None or buf.capacity != desc["size"]:
+            buf = WeightsBuffer.attach(desc["name"])
+            seconds = state["copier"].register_host(buf.buffer)
+            logger.info("thaw: registered weights buffer %s (%d bytes) in %.2f s", desc["name"],
+                        buf.capacity, seconds)
+            state["buffers"][desc["name"]] = buf
+        return buf
+
+    def thaw_register_buffer(self, desc: dict[str, Any]) -> dict[str, Any]:
+        """Attach and pin a WeightsBuffer now, so the first swap from it runs at full rate."""
+        import time
+
+        began = time.perf_counter()
+        self._thaw_buffer(desc)
+        return {"seconds": round(time.perf_counter() - began, 6)}
+
+    def thaw_load_weights(self, desc: dict[str, Any], weights_version: str | None = None) -> dict[str, Any]:
+        """Install new weights from ``desc`` (see module docstring); returns RestoreStats JSON."""
+        model, state = self._thaw_model(), self._thaw_state()
+        kind = desc.get("kind")
+        if kind == "cuda_ipc":
+            from thaw_agents_core.weights.sources import open_cuda_ipc
+
+            tensors = open_cuda_ipc(desc)
+            if not table_mismatches_of(tensors, model):
+                stats = model_params.install(model, self.vllm_config,
+                                             lambda t: copy_tensors(tensors, t))
+            else:
+                import time
+
+                began = time.perf_counter()
+                model_params.install(model, self.vllm_config, lambda _: model_params.load_checkpoint_tensors(
+                    model, self.vllm_config, list(tensors.items())))
+                stats = RestoreStats(len(tensors), sum(t.numel() * t.element_size() for t in tensors.values()),
+                                     time.perf_counter() - began, layout="checkpoint")
+            version = weights_version or ""
+        else:
+            if kind == "file":
+                rank, size = self._thaw_rank()
+                weights = open_weights(rank_path(desc["path"], rank, size))
+            elif kind == "shm":
+                weights = self._thaw_buffer(desc).open()
+            else:
+                raise ValueError(f"unknown weights source kind {kind!r}: file, shm or cuda_ipc")
+            try:
+                stats = restore_model(model, self.vllm_config, weights, state["copier"])
+            finally:
+                weights.close()
+            version = weights_version if weights_version is not None else stats.weights_version
+        fence.set_weights_version(fence.engine_id_of(self.vllm_config), version)
+        stats.weights_version = version
+        return stats.to_json()
+
+    def thaw_freeze(self, path: str, weights_version: str = "") -> dict[str, Any]:
+        """Write this rank's parameters (engine layout) to ``path`` (its per-rank name)."""
+        rank, size = self._thaw_rank()
+        model = self._thaw_model()
+        tensors = model_params.engine_tensors(model, self.vllm_config)
+        ns = model_params.engine_namespace(self.vllm_config, weights_version or self.thaw_weights_version())
+        stats = write_weights(rank_path(path, rank, size), list(tensors.items()), ns,
+                              copier=self._thaw_state()["copier"])
+        return stats.to_json()
+
+    def thaw_weights_version(self) -> str:
+        """The weights version this rank serves."""
+        kv = getattr(self.vllm_config, "kv_transfer_config", None)
+        default = str((getattr(kv, "kv_connector_extra_config", None) or {}).get("weights_version", ""))
+        return fence.weights_version(fence.engine_id_of(self.vllm_config), default)
+
+
+def table_mismatches_of(tensors: dict[str, torch.Tensor], model: torch.nn.Module) -> list[str]:
+    """Whether same-device tensors fit the engine's parameters as they are (engine layout)."""
+    from thaw_agents_core.weights.format import plan_tensors
+    from thaw_agents_core.weights.io import dtype_name
+
+    entries, _ = plan_tensors([(n, dtype_name(t.dtype), tuple(t.shape)) for n, t in tensors.items()])
+    return table_mismatches(entries, model_params.targets(model))
+
+
+def _register_loader() -> None:
+    # Workers import this module (worker_extension_cls) before they load the model, so
+    # load_format="thaw" is known wherever the extension is configured.
+    from thaw_agents_core.weights.loader import register
+
+    register()
+
+
+_register_loader()

@@ -1,0 +1,444 @@
+"""The ``.thaw`` weight snapshot format: a model's tensors as data only (never pickle).
+
+Layout (all integers little-endian), like ``.thawkv``::
+
+    offset 0               8 B   magic b"THAWWT01"
+    offset 8               8 B   u64 header_len            (<= MAX_HEADER_BYTES = 16 MiB)
+    offset 16     header_len B   UTF-8 JSON header (an object)
+    ...                          zero padding up to payload_offset
+    payload_offset              payload_offset = align_up(16 + header_len, 4096)
+                   payload_bytes the tensors, each at a TENSOR_ALIGNMENT-aligned offset:
+
+    payload  | tensor 0 | pad | tensor 1 | pad | ... | tensor n-1 |
+             |<- nbytes ->|                                          offsets payload-relative
+    chunks   | c0 | c1 | c2 |   (per tensor: crc_chunk_bytes pieces from the tensor's start,
+                                 the last one short) -> tensors[i]["crc32c"]
+
+A tensor's chunks never straddle two tensors, so a restore checks each tensor's bytes where they
+land (on the GPU: the chunk CRC32C kernel on the destination) before any request runs.
+
+Header fields: ``format`` ("thaw"), ``version`` (1), ``namespace`` (object, see
+:class:`WeightsNamespace`), ``payload_bytes``, ``crc_chunk_bytes``, ``created_unix``, ``extra``
+(free-form object) and ``tensors``: a list of ``{"name", "dtype", "shape", "offset", "nbytes",
+"crc32c"}`` in payload order (offsets increasing, aligned, no overlap; ``nbytes`` = numel *
+itemsize; ``crc32c`` one 8-char lowercase hex per chunk). ``dtype`` is a name from ``DTYPES``.
+
+Reading one without this package::
+
+    import json, struct, numpy as np
+    data = open(path, "rb").read()
+    assert data[:8] == b"THAWWT01"
+    (n,) = struct.unpack_from("<Q", data, 8)
+    header = json.loads(data[16 : 16 + n])
+    base = (16 + n + 4095) // 4096 * 4096
+    t = header["tensors"][0]                     # float32 / float16 / int* map onto numpy
+    arr = np.frombuffer(data, np.float32, count=t["nbytes"] // 4, offset=base + t["offset"])
+
+This module is the format (constants, header, parsing, validation, CRCs, per-rank file names);
+writing and opening files is :mod:`thaw_agents_core.weights.io`.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+import re
+import struct
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from thaw_agents_core.snapshot.format import (
+    ALIGNMENT,
+    MAX_HEADER_BYTES,
+    PREFIX_BYTES,
+    SnapshotChecksumError,
+    SnapshotError,
+    SnapshotFormatError,
+    _as_bytes_view,
+    _is_int,
+    _short,
+    align_up,
+    crc32c,
+)
+
+MAGIC = b"THAWWT01"
+FORMAT_NAME = "thaw"
+FORMAT_VERSION = 1
+TENSOR_ALIGNMENT = 256  # every tensor starts on a 256-byte boundary (any dtype, DMA-friendly)
+DEFAULT_CRC_CHUNK_BYTES = 16 << 20
+
+LAYOUTS = ("engine", "checkpoint")
+"""``engine``: the parameters as a vLLM engine holds them (fused qkv/gate_up, this rank's shard):
+copied straight back. ``checkpoint``: the model folder's names and shapes (unfused, unsharded):
+restored through the model's own ``load_weights`` (vLLM fuses and shards)."""
+
+# dtype name -> itemsize. Names are torch's without the "torch." prefix.
+DTYPES: dict[str, int] = {
+    "float64": 8, "float32": 4, "float16": 2, "bfloat16": 2, "float8_e4m3fn": 1,
+    "float8_e5m2": 1, "int64": 8, "int32": 4, "int16": 2, "int8": 1, "uint8": 1, "bool": 1,
+}  # fmt: skip
+
+_HEX_CRC = re.compile(r"[0-9a-f]{8}")
+_HEX_RUN = re.compile(r"[0-9a-f]*")
+_RANK_SUFFIX = re.compile(r"^(?P<stem>.+)\.tp(?P<rank>\d+)of(?P<size>\d+)$")
+
+
+class WeightsError(SnapshotError):
+    """Base of every ``.thaw`` error."""
+
+
+class WeightsFormatError(WeightsError, SnapshotFormatError):
+    """The bytes are not a well-formed ``.thaw`` weight snapshot."""
+
+
+class WeightsMismatchError(WeightsError):
+    """A well-formed snapshot that does not fit this engine (namespace or tensor table)."""
+
+    def __init__(self, mismatches: list[str]):
+        self.mismatches = mismatches
+        shown = mismatches[:20] + ([f"... and {len(mismatches) - 20} more"] if len(mismatches) > 20 else [])
+        super().__init__("weight snapshot does not fit this engine:\n  " + "\n  ".join(shown))
+
+
+class WeightsChecksumError(WeightsError, SnapshotChecksumError):
+    """Tensor bytes do not match their chunk CRC32C."""
+
+    def __init__(self, bad: list[tuple[str, int]]):
+        self.bad = bad
+        SnapshotError.__init__(self, f"CRC32C mismatch in {len(bad)} chunk(s) (tensor, chunk): "
+                                     f"{bad[:10]}: the snapshot is corrupt or changed while read")
+
+
+def _err(message: str) -> WeightsFormatError:
+    return WeightsFormatError(message)
+
+
+@dataclass(frozen=True, slots=True)
+class WeightsNamespace:
+    """What a weight snapshot is (compared before a restore; ``weights_version`` is its name)."""
+
+    model_fingerprint: str
+    """Fingerprint of the model the weights came from (config and weight files), informational."""
+    architecture: str
+    """The model class, e.g. "LlamaForCausalLM": must equal the engine's."""
+    dtype: str
+    """Parameter dtype of the engine ("bfloat16", "float32", ...): must equal the engine's."""
+    layout: str
+    """One of LAYOUTS."""
+    tp_rank: int
+    tp_size: int
+    weights_version: str
+    """The version this snapshot installs (the KV namespace's weights_version after a swap)."""
+
+    def __post_init__(self) -> None:
+        for name in ("model_fingerprint", "architecture", "dtype", "layout", "weights_version"):
+            if not isinstance(getattr(self, name), str):
+                raise ValueError(f"namespace field {name!r} must be a string, got {_short(getattr(self, name))}")
+        if self.layout not in LAYOUTS:
+            raise ValueError(f"namespace field 'layout' must be one of {LAYOUTS}, got {self.layout!r}")
+        if not _is_int(self.tp_size) or self.tp_size < 1:
+            raise ValueError(f"namespace field 'tp_size' must be a positive int, got {_short(self.tp_size)}")
+        if not _is_int(self.tp_rank) or not 0 <= self.tp_rank < self.tp_size:
+            raise ValueError(f"namespace field 'tp_rank' must be an int in [0, tp_size={self.tp_size}), "
+                             f"got {_short(self.tp_rank)}")
+
+    def to_json(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_json(cls, obj: Any) -> WeightsNamespace:
+        if not isinstance(obj, Mapping):
+            raise _err(f"header field 'namespace' must be an object, got {_short(obj)}")
+        names = [f.name for f in dataclasses.fields(cls)]
+        missing = [n for n in names if n not in obj]
+        unknown = sorted(set(obj) - set(names))
+        if missing or unknown:
+            raise _err(f"namespace fields do not match: missing {missing}, unknown {unknown}")
+        try:
+            return cls(**{n: obj[n] for n in names})
+        except ValueError as e:
+            raise _err(str(e)) from None
+
+    def mismatches(self, engine: WeightsNamespace) -> list[str]:
+        """Fields that must agree for a restore (not the fingerprint nor the version). An
+        empty architecture (a state dict's) matches any; checkpoint-layout tensors are cast by
+        vLLM's weight loaders, so their dtype need not match either."""
+        out = []
+        for name in ("architecture", "dtype", "tp_rank", "tp_size"):
+            a, b = getattr(self, name), getattr(engine, name)
+            if (name == "architecture" and not a) or (name == "dtype" and self.layout == "checkpoint"):
+                continue
+            if a != b:
+                out.append(f"{name}: snapshot has {a!r}, this engine has {b!r}")
+        return out
+
+
+@dataclass(frozen=True, slots=True)
+class TensorEntry:
+    """One tensor of the table; ``offset`` is payload-relative."""
+
+    name: str
+    dtype: str
+    shape: tuple[int, ...]
+    offset: int
+    crc32c: tuple[int, ...] = ()
+
+    @property
+    def nbytes(self) -> int:
+        return math.prod(self.shape) * DTYPES[self.dtype]
+
+    def num_chunks(self, crc_chunk_bytes: int) -> int:
+        return math.ceil(self.nbytes / crc_chunk_bytes)
+
+    def to_json(self) -> dict[str, Any]:
+        return {"name": self.name, "dtype": self.dtype, "shape": list(self.shape),
+                "offset": self.offset, "nbytes": self.nbytes,
+                "crc32c": [f"{c:08x}" for c in self.crc32c]}
+
+
+_HEADER_FIELDS = ("format", "version", "namespace", "payload_bytes", "crc_chunk_bytes",
+                  "created_unix", "extra", "tensors")
+_TENSOR_FIELDS = ("name", "dtype", "shape", "offset", "nbytes", "crc32c")
+
+
+def _parse_tensor(i: int, t: Any, crc_chunk_bytes: int) -> TensorEntry:
+    if not isinstance(t, dict) or set(t) != set(_TENSOR_FIELDS):
+        keys = sorted(t) if isinstance(t, dict) else type(t).__name__
+        raise _err(f"tensors[{i}] must be an object with exactly {list(_TENSOR_FIELDS)}, got {keys}")
+    name, dtype, shape = t["name"], t["dtype"], t["shape"]
+    if not isinstance(name, str) or not name:
+        raise _err(f"tensors[{i}].name must be a non-empty string, got {_short(name)}")
+    if dtype not in DTYPES:
+        raise _err(f"tensors[{i}] ({name}): dtype {_short(dtype)} is not one of {sorted(DTYPES)}")
+    if not isinstance(shape, list) or not all(_is_int(d) and d >= 0 for d in shape):
+        raise _err(f"tensors[{i}] ({name}): shape must be a list of non-negative ints, got {_short(shape)}")
+    offset = t["offset"]
+    if not _is_int(offset) or offset < 0 or offset % TENSOR_ALIGNMENT:
+        raise _err(f"tensors[{i}] ({name}): offset must be a non-negative multiple of "
+                   f"{TENSOR_ALIGNMENT}, got {_short(offset)}")
+    nbytes = math.prod(shape) * DTYPES[dtype]
+    if t["nbytes"] != nbytes or not _is_int(t["nbytes"]):
+        raise _err(f"tensors[{i}] ({name}): nbytes is {_short(t['nbytes'])}, expected "
+                   f"prod({shape}) * {DTYPES[dtype]} = {nbytes}")
+    crcs = t["crc32c"]
+    expected = math.ceil(nbytes / crc_chunk_bytes)
+    if not isinstance(crcs, list) or len(crcs) != expected:
+        raise _err(f"tensors[{i}] ({name}): crc32c must list ceil({nbytes} / {crc_chunk_bytes}) = "
+                   f"{expected} chunk CRCs, got {_short(crcs)}")
+    if not (set(map(type, crcs)) <= {str} and set(map(len, crcs)) <= {8}
+            and _HEX_RUN.fullmatch("".join(crcs))):
+        bad = next(c for c in crcs if not (isinstance(c, str) and _HEX_CRC.fullmatch(c)))
+        raise _err(f"tensors[{i}] ({name}): crc32c entries must be 8 lowercase hex chars, got {_short(bad)}")
+    return TensorEntry(name, dtype, tuple(shape), offset, tuple(int(c, 16) for c in crcs))
+
+
+@dataclass(slots=True)
+class WeightsHeader:
+    """Decoded header of a ``.thaw`` file."""
+
+    namespace: WeightsNamespace
+    tensors: list[TensorEntry]
+    payload_bytes: int
+    crc_chunk_bytes: int = DEFAULT_CRC_CHUNK_BYTES
+    created_unix: float = 0.0
+    extra: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def num_tensor_bytes(self) -> int:
+        """Bytes of tensor data (the payload without alignment padding)."""
+        return sum(t.nbytes for t in self.tensors)
+
+    def by_name(self) -> dict[str, TensorEntry]:
+        return {t.name: t for t in self.tensors}
+
+    def to_json(self) -> dict[str, Any]:
+        return {"format": FORMAT_NAME, "version": FORMAT_VERSION,
+                "namespace": self.namespace.to_json(), "payload_bytes": self.payload_bytes,
+                "crc_chunk_bytes": self.crc_chunk_bytes, "created_unix": self.created_unix,
+                "extra": self.extra, "tensors": [t.to_json() for t in self.tensors]}
+
+    @classmethod
+    def from_json(cls, obj: Any) -> WeightsHeader:
+        """Validate every field (types, sizes, offsets, CRC counts) and decode."""
+        if not isinstance(obj, dict):
+            raise _err(f"header must be a JSON object, got {type(obj).__name__}")
+        missing = [k for k in _HEADER_FIELDS if k not in obj]
+        if missing:
+            raise _err(f"header is missing required field(s): {', '.join(missing)}")
+        unknown = sorted(set(obj) - set(_HEADER_FIELDS))
+        if unknown:
+            raise _err(f"header has unknown field(s): {', '.join(unknown)} (custom data goes under 'extra')")
+        if obj["format"] != FORMAT_NAME:
+            raise _err(f"header field 'format' is {_short(obj['format'])}, expected 'thaw'")
+        if obj["version"] != FORMAT_VERSION or not _is_int(obj["version"]):
+            raise _err(f"unsupported .thaw version {_short(obj['version'])}: this reader supports version 1")
+        chunk, payload = obj["crc_chunk_bytes"], obj["payload_bytes"]
+        if not _is_int(chunk) or chunk <= 0 or chunk % TENSOR_ALIGNMENT:
+            raise _err(f"header field 'crc_chunk_bytes' must be a positive multiple of {TENSOR_ALIGNMENT}, "
+                       f"got {_short(chunk)}")
+        if not _is_int(payload) or payload < 0:
+            raise _err(f"header field 'payload_bytes' must be a non-negative int, got {_short(payload)}")
+        created = obj["created_unix"]
+        if not (_is_int(created) or isinstance(created, float)) or not math.isfinite(created) or created < 0:
+            raise _err(f"header field 'created_unix' must be a non-negative number, got {_short(created)}")
+        if not isinstance(obj["extra"], dict):
+            raise _err(f"header field 'extra' must be an object, got {_short(obj['extra'])}")
+        if not isinstance(obj["tensors"], list):
+            raise _err(f"header field 'tensors' must be a list, got {_short(obj['tensors'])}")
+        namespace = WeightsNamespace.from_json(obj["namespace"])
+        tensors = [_parse_tensor(i, t, chunk) for i, t in enumerate(obj["tensors"])]
+        seen: set[str] = set()
+        end = 0
+        for i, t in enumerate(tensors):
+            if t.name in seen:
+                raise _err(f"tensors[{i}]: duplicate tensor name {t.name!r}")
+            seen.add(t.name)
+            if t.offset < end:
+                raise _err(f"tensors[{i}] ({t.name}): offset {t.offset} overlaps the previous tensor "
+                           f"(which ends at {end}); tensors are in payload order")
+            end = t.offset + t.nbytes
+        if end > payload:
+            raise _err(f"the last tensor ends at {end}, past payload_bytes {payload}")
+        if payload != align_up(end, TENSOR_ALIGNMENT):
+            raise _err(f"header field 'payload_bytes' is {payload}, expected the aligned end of the "
+                       f"last tensor, {align_up(end, TENSOR_ALIGNMENT)}")
+        return cls(namespace=namespace, tensors=tensors, payload_bytes=payload,
+                   crc_chunk_bytes=chunk, created_unix=created, extra=obj["extra"])
+
+
+def plan_tensors(specs: list[tuple[str, str, tuple[int, ...]]]) -> tuple[list[TensorEntry], int]:
+    """Offsets for ``(name, dtype, shape)`` in order (CRCs empty); returns (entries, payload_bytes)."""
+    entries, offset = [], 0
+    for name, dtype, shape in specs:
+        if dtype not in DTYPES:
+            raise ValueError(f"tensor {name!r}: dtype {dtype!r} is not one of {sorted(DTYPES)}")
+        entry = TensorEntry(name, dtype, tuple(int(d) for d in shape), offset)
+        entries.append(entry)
+        offset = align_up(offset + entry.nbytes, TENSOR_ALIGNMENT)
+    return entries, offset
+
+
+def _header_json(header: WeightsHeader) -> bytes:
+    return json.dumps(header.to_json(), separators=(",", ":"), ensure_ascii=True).encode()
+
+
+def encode_header(header: WeightsHeader) -> bytes:
+    """Magic, header_len, JSON and zero padding up to payload_offset."""
+    body = _header_json(header)
+    if len(body) > MAX_HEADER_BYTES:
+        raise WeightsFormatError(f"header is {len(body)} bytes, over the {MAX_HEADER_BYTES}-byte cap: "
+                                 "raise crc_chunk_bytes")
+    prefix = MAGIC + struct.pack("<Q", len(body)) + body
+    return prefix + bytes(align_up(len(prefix)) - len(prefix))
+
+
+def parse_header(buf: Any) -> tuple[WeightsHeader, int]:
+    """Validate magic, header_len and the JSON header; return (header, payload_offset).
+
+    ``buf`` needs only the first ``16 + header_len`` bytes.
+    """
+    mv = _as_bytes_view(buf)
+    if len(mv) < PREFIX_BYTES:
+        raise _err(f"truncated .thaw file: {len(mv)} bytes, shorter than the {PREFIX_BYTES}-byte prefix")
+    if mv[:8] != MAGIC:
+        raise _err(f"bad magic {bytes(mv[:8])!r}: not a .thaw weight snapshot (expected {MAGIC!r})")
+    (header_len,) = struct.unpack_from("<Q", mv, 8)
+    if header_len > MAX_HEADER_BYTES:
+        raise _err(f"header_len {header_len} exceeds the {MAX_HEADER_BYTES}-byte cap: corrupt file")
+    end = PREFIX_BYTES + header_len
+    if len(mv) < end:
+        raise _err(f"truncated .thaw file: header needs bytes [16, {end}) but there are {len(mv)}")
+    try:
+        obj = json.loads(bytes(mv[PREFIX_BYTES:end]).decode("utf-8"))
+    except (UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise _err(f"header is not valid UTF-8 JSON: {e}") from None
+    return WeightsHeader.from_json(obj), align_up(end, ALIGNMENT)
+
+
+def parse_weights(buf: Any) -> tuple[WeightsHeader, memoryview]:
+    """Validate everything but the CRCs; return (header, zero-copy payload view)."""
+    mv = _as_bytes_view(buf)
+    header, payload_offset = parse_header(mv)
+    end = payload_offset + header.payload_bytes
+    if len(mv) < end:
+        raise _err(f"truncated .thaw file: payload needs bytes [{payload_offset}, {end}) but there are "
+                   f"{len(mv)} ({end - len(mv)} missing)")
+    (header_len,) = struct.unpack_from("<Q", mv, 8)
+    pad = mv[PREFIX_BYTES + header_len : payload_offset]
+    if pad != bytes(len(pad)):
+        raise _err(f"non-zero padding before payload_offset {payload_offset}: the file is corrupt")
+    return header, mv[payload_offset:end]
+
+
+def tensor_crcs(data: Any, crc_chunk_bytes: int) -> list[int]:
+    """CRC32C of each ``crc_chunk_bytes`` chunk of one tensor's bytes (CPU)."""
+    mv = _as_bytes_view(data)
+    return [crc32c(mv[i : i + crc_chunk_bytes]) for i in range(0, len(mv), crc_chunk_bytes)]
+
+
+def check_tensor_crcs(entry: TensorEntry, crcs: list[int]) -> list[tuple[str, int]]:
+    """(name, chunk) of every chunk whose CRC differs from the table's."""
+    bad = [(entry.name, i) for i, (got, want) in enumerate(zip(crcs, entry.crc32c)) if int(got) != want]
+    if len(crcs) != len(entry.crc32c):
+        bad.append((entry.name, min(len(crcs), len(entry.crc32c))))
+    return bad
+
+
+def verify_payload(header: WeightsHeader, payload: Any) -> list[tuple[str, int]]:
+    """CRC32C every chunk of every tensor on the CPU; the bad (tensor, chunk) pairs."""
+    mv = _as_bytes_view(payload)
+    bad: list[tuple[str, int]] = []
+    for t in header.tensors:
+        bad += check_tensor_crcs(t, tensor_crcs(mv[t.offset : t.offset + t.nbytes], header.crc_chunk_bytes))
+    return bad
+
+
+# ---------------------------------------------------------------------- tensor parallel files
+
+
+def rank_path(path: str | Path, tp_rank: int, tp_size: int) -> Path:
+    """The file of one tensor-parallel rank: ``x.thaw`` for tp_size 1, else ``x.tp{r}of{n}.thaw``."""
+    if not (_is_int(tp_size) and tp_size >= 1 and _is_int(tp_rank) and 0 <= tp_rank < tp_size):
+        raise ValueError(f"need 0 <= tp_rank < tp_size, got tp_rank={tp_rank!r}, tp_size={tp_size!r}")
+    path = Path(path)
+    if tp_size == 1:
+        return path
+    if path.suffix != ".thaw":
+        raise ValueError(f"a tensor-parallel snapshot name must end in .thaw, got {str(path)!r}")
+    return path.with_name(f"{path.stem}.tp{tp_rank}of{tp_size}.thaw")
+
+
+def split_rank_path(path: str | Path) -> tuple[Path, int, int]:
+    """Inverse of :func:`rank_path`: (base path, tp_rank, tp_size); (path, 0, 1) for plain names."""
+    path = Path(path)
+    match = _RANK_SUFFIX.match(path.stem) if path.suffix == ".thaw" else None
+    if match is None:
+        return path, 0, 1
+    rank, size = int(match["rank"]), int(match["size"])
+    if not 0 <= rank < size:
+        raise ValueError(f"{path.name}: rank {rank} is not below size {size}")
+    return path.with_name(match["stem"] + ".thaw"), rank, size
+
+
+def rank_paths(path: str | Path, tp_size: int) -> list[Path]:
+    """Every rank's file of a ``tp_size``-way snapshot named ``path``."""
+    return [rank_path(path, r, tp_size) for r in range(tp_size)]
+
+
+def check_rank_set(namespaces: list[WeightsNamespace]) -> None:
+    """A tensor-parallel set must be ranks 0..n-1 of one snapshot (same version and model)."""
+    if not namespaces:
+        raise WeightsMismatchError(["no rank file"])
+    size = namespaces[0].tp_size
+    problems = []
+    if sorted(ns.tp_rank for ns in namespaces) != list(range(size)) or len(namespaces) != size:
+        problems.append(f"ranks {sorted(ns.tp_rank for ns in namespaces)} do not cover 0..{size - 1}")
+    for field_name in ("tp_size", "weights_version", "model_fingerprint", "architecture", "dtype", "layout"):
+        values = {getattr(ns, field_name) for ns in namespaces}
+        if len(values) > 1:
+            problems.append(f"{field_name} differs between rank files: {sorted(map(str, values))}")
+    if problems:
+        raise WeightsMismatchError(problems)

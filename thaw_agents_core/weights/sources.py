@@ -1,0 +1,122 @@
+"""Where new weights come from, as a JSON descriptor that crosses to the engine's workers.
+
+    describe(src)              caller side   -> ({"kind": ...}, cleanup)
+      "x.thaw" / Path            {"kind": "file", "path"}        (per-rank name resolved by the worker)
+      WeightsBuffer              {"kind": "shm", "name", "size"}  registered once per worker, reused
+      {name: CPU tensor}         a temporary WeightsBuffer         (cleanup unlinks it)
+      {name: CUDA tensor}        {"kind": "cuda_ipc", "tensors"}  CUDA IPC handles, no host copy
+    open_cuda_ipc(desc)        worker side   -> {name: tensor} over the trainer's device memory
+
+CUDA IPC handles are the bytes torch's own multiprocessing reductions send (``_share_cuda_``),
+written as hex: data only, never a pickle. The caller keeps the tensors alive until the swap
+returns.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Callable, Mapping
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from thaw_agents_core.weights.buffer import WeightsBuffer
+from thaw_agents_core.weights.io import dtype_name, torch_dtype
+
+Source = str | os.PathLike | WeightsBuffer | Mapping[str, torch.Tensor]
+
+
+def _noop() -> None:
+    pass
+
+
+def describe(src: Any, weights_version: str, layout: str = "auto") -> tuple[dict[str, Any], Callable[[], None]]:
+    """The descriptor of ``src`` and a cleanup to call once every worker has loaded it."""
+    if isinstance(src, (str, os.PathLike)):
+        return {"kind": "file", "path": str(Path(src).expanduser().resolve())}, _noop
+    if isinstance(src, WeightsBuffer):
+        return src.descriptor(), _noop
+    if isinstance(src, Mapping):
+        if not src:
+            raise ValueError("the state dict is empty")
+        bad = [k for k, v in src.items() if not isinstance(v, torch.Tensor)]
+        if bad:
+            raise ValueError(f"state dict values must be tensors; not for {bad[:5]}")
+        if all(t.is_cuda for t in src.values()):
+            return {"kind": "cuda_ipc", "layout": layout,
+                    "tensors": [_ipc_entry(n, t) for n, t in src.items()]}, _noop
+        cpu = {n: t.detach().cpu() for n, t in src.items()}
+        buf = WeightsBuffer.for_tensors(cpu)
+        buf.write(cpu, weights_version, layout="checkpoint" if layout == "auto" else layout)
+        return {**buf.descriptor(), "layout": layout}, buf.close
+    raise TypeError(f"weights source must be a .thaw path, a WeightsBuffer or a state dict of "
+                    f"tensors, got {type(src).__name__}")
+
+
+def _ipc_entry(name: str, t: torch.Tensor) -> dict[str, Any]:
+    storage = t.untyped_storage()
+    handle = storage._share_cuda_()
+    return {"name": name, "dtype": dtype_name(t.dtype), "shape": list(t.shape),
+            "stride": list(t.stride()), "storage_offset": t.storage_offset(),
+            "handle": [h.hex() if isinstance(h, bytes) else h for h in handle]}
+
+
+def open_cuda_ipc(desc: dict[str, Any]) -> dict[str, torch.Tensor]:
+    """Tensors over another process's device memory, from ``describe``'s handles."""
+    out = {}
+    for e in desc["tensors"]:
+        device, handle, size, offset, ref_handle, ref_offset, event, sync = e["handle"]
+        storage = torch.UntypedStorage._new_shared_cuda(
+            device, bytes.fromhex(handle), size, offset, bytes.fromhex(ref_handle), ref_offset,
+            bytes.fromhex(event), sync)
+        t = torch.empty(0, dtype=torch_dtype(e["dtype"]), device=f"cuda:{device}")
+        t.set_(storage, e["storage_offset"], e["shape"], e["stride"])
+        out[e["name"]] = t
+    return out
+
+
+def snapshot_version(src: Any) -> str | None:
+    """The weights_version inside a ``.thaw`` file or WeightsBuffer (None for state dicts)."""
+    if isinstance(src, (str, os.PathLike)):
+        from thaw_agents_core.weights.format import parse_header, rank_path
+
+        path = Path(src)
+        if not path.is_file():
+            path = rank_path(path, 0, _rank_count(path))
+        with open(path, "rb") as f:
+            head = f.read(16)
+            import struct
+
+            (n,) = struct.unpack_from("<Q", head, 8) if len(head) == 16 else (0,)
+            f.seek(0)
+            header, _ = parse_header(f.read(16 + min(n, 16 << 20)))
+        return header.namespace.weights_version
+    if isinstance(src, WeightsBuffer):
+        with src.open() as view:
+            return view.header.namespace.weights_version
+    return None
+
+
+def _rank_count(path: Path) -> int:
+    """tp_size of a per-rank set named after ``path`` (x.tp0ofN.thaw), 1 if none."""
+    for candidate in sorted(path.parent.glob(f"{path.stem}.tp0of*.thaw")):
+        from thaw_agents_core.weights.format import split_rank_path
+
+        return split_rank_path(candidate)[2]
+    raise FileNotFoundError(f"no weight snapshot at {str(path)!r} (nor per-rank files "
+                            f"{path.stem}.tp0ofN.thaw)")
+
+
+def resolve_version(src: Any, requested: str | None, current: str) -> str:
+    """The version a swap installs: ``requested``, else the snapshot's own, else a fresh one;
+    never the version already served (every swap fences the KV namespace)."""
+    import secrets
+
+    version = requested if requested is not None else snapshot_version(src)
+    if version is None or (requested is None and version == current):
+        version = f"w-{secrets.token_hex(6)}"
+    if version == current:
+        raise ValueError(f"weights_version {version!r} is the version this engine already serves: "
+                         "every swap needs a new one (e.g. the training step)")
+    return version
