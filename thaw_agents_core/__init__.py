@@ -10,6 +10,10 @@ from __future__ import annotations
 from importlib import import_module
 from typing import Any
 
+from thaw_agents_core.util.compat import configure_vllm_environment
+
+configure_vllm_environment()  # before anything imports vLLM: spawn, quiet logs (see compat)
+
 _EXPORTS = {
     "kv_transfer_config": "thaw_agents_core.connector.settings",
     "open_store": "thaw_agents_core.store.url",

@@ -28,7 +28,16 @@ CANCEL_EVERY = 5  # 20%
 
 
 def _children() -> set[int]:
-    return {p.pid for p in psutil.Process().children(recursive=True)}
+    """This process's descendants, less multiprocessing's resource tracker (one per process
+    for its lifetime, started by the first engine)."""
+    kids = set()
+    for child in psutil.Process().children(recursive=True):
+        try:
+            if "resource_tracker" not in " ".join(child.cmdline()):
+                kids.add(child.pid)
+        except psutil.NoSuchProcess:
+            continue
+    return kids
 
 
 async def _one_call(llm: ChatThaw, i: int) -> tuple[int, str, list[int] | None]:

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import importlib
 import inspect
+from pathlib import Path
 
 import pytest
 
@@ -104,3 +105,16 @@ def test_core_refuses_unknown_names():
         thaw_agents_core.nope  # noqa: B018
     with pytest.raises(ImportError):
         exec("from thaw_agents_core import nope", {})
+
+
+def test_pyproject_installs_every_package():
+    """A new subpackage must be listed in pyproject.toml, or a wheel install would lack it."""
+    import tomllib
+
+    root = Path(__file__).resolve().parents[2]
+    listed = set(tomllib.loads((root / "pyproject.toml").read_text())["tool"]["setuptools"]
+                 ["packages"])
+    found = {".".join(init.parent.relative_to(root).parts)
+             for top in ("thaw_agents", "thaw_agents_core")
+             for init in (root / top).rglob("__init__.py")} | {"thaw_kernels"}
+    assert listed == found

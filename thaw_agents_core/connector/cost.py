@@ -7,8 +7,10 @@
 
 A snapshot of ``num_tokens`` tokens (``num_bytes`` of KV) is loaded only when
 ``num_bytes / load_rate + load_overhead_s < num_tokens / prefill_rate``. Until both rates have
-been measured the model loads (a load that loses teaches it the rates). Estimates are smoothed
-(EWMA) and reported with every decision, so a branch's result says why it loaded or not.
+been measured the model loads. The prefill rate is smoothed (EWMA) and measured only where a
+step's wall time is its forward pass (synchronous scheduling: the CPU engine, or CUDA with async
+scheduling off); the load rate is the best seen after the first load. Both estimates are
+reported with every decision, so a branch's result says why it loaded or not.
 
 One model per engine process: the scheduler side and the worker side of one engine live in the
 same process (vLLM's uniprocess executor), so both feed the same object.
@@ -42,11 +44,16 @@ class LoadDecision:
 class CostModel:
     """EWMA rates of this engine: prefill tokens/s, snapshot load bytes/s and overhead."""
 
-    def __init__(self) -> None:
+    def __init__(self, synchronous_steps: bool = True) -> None:
         self._lock = threading.Lock()
+        self.synchronous_steps = synchronous_steps
+        """Whether a scheduler step's wall time is its forward pass (False under vLLM's async
+        scheduling: the scheduler runs a step ahead, so no prefill rate is measured and the
+        model always loads)."""
         self.prefill_tokens_per_s: float | None = None
         self.load_bytes_per_s: float | None = None
         self.load_overhead_s: float = 0.0
+        self.num_loads = 0
         self._last_step: tuple[float, int] | None = None
 
     @staticmethod
@@ -56,6 +63,8 @@ class CostModel:
     def on_step(self, num_new_tokens: int, now: float | None = None) -> None:
         """Called once per scheduler step with the tokens it scheduled: the previous step's
         duration is known now, and its tokens/s feeds the prefill rate."""
+        if not self.synchronous_steps:
+            return
         now = time.perf_counter() if now is None else now
         with self._lock:
             if self._last_step is not None:
@@ -66,11 +75,18 @@ class CostModel:
             self._last_step = (now, num_new_tokens)
 
     def on_load(self, num_bytes: int, seconds: float) -> None:
-        """A finished snapshot load of ``num_bytes`` that took ``seconds``."""
+        """A finished snapshot load of ``num_bytes`` that took ``seconds``. The best rate seen
+        is kept: the copy path's rate is physical and stable, and only first-use work (CUDA
+        host registration, kernel compilation: a first 136 MB load took 125 ms on the H200
+        against 5 ms later) makes a load slower; an average would keep that outlier and then
+        never load again to correct it."""
         if num_bytes <= 0 or seconds <= 0:
             return
         with self._lock:
-            self.load_bytes_per_s = self._ewma(self.load_bytes_per_s, num_bytes / seconds)
+            rate = num_bytes / seconds
+            self.num_loads += 1
+            if self.num_loads > 1:  # the first load pays the first-use costs
+                self.load_bytes_per_s = max(self.load_bytes_per_s or 0.0, rate)
 
     def decide(self, num_tokens: int, num_bytes: int) -> LoadDecision:
         """Load the snapshot of ``num_tokens`` (``num_bytes``) or recompute it."""
@@ -89,7 +105,7 @@ _models: dict[str, CostModel] = {}
 _models_lock = threading.Lock()
 
 
-def cost_model_for(engine_key: str) -> CostModel:
+def cost_model_for(engine_key: str, synchronous_steps: bool = True) -> CostModel:
     """The process-wide model of one engine (keyed by its namespace key)."""
     with _models_lock:
-        return _models.setdefault(engine_key, CostModel())
+        return _models.setdefault(engine_key, CostModel(synchronous_steps))

@@ -30,6 +30,7 @@ from thaw_agents_core.connector.verifier import SnapshotVerifier
 from thaw_agents_core.snapshot.block_hashes import block_hash_chain
 from thaw_agents_core.snapshot.namespace import namespace_for
 from thaw_agents_core.store.base import SnapshotNotFoundError, SnapshotRef, SnapshotStore
+from thaw_agents_core.util import compat
 from thaw_agents_core.weights import fence
 
 logger = logging.getLogger("thaw_agents.connector")
@@ -83,30 +84,46 @@ class SchedulerSide:
         self._saves: dict[str, _SaveState] = {}
         self._decisions: dict[str, dict[str, Any]] = {}
         self.events = EventLog(settings.events_path)
-        self.verifier = SnapshotVerifier(lambda: self.store, self.namespace, self._refused)
-        self.cost = cost_model_for(self.namespace_key)
+        self.verifier = self._new_verifier()
+        sync = not getattr(vllm_config.scheduler_config, "async_scheduling", False)
+        self.cost = cost_model_for(self.namespace_key, synchronous_steps=sync)
         self.bytes_per_token = kv_bytes_per_token(kv_cache_config, self.block_size)
+
+    def _new_verifier(self) -> SnapshotVerifier:
+        verify = self.settings.verify_payload
+        check_payload = verify if verify is not None else not compat.is_cpu_platform()
+        return SnapshotVerifier(lambda: self.store, self.namespace, self._refused,
+                                check_payload=check_payload)  # why: connector/verifier.py
 
     def _refused(self, ref: Any, reason: str) -> None:
         self.events.write(event="load_refused", snapshot_id=ref.snapshot_id, error=reason)
 
     @property
     def store(self) -> SnapshotStore:
+        """The snapshot store, attached on first use."""
         if self._store is None:
             self._store = self._open_store()
         return self._store
 
-    def refresh_namespace(self) -> None:
-        """Follow a weight swap (weights/fence.py): the namespace of the current version."""
-        version = fence.weights_version(self._engine_id, self.settings.weights_version)
+    def refresh_namespace(self, published: bool = False) -> None:
+        """Follow a weight swap (weights/fence.py): the namespace of the current version
+        (``published``: read the version file the workers wrote, after a swap)."""
+        read = fence.published_weights_version if published else fence.weights_version
+        version = read(self._engine_id, self.settings.weights_version)
         if version != self.namespace.weights_version:
             self.namespace = namespace_for(self._vllm_config, version)
             self.namespace_key = self.namespace.key()
+            self.verifier.close()
+            self.verifier = self._new_verifier()
 
     # ------------------------------------------------------------------ lookups
 
     def get_num_new_matched_tokens(self, request: Any, num_computed_tokens: int
                                    ) -> tuple[int | None, bool]:
+        """vLLM scheduler hook, for a waiting request: register a requested save, then look up
+        the longest published prefix of its full blocks (never the last token) and return
+        (tokens it loads beyond ``num_computed_tokens``, False); None while its payload is being
+        verified, 0 on a miss, a store error, a refused snapshot or a cost-model skip."""
         self.refresh_namespace()
         params = (getattr(request, "kv_transfer_params", None) or {}).get(PARAMS_KEY) or {}
         prompt = list(request.prompt_token_ids or [])
@@ -128,7 +145,10 @@ class SchedulerSide:
             self._pending.pop(request.request_id, None)
             return 0, False
         last_hash = chain[match.num_blocks - 1].hex()
-        if not self.verifier.accepts(match.ref, match.num_blocks, last_hash):  # header only
+        verdict = self.verifier.verdict(match.ref, match.num_blocks, last_hash)
+        if verdict is None:
+            return None, False  # its payload is being checked: vLLM asks again next step
+        if not verdict:
             self._pending.pop(request.request_id, None)
             return 0, False
         num_tokens = match.num_blocks * self.block_size - num_computed_tokens
@@ -177,6 +197,8 @@ class SchedulerSide:
 
     def update_state_after_alloc(self, request: Any, blocks: Any,
                                  num_external_tokens: int) -> None:
+        """vLLM scheduler hook, after allocation: turn the request's pending match into a LoadOp
+        on its newly allocated block ids."""
         pending = self._pending.pop(request.request_id, None)
         if pending is None or num_external_tokens == 0:
             return
@@ -191,6 +213,8 @@ class SchedulerSide:
     # ------------------------------------------------------------------ per-step metadata
 
     def build_connector_meta(self, scheduler_output: Any) -> ThawConnectorMetadata:
+        """vLLM scheduler hook, once per step: the planned LoadOps, plus a SaveOp for each
+        save request whose full prompt blocks are computed by the end of this step."""
         self.cost.on_step(int(getattr(scheduler_output, "total_num_scheduled_tokens", 0) or 0))
         meta = ThawConnectorMetadata(loads=self._loads)
         self._loads = []
@@ -230,6 +254,8 @@ class SchedulerSide:
     # ------------------------------------------------------------------ completion
 
     def request_finished(self, request: Any, block_ids: Any) -> tuple[bool, dict | None]:
+        """vLLM scheduler hook, when a request ends: drop its state; return (False: blocks are
+        freed at once, ``{"thaw": {"snapshot": ..., "load_decision": ...}}`` or None)."""
         req_id = request.request_id
         self._chains.pop(req_id, None)
         self._pending.pop(req_id, None)

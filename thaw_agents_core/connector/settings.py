@@ -33,9 +33,15 @@ class ConnectorSettings:
     """Look up and load published snapshots for new requests."""
     pin_host: bool = True
     """GPU: register the shared-memory arena with CUDA once, for full-speed DMA."""
+    verify_payload: bool | None = None
+    """Check every chunk's CRC32C on the scheduler side before offering a snapshot (once per
+    snapshot). None = on CUDA only, where vLLM's recompute after a failed load is not exact
+    (see connector/verifier.py); the worker checks the bytes it copies either way."""
 
     @classmethod
     def from_extra_config(cls, extra: dict[str, Any] | None) -> ConnectorSettings:
+        """Parse ``kv_connector_extra_config``; ValueError without a ``store`` URL or on an
+        unknown key."""
         extra = dict(extra or {})
         store = extra.pop("store", None)
         if not store or not isinstance(store, str):
@@ -43,7 +49,7 @@ class ConnectorSettings:
                 "ThawConnector needs kv_connector_extra_config['store'] (e.g. 'shm://thaw' or a "
                 f"directory path); got {store!r}"
             )
-        known = {"weights_version", "events_path", "load", "pin_host"}
+        known = {"weights_version", "events_path", "load", "pin_host", "verify_payload"}
         unknown = sorted(set(extra) - known)
         if unknown:
             raise ValueError(f"unknown ThawConnector settings {unknown}; valid: {sorted(known)}")
@@ -68,6 +74,8 @@ class ConnectorSettings:
             extra["events_path"] = self.events_path
         if not self.pin_host:
             extra["pin_host"] = False
+        if self.verify_payload is not None:
+            extra["verify_payload"] = self.verify_payload
         return extra
 
 

@@ -32,13 +32,16 @@ logger = logging.getLogger("thaw_agents.connector")
 
 
 class WorkerSide:
+    """Everything the ThawConnector does inside a vLLM worker (see the module docstring)."""
+
     def __init__(self, vllm_config: Any, kv_cache_config: Any, settings: ConnectorSettings,
                  open_store: Any) -> None:
         self.settings = settings
         self._vllm_config = vllm_config
         self._engine_id = fence.engine_id_of(vllm_config)
         self.namespace = namespace_for(vllm_config, settings.weights_version)
-        self.cost = cost_model_for(self.namespace.key())
+        self.cost = cost_model_for(self.namespace.key(), synchronous_steps=not getattr(
+            vllm_config.scheduler_config, "async_scheduling", False))
         groups = kv_cache_config.kv_cache_groups if kv_cache_config is not None else []
         self.layer_names: list[str] = list(groups[0].layer_names) if len(groups) == 1 else []
         self._open_store = open_store
@@ -50,6 +53,8 @@ class WorkerSide:
                            len(groups))
 
     def register_kv_caches(self, kv_caches: dict[str, torch.Tensor]) -> None:
+        """vLLM worker hook, once at startup: build the KVTransport over the layers' KV tensors
+        (pinning the shm arena on a GPU); logs and leaves snapshots disabled if it cannot."""
         if not self.layer_names:
             return
         missing = [name for name in self.layer_names if name not in kv_caches]
@@ -82,6 +87,8 @@ class WorkerSide:
     # ------------------------------------------------------------------ load
 
     def start_load_kv(self, metadata: ThawConnectorMetadata) -> None:
+        """vLLM worker hook, before the forward pass: run this step's loads (verified copies,
+        then scatter); a failed load marks its blocks as load errors."""
         if metadata.loads or metadata.saves:
             self.refresh_namespace()
         for op in metadata.loads:
@@ -109,12 +116,16 @@ class WorkerSide:
                            "block(s)", op.snapshot_id, op.req_id, reason, len(op.block_ids))
 
     def get_block_ids_with_load_errors(self) -> set[int]:
+        """vLLM worker hook: the block ids whose loads failed since the last call (then
+        cleared); vLLM recomputes them."""
         errors, self._load_errors = self._load_errors, set()
         return errors
 
     # ------------------------------------------------------------------ save
 
     def wait_for_save(self, metadata: ThawConnectorMetadata) -> None:
+        """vLLM worker hook, after the forward pass: run this step's saves (gather, checksum,
+        publish); a failed save is logged, never raised."""
         for op in metadata.saves:
             self._save(op)
 
@@ -136,6 +147,7 @@ class WorkerSide:
                            reason)
 
     def close(self) -> None:
+        """Close the transport's copier and store (idempotent)."""
         if self.transport is not None:
             self.transport.copier.close()
             self.transport.store.close()

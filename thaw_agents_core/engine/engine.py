@@ -63,11 +63,14 @@ class Engine:
     _store: Any = field(default=None, init=False, repr=False)
     _reaper: Any = field(default=None, init=False, repr=False)
     _weights_version: str | None = field(default=None, init=False, repr=False)
+    last_weights_file: str | None = field(default=None, init=False, repr=False)
+    """The ``.thaw`` file of the last swap (None: boot weights, or a buffer / state dict)."""
 
     # ------------------------------------------------------------------ lifecycle
 
     @property
     def is_started(self) -> bool:
+        """Whether the vLLM engine has been started (does not start it)."""
         return self._llm is not None
 
     @property
@@ -89,6 +92,7 @@ class Engine:
 
     @property
     def loop(self) -> asyncio.AbstractEventLoop:
+        """The event loop (on its own thread) that runs the ``AsyncLLM`` (starts it if needed)."""
         self.start()
         assert self._loop is not None
         return self._loop.loop
@@ -113,8 +117,11 @@ class Engine:
             self._open_store()
             self._loop = LoopThread(f"thaw-engine-{Path(self.spec.model).name}")
             future = self._loop.submit(self._create())
+            began = time.perf_counter()
             try:
                 self._llm = future.result(self.start_timeout_s)
+                logger.info("thaw: vLLM engine for %s started in %.1f s", self.spec.model,
+                            time.perf_counter() - began)
                 # vLLM's engine core outlives a SIGKILLed parent: a reaper ends it (reaper.py).
                 self._reaper = reaper.watch(compat.engine_core_pids(self._llm))
                 # Run our shutdown before the exit hooks vLLM just registered (its weakref
@@ -169,7 +176,8 @@ class Engine:
     async def _create(self) -> Any:
         from vllm.v1.engine.async_llm import AsyncLLM
 
-        return AsyncLLM.from_engine_args(self.spec.engine_args())
+        with compat.spawn_main_module():  # unguarded scripts: see compat
+            return AsyncLLM.from_engine_args(self.spec.engine_args())
 
     def _discard_dead_engine(self) -> None:
         """Tear down a dead engine (under ``_lock``) so ``start`` can make a new one; the store
@@ -227,9 +235,11 @@ class Engine:
 
     @property
     def max_model_len(self) -> int:
+        """The engine's context length in tokens (starts it)."""
         return int(self.llm.model_config.max_model_len)
 
     def check_alive(self) -> None:
+        """Raise EngineError if the started engine has died (no-op when not started)."""
         llm = self._llm
         if llm is not None and llm.errored:
             raise EngineError(f"the vLLM engine died: {llm.dead_error}")
@@ -237,6 +247,7 @@ class Engine:
     # ------------------------------------------------------------------ requests
 
     def new_request_id(self) -> str:
+        """A fresh unique vLLM request id (``thaw-<32 hex>``)."""
         return f"thaw-{uuid.uuid4().hex}"
 
     def _start_request(self, prompt_ids: list[int], params: Any, request_id: str | None,
@@ -362,6 +373,7 @@ class Engine:
         cache is reset and the KV namespace takes ``weights_version`` (default: the snapshot's,
         else a fresh one): KV saved under the old weights is refused from now on.
         """
+        from thaw_agents_core.weights import fence
         from thaw_agents_core.weights.sources import describe, resolve_version
 
         version = resolve_version(src, weights_version, self.weights_version)
@@ -373,6 +385,7 @@ class Engine:
                                              args=(desc, version))
             reset = llm.reset_prefix_cache
             await reset(**compat.reset_prefix_cache_kwargs(reset))
+            fence.clear_published(llm.vllm_config)  # the scheduler has the version now
             return stats
 
         try:
@@ -380,6 +393,7 @@ class Engine:
         finally:
             cleanup()
         self._weights_version = version
+        self.last_weights_file = desc["path"] if desc["kind"] == "file" else None
         return {**stats[0], "ranks": len(stats)}
 
     def freeze_weights(self, path: str | Path, *, timeout_s: float | None = 600.0) -> list[dict[str, Any]]:

@@ -45,6 +45,8 @@ def stop(reaper: subprocess.Popen | None) -> None:
 
 
 def main(argv: list[str]) -> int:
+    """The reaper process: wait for end-of-file on stdin, then SIGKILL each ``PID:START_TICKS``
+    in ``argv[1:]`` that is still that process; returns 0."""
     # Ctrl-C reaches the whole process group; the reaper acts only on its parent's end.
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     while sys.stdin.buffer.read(4096):  # nothing is ever written: returns b"" at end-of-file

@@ -41,10 +41,13 @@ class GenerationOptions:
 
     @classmethod
     def names(cls) -> list[str]:
+        """The option names, in field order."""
         return [f.name for f in fields(cls)]
 
     @classmethod
     def from_mapping(cls, values: dict[str, Any]) -> GenerationOptions:
+        """Options from a dict (JSON: ``logit_bias`` keys may be strings); ValueError on an
+        unknown name or a bad ``logit_bias`` (values are checked by ``validate``)."""
         unknown = sorted(set(values) - set(cls.names()))
         if unknown:
             raise ValueError(

@@ -33,6 +33,7 @@ class EngineSpec:
     def create(model: str, *, dtype: str = "auto", max_model_len: int | None = None,
                enable_prefix_caching: bool = True, engine_kwargs: dict[str, Any] | None = None,
                kv_transfer: dict[str, Any] | None = None) -> EngineSpec:
+        """A spec from Python values (the dicts become canonical JSON)."""
         return EngineSpec(
             model=model, dtype=dtype, max_model_len=max_model_len,
             enable_prefix_caching=enable_prefix_caching,
@@ -59,6 +60,8 @@ class EngineSpec:
         return data.get("dtype") or data.get("torch_dtype")
 
     def engine_args(self) -> Any:
+        """The vLLM ``AsyncEngineArgs`` for this spec: our platform, shared-prefix and connector
+        defaults under the extra kwargs, thaw's worker extension, the ``KVTransferConfig``."""
         from vllm.engine.arg_utils import AsyncEngineArgs
 
         engine_kwargs = compat.shared_prefix_engine_defaults(self.engine_kwargs)

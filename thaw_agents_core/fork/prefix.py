@@ -50,13 +50,16 @@ class PrefixHandle:
 
     @property
     def num_tokens(self) -> int:
+        """Tokens in the whole prefix (``num_snapshot_tokens`` of them are in the snapshot)."""
         return len(self.prefix_token_ids)
 
     @property
     def ref(self) -> SnapshotRef:
+        """The snapshot's key in its store (namespace key, snapshot id)."""
         return SnapshotRef(self.namespace_key, self.snapshot_id)
 
     def to_json(self) -> dict[str, Any]:
+        """The handle as a JSON-able dict (:meth:`from_json` reads it back)."""
         return asdict(self)
 
     @classmethod

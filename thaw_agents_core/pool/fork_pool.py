@@ -75,6 +75,7 @@ class _Worker:
     log_path: str = ""
     pending: dict[str, _Request] = field(default_factory=dict)
     namespace_key: str = ""
+    weights_version: str = ""
     alive: bool = False
     last_pong: float = 0.0
     last_ping: float = 0.0
@@ -107,6 +108,12 @@ class ForkPool:
         self.replacements = 0
         self._workers = [_Worker(i, p) for i, p in enumerate(self.placements)]
         self._ids = itertools.count()
+        settings = spec.connector_settings
+        self.weights_version = settings.weights_version if settings is not None else ""
+        """The weights version every live worker serves (changes with ``load_weights``)."""
+        self._swap: asyncio.Future | None = None  # set while load_weights runs: _send holds
+        self._control: dict[str, asyncio.Future] = {}  # load_weights replies by message id
+        self._last_weights: dict[str, Any] | None = None  # re-applied to replacement workers
         self._loop: LoopThread | None = None
         self._watchdog: asyncio.Task | None = None
         self._closed = False
@@ -116,12 +123,15 @@ class ForkPool:
 
     @property
     def num_workers(self) -> int:
+        """Worker processes the pool runs (alive or being replaced)."""
         return len(self._workers)
 
     def alive_workers(self) -> list[int]:
+        """Indices of the workers alive now."""
         return [w.index for w in self._workers if w.alive]
 
     def worker_pids(self) -> list[int]:
+        """Process ids of the workers alive now."""
         return [w.proc.pid for w in self._workers if w.proc is not None and w.alive]
 
     def start(self) -> ForkPool:
@@ -136,6 +146,7 @@ class ForkPool:
         return self
 
     async def astart(self) -> ForkPool:
+        """Async :meth:`start` (runs it in a thread)."""
         await asyncio.to_thread(self.start)
         return self
 
@@ -166,6 +177,15 @@ class ForkPool:
             self._kill(worker)
             raise PoolError(f"worker {worker.index} was not ready within {self.start_timeout_s}"
                             f" s; its log: {self._log_tail(worker)}") from None
+        worker.weights_version = self.weights_version
+        if self._last_weights is not None:  # a replacement after a swap: same weights first
+            try:
+                message = {**message, **await self._swap_worker(worker, self._last_weights,
+                                                                self.start_timeout_s)}
+            except Exception as exc:  # noqa: BLE001 - never serve the boot weights after a swap
+                self._kill(worker)
+                raise PoolError(f"worker {worker.index} could not load weights version "
+                                f"{self.weights_version!r}: {exc}") from None
         if self.expected_namespace_key and message["namespace_key"] != self.expected_namespace_key:
             self._kill(worker)
             raise PoolError(f"worker {worker.index} has KV namespace {message['namespace_key']}, "
@@ -297,6 +317,8 @@ class ForkPool:
             await asyncio.sleep(0.1)  # replacements are starting
 
     async def _send(self, request: _Request, preferred: int | None = None) -> None:
+        while self._swap is not None:  # hold new requests while weights are being swapped
+            await asyncio.shield(self._swap)
         worker = await self._pick(preferred)
         request.worker = worker.index
         worker.pending[request.id] = request
@@ -336,6 +358,13 @@ class ForkPool:
                 worker.last_pong = time.monotonic()
             elif kind == "fatal":
                 logger.warning("thaw: pool worker %d failed: %s", worker.index, message["message"])
+            elif message.get("id") in self._control:  # load_weights reply
+                future = self._control.pop(message["id"])
+                if not future.done():
+                    if kind == "weights_loaded":
+                        future.set_result(message)
+                    else:
+                        future.set_exception(PoolError(message.get("message", str(message))))
             elif kind in ("delta", "done", "error"):
                 self._deliver(worker, message)
         if worker.proc is proc:  # not already replaced
@@ -353,8 +382,10 @@ class ForkPool:
         if message["type"] == "error":
             request.future.set_exception(ValueError(message["message"]))
             return
-        request.future.set_result(GenerationResult.from_wire(
-            message["result"], engine=f"worker-{worker.index}", retries=request.retries))
+        result = GenerationResult.from_wire(message["result"], engine=f"worker-{worker.index}",
+                                            retries=request.retries)
+        result.route["weights_version"] = worker.weights_version
+        request.future.set_result(result)
 
     async def _on_death(self, worker: _Worker) -> None:
         was_ready = worker.ready is not None and worker.ready.done()
@@ -387,6 +418,77 @@ class ForkPool:
             await self._spawn(worker)
         except PoolError as exc:
             logger.error("thaw: could not replace pool worker %d: %s", worker.index, exc)
+
+    # ------------------------------------------------------------------ weights
+
+    def load_weights(self, src: Any, weights_version: str | None = None, *, layout: str = "auto",
+                     timeout_s: float = 600.0) -> str:
+        """Hot-swap every worker to new weights, no restart; returns the new weights_version.
+
+        Fence: new requests are held, in-flight ones finish (under the old weights), then all
+        workers load (through vLLM's collective_rpc in each, CRC-verified, prefix cache reset),
+        then the held requests run, all on the new version: a fork_fanout round never mixes
+        versions across the pool. ``src`` as ``Engine.load_weights``; a replacement worker
+        re-loads a ``.thaw`` file source before it serves (other sources: it is not replaced).
+        """
+        from thaw_agents_core.weights.sources import describe, resolve_version
+
+        if self._loop is None or self._closed:
+            raise PoolError("the pool is not running: start it before load_weights")
+        version = resolve_version(src, weights_version, self.weights_version)
+        desc, cleanup = describe(src, version, layout)
+        try:
+            self._loop.submit(self._load_weights(desc, version, timeout_s)).result(timeout_s + 30)
+        finally:
+            cleanup()
+        return version
+
+    async def _load_weights(self, desc: dict[str, Any], version: str, timeout_s: float) -> None:
+        loop = asyncio.get_running_loop()
+        while self._swap is not None:
+            await asyncio.shield(self._swap)
+        self._swap = loop.create_future()
+        deadline = time.monotonic() + timeout_s
+        try:
+            while any(w.pending for w in self._workers):  # drain: in-flight ones finish first
+                if time.monotonic() > deadline:
+                    raise PoolError(f"requests still in flight after {timeout_s} s; weights not swapped")
+                await asyncio.sleep(0.02)
+            source = {"source": desc, "weights_version": version}
+            live = [w for w in self._workers if w.alive]
+            replies = await asyncio.gather(*(self._swap_worker(w, source, max(1.0, deadline - time.monotonic()))
+                                             for w in live), return_exceptions=True)
+            failed = [(w.index, r) for w, r in zip(live, replies) if isinstance(r, BaseException)]
+            for worker, reply in zip(live, replies):
+                if isinstance(reply, BaseException):
+                    self._kill(worker)  # never serve unverified or old weights: replaced below
+            self.weights_version = version
+            self._last_weights = source if desc.get("kind") == "file" else None
+            keys = {r["namespace_key"] for r in replies if not isinstance(r, BaseException)}
+            if len(keys) == 1:
+                self.expected_namespace_key = keys.pop()
+            if failed:
+                raise PoolError(f"worker(s) failed to load weights {version!r}: {failed}")
+        finally:
+            swap, self._swap = self._swap, None
+            swap.set_result(None)
+
+    async def _swap_worker(self, worker: _Worker, source: dict[str, Any],
+                           timeout_s: float) -> dict[str, Any]:
+        """Send one load_weights message and await its reply (namespace_key, stats)."""
+        message_id = f"weights-{next(self._ids)}"
+        future = asyncio.get_running_loop().create_future()
+        self._control[message_id] = future
+        assert worker.writer is not None
+        worker.writer.write(wire.encode({"type": "load_weights", "id": message_id, **source}))
+        await worker.writer.drain()
+        try:
+            reply = await asyncio.wait_for(future, timeout_s)
+        finally:
+            self._control.pop(message_id, None)
+        worker.weights_version = reply["weights_version"]
+        worker.namespace_key = reply["namespace_key"]
+        return reply
 
     async def _watch(self) -> None:
         """Deadlines, exits and pings: nothing waits on a worker forever."""

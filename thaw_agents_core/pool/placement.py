@@ -24,6 +24,8 @@ class Placement:
     engine_overrides: dict[str, Any] = field(default_factory=dict)
 
     def environment(self) -> dict[str, str]:
+        """Environment variables for the worker process: in-process engine, CPU binding and
+        thread count, or the visible CUDA device."""
         env = {"VLLM_ENABLE_V1_MULTIPROCESSING": "0"}
         if self.cpu_cores:
             env["VLLM_CPU_OMP_THREADS_BIND"] = ",".join(map(str, self.cpu_cores))

@@ -11,6 +11,8 @@
 Placement: one placement group, bundle i = ``{"CPU": num_cpus_per_worker, "GPU":
 num_gpus_per_worker, **resources_per_worker}`` (CPU platform: one core, no GPU; GPU: one GPU),
 spread over nodes by ``placement_strategy``. ``address=`` joins an existing cluster.
+``prefetch(handle)`` copies a snapshot to every worker's node ahead of its branches;
+``load_weights`` (ray_weights) swaps every actor's weights behind a ``weights_version`` fence.
 
 Failure handling (every wait has a deadline): an actor or node that dies (a failed call, or no
 pong within ``ping_timeout_s``) is replaced in its bundle (Ray moves the bundle of a dead node
@@ -24,13 +26,11 @@ from __future__ import annotations
 
 import asyncio
 import contextvars
-import dataclasses
 import itertools
 import json
 import logging
 import secrets
 import time
-from collections import OrderedDict
 from dataclasses import asdict, dataclass, field
 from typing import Any, Callable
 
@@ -39,23 +39,22 @@ from thaw_agents_core.engine.sampling import GenerationOptions
 from thaw_agents_core.engine.spec import EngineSpec
 from thaw_agents_core.pool.fork_pool import PoolError
 from thaw_agents_core.pool.placement import Placement
-from thaw_agents_core.pool.ray_transport import OBJECT_STORE, check_transport, stage_snapshot
+from thaw_agents_core.pool.ray_actor import (
+    create_engine_actor,
+    import_ray,
+    kill_actor,
+    named_actors,
+    settle,
+    spec_on_store,
+)
+from thaw_agents_core.pool.ray_transport import OBJECT_STORE, NodeCopies, check_transport
+from thaw_agents_core.pool.ray_weights import WeightSwaps
 from thaw_agents_core.util import compat
 from thaw_agents_core.util.loop_thread import LoopThread
 
 logger = logging.getLogger("thaw_agents.pool")
 
 DeltaCallback = Callable[[str], None]
-_STAGED_KEEP = 8  # snapshots whose staged copy (e.g. an ObjectRef) the driver keeps
-
-
-def _ray() -> Any:
-    try:
-        import ray
-    except ImportError as exc:
-        raise ImportError("RayForkPool needs Ray: pip install 'thaw-agents[ray]' (or ray)") \
-            from exc
-    return ray
 
 
 @dataclass(slots=True)
@@ -92,7 +91,7 @@ class _WorkerLost(Exception):
     """The actor (or its node) died under a request."""
 
 
-class RayForkPool:
+class RayForkPool(WeightSwaps):
     """N warm vLLM engines as Ray actors; branches load the prefix from their node's store."""
 
     def __init__(self, spec: EngineSpec, num_workers: int = 2, *, address: str | None = None,
@@ -117,7 +116,7 @@ class RayForkPool:
                              f"STRICT_SPREAD, got {placement_strategy!r}")
         self.spec = spec
         self.address = address
-        self.snapshot_transport = check_transport(snapshot_transport)
+        self._transport = check_transport(snapshot_transport)
         gpus = num_gpus_per_worker if num_gpus_per_worker is not None else (
             0.0 if compat.is_cpu_platform() else 1.0)
         bundle = {"CPU": float(num_cpus_per_worker), **({"GPU": float(gpus)} if gpus else {}),
@@ -140,18 +139,18 @@ class RayForkPool:
         self.name = f"thaw-{secrets.token_hex(4)}"
         """Prefix of every Ray actor and placement group of this pool."""
         self.replacements = 0
-        self.transfers: list[dict[str, Any]] = []
-        """One entry per snapshot copied to a node: node, bytes, stage/copy/verify seconds."""
+        self.weights_version = settings.weights_version
+        """The weights version every live worker serves (changes with ``load_weights``)."""
+        self._swap: asyncio.Future | None = None  # set while load_weights runs: requests wait
+        self._last_weights: dict[str, Any] | None = None  # re-applied to replacement workers
         self._slots = [_Slot(i, p) for i, p in enumerate(self.placements)]
         self._block_size = 0
         self._ids = itertools.count()
         self._loop: LoopThread | None = None
         self._owns_ray = False
         self._parent_store: Any = None
+        self._copies: NodeCopies | None = None
         self._pg: Any = None
-        self._node_stores: dict[str, asyncio.Future] = {}
-        self._staged: OrderedDict[str, asyncio.Future] = OrderedDict()
-        self._shipped: dict[tuple[str, str], asyncio.Future] = {}
         self._tasks: set[asyncio.Task] = set()
         self._closed = False
 
@@ -159,9 +158,11 @@ class RayForkPool:
 
     @property
     def num_workers(self) -> int:
+        """Engine actors the pool runs (alive or being replaced)."""
         return len(self._slots)
 
     def alive_workers(self) -> list[int]:
+        """Indices of the actors alive now."""
         return [s.index for s in self._slots if s.alive]
 
     def worker_pids(self) -> list[int]:
@@ -171,6 +172,24 @@ class RayForkPool:
     def worker_nodes(self) -> list[str]:
         """Ray node id of each live actor."""
         return [s.placement.node_id for s in self._slots if s.alive]
+
+    @property
+    def snapshot_transport(self) -> str:
+        """How snapshots reach the nodes: "object_store", a shared directory or s3://...;
+        settable (applies to the snapshots sent from then on)."""
+        return self._transport
+
+    @snapshot_transport.setter
+    def snapshot_transport(self, transport: str) -> None:
+        """Set the transport (ValueError for an invalid one; see ``check_transport``)."""
+        self._transport = check_transport(transport)
+        if self._copies is not None:
+            self._copies.transport = self._transport
+
+    @property
+    def transfers(self) -> list[dict[str, Any]]:
+        """One entry per snapshot copied to a node: node, bytes, stage/copy/verify seconds."""
+        return self._copies.transfers if self._copies is not None else []
 
     def load(self) -> dict[int, int]:
         """In-flight requests per live worker."""
@@ -182,13 +201,16 @@ class RayForkPool:
             raise PoolError("the pool is closed: start a new one")
         if self._loop is not None:
             return self
-        ray = _ray()
+        ray = import_ray()
         if not ray.is_initialized():
             ray.init(address=self.address, **{"log_to_driver": False, **self.ray_init_kwargs})
             self._owns_ray = True
         from thaw_agents_core.store.url import attach_url, open_store
 
         self._parent_store = open_store(attach_url(self.spec.connector_settings.store))
+        self._copies = NodeCopies(self._parent_store, self._transport, name=self.name,
+                                  capacity_bytes=self.node_store_bytes,
+                                  timeout_s=self.start_timeout_s)
         self._loop = LoopThread("thaw-ray-pool")
         try:
             self._loop.submit(self._start_all()).result()
@@ -198,6 +220,7 @@ class RayForkPool:
         return self
 
     async def astart(self) -> RayForkPool:
+        """Async :meth:`start` (runs it in a thread)."""
         await asyncio.to_thread(self.start)
         return self
 
@@ -214,7 +237,7 @@ class RayForkPool:
         await asyncio.to_thread(self.close)
 
     async def _start_all(self) -> None:
-        ray = _ray()
+        ray = import_ray()
         from ray.util.placement_group import placement_group
 
         self._pg = placement_group([p.resources for p in self.placements],
@@ -235,35 +258,31 @@ class RayForkPool:
         task.add_done_callback(self._tasks.discard)
 
     async def _spawn(self, slot: _Slot) -> None:
-        from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
-
-        from thaw_agents_core.pool import ray_actor
-
-        ray = _ray()
-        resources = dict(slot.placement.resources)
-        cpus, gpus = resources.pop("CPU", 0.0), resources.pop("GPU", 0.0)
+        ray = import_ray()
         slot.generation += 1
-        actor = ray.remote(ray_actor.EngineActor).options(
-            name=f"{self.name}-w{slot.index}.{slot.generation}", num_cpus=cpus, num_gpus=gpus,
-            resources=resources, max_restarts=0, max_concurrency=1000,
-            scheduling_strategy=PlacementGroupSchedulingStrategy(self._pg, slot.index),
-        ).remote(self.environment)
-        slot.actor = actor  # close() kills it even while it waits for a node
+        actor = slot.actor = create_engine_actor(  # close() kills it while it waits for a node
+            f"{self.name}-w{slot.index}.{slot.generation}", self._pg, slot.index,
+            slot.placement.resources, self.environment)
         step = "placed"
         try:
             info = json.loads(await asyncio.wait_for(actor.info.remote(), self.start_timeout_s))
             step = "ready"
-            store = await self._node_store(info["node_id"])
-            spec = _with_store(self.spec, await store.url.remote())
+            assert self._copies is not None
+            store = await self._copies.store_of(info["node_id"])
+            spec = spec_on_store(self.spec, await store.url.remote())
             config = {"spec": asdict(spec), "engine_overrides": self.engine_overrides}
             ready = json.loads(await asyncio.wait_for(
                 actor.start_engine.remote(json.dumps(config)), self.start_timeout_s))
+            if self._last_weights is not None:  # a replacement after a swap: same weights first
+                step = f"on weights {self.weights_version!r}"
+                ready.update(await self._swap_worker(actor, self._last_weights,
+                                                     self.start_timeout_s))
         except (asyncio.TimeoutError, ray.exceptions.RayError) as exc:
-            _kill(actor)
+            kill_actor(actor)
             raise PoolError(f"Ray worker {slot.index} was not {step} within "
                             f"{self.start_timeout_s} s: {type(exc).__name__}: {exc}") from None
         if self.expected_namespace_key and ready["namespace_key"] != self.expected_namespace_key:
-            _kill(actor)
+            kill_actor(actor)
             raise PoolError(f"Ray worker {slot.index} has KV namespace {ready['namespace_key']}, "
                             f"the parent {self.expected_namespace_key}: same model (at the same "
                             "path on every node), dtype and block size are needed")
@@ -286,35 +305,35 @@ class RayForkPool:
             self._loop.stop(5.0)
         for slot in self._slots:
             slot.alive = False
-            _kill(slot.actor)
+            kill_actor(slot.actor)
         if self._parent_store is not None:
             self._parent_store.close()
         from thaw_agents_core.store.shm import ShmStore
 
         ShmStore.remove_stale()  # arenas of node stores killed before they could unlink
         if self._owns_ray:
-            _ray().shutdown()
+            import_ray().shutdown()
 
     async def _shutdown(self, timeout_s: float) -> None:
-        ray = _ray()
+        ray = import_ray()
         deadline = time.monotonic() + timeout_s
         for task in list(self._tasks):
             task.cancel()
         for slot in self._slots:
             slot.alive = False
-        stores = [f.result() for f in self._node_stores.values() if f.done() and not
-                  f.exception()]
+        stores = self._copies.stores() if self._copies is not None else []
         calls = [s.actor.shutdown.remote() for s in self._slots if s.actor is not None]
         calls += [store.close.remote() for store in stores]
         if calls:
-            await asyncio.wait([asyncio.ensure_future(_settle(c)) for c in calls],
+            await asyncio.wait([asyncio.ensure_future(settle(c)) for c in calls],
                                timeout=max(1.0, deadline - time.monotonic()) / 2)
         for actor in [s.actor for s in self._slots] + stores:
-            _kill(actor)
-        self._staged.clear()
+            kill_actor(actor)
+        if self._copies is not None:
+            self._copies.clear()
         if self._pg is not None:
             ray.util.remove_placement_group(self._pg)
-        while _named_actors(self.name) and time.monotonic() < deadline:
+        while named_actors(self.name) and time.monotonic() < deadline:
             await asyncio.sleep(0.1)
 
     # ------------------------------------------------------------------ requests
@@ -343,9 +362,11 @@ class RayForkPool:
     async def _generate(self, payload: dict[str, Any], on_delta: DeltaCallback | None,
                         preferred: int | None, timeout_s: float | None) -> GenerationResult:
         request = _Request(f"fork-{next(self._ids)}", payload, on_delta,
-                           self._snapshot_of(payload["prompt_ids"]))
+                           self._lookup(payload["prompt_ids"]))
         deadline = None if timeout_s is None else time.monotonic() + timeout_s
         while True:
+            while self._swap is not None:  # hold new requests while weights are swapped
+                await asyncio.shield(self._swap)
             slot = await self._pick(preferred)
             generation = slot.generation
             slot.pending[request.id] = request
@@ -384,9 +405,10 @@ class RayForkPool:
             await asyncio.sleep(0.1)  # replacements are starting
 
     async def _run_on(self, slot: _Slot, request: _Request) -> GenerationResult:
-        ray = _ray()
+        ray = import_ray()
         if request.snapshot is not None:
-            await self._ensure_on_node(slot.placement.node_id, request.snapshot.ref)
+            assert self._copies is not None
+            await self._copies.ensure(slot.placement.node_id, request.snapshot.ref)
         try:
             stream = slot.actor.generate.remote(json.dumps({"id": request.id, **request.payload}))
             async for ref in stream:
@@ -409,17 +431,20 @@ class RayForkPool:
     def _finished(self, slot: _Slot, request: _Request, wire: dict[str, Any]) -> GenerationResult:
         result = GenerationResult.from_wire(wire, engine=f"worker-{slot.index}",
                                             retries=request.retries)
+        result.route.update(weights_version=self.weights_version,
+                            node_id=slot.placement.node_id)
         match = request.snapshot
         if match is not None and result.cached_tokens < match.num_blocks * self._block_size:
             # the node's copy was evicted (or never arrived): the next branch re-sends it
-            self._shipped.pop((slot.placement.node_id, match.ref.snapshot_id), None)
+            assert self._copies is not None
+            self._copies.forget(slot.placement.node_id, match.ref.snapshot_id)
         return result
 
     def _on_death(self, slot: _Slot, generation: int, reason: str) -> None:
         if slot.generation != generation or not slot.alive:
             return  # already handled (another request saw it first)
         slot.alive = False
-        _kill(slot.actor)
+        kill_actor(slot.actor)
         if self._closed:
             return
         logger.warning("thaw: Ray worker %d died (%s); replacing it, re-sending %d request(s)",
@@ -435,7 +460,7 @@ class RayForkPool:
 
     async def _watch(self) -> None:
         """Ping every live actor; one that does not answer in time is replaced."""
-        ray = _ray()
+        ray = import_ray()
         while not self._closed:
             await asyncio.sleep(self.ping_interval_s)
             live = [(s, s.generation) for s in self._slots if s.alive]
@@ -446,33 +471,27 @@ class RayForkPool:
                 if isinstance(answer, (asyncio.TimeoutError, ray.exceptions.RayError)):
                     self._on_death(slot, generation, f"ping: {type(answer).__name__}")
 
-def _with_store(spec: EngineSpec, store_url: str) -> EngineSpec:
-    """``spec`` with its connector pointed at ``store_url`` (a node's arena)."""
-    config = json.loads(spec.kv_transfer_json or "{}")
-    config["kv_connector_extra_config"] = {**config["kv_connector_extra_config"],
-                                           "store": store_url}
-    return dataclasses.replace(spec, kv_transfer_json=json.dumps(config, sort_keys=True))
+    # ------------------------------------------------------------------ snapshots
 
+    async def prefetch(self, prefix: Any) -> int:
+        """Copy the snapshot of ``prefix`` (a PrefixHandle or token ids) to the node of every
+        live worker now, ahead of its branches; returns how many nodes hold it."""
+        ids = list(getattr(prefix, "prefix_token_ids", prefix))
+        if self._loop is None or self._closed:
+            raise PoolError("the pool is not running: start() it first")
+        return await self._loop.call(self._prefetch(ids))
 
-def _kill(actor: Any) -> None:
-    if actor is None:
-        return
-    try:
-        _ray().kill(actor, no_restart=True)
-    except Exception:  # noqa: BLE001 - already dead, or Ray is gone
-        pass
+    async def _prefetch(self, prompt_ids: list[int]) -> int:
+        match = self._lookup(prompt_ids)
+        if match is None:
+            return 0
+        assert self._copies is not None
+        nodes = {s.placement.node_id for s in self._slots if s.alive}
+        return sum(await asyncio.gather(*(self._copies.ensure(n, match.ref) for n in nodes)))
 
-
-async def _settle(ref: Any) -> None:
-    try:
-        await ref
-    except Exception:  # noqa: BLE001 - a dead actor needs no graceful stop
-        pass
-
-
-def _named_actors(prefix: str) -> list[str]:
-    try:
-        names = _ray().util.list_named_actors(all_namespaces=True)
-    except Exception:  # noqa: BLE001 - Ray is gone: nothing of ours is listed
-        return []
-    return [n["name"] for n in names if n["name"].startswith(prefix + "-")]
+    def _lookup(self, prompt_ids: list[int]) -> Any:
+        key = self.expected_namespace_key or next(
+            (s.namespace_key for s in self._slots if s.namespace_key), "")
+        if not key or not self._block_size or self._copies is None:
+            return None
+        return self._copies.lookup(prompt_ids, key, self._block_size)

@@ -9,7 +9,9 @@ parent -> worker                               worker -> parent
   {"type": "abort", "id"}                          "finish_reason", "num_cached_tokens",
   {"type": "ping", "id"}                           "prompt_tokens", "ttft_s", "total_s"}
   {"type": "shutdown"}                           {"type": "error", "id", "message"}
-                                                 {"type": "pong", "id", "num_running"}
+  {"type": "load_weights", "id", "source":       {"type": "pong", "id", "num_running"}
+   {weights source descriptor},                  {"type": "weights_loaded", "id",
+   "weights_version"}                              "weights_version", "namespace_key", "stats"}
 """
 
 from __future__ import annotations
@@ -30,6 +32,7 @@ class WireError(RuntimeError):
 
 
 def encode(message: dict[str, Any]) -> bytes:
+    """One frame (length prefix + compact JSON); WireError when over MAX_FRAME_BYTES."""
     body = json.dumps(message, separators=(",", ":")).encode()
     if len(body) > MAX_FRAME_BYTES:
         raise WireError(f"frame of {len(body)} bytes exceeds {MAX_FRAME_BYTES}")
@@ -53,6 +56,8 @@ class FrameBuffer:
         self._data = bytearray()
 
     def feed(self, data: bytes) -> list[dict[str, Any]]:
+        """Add received bytes; return the messages now complete (keeps a partial frame);
+        WireError on an oversized or malformed frame."""
         self._data += data
         messages = []
         while len(self._data) >= _HEADER.size:
@@ -68,6 +73,7 @@ class FrameBuffer:
 
 
 def send_blocking(sock: socket.socket, message: dict[str, Any]) -> None:
+    """Send one message as a frame on a blocking socket."""
     sock.sendall(encode(message))
 
 

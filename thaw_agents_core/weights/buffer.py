@@ -25,7 +25,13 @@ from typing import Any
 import torch
 
 from thaw_agents_core.weights.format import WeightsNamespace
-from thaw_agents_core.weights.io import WeightsFile, build_header, fill_image, image_bytes, open_image
+from thaw_agents_core.weights.io import (
+    WeightsFile,
+    build_header,
+    fill_image,
+    image_bytes,
+    open_image,
+)
 
 SHM_DIR = Path("/dev/shm")
 _PREFIX = "thaw-weights-"
@@ -82,6 +88,7 @@ class WeightsBuffer:
 
     @property
     def buffer(self) -> mmap.mmap:
+        """The segment's read-write memory map (the whole capacity)."""
         return self._mm
 
     def write(self, named: Mapping[str, torch.Tensor] | list[tuple[str, torch.Tensor]],

@@ -146,10 +146,13 @@ class WeightsNamespace:
                              f"got {_short(self.tp_rank)}")
 
     def to_json(self) -> dict[str, Any]:
+        """The namespace as the header's ``namespace`` object."""
         return dataclasses.asdict(self)
 
     @classmethod
     def from_json(cls, obj: Any) -> WeightsNamespace:
+        """Decode the header's ``namespace`` object; WeightsFormatError on a missing, unknown or
+        invalid field."""
         if not isinstance(obj, Mapping):
             raise _err(f"header field 'namespace' must be an object, got {_short(obj)}")
         names = [f.name for f in dataclasses.fields(cls)]
@@ -164,12 +167,13 @@ class WeightsNamespace:
 
     def mismatches(self, engine: WeightsNamespace) -> list[str]:
         """Fields that must agree for a restore (not the fingerprint nor the version). An
-        empty architecture (a state dict's) matches any; checkpoint-layout tensors are cast by
-        vLLM's weight loaders, so their dtype need not match either."""
+        empty architecture (a state dict's) matches any; checkpoint-layout tensors are cast and
+        sharded by vLLM's weight loaders, so their dtype and tensor-parallel rank need not match."""
         out = []
         for name in ("architecture", "dtype", "tp_rank", "tp_size"):
             a, b = getattr(self, name), getattr(engine, name)
-            if (name == "architecture" and not a) or (name == "dtype" and self.layout == "checkpoint"):
+            if (name == "architecture" and not a) or (
+                    self.layout == "checkpoint" and name in ("dtype", "tp_rank", "tp_size")):
                 continue
             if a != b:
                 out.append(f"{name}: snapshot has {a!r}, this engine has {b!r}")
@@ -188,12 +192,15 @@ class TensorEntry:
 
     @property
     def nbytes(self) -> int:
+        """Bytes of the tensor's data (elements times dtype size)."""
         return math.prod(self.shape) * DTYPES[self.dtype]
 
     def num_chunks(self, crc_chunk_bytes: int) -> int:
+        """CRC chunks of ``crc_chunk_bytes`` that cover the tensor (the last may be short)."""
         return math.ceil(self.nbytes / crc_chunk_bytes)
 
     def to_json(self) -> dict[str, Any]:
+        """The entry as a header ``tensors`` item (CRCs as 8-digit hex)."""
         return {"name": self.name, "dtype": self.dtype, "shape": list(self.shape),
                 "offset": self.offset, "nbytes": self.nbytes,
                 "crc32c": [f"{c:08x}" for c in self.crc32c]}
@@ -252,9 +259,11 @@ class WeightsHeader:
         return sum(t.nbytes for t in self.tensors)
 
     def by_name(self) -> dict[str, TensorEntry]:
+        """The tensor entries keyed by tensor name."""
         return {t.name: t for t in self.tensors}
 
     def to_json(self) -> dict[str, Any]:
+        """The header as its JSON object (what :meth:`from_json` reads)."""
         return {"format": FORMAT_NAME, "version": FORMAT_VERSION,
                 "namespace": self.namespace.to_json(), "payload_bytes": self.payload_bytes,
                 "crc_chunk_bytes": self.crc_chunk_bytes, "created_unix": self.created_unix,
@@ -421,6 +430,19 @@ def split_rank_path(path: str | Path) -> tuple[Path, int, int]:
     if not 0 <= rank < size:
         raise ValueError(f"{path.name}: rank {rank} is not below size {size}")
     return path.with_name(match["stem"] + ".thaw"), rank, size
+
+
+def resolve_rank_file(path: str | Path, tp_rank: int, tp_size: int) -> Path:
+    """The file rank ``tp_rank`` of a ``tp_size``-way engine restores: its own
+    ``x.tp{r}of{n}.thaw`` (engine layout), else ``x.thaw`` itself (a checkpoint-layout file
+    serves every rank: vLLM's weight loaders take each rank's shard)."""
+    own = rank_path(path, tp_rank, tp_size)
+    if own.is_file():
+        return own
+    if Path(path).is_file():
+        return Path(path)
+    raise FileNotFoundError(f"no weight snapshot for tensor-parallel rank {tp_rank} of {tp_size}: "
+                            f"neither {str(own)!r} nor {str(path)!r} exists")
 
 
 def rank_paths(path: str | Path, tp_size: int) -> list[Path]:

@@ -37,10 +37,12 @@ PROGRESS_MIN_BYTES = 1 << 30
 
 
 def dtype_name(dtype: torch.dtype) -> str:
+    """The format's name of a torch dtype (``torch.bfloat16`` -> ``"bfloat16"``)."""
     return str(dtype).replace("torch.", "")
 
 
 def torch_dtype(name: str) -> torch.dtype:
+    """The torch dtype of a format dtype name (inverse of :func:`dtype_name`)."""
     return getattr(torch, name)
 
 
@@ -73,6 +75,7 @@ class FreezeStats:
     seconds: float
 
     def to_json(self) -> dict[str, Any]:
+        """The stats as a JSON-able dict (seconds rounded to microseconds)."""
         return {"path": self.path, "num_tensors": self.num_tensors, "num_bytes": self.num_bytes,
                 "seconds": round(self.seconds, 6)}
 
@@ -160,10 +163,14 @@ class WeightsFile:
         return self.tensor_of(entry)
 
     def tensor_of(self, entry: Any) -> torch.Tensor:
+        """Zero-copy CPU tensor of a table entry (an empty tensor for zero bytes)."""
+        if entry.nbytes == 0:
+            return torch.empty(entry.shape, dtype=torch_dtype(entry.dtype))
         raw = as_uint8_tensor(self.payload[entry.offset : entry.offset + entry.nbytes])
         return raw.view(torch_dtype(entry.dtype)).view(entry.shape)
 
     def raw(self, entry: Any) -> memoryview:
+        """Zero-copy bytes of a table entry's data."""
         return self.payload[entry.offset : entry.offset + entry.nbytes]
 
     def verify(self) -> None:
@@ -173,6 +180,8 @@ class WeightsFile:
             raise WeightsChecksumError(bad)
 
     def close(self) -> None:
+        """Release the payload view and close its owner (mmap or buffer) unless tensors over it
+        are still alive (then the GC unmaps it)."""
         self.payload.release()
         owner, self.owner = self.owner, None
         if owner is not None and hasattr(owner, "close"):

@@ -47,8 +47,8 @@ def _loader_class() -> type:
 
             from thaw_agents_core.transport.stream_scheduler import StreamScheduler
             from thaw_agents_core.weights import fence, model_params
-            from thaw_agents_core.weights.extension import restore_model
-            from thaw_agents_core.weights.format import rank_path
+            from thaw_agents_core.weights.apply import restore_model
+            from thaw_agents_core.weights.format import resolve_rank_file
             from thaw_agents_core.weights.io import open_weights
 
             vllm_config = get_current_vllm_config()
@@ -56,7 +56,7 @@ def _loader_class() -> type:
             device = next(model.parameters()).device
             copier = StreamScheduler(device)
             try:
-                with open_weights(rank_path(self.snapshot, ns.tp_rank, ns.tp_size)) as weights:
+                with open_weights(resolve_rank_file(self.snapshot, ns.tp_rank, ns.tp_size)) as weights:
                     stats = restore_model(model, vllm_config, weights, copier, processed=False)
             finally:
                 copier.close()

@@ -42,6 +42,7 @@ class RestoreStats:
     layout: str = "engine"
 
     def to_json(self) -> dict[str, Any]:
+        """The stats as a JSON-able dict, with ``gb_per_s`` (None for zero seconds)."""
         return {"num_tensors": self.num_tensors, "num_bytes": self.num_bytes,
                 "seconds": round(self.seconds, 6), "path": self.path,
                 "weights_version": self.weights_version, "layout": self.layout,

@@ -1,7 +1,8 @@
 """Where new weights come from, as a JSON descriptor that crosses to the engine's workers.
 
     describe(src)              caller side   -> ({"kind": ...}, cleanup)
-      "x.thaw" / Path            {"kind": "file", "path"}        (per-rank name resolved by the worker)
+      "x.thaw" / Path / s3://    {"kind": "file", "path"}        (s3: fetched to the local cache;
+                                                                  per-rank name resolved by the worker)
       WeightsBuffer              {"kind": "shm", "name", "size"}  registered once per worker, reused
       {name: CPU tensor}         a temporary WeightsBuffer         (cleanup unlinks it)
       {name: CUDA tensor}        {"kind": "cuda_ipc", "tensors"}  CUDA IPC handles, no host copy
@@ -31,10 +32,19 @@ def _noop() -> None:
     pass
 
 
+def local_path(src: str | os.PathLike[str]) -> str:
+    """A local .thaw path: ``s3://`` URLs are fetched into the validated local cache first."""
+    if str(src).startswith("s3://"):
+        from thaw_agents_core.weights.s3 import fetch
+
+        return str(fetch(str(src)).path)
+    return str(Path(src).expanduser().resolve())
+
+
 def describe(src: Any, weights_version: str, layout: str = "auto") -> tuple[dict[str, Any], Callable[[], None]]:
     """The descriptor of ``src`` and a cleanup to call once every worker has loaded it."""
     if isinstance(src, (str, os.PathLike)):
-        return {"kind": "file", "path": str(Path(src).expanduser().resolve())}, _noop
+        return {"kind": "file", "path": local_path(src)}, _noop
     if isinstance(src, WeightsBuffer):
         return src.descriptor(), _noop
     if isinstance(src, Mapping):
@@ -81,7 +91,7 @@ def snapshot_version(src: Any) -> str | None:
     if isinstance(src, (str, os.PathLike)):
         from thaw_agents_core.weights.format import parse_header, rank_path
 
-        path = Path(src)
+        path = Path(local_path(src))
         if not path.is_file():
             path = rank_path(path, 0, _rank_count(path))
         with open(path, "rb") as f:
