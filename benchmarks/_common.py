@@ -51,7 +51,7 @@ def gpu_name() -> str | None:
 
 
 def device_slug() -> str:
-    """"cpu", or the GPU's name as a file-name slug (e.g. "nvidia-h100-80gb-hbm3")."""
+    """ "cpu", or the GPU's name as a file-name slug (e.g. "nvidia-h100-80gb-hbm3")."""
     name = gpu_name()
     return "cpu" if name is None else re.sub(r"[^a-z0-9]+", "-", name.lower()).strip("-")
 
@@ -97,14 +97,19 @@ def percentiles(values: list[float], digits: int | None = 3) -> dict[str, float]
     """p20 / p50 / p80 of ``values`` (inclusive method: exact for small samples) and ``n``, the
     sample count; rounded to ``digits`` (None: unrounded, for millisecond timings in seconds).
     The one percentile method of every benchmark."""
+
     def fit(value: float) -> float:
         return value if digits is None else round(value, digits)
 
     if len(values) == 1:
         return {"p20": fit(values[0]), "p50": fit(values[0]), "p80": fit(values[0]), "n": 1}
     deciles = statistics.quantiles(values, n=10, method="inclusive")
-    return {"p20": fit(deciles[1]), "p50": fit(statistics.median(values)),
-            "p80": fit(deciles[7]), "n": len(values)}
+    return {
+        "p20": fit(deciles[1]),
+        "p50": fit(statistics.median(values)),
+        "p80": fit(deciles[7]),
+        "n": len(values),
+    }
 
 
 def write_results(path: Path, payload: dict[str, Any]) -> Path:

@@ -36,24 +36,59 @@ from typing import Any
 from _common import RESULTS, device_slug, load_average, machine_info, percentiles, write_results
 
 GOALS = {"chat_vs_raw_throughput": 0.9, "concurrent_vs_sequential_throughput": 3.0}
-TOPICS = ["a dragon", "the sea", "a robot", "a lighthouse", "a city at night", "a lost key",
-          "a small boat", "the moon", "a library", "a mountain", "an old clock", "a garden",
-          "a train", "a snowstorm", "a violin", "a desert", "a fox", "a bridge", "a comet",
-          "a baker", "a river", "a castle", "a cat", "a forest", "a market", "a storm",
-          "an island", "a painter", "a kite", "a volcano", "a letter", "a festival"]
+TOPICS = [
+    "a dragon",
+    "the sea",
+    "a robot",
+    "a lighthouse",
+    "a city at night",
+    "a lost key",
+    "a small boat",
+    "the moon",
+    "a library",
+    "a mountain",
+    "an old clock",
+    "a garden",
+    "a train",
+    "a snowstorm",
+    "a violin",
+    "a desert",
+    "a fox",
+    "a bridge",
+    "a comet",
+    "a baker",
+    "a river",
+    "a castle",
+    "a cat",
+    "a forest",
+    "a market",
+    "a storm",
+    "an island",
+    "a painter",
+    "a kite",
+    "a volcano",
+    "a letter",
+    "a festival",
+]
 
 
 def prompts(count: int) -> list[str]:
-    return [f"Write a short story about {TOPICS[i % len(TOPICS)]} (story {i + 1})."
-            for i in range(count)]
+    return [
+        f"Write a short story about {TOPICS[i % len(TOPICS)]} (story {i + 1})."
+        for i in range(count)
+    ]
 
 
-def summarize(name: str, wall_s: float, latencies_s: list[float], output_tokens: int,
-              cache_read: int = 0) -> dict[str, Any]:
+def summarize(
+    name: str, wall_s: float, latencies_s: list[float], output_tokens: int, cache_read: int = 0
+) -> dict[str, Any]:
     return {
-        "mode": name, "wall_s": round(wall_s, 3), "output_tokens": output_tokens,
+        "mode": name,
+        "wall_s": round(wall_s, 3),
+        "output_tokens": output_tokens,
         "output_tok_per_s": round(output_tokens / wall_s, 2),
-        "latency_s": percentiles(latencies_s), "cache_read_tokens": cache_read,
+        "latency_s": percentiles(latencies_s),
+        "cache_read_tokens": cache_read,
     }
 
 
@@ -74,22 +109,28 @@ async def chat_concurrent(llm: Any, texts: list[str], num_tokens: int) -> dict[s
     return summarize("chat_concurrent", wall, latencies, tokens, cached)
 
 
-async def raw_concurrent(async_llm: Any, prompt_ids: list[list[int]], num_tokens: int,
-                         tag: str) -> dict[str, Any]:
+async def raw_concurrent(
+    async_llm: Any, prompt_ids: list[list[int]], num_tokens: int, tag: str
+) -> dict[str, Any]:
     """Runs on the engine's loop: AsyncLLM's output handler is bound to it."""
     from vllm import SamplingParams
     from vllm.inputs import TokensPrompt
     from vllm.sampling_params import RequestOutputKind
 
-    params = SamplingParams(temperature=0.0, max_tokens=num_tokens, ignore_eos=True,
-                            output_kind=RequestOutputKind.FINAL_ONLY)
+    params = SamplingParams(
+        temperature=0.0,
+        max_tokens=num_tokens,
+        ignore_eos=True,
+        output_kind=RequestOutputKind.FINAL_ONLY,
+    )
     start = time.perf_counter()
     latencies: list[float] = []
 
     async def one(i: int, ids: list[int]) -> Any:
         final = None
-        async for output in async_llm.generate(TokensPrompt(prompt_token_ids=ids), params,
-                                               f"bench-raw-{tag}-{i}"):
+        async for output in async_llm.generate(
+            TokensPrompt(prompt_token_ids=ids), params, f"bench-raw-{tag}-{i}"
+        ):
             final = output  # FINAL_ONLY: the last output is the whole answer
         latencies.append(time.perf_counter() - start)
         return final
@@ -128,9 +169,12 @@ def median_of(runs: list[dict[str, Any]]) -> dict[str, Any]:
         return round(statistics.median(run[key] for run in runs), 3)
 
     return {
-        "wall_s": med("wall_s"), "output_tok_per_s": med("output_tok_per_s"),
-        "latency_s": {q: round(statistics.median(run["latency_s"][q] for run in runs), 3)
-                      for q in ("p20", "p50", "p80")},
+        "wall_s": med("wall_s"),
+        "output_tok_per_s": med("output_tok_per_s"),
+        "latency_s": {
+            q: round(statistics.median(run["latency_s"][q] for run in runs), 3)
+            for q in ("p20", "p50", "p80")
+        },
     }
 
 
@@ -139,8 +183,11 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--requests", type=int, default=32)
     parser.add_argument("--tokens", type=int, default=64, help="new tokens per request")
     parser.add_argument("--rounds", type=int, default=3, help="interleaved rounds of (a), (b)")
-    parser.add_argument("--out", default=None, help="results JSON (default: results/"
-                        "chat_concurrency_<cpu|gpu-name>.json)")
+    parser.add_argument(
+        "--out",
+        default=None,
+        help="results JSON (default: results/chat_concurrency_<cpu|gpu-name>.json)",
+    )
     args = parser.parse_args(argv)
 
     from langchain_core.messages import HumanMessage
@@ -173,8 +220,11 @@ def main(argv: list[str] | None = None) -> int:
                 run = engine.run_sync(raw_concurrent(engine.llm, prompt_ids, args.tokens, str(r)))
             run["round"] = r
             rounds[run["mode"]].append(run)
-            print(f"  round {r} {run['mode']:<16} {run['wall_s']:7.2f} s  "
-                  f"{run['output_tok_per_s']:7.1f} tok/s", flush=True)
+            print(
+                f"  round {r} {run['mode']:<16} {run['wall_s']:7.2f} s  "
+                f"{run['output_tok_per_s']:7.1f} tok/s",
+                flush=True,
+            )
     print("  sequential ...", flush=True)
     sequential = chat_sequential(llm, texts, args.tokens)
     load_after = load_average()
@@ -184,22 +234,33 @@ def main(argv: list[str] | None = None) -> int:
     ratios = {
         "chat_vs_raw_throughput": round(chat["output_tok_per_s"] / raw["output_tok_per_s"], 3),
         "concurrent_vs_sequential_throughput": round(
-            chat["output_tok_per_s"] / seq["output_tok_per_s"], 3),
+            chat["output_tok_per_s"] / seq["output_tok_per_s"], 3
+        ),
     }
     model_config = engine.llm.model_config
     result = {
         "benchmark": "chat_concurrency",
         "workload": {
-            "requests": args.requests, "new_tokens_per_request": args.tokens,
+            "requests": args.requests,
+            "new_tokens_per_request": args.tokens,
             "prompt_tokens": {"min": min(map(len, prompt_ids)), "max": max(map(len, prompt_ids))},
-            "sampling": "greedy (temperature 0), ignore_eos", "rounds": args.rounds,
-            "prefix_cache_hits": sum(run["cache_read_tokens"] for runs in rounds.values()
-                                     for run in runs) + sequential["cache_read_tokens"],
+            "sampling": "greedy (temperature 0), ignore_eos",
+            "rounds": args.rounds,
+            "prefix_cache_hits": sum(
+                run["cache_read_tokens"] for runs in rounds.values() for run in runs
+            )
+            + sequential["cache_read_tokens"],
         },
-        "model": {"name": llm.model_name, "dtype": str(model_config.dtype).replace("torch.", ""),
-                  "max_model_len": model_config.max_model_len},
-        "machine": {**machine_info(), "load_average_before": load_before,
-                    "load_average_after": load_after},
+        "model": {
+            "name": llm.model_name,
+            "dtype": str(model_config.dtype).replace("torch.", ""),
+            "max_model_len": model_config.max_model_len,
+        },
+        "machine": {
+            **machine_info(),
+            "load_average_before": load_before,
+            "load_average_after": load_after,
+        },
         "engine_start_s": round(engine_start_s, 1),
         "median": {"chat_concurrent": chat, "raw_concurrent": raw, "chat_sequential": seq},
         "notes": [
@@ -217,17 +278,23 @@ def main(argv: list[str] | None = None) -> int:
 
     out = Path(args.out) if args.out else RESULTS / f"chat_concurrency_{device_slug()}.json"
     path = write_results(out, result)
-    print(f"\n{llm.model_name} ({result['model']['dtype']}), {args.requests} requests x "
-          f"{args.tokens} new tokens, medians of {args.rounds} rounds; "
-          f"load {load_before} -> {load_after}")
+    print(
+        f"\n{llm.model_name} ({result['model']['dtype']}), {args.requests} requests x "
+        f"{args.tokens} new tokens, medians of {args.rounds} rounds; "
+        f"load {load_before} -> {load_after}"
+    )
     print(f"{'mode':<18}{'wall s':>9}{'tok/s':>9}{'lat p20':>9}{'p50':>8}{'p80':>8}")
     for name, row in result["median"].items():
         lat = row["latency_s"]
-        print(f"{name:<18}{row['wall_s']:>9.2f}{row['output_tok_per_s']:>9.1f}"
-              f"{lat['p20']:>9.2f}{lat['p50']:>8.2f}{lat['p80']:>8.2f}")
+        print(
+            f"{name:<18}{row['wall_s']:>9.2f}{row['output_tok_per_s']:>9.1f}"
+            f"{lat['p20']:>9.2f}{lat['p50']:>8.2f}{lat['p80']:>8.2f}"
+        )
     for name, value in ratios.items():
-        print(f"{name}: {value:.3f} (goal >= {GOALS[name]}) "
-              f"{'met' if value >= GOALS[name] else 'NOT met'}")
+        print(
+            f"{name}: {value:.3f} (goal >= {GOALS[name]}) "
+            f"{'met' if value >= GOALS[name] else 'NOT met'}"
+        )
     print(f"wrote {path}")
     return 0
 

@@ -49,21 +49,34 @@ def _child(config: str, spec: dict) -> dict:
     if config == "thaw":
         kwargs = compat.shared_prefix_engine_defaults({})
     began = time.perf_counter()
-    llm = LLM(model=spec["model"], load_format=spec["load_format"], skip_tokenizer_init=True,
-              dtype=spec["dtype"], max_model_len=spec["prefix"] + spec["tokens"] + 64,
-              enable_prefix_caching=True, gpu_memory_utilization=spec["gpu_memory_utilization"],
-              enforce_eager=spec["eager"], max_num_seqs=max(spec["batches"]), **kwargs)
+    llm = LLM(
+        model=spec["model"],
+        load_format=spec["load_format"],
+        skip_tokenizer_init=True,
+        dtype=spec["dtype"],
+        max_model_len=spec["prefix"] + spec["tokens"] + 64,
+        enable_prefix_caching=True,
+        gpu_memory_utilization=spec["gpu_memory_utilization"],
+        enforce_eager=spec["eager"],
+        max_num_seqs=max(spec["batches"]),
+        **kwargs,
+    )
     startup_s = time.perf_counter() - began
     features = compat.engine_features(llm.llm_engine.vllm_config)
     prefix = [(7 * i + 11) % 30000 + 100 for i in range(spec["prefix"])]
-    llm.generate([TokensPrompt(prompt_token_ids=prefix + [5])],
-                 SamplingParams(max_tokens=1, detokenize=False), use_tqdm=False)
+    llm.generate(
+        [TokensPrompt(prompt_token_ids=prefix + [5])],
+        SamplingParams(max_tokens=1, detokenize=False),
+        use_tqdm=False,
+    )
     rows = []
     for batch in spec["batches"]:
-        prompts = [TokensPrompt(prompt_token_ids=prefix + [1000 + b, 2000 + b])
-                   for b in range(batch)]
-        params = SamplingParams(max_tokens=spec["tokens"], temperature=0.8, ignore_eos=True,
-                                detokenize=False, seed=None)
+        prompts = [
+            TokensPrompt(prompt_token_ids=prefix + [1000 + b, 2000 + b]) for b in range(batch)
+        ]
+        params = SamplingParams(
+            max_tokens=spec["tokens"], temperature=0.8, ignore_eos=True, detokenize=False, seed=None
+        )
         walls, cached = [], None
         for _ in range(spec["repeats"]):
             t0 = time.perf_counter()
@@ -71,21 +84,37 @@ def _child(config: str, spec: dict) -> dict:
             walls.append(time.perf_counter() - t0)
             cached = min(int(o.num_cached_tokens or 0) for o in outs)
         best = min(walls)
-        rows.append({"batch": batch, "tokens": spec["tokens"], "wall_s": round(best, 4),
-                     "walls_s": [round(w, 4) for w in walls],
-                     "ms_per_step": round(1000 * best / spec["tokens"], 3),
-                     "min_cached_prefix_tokens": cached})
+        rows.append(
+            {
+                "batch": batch,
+                "tokens": spec["tokens"],
+                "wall_s": round(best, 4),
+                "walls_s": [round(w, 4) for w in walls],
+                "ms_per_step": round(1000 * best / spec["tokens"], 3),
+                "min_cached_prefix_tokens": cached,
+            }
+        )
         print(f"RESULT-ROW {config} B={batch} {best:.3f}s", flush=True)
     # correctness sample: greedy, chosen-token logprobs
     check_prompts = [TokensPrompt(prompt_token_ids=prefix + [3000 + b]) for b in range(16)]
-    greedy = llm.generate(check_prompts, SamplingParams(max_tokens=32, temperature=0.0,
-                                                        ignore_eos=True, logprobs=0,
-                                                        detokenize=False), use_tqdm=False)
+    greedy = llm.generate(
+        check_prompts,
+        SamplingParams(
+            max_tokens=32, temperature=0.0, ignore_eos=True, logprobs=0, detokenize=False
+        ),
+        use_tqdm=False,
+    )
     tokens = [list(o.outputs[0].token_ids) for o in greedy]
     logprobs = [[next(iter(d.values())).logprob for d in o.outputs[0].logprobs] for o in greedy]
-    return {"config": config, "engine_kwargs": kwargs, "features": features,
-            "startup_s": round(startup_s, 2), "rows": rows,
-            "greedy_tokens": tokens, "greedy_logprobs": logprobs}
+    return {
+        "config": config,
+        "engine_kwargs": kwargs,
+        "features": features,
+        "startup_s": round(startup_s, 2),
+        "rows": rows,
+        "greedy_tokens": tokens,
+        "greedy_logprobs": logprobs,
+    }
 
 
 def _tiny_child(config: str, model: str) -> dict:
@@ -95,24 +124,38 @@ def _tiny_child(config: str, model: str) -> dict:
     from thaw_agents_core.util import compat
 
     kwargs = compat.shared_prefix_engine_defaults({}) if config == "thaw" else {}
-    llm = LLM(model=model, dtype="float32", enforce_eager=True, max_model_len=2048,
-              enable_prefix_caching=True, gpu_memory_utilization=0.2, skip_tokenizer_init=True,
-              **kwargs)
+    llm = LLM(
+        model=model,
+        dtype="float32",
+        enforce_eager=True,
+        max_model_len=2048,
+        enable_prefix_caching=True,
+        gpu_memory_utilization=0.2,
+        skip_tokenizer_init=True,
+        **kwargs,
+    )
     prefix = [(5 * i + 3) % 250 + 3 for i in range(1024)]
     prompts = [TokensPrompt(prompt_token_ids=prefix + [b + 3]) for b in range(16)]
-    outs = llm.generate(prompts, SamplingParams(max_tokens=24, temperature=0.0,
-                                                ignore_eos=True, detokenize=False),
-                        use_tqdm=False)
+    outs = llm.generate(
+        prompts,
+        SamplingParams(max_tokens=24, temperature=0.0, ignore_eos=True, detokenize=False),
+        use_tqdm=False,
+    )
     return {"config": config, "greedy_tokens": [list(o.outputs[0].token_ids) for o in outs]}
 
 
 def _run_child(args: list[str], env_extra: dict, timeout_s: float) -> dict:
     env = {**os.environ, **env_extra}
-    proc = subprocess.run([sys.executable, __file__, *args], env=env, text=True,
-                          capture_output=True, timeout=timeout_s)
+    proc = subprocess.run(
+        [sys.executable, __file__, *args],
+        env=env,
+        text=True,
+        capture_output=True,
+        timeout=timeout_s,
+    )
     for line in proc.stdout.splitlines():
         if line.startswith("RESULT-JSON "):
-            return json.loads(line[len("RESULT-JSON "):])
+            return json.loads(line[len("RESULT-JSON ") :])
     raise RuntimeError(f"child {args} failed ({proc.returncode}): {proc.stderr[-4000:]}")
 
 
@@ -139,7 +182,7 @@ def _ceilings() -> dict:
     for _ in range(10):
         a @ b
     torch.cuda.synchronize()
-    flops = 2 * 8192 ** 3 * 10 / (time.perf_counter() - t0)
+    flops = 2 * 8192**3 * 10 / (time.perf_counter() - t0)
     del src, dst, a, b
     torch.cuda.empty_cache()
     return {"copy_bytes_per_s": copy_rate, "bf16_flops_per_s": flops}
@@ -158,14 +201,21 @@ def _compare(a: dict, b: dict) -> dict:
     ta, tb = a["greedy_tokens"], b["greedy_tokens"]
     agree = sum(x == y for ra, rb in zip(ta, tb) for x, y in zip(ra, rb))
     total = sum(len(r) for r in ta)
-    first_diff = [next((i for i, (x, y) in enumerate(zip(ra, rb)) if x != y), None)
-                  for ra, rb in zip(ta, tb)]
-    out = {"top1_agreement": round(agree / max(1, total), 4), "tokens_compared": total,
-           "first_difference_per_branch": first_diff}
+    first_diff = [
+        next((i for i, (x, y) in enumerate(zip(ra, rb)) if x != y), None) for ra, rb in zip(ta, tb)
+    ]
+    out = {
+        "top1_agreement": round(agree / max(1, total), 4),
+        "tokens_compared": total,
+        "first_difference_per_branch": first_diff,
+    }
     if "greedy_logprobs" in a:
-        diffs = [abs(x - y) for ra, rb, sa, sb in zip(a["greedy_logprobs"], b["greedy_logprobs"],
-                                                       ta, tb)
-                 for x, y, u, v in zip(ra, rb, sa, sb) if u == v]
+        diffs = [
+            abs(x - y)
+            for ra, rb, sa, sb in zip(a["greedy_logprobs"], b["greedy_logprobs"], ta, tb)
+            for x, y, u, v in zip(ra, rb, sa, sb)
+            if u == v
+        ]
         out["max_chosen_logprob_diff"] = round(max(diffs), 5) if diffs else None
     return out
 
@@ -191,31 +241,48 @@ def main() -> int:
     from thaw_agents_core.engine.models import tiny_model_path
 
     if args.smoke:
-        spec = {"model": str(tiny_model_path()), "load_format": "auto", "dtype": "float32",
-                "prefix": 512, "tokens": 8, "batches": [2, 4], "repeats": 1, "eager": True,
-                "gpu_memory_utilization": 0.5}
+        spec = {
+            "model": str(tiny_model_path()),
+            "load_format": "auto",
+            "dtype": "float32",
+            "prefix": 512,
+            "tokens": 8,
+            "batches": [2, 4],
+            "repeats": 1,
+            "eager": True,
+            "gpu_memory_utilization": 0.5,
+        }
     else:
         from thaw_agents_core.testing import llama_8b_shaped_path
 
-        spec = {"model": str(llama_8b_shaped_path()), "load_format": "dummy",
-                "dtype": "bfloat16", "prefix": args.prefix, "tokens": args.tokens,
-                "batches": [int(b) for b in args.batches.split(",")],
-                "repeats": args.repeats, "eager": False, "gpu_memory_utilization": 0.85}
+        spec = {
+            "model": str(llama_8b_shaped_path()),
+            "load_format": "dummy",
+            "dtype": "bfloat16",
+            "prefix": args.prefix,
+            "tokens": args.tokens,
+            "batches": [int(b) for b in args.batches.split(",")],
+            "repeats": args.repeats,
+            "eager": False,
+            "gpu_memory_utilization": 0.85,
+        }
     ceilings = None if args.smoke else _ceilings()
     results: dict = {"spec": spec, "ceilings": ceilings, "configs": {}, "errors": {}}
     envs = {"vllm_default": {}, "thaw": {}}
     for config, env in envs.items():
         try:
-            results["configs"][config] = _run_child(["--child", config, "--spec",
-                                                     json.dumps(spec)], env, 420)
+            results["configs"][config] = _run_child(
+                ["--child", config, "--spec", json.dumps(spec)], env, 420
+            )
         except Exception as exc:  # noqa: BLE001 - recorded; the other configuration still runs
             results["errors"][config] = f"{type(exc).__name__}: {exc}"[-3000:]
     got = results["configs"]
     if ceilings:
         for data in got.values():
             for row in data["rows"]:
-                row["floor_ms_per_step"] = round(_floor_ms(row["batch"], row["tokens"],
-                                                           spec["prefix"], ceilings), 3)
+                row["floor_ms_per_step"] = round(
+                    _floor_ms(row["batch"], row["tokens"], spec["prefix"], ceilings), 3
+                )
                 row["vs_floor"] = round(row["ms_per_step"] / row["floor_ms_per_step"], 2)
     if len(got) == 2:
         results["correctness_8b"] = _compare(got["vllm_default"], got["thaw"])
@@ -225,8 +292,10 @@ def main() -> int:
         results["thaw_speedup_vs_default"] = speed
     if not args.smoke:
         try:
-            tiny = {c: _run_child(["--tiny-child", c, "--spec", str(tiny_model_path())], {}, 300)
-                    for c in envs}
+            tiny = {
+                c: _run_child(["--tiny-child", c, "--spec", str(tiny_model_path())], {}, 300)
+                for c in envs
+            }
             results["correctness_tiny_fp32"] = _compare(tiny["vllm_default"], tiny["thaw"])
         except Exception as exc:  # noqa: BLE001
             results["errors"]["tiny"] = f"{type(exc).__name__}: {exc}"[-3000:]
@@ -236,14 +305,27 @@ def main() -> int:
     results["machine"] = machine_info()
     name = "fanout_scale_cpu.json" if args.smoke else f"fanout_scale_{device_slug()}.json"
     write_results(RESULTS / name, results)
-    print(json.dumps({k: results.get(k) for k in ("thaw_speedup_vs_default", "errors",
-                                                   "correctness_8b", "correctness_tiny_fp32")},
-                     indent=1))
+    print(
+        json.dumps(
+            {
+                k: results.get(k)
+                for k in (
+                    "thaw_speedup_vs_default",
+                    "errors",
+                    "correctness_8b",
+                    "correctness_tiny_fp32",
+                )
+            },
+            indent=1,
+        )
+    )
     for config, data in got.items():
         for row in data["rows"]:
-            print(f"{config:13s} B={row['batch']:4d} {row['wall_s']:8.3f} s "
-                  f"{row['ms_per_step']:8.2f} ms/step floor {row.get('floor_ms_per_step')} "
-                  f"cached>={row['min_cached_prefix_tokens']}")
+            print(
+                f"{config:13s} B={row['batch']:4d} {row['wall_s']:8.3f} s "
+                f"{row['ms_per_step']:8.2f} ms/step floor {row.get('floor_ms_per_step')} "
+                f"cached>={row['min_cached_prefix_tokens']}"
+            )
     return 0 if not results["errors"] else 1
 
 

@@ -50,14 +50,22 @@ def ttfts(results) -> list[float]:
 def cpu_prefix(nonce: str, num_facts: int = 110) -> list:
     from langchain_core.messages import HumanMessage, SystemMessage
 
-    facts = " ".join(f"Fact {i}: service {i % 13} depends on queue {i % 7} and cache "
-                     f"{i % 5}." for i in range(num_facts))
-    return [SystemMessage(f"[{nonce}] You review a system design. {facts}"),
-            HumanMessage("Here is the design document above. Stand by for questions.")]
+    facts = " ".join(
+        f"Fact {i}: service {i % 13} depends on queue {i % 7} and cache {i % 5}."
+        for i in range(num_facts)
+    )
+    return [
+        SystemMessage(f"[{nonce}] You review a system design. {facts}"),
+        HumanMessage("Here is the design document above. Stand by for questions."),
+    ]
 
 
-SUFFIXES = ["Which service is most critical? One sentence.", "Name a risk. One sentence.",
-            "What would you test first? One sentence.", "Summarize in one sentence."]
+SUFFIXES = [
+    "Which service is most critical? One sentence.",
+    "Name a risk. One sentence.",
+    "What would you test first? One sentence.",
+    "Summarize in one sentence.",
+]
 
 
 async def cpu_rounds(rounds: int, workers: int) -> dict:
@@ -71,8 +79,12 @@ async def cpu_rounds(rounds: int, workers: int) -> dict:
     began = time.perf_counter()
     pool = await asyncio.to_thread(llm.fork_pool, workers)
     pool_start_s = time.perf_counter() - began
-    rows: dict[str, list[float]] = {"pool_fork": [], "pool_reprefill": [], "parent": [],
-                                    "snapshot": []}
+    rows: dict[str, list[float]] = {
+        "pool_fork": [],
+        "pool_reprefill": [],
+        "parent": [],
+        "snapshot": [],
+    }
     cached: list[int] = []
     prefix_tokens = 0
     rng = random.Random(0)
@@ -92,8 +104,9 @@ async def cpu_rounds(rounds: int, workers: int) -> dict:
             other = cpu_prefix(f"cold-{r}-{rng.random():.6f}")
             rendered = llm.render_prefix(other)
             tokenizer = llm.engine.tokenizer
-            prompts = [branch_prompt(tokenizer, rendered, other, [HumanMessage(s)])
-                       for s in SUFFIXES]
+            prompts = [
+                branch_prompt(tokenizer, rendered, other, [HumanMessage(s)]) for s in SUFFIXES
+            ]
             options = GenerationOptions(max_tokens=16, temperature=0.0)
             cold = await asyncio.gather(*(pool.generate(p, options) for p in prompts))
             rows["pool_reprefill"] += [c.ttft_s for c in cold]
@@ -103,8 +116,7 @@ async def cpu_rounds(rounds: int, workers: int) -> dict:
         await asyncio.to_thread(pool.close)
         await asyncio.to_thread(llm.close)
     out = {name: percentiles(values, digits=None) for name, values in rows.items()}
-    out["ttft_ratio_fork_vs_reprefill_p50"] = (out["pool_fork"]["p50"]
-                                               / out["pool_reprefill"]["p50"])
+    out["ttft_ratio_fork_vs_reprefill_p50"] = out["pool_fork"]["p50"] / out["pool_reprefill"]["p50"]
     out["prefix_tokens"] = prefix_tokens
     out["min_cached_tokens_in_forked_branches"] = min(cached)
     out["pool_start_s"] = pool_start_s
@@ -125,14 +137,25 @@ def gpu_spec(graphs: bool, store: str, smoke: bool = False):
     from thaw_agents_core.testing import llama_8b_shaped_path
 
     if smoke:  # the same code path on a CPU machine, with the tiny model
-        return EngineSpec.create(str(tiny_model_path()), dtype="float32", max_model_len=4096,
-                                 engine_kwargs={"kv_cache_memory_bytes": 256 << 20},
-                                 kv_transfer=kv_transfer_config(store))
+        return EngineSpec.create(
+            str(tiny_model_path()),
+            dtype="float32",
+            max_model_len=4096,
+            engine_kwargs={"kv_cache_memory_bytes": 256 << 20},
+            kv_transfer=kv_transfer_config(store),
+        )
     return EngineSpec.create(
-        str(llama_8b_shaped_path()), dtype="bfloat16", max_model_len=8192 + 256,
-        engine_kwargs={"load_format": "dummy", "skip_tokenizer_init": True,
-                       "enforce_eager": not graphs, "gpu_memory_utilization": 0.45},
-        kv_transfer=kv_transfer_config(store))
+        str(llama_8b_shaped_path()),
+        dtype="bfloat16",
+        max_model_len=8192 + 256,
+        engine_kwargs={
+            "load_format": "dummy",
+            "skip_tokenizer_init": True,
+            "enforce_eager": not graphs,
+            "gpu_memory_utilization": 0.45,
+        },
+        kv_transfer=kv_transfer_config(store),
+    )
 
 
 async def gpu_rounds(rounds: int, graphs: bool, with_pool: bool, smoke: bool = False) -> dict:
@@ -152,15 +175,20 @@ async def gpu_rounds(rounds: int, graphs: bool, with_pool: bool, smoke: bool = F
     pool = None
     if with_pool:
         began = time.perf_counter()
-        pool = ForkPool(spec, 1, gpu_memory_fraction=0.3,
-                        expected_namespace_key=engine.namespace().key())
+        pool = ForkPool(
+            spec, 1, gpu_memory_fraction=0.3, expected_namespace_key=engine.namespace().key()
+        )
         await pool.astart()
         pool_start_s = time.perf_counter() - began
     rng = random.Random(0)
     new = lambda k: [rng.randrange(*vocab) for _ in range(k)]  # noqa: E731
     options = GenerationOptions(max_tokens=64, temperature=0.0, ignore_eos=True)
-    rows: dict[str, list[float]] = {"in_engine": [], "fork_auto": [], "fork_pool": [],
-                                    "snapshot": []}
+    rows: dict[str, list[float]] = {
+        "in_engine": [],
+        "fork_auto": [],
+        "fork_pool": [],
+        "snapshot": [],
+    }
     cached: dict[str, list[int]] = {"fork_auto": [], "fork_pool": []}
 
     async def in_engine(prompts: list[list[int]]) -> float:
@@ -212,8 +240,7 @@ async def gpu_rounds(rounds: int, graphs: bool, with_pool: bool, smoke: bool = F
     out = {name: percentiles(v, digits=None) for name, v in rows.items() if v}
     out["ratio_fork_auto_vs_in_engine_p50"] = out["fork_auto"]["p50"] / out["in_engine"]["p50"]
     if "fork_pool" in out:
-        out["ratio_fork_pool_vs_in_engine_p50"] = (out["fork_pool"]["p50"]
-                                                   / out["in_engine"]["p50"])
+        out["ratio_fork_pool_vs_in_engine_p50"] = out["fork_pool"]["p50"] / out["in_engine"]["p50"]
     out["cached_tokens"] = {k: (min(v) if v else None) for k, v in cached.items()}
     out["prefix_tokens"] = prefix_len
     out["engine_start_s"] = start_s
@@ -224,13 +251,17 @@ async def gpu_rounds(rounds: int, graphs: bool, with_pool: bool, smoke: bool = F
 
 
 def main() -> int:
-    parser = argparse.ArgumentParser(description=__doc__,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     parser.add_argument("--gpu", action="store_true")
     parser.add_argument("--graphs", action="store_true", help="GPU: CUDA graphs (not eager)")
     parser.add_argument("--no-pool", action="store_true", help="GPU: skip the pool worker")
-    parser.add_argument("--smoke", action="store_true",
-                        help="GPU code path on a CPU machine with the tiny model (no JSON)")
+    parser.add_argument(
+        "--smoke",
+        action="store_true",
+        help="GPU code path on a CPU machine with the tiny model (no JSON)",
+    )
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--workers", type=int, default=2)
     args = parser.parse_args()
@@ -239,28 +270,36 @@ def main() -> int:
     configure_vllm_environment()
     result: dict = {"machine": machine_info()}
     if args.gpu or args.smoke:
-        result["gpu"] = asyncio.run(gpu_rounds(args.rounds, args.graphs, not args.no_pool,
-                                               args.smoke))
+        result["gpu"] = asyncio.run(
+            gpu_rounds(args.rounds, args.graphs, not args.no_pool, args.smoke)
+        )
         if args.smoke:
             print(json.dumps(result["gpu"], indent=1))
             return 0
         name = f"fork_fanout_{device_slug()}{'_graphs' if args.graphs else ''}.json"
         g = result["gpu"]
-        print(f"in-engine {g['in_engine']['p50']:.3f} s  fork(auto) {g['fork_auto']['p50']:.3f} s"
-              f" ({g['ratio_fork_auto_vs_in_engine_p50']:.2f}x)"
-              + (f"  fork(pool) {g['fork_pool']['p50']:.3f} s" if "fork_pool" in g else "")
-              + f"  cached {g['cached_tokens']}")
+        print(
+            f"in-engine {g['in_engine']['p50']:.3f} s  fork(auto) {g['fork_auto']['p50']:.3f} s"
+            f" ({g['ratio_fork_auto_vs_in_engine_p50']:.2f}x)"
+            + (f"  fork(pool) {g['fork_pool']['p50']:.3f} s" if "fork_pool" in g else "")
+            + f"  cached {g['cached_tokens']}"
+        )
     else:
         result["cpu"] = asyncio.run(cpu_rounds(args.rounds, args.workers))
         name = f"fork_fanout_{device_slug()}.json"
         c = result["cpu"]
-        print(f"branch TTFT p50: fork {c['pool_fork']['p50'] * 1e3:.0f} ms, re-prefill "
-              f"{c['pool_reprefill']['p50'] * 1e3:.0f} ms "
-              f"(ratio {c['ttft_ratio_fork_vs_reprefill_p50']:.3f}), parent "
-              f"{c['parent']['p50'] * 1e3:.0f} ms; prefix {c['prefix_tokens']} tokens, "
-              f"min cached {c['min_cached_tokens_in_forked_branches']}")
-    result["goals"] = {"cpu_ttft_ratio_max": 0.2, "gpu_round_ratio_max": 1.1,
-                       "gpu_round_graphs_max_s": 0.5}
+        print(
+            f"branch TTFT p50: fork {c['pool_fork']['p50'] * 1e3:.0f} ms, re-prefill "
+            f"{c['pool_reprefill']['p50'] * 1e3:.0f} ms "
+            f"(ratio {c['ttft_ratio_fork_vs_reprefill_p50']:.3f}), parent "
+            f"{c['parent']['p50'] * 1e3:.0f} ms; prefix {c['prefix_tokens']} tokens, "
+            f"min cached {c['min_cached_tokens_in_forked_branches']}"
+        )
+    result["goals"] = {
+        "cpu_ttft_ratio_max": 0.2,
+        "gpu_round_ratio_max": 1.1,
+        "gpu_round_graphs_max_s": 0.5,
+    }
     path = write_results(RESULTS / name, result)
     print(f"wrote {path}")
     return 0

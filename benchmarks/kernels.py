@@ -75,10 +75,20 @@ GOALS = {"gather_scatter_vs_d2d": 0.80, "crc_payload_GBps": 500.0}
 ROTATE = 3
 PUBLIC = "public"
 # (op, gathered blocks) -> predicted vs_d2d; (op, gathered blocks, chunk KiB) -> predicted payload GB/s.
-PREDICTED = {("gather", 65): 0.92, ("scatter", 65): 0.92, ("gather", 512): 0.96, ("scatter", 512): 0.96,
-             ("crc32c", 65, 128): 1200, ("crc32c", 65, 1024): 1200, ("crc32c", 65, 4096): 1200,
-             ("crc32c", 65, 4032): 900, ("crc32c", 512, 128): 1400, ("crc32c", 512, 1024): 1650,
-             ("crc32c", 512, 4096): 1650, ("crc32c", 512, 4032): 1450}
+PREDICTED = {
+    ("gather", 65): 0.92,
+    ("scatter", 65): 0.92,
+    ("gather", 512): 0.96,
+    ("scatter", 512): 0.96,
+    ("crc32c", 65, 128): 1200,
+    ("crc32c", 65, 1024): 1200,
+    ("crc32c", 65, 4096): 1200,
+    ("crc32c", 65, 4032): 900,
+    ("crc32c", 512, 128): 1400,
+    ("crc32c", 512, 1024): 1650,
+    ("crc32c", 512, 4096): 1650,
+    ("crc32c", 512, 4032): 1450,
+}
 
 
 def p50_p20_p80(times_ms: list[float]) -> tuple[float, float, float]:
@@ -90,7 +100,9 @@ def p50_p20_p80(times_ms: list[float]) -> tuple[float, float, float]:
 def timer_cuda(fns: list) -> tuple[float, float, float]:
     """do_bench's per-call times (L2 flushed before each), rotating through ``fns``: (p50, p20, p80) ms."""
     it = itertools.cycle(fns)
-    return p50_p20_p80(triton.testing.do_bench(lambda: next(it)(), warmup=25, rep=100, return_mode="all"))
+    return p50_p20_p80(
+        triton.testing.do_bench(lambda: next(it)(), warmup=25, rep=100, return_mode="all")
+    )
 
 
 def timer_cpu(fns: list, reps: int = 15) -> tuple[float, float, float]:
@@ -122,15 +134,34 @@ class Table:
     def __init__(self, timer, host_cost=None):
         self.timer, self.host_cost, self.rows, self.d2d_ms = timer, host_cost, [], {}
 
-    def add(self, op: str, variant: str, size: str, payload: int, fns: list, moved_factor: int, ok: bool = True,
-            **extra):
+    def add(
+        self,
+        op: str,
+        variant: str,
+        size: str,
+        payload: int,
+        fns: list,
+        moved_factor: int,
+        ok: bool = True,
+        **extra,
+    ):
         """Time ``fns`` (rotated), add the row (and the public rows' host cost) and return it."""
         p50, p20, p80 = self.timer(fns)
         if op == "d2d_copy":
             self.d2d_ms[size] = p50
-        row = dict(op=op, variant=variant, size=size, payload_bytes=payload, ok=ok, ms_p50=round(p50, 4),
-                   ms_p20=round(p20, 4), ms_p80=round(p80, 4), payload_GBps=round(payload / p50 / 1e6, 1),
-                   moved_GBps=round(moved_factor * payload / p50 / 1e6, 1), **extra)
+        row = dict(
+            op=op,
+            variant=variant,
+            size=size,
+            payload_bytes=payload,
+            ok=ok,
+            ms_p50=round(p50, 4),
+            ms_p20=round(p20, 4),
+            ms_p80=round(p80, 4),
+            payload_GBps=round(payload / p50 / 1e6, 1),
+            moved_GBps=round(moved_factor * payload / p50 / 1e6, 1),
+            **extra,
+        )
         if size in self.d2d_ms and op != "d2d_copy":
             row["vs_d2d"] = round(self.d2d_ms[size] / p50, 3)
         note = ""
@@ -139,9 +170,13 @@ class Table:
             row.update(host_us=round(host_us, 1), latency_ms=round(latency_ms, 4))
             note = f"  host {host_us:6.1f} us  latency {latency_ms:.3f} ms"
         self.rows.append(row)
-        print(f"  {op:<9} {size:<30} {variant:<48} {p50:8.3f} ms  {row['moved_GBps']:8.1f} GB/s moved"
-              + (f"  {row['vs_d2d']:.3f} d2d" if "vs_d2d" in row else "") + note
-              + ("" if ok else "  WRONG RESULT"), flush=True)
+        print(
+            f"  {op:<9} {size:<30} {variant:<48} {p50:8.3f} ms  {row['moved_GBps']:8.1f} GB/s moved"
+            + (f"  {row['vs_d2d']:.3f} d2d" if "vs_d2d" in row else "")
+            + note
+            + ("" if ok else "  WRONG RESULT"),
+            flush=True,
+        )
         return row
 
 
@@ -149,7 +184,9 @@ def random_cache(n_layers, num_blocks, block_size, kv_heads, head_dim, device):
     """Random bf16 flash-layout layers, one allocation each."""
     layers = []
     for _ in range(n_layers):  # one allocation per layer, as vLLM's GPU model runner does
-        t = torch.empty(2, num_blocks, block_size, kv_heads, head_dim, dtype=torch.bfloat16, device=device)
+        t = torch.empty(
+            2, num_blocks, block_size, kv_heads, head_dim, dtype=torch.bfloat16, device=device
+        )
         t.view(torch.int16).random_(-(2**15), 2**15 - 1)
         layers.append(t)
     return layers
@@ -163,53 +200,131 @@ def gather_ok(fn, ids: list[int], out: torch.Tensor, ref: torch.Tensor) -> bool:
 
 def scatter_ok(fn, layers: list[torch.Tensor], ids: list[int], spec, like: torch.Tensor) -> bool:
     """``fn(src, ids)`` of fresh random pages: the reference gathers exactly them back."""
-    probe = torch.empty_like(like).view(torch.int16).random_(-(2**15), 2**15 - 1)  # not yet in the cache
+    probe = (
+        torch.empty_like(like).view(torch.int16).random_(-(2**15), 2**15 - 1)
+    )  # not yet in the cache
     fn(probe.view(torch.bfloat16), ids)
     return torch.equal(kv_gather_reference(layers, ids, spec).view(torch.int16), probe)
 
 
 def bench_kv(table: Table, device, shape: dict, sizes: list[int], variants: list[tuple[int, int]]):
     """D2D copy, references, public gather/scatter and tile variants per size; returns the CRC inputs."""
-    layers = random_cache(shape["layers"], shape["cache_blocks"], shape["block_size"], shape["kv_heads"],
-                          shape["head_dim"], device)
+    layers = random_cache(
+        shape["layers"],
+        shape["cache_blocks"],
+        shape["block_size"],
+        shape["kv_heads"],
+        shape["head_dim"],
+        device,
+    )
     spec = page_spec_for(layers[0], "flash")
     bufs = {}
     for n in sizes:
         out_shape = (n, len(layers), 2, spec.page_elems)
         payload = n * len(layers) * 2 * spec.page_elems * 2
         size = f"{n} blk ({payload / 1e6:.0f} MB)"
-        ids = [torch.randperm(spec.num_blocks)[:n].tolist() for _ in range(ROTATE)]  # lists, as the connector
+        ids = [
+            torch.randperm(spec.num_blocks)[:n].tolist() for _ in range(ROTATE)
+        ]  # lists, as the connector
         outs = [torch.empty(out_shape, dtype=torch.bfloat16, device=device) for _ in range(ROTATE)]
-        src = [torch.empty_like(o).view(torch.int16).random_(-(2**15), 2**15 - 1).view(torch.bfloat16)
-               for o in outs]
-        table.add("d2d_copy", "dst.copy_(src)", size, payload,
-                  [lambda o=o, s=s: o.copy_(s) for o, s in zip(outs, src)], 2)
+        src = [
+            torch.empty_like(o).view(torch.int16).random_(-(2**15), 2**15 - 1).view(torch.bfloat16)
+            for o in outs
+        ]
+        table.add(
+            "d2d_copy",
+            "dst.copy_(src)",
+            size,
+            payload,
+            [lambda o=o, s=s: o.copy_(s) for o, s in zip(outs, src)],
+            2,
+        )
         ref = kv_gather_reference(layers, ids[0], spec)
-        table.add("gather", "torch reference (index_select per layer)", size, payload,
-                  [lambda i=i, o=o: kv_gather_reference(layers, i, spec, out=o) for i, o in zip(ids, outs)], 2)
-        table.add("gather", PUBLIC, size, payload,
-                  [lambda i=i, o=o: kv_gather(layers, i, spec, out=o) for i, o in zip(ids, outs)], 2,
-                  gather_ok(lambda i, o: kv_gather(layers, i, spec, out=o), ids[0], outs[0], ref), blocks=n)
+        table.add(
+            "gather",
+            "torch reference (index_select per layer)",
+            size,
+            payload,
+            [
+                lambda i=i, o=o: kv_gather_reference(layers, i, spec, out=o)
+                for i, o in zip(ids, outs)
+            ],
+            2,
+        )
+        table.add(
+            "gather",
+            PUBLIC,
+            size,
+            payload,
+            [lambda i=i, o=o: kv_gather(layers, i, spec, out=o) for i, o in zip(ids, outs)],
+            2,
+            gather_ok(lambda i, o: kv_gather(layers, i, spec, out=o), ids[0], outs[0], ref),
+            blocks=n,
+        )
         for block_bytes, warps in variants:
             tile = dict(block=block_bytes // 2, num_warps=warps)
-            ok = gather_ok(lambda i, o, t=tile: kv_mod._kv_gather_triton(layers, i, spec, o, **t), ids[0], outs[0],
-                           ref)
-            fns = [lambda i=i, o=o, t=tile: kv_mod._kv_gather_triton(layers, i, spec, o, **t)
-                   for i, o in zip(ids, outs)]
-            table.add("gather", f"triton block={block_bytes}B warps={warps}", size, payload, fns, 2, ok, blocks=n)
+            ok = gather_ok(
+                lambda i, o, t=tile: kv_mod._kv_gather_triton(layers, i, spec, o, **t),
+                ids[0],
+                outs[0],
+                ref,
+            )
+            fns = [
+                lambda i=i, o=o, t=tile: kv_mod._kv_gather_triton(layers, i, spec, o, **t)
+                for i, o in zip(ids, outs)
+            ]
+            table.add(
+                "gather",
+                f"triton block={block_bytes}B warps={warps}",
+                size,
+                payload,
+                fns,
+                2,
+                ok,
+                blocks=n,
+            )
 
-        table.add("scatter", "torch reference (index_copy_ per layer)", size, payload,
-                  [lambda i=i, s=s: kv_scatter_reference(s, layers, i, spec) for i, s in zip(ids, src)], 2)
-        table.add("scatter", PUBLIC, size, payload,
-                  [lambda i=i, s=s: kv_scatter(s, layers, i, spec) for i, s in zip(ids, src)], 2,
-                  scatter_ok(lambda s, i: kv_scatter(s, layers, i, spec), layers, ids[0], spec, src[0]), blocks=n)
+        table.add(
+            "scatter",
+            "torch reference (index_copy_ per layer)",
+            size,
+            payload,
+            [lambda i=i, s=s: kv_scatter_reference(s, layers, i, spec) for i, s in zip(ids, src)],
+            2,
+        )
+        table.add(
+            "scatter",
+            PUBLIC,
+            size,
+            payload,
+            [lambda i=i, s=s: kv_scatter(s, layers, i, spec) for i, s in zip(ids, src)],
+            2,
+            scatter_ok(lambda s, i: kv_scatter(s, layers, i, spec), layers, ids[0], spec, src[0]),
+            blocks=n,
+        )
         for block_bytes, warps in variants:
             tile = dict(block=block_bytes // 2, num_warps=warps)
-            ok = scatter_ok(lambda s, i, t=tile: kv_mod._kv_scatter_triton(s, layers, i, spec, **t), layers, ids[0],
-                            spec, src[0])
-            fns = [lambda i=i, s=s, t=tile: kv_mod._kv_scatter_triton(s, layers, i, spec, **t)
-                   for i, s in zip(ids, src)]
-            table.add("scatter", f"triton block={block_bytes}B warps={warps}", size, payload, fns, 2, ok, blocks=n)
+            ok = scatter_ok(
+                lambda s, i, t=tile: kv_mod._kv_scatter_triton(s, layers, i, spec, **t),
+                layers,
+                ids[0],
+                spec,
+                src[0],
+            )
+            fns = [
+                lambda i=i, s=s, t=tile: kv_mod._kv_scatter_triton(s, layers, i, spec, **t)
+                for i, s in zip(ids, src)
+            ]
+            table.add(
+                "scatter",
+                f"triton block={block_bytes}B warps={warps}",
+                size,
+                payload,
+                fns,
+                2,
+                ok,
+                blocks=n,
+            )
         bufs[size] = (n, payload, [o.view(torch.uint8).flatten() for o in src])
     layers.clear()  # free the cache before the CRC runs
     return bufs
@@ -225,52 +340,105 @@ def chunk_label(chunk_bytes: int) -> str:
     return f"chunk={kib(chunk_bytes)}"
 
 
-def bench_crc(table: Table, bufs: dict, chunks: list[int], variant_chunk: int, variants: list[dict]):
+def bench_crc(
+    table: Table, bufs: dict, chunks: list[int], variant_chunk: int, variants: list[dict]
+):
     """Public ``chunk_crc32c`` at every chunk size, then kernel variants at ``variant_chunk``."""
     for size, (n, payload, buffers) in bufs.items():
         host = buffers[0].cpu()  # one host copy; references for every chunk size from it
         for chunk in chunks:
             ref = chunk_crc32c_reference(host, chunk)
             got = chunk_crc32c(buffers[0], chunk).cpu()
-            table.add("crc32c", PUBLIC, f"{size} {chunk_label(chunk)}", payload,
-                      [lambda b=b, c=chunk: chunk_crc32c(b, c) for b in buffers], 1, torch.equal(got, ref),
-                      blocks=n, chunk_bytes=chunk)
+            table.add(
+                "crc32c",
+                PUBLIC,
+                f"{size} {chunk_label(chunk)}",
+                payload,
+                [lambda b=b, c=chunk: chunk_crc32c(b, c) for b in buffers],
+                1,
+                torch.equal(got, ref),
+                blocks=n,
+                chunk_bytes=chunk,
+            )
         ref = chunk_crc32c_reference(host, variant_chunk)
         for cfg in variants:
-            name = (f"triton lanes={cfg['lanes']} piece={kib(cfg['piece_bytes'])} bits={cfg['table_bits']} "
-                    f"warps={cfg['num_warps']}")
-            ok = torch.equal(crc_mod._chunk_crc32c_triton(buffers[0], variant_chunk, **cfg).cpu(), ref)
-            table.add("crc32c", name, f"{size} {chunk_label(variant_chunk)}", payload,
-                      [lambda b=b, c=cfg: crc_mod._chunk_crc32c_triton(b, variant_chunk, **c) for b in buffers], 1, ok,
-                      blocks=n, chunk_bytes=variant_chunk)
+            name = (
+                f"triton lanes={cfg['lanes']} piece={kib(cfg['piece_bytes'])} bits={cfg['table_bits']} "
+                f"warps={cfg['num_warps']}"
+            )
+            ok = torch.equal(
+                crc_mod._chunk_crc32c_triton(buffers[0], variant_chunk, **cfg).cpu(), ref
+            )
+            table.add(
+                "crc32c",
+                name,
+                f"{size} {chunk_label(variant_chunk)}",
+                payload,
+                [
+                    lambda b=b, c=cfg: crc_mod._chunk_crc32c_triton(b, variant_chunk, **c)
+                    for b in buffers
+                ],
+                1,
+                ok,
+                blocks=n,
+                chunk_bytes=variant_chunk,
+            )
 
 
 def plan(args) -> dict:
     """What to run: the H100 sweep, the CPU smoke run, or the interpreter dry run of the former."""
     if args.dry_run:
-        return dict(name="cpu-interpreter-dry-run", device=torch.device("cpu"),
-                    timer=lambda fns: timer_cpu(fns, reps=2), sizes=[3, 5], crc_chunks=[1024, 768],
-                    crc_variant_chunk=1024,
-                    shape=dict(layers=2, kv_heads=2, head_dim=8, block_size=4, cache_blocks=16, dtype="bfloat16"),
-                    kv_variants=[(64, 8)], crc_variants=[dict(lanes=16, piece_bytes=256, table_bits=8, num_warps=4)])
+        return dict(
+            name="cpu-interpreter-dry-run",
+            device=torch.device("cpu"),
+            timer=lambda fns: timer_cpu(fns, reps=2),
+            sizes=[3, 5],
+            crc_chunks=[1024, 768],
+            crc_variant_chunk=1024,
+            shape=dict(
+                layers=2, kv_heads=2, head_dim=8, block_size=4, cache_blocks=16, dtype="bfloat16"
+            ),
+            kv_variants=[(64, 8)],
+            crc_variants=[dict(lanes=16, piece_bytes=256, table_bits=8, num_warps=4)],
+        )
     if not torch.cuda.is_available():
-        return dict(name="cpu", device=torch.device("cpu"), timer=timer_cpu, sizes=[8, 64], crc_chunks=[1 << 20],
-                    crc_variant_chunk=1 << 20,
-                    shape=dict(layers=4, kv_heads=2, head_dim=64, block_size=16, cache_blocks=256, dtype="bfloat16"),
-                    kv_variants=[], crc_variants=[])
+        return dict(
+            name="cpu",
+            device=torch.device("cpu"),
+            timer=timer_cpu,
+            sizes=[8, 64],
+            crc_chunks=[1 << 20],
+            crc_variant_chunk=1 << 20,
+            shape=dict(
+                layers=4, kv_heads=2, head_dim=64, block_size=16, cache_blocks=256, dtype="bfloat16"
+            ),
+            kv_variants=[],
+            crc_variants=[],
+        )
     kv_variants, crc_variants = [], []
     if not args.quick:
         # Run 1 swept 4-32 KiB x 4/8 warps at 1.07 GB (all within 2.5%); these four check 136 MB now that
         # the host path no longer hides the kernel. The default (32 KiB, 4 warps) is the public row.
         kv_variants = [(8192, 4), (16384, 4), (32768, 8), (4096, 8)]
         # Run 1: 8-bit tables and 4 warps won by 2-3x; around the default (2048 lanes, 256 KiB pieces).
-        crc_variants = [dict(lanes=ln, piece_bytes=pc, table_bits=8, num_warps=4)
-                        for ln, pc in ((1024, 1 << 18), (4096, 1 << 18), (2048, 1 << 17), (2048, 1 << 20))]
-    return dict(name=torch.cuda.get_device_name(), device=torch.device("cuda"), timer=timer_cuda,
-                host_cost=host_cost_cuda, sizes=[65, 512],
-                crc_chunks=[128 << 10, 1 << 20, 4 << 20, 21 * (192 << 10)], crc_variant_chunk=4 << 20,
-                kv_variants=kv_variants, crc_variants=crc_variants,
-                shape=dict(layers=32, kv_heads=8, head_dim=128, block_size=16, cache_blocks=2048, dtype="bfloat16"))
+        crc_variants = [
+            dict(lanes=ln, piece_bytes=pc, table_bits=8, num_warps=4)
+            for ln, pc in ((1024, 1 << 18), (4096, 1 << 18), (2048, 1 << 17), (2048, 1 << 20))
+        ]
+    return dict(
+        name=torch.cuda.get_device_name(),
+        device=torch.device("cuda"),
+        timer=timer_cuda,
+        host_cost=host_cost_cuda,
+        sizes=[65, 512],
+        crc_chunks=[128 << 10, 1 << 20, 4 << 20, 21 * (192 << 10)],
+        crc_variant_chunk=4 << 20,
+        kv_variants=kv_variants,
+        crc_variants=crc_variants,
+        shape=dict(
+            layers=32, kv_heads=8, head_dim=128, block_size=16, cache_blocks=2048, dtype="bfloat16"
+        ),
+    )
 
 
 def public_summary(rows: list[dict]) -> dict:
@@ -279,60 +447,118 @@ def public_summary(rows: list[dict]) -> dict:
     for r in rows:
         if r["variant"] != PUBLIC:
             continue
-        keep = {k: r[k] for k in ("ok", "ms_p50", "ms_p20", "ms_p80", "payload_GBps", "moved_GBps", "vs_d2d",
-                                  "host_us", "latency_ms") if k in r}
-        key = (r["op"], r["blocks"]) if r["op"] != "crc32c" else ("crc32c", r["blocks"], r["chunk_bytes"] >> 10)
+        keep = {
+            k: r[k]
+            for k in (
+                "ok",
+                "ms_p50",
+                "ms_p20",
+                "ms_p80",
+                "payload_GBps",
+                "moved_GBps",
+                "vs_d2d",
+                "host_us",
+                "latency_ms",
+            )
+            if k in r
+        }
+        key = (
+            (r["op"], r["blocks"])
+            if r["op"] != "crc32c"
+            else ("crc32c", r["blocks"], r["chunk_bytes"] >> 10)
+        )
         if key in PREDICTED:
-            keep["predicted_" + ("vs_d2d" if r["op"] != "crc32c" else "payload_GBps")] = PREDICTED[key]
+            keep["predicted_" + ("vs_d2d" if r["op"] != "crc32c" else "payload_GBps")] = PREDICTED[
+                key
+            ]
         out.setdefault(r["op"], {})[r["size"]] = keep
     return out
 
 
 def best_variant(rows: list[dict], op: str, size: str) -> dict | None:
     """The fastest correct ``triton ...`` variant row of ``op`` at ``size``, or None."""
-    cands = [r for r in rows if r["op"] == op and r["size"] == size and r["ok"] and r["variant"].startswith("triton")]
+    cands = [
+        r
+        for r in rows
+        if r["op"] == op and r["size"] == size and r["ok"] and r["variant"].startswith("triton")
+    ]
     return max(cands, key=lambda r: r["payload_GBps"]) if cands else None
 
 
-PUBLIC_LABEL = {"gather": "PUBLIC kv_gather(list ids), defaults", "scatter": "PUBLIC kv_scatter(list ids), defaults",
-                "crc32c": "PUBLIC chunk_crc32c, defaults", "d2d_copy": "dst.copy_(src)"}
+PUBLIC_LABEL = {
+    "gather": "PUBLIC kv_gather(list ids), defaults",
+    "scatter": "PUBLIC kv_scatter(list ids), defaults",
+    "crc32c": "PUBLIC chunk_crc32c, defaults",
+    "d2d_copy": "dst.copy_(src)",
+}
 
 
 def print_summary(rows: list[dict]) -> None:
     """Per op and size: the public row, the D2D row and the best variant."""
-    print(f"\n{'op':<9} {'size':<30} {'path':<54} {'ms p50':>8} {'GB/s pay':>9} {'vs d2d':>7} {'host us':>8} "
-          f"{'lat ms':>7} {'pred':>6}")
+    print(
+        f"\n{'op':<9} {'size':<30} {'path':<54} {'ms p50':>8} {'GB/s pay':>9} {'vs d2d':>7} {'host us':>8} "
+        f"{'lat ms':>7} {'pred':>6}"
+    )
     for op in ("d2d_copy", "gather", "scatter", "crc32c"):
         for size in dict.fromkeys(r["size"] for r in rows if r["op"] == op):
             best = best_variant(rows, op, size)
-            shown = [r for r in rows if r["op"] == op and r["size"] == size
-                     and r["variant"] in (PUBLIC, "dst.copy_(src)")]
+            shown = [
+                r
+                for r in rows
+                if r["op"] == op
+                and r["size"] == size
+                and r["variant"] in (PUBLIC, "dst.copy_(src)")
+            ]
             for r in shown + ([best] if best else []):
                 public = r["variant"] == PUBLIC
-                key = (op, r.get("blocks")) if op != "crc32c" else (op, r.get("blocks"), r.get("chunk_bytes", 0) >> 10)
-                path = PUBLIC_LABEL[op] if public else ("best: " if r is best else "") + r["variant"]
-                print(f"{op:<9} {size:<30} {path[:54]:<54} {r['ms_p50']:>8.3f} {r['payload_GBps']:>9.1f} "
-                      f"{r.get('vs_d2d', ''):>7} {r.get('host_us', ''):>8} {r.get('latency_ms', ''):>7} "
-                      f"{PREDICTED.get(key, '') if public else '':>6}" + ("" if r["ok"] else "  WRONG"))
+                key = (
+                    (op, r.get("blocks"))
+                    if op != "crc32c"
+                    else (op, r.get("blocks"), r.get("chunk_bytes", 0) >> 10)
+                )
+                path = (
+                    PUBLIC_LABEL[op] if public else ("best: " if r is best else "") + r["variant"]
+                )
+                print(
+                    f"{op:<9} {size:<30} {path[:54]:<54} {r['ms_p50']:>8.3f} {r['payload_GBps']:>9.1f} "
+                    f"{r.get('vs_d2d', ''):>7} {r.get('host_us', ''):>8} {r.get('latency_ms', ''):>7} "
+                    f"{PREDICTED.get(key, '') if public else '':>6}"
+                    + ("" if r["ok"] else "  WRONG")
+                )
 
 
 def main() -> int:
     """Run the plan, write the JSON (CUDA, or CPU with --write-cpu), print the summary; 1 if a row was wrong."""
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--write-cpu", action="store_true", help="on CPU, also write results/kernels_cpu.json")
-    ap.add_argument("--quick", action="store_true", help="CUDA: public paths only, no variant sweep")
-    ap.add_argument("--dry-run", "--smoke", dest="dry_run", action="store_true",
-                    help="run the CUDA code path on CPU under the interpreter (tiny shapes, no JSON)")
+    ap = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    ap.add_argument(
+        "--write-cpu", action="store_true", help="on CPU, also write results/kernels_cpu.json"
+    )
+    ap.add_argument(
+        "--quick", action="store_true", help="CUDA: public paths only, no variant sweep"
+    )
+    ap.add_argument(
+        "--dry-run",
+        "--smoke",
+        dest="dry_run",
+        action="store_true",
+        help="run the CUDA code path on CPU under the interpreter (tiny shapes, no JSON)",
+    )
     args = ap.parse_args()
     if args.dry_run and os.environ.get("TRITON_INTERPRET") != "1":
         # The interpreter is chosen when kernels are decorated: restart with it on from the start.
-        os.execve(sys.executable, [sys.executable, *sys.argv], {**os.environ, "TRITON_INTERPRET": "1"})
+        os.execve(
+            sys.executable, [sys.executable, *sys.argv], {**os.environ, "TRITON_INTERPRET": "1"}
+        )
     t0 = time.perf_counter()
     cfg = plan(args)
     name, device, sizes, shape = cfg["name"], cfg["device"], cfg["sizes"], cfg["shape"]
     cuda = device.type == "cuda"
     table = Table(cfg["timer"], cfg.get("host_cost"))
-    print(f"thaw_kernels benchmark on {name} (torch {torch.__version__}, triton {triton.__version__})")
+    print(
+        f"thaw_kernels benchmark on {name} (torch {torch.__version__}, triton {triton.__version__})"
+    )
     bufs = bench_kv(table, device, shape, sizes, cfg["kv_variants"])
     bench_crc(table, bufs, cfg["crc_chunks"], cfg["crc_variant_chunk"], cfg["crc_variants"])
 
@@ -341,33 +567,59 @@ def main() -> int:
         sizes_seen = dict.fromkeys(r["size"] for r in table.rows if r["op"] == op)
         summary.setdefault("best_variant", {})[op] = {
             s: {k: b[k] for k in ("variant", "payload_GBps", "moved_GBps", "vs_d2d") if k in b}
-            for s in sizes_seen if (b := best_variant(table.rows, op, s))}
+            for s in sizes_seen
+            if (b := best_variant(table.rows, op, s))
+        }
     if cuda:
         pub = summary["public"]
         summary["goals_met"] = {
-            op: all(r["ok"] and r.get("vs_d2d", 0) >= GOALS["gather_scatter_vs_d2d"] for r in pub[op].values())
-            for op in ("gather", "scatter")}
-        summary["goals_met"]["crc32c"] = all(r["ok"] and r["payload_GBps"] >= GOALS["crc_payload_GBps"]
-                                             for r in pub["crc32c"].values())
+            op: all(
+                r["ok"] and r.get("vs_d2d", 0) >= GOALS["gather_scatter_vs_d2d"]
+                for r in pub[op].values()
+            )
+            for op in ("gather", "scatter")
+        }
+        summary["goals_met"]["crc32c"] = all(
+            r["ok"] and r["payload_GBps"] >= GOALS["crc_payload_GBps"]
+            for r in pub["crc32c"].values()
+        )
     machine = machine_info()
     result = dict(
-        device=name, torch=torch.__version__, triton=triton.__version__, python=sys.version.split()[0],
+        device=name,
+        torch=torch.__version__,
+        triton=triton.__version__,
+        python=sys.version.split()[0],
         timestamp=machine["timestamp_utc"],
         shapes=dict(shape, gathered_blocks=sizes, crc_chunk_bytes=cfg["crc_chunks"]),
         byte_counting="payload_GBps = payload bytes / s; moved_GBps = bytes read + written / s (2x payload for "
-                      "copies, 1x for CRC, read only); vs_d2d = d2d copy time of the same payload / op time",
-        timing=("triton.testing.do_bench, L2 flushed per call, 3 rotating buffers; public rows also host_us (one "
-                "call's host time, idle GPU) and latency_ms (idle GPU to done)") if cuda else "perf_counter",
+        "copies, 1x for CRC, read only); vs_d2d = d2d copy time of the same payload / op time",
+        timing=(
+            "triton.testing.do_bench, L2 flushed per call, 3 rotating buffers; public rows also host_us (one "
+            "call's host time, idle GPU) and latency_ms (idle GPU to done)"
+        )
+        if cuda
+        else "perf_counter",
         public_path="kv_gather/kv_scatter with Python-list block ids; chunk_crc32c; module defaults",
-        variants_tried=dict(kv=[dict(block_bytes=b, num_warps=w) for b, w in cfg["kv_variants"]],
-                            crc32c=cfg["crc_variants"], crc32c_variant_chunk_bytes=cfg["crc_variant_chunk"]),
-        goals=GOALS, kernel_defaults=dict(kv_block_bytes=kv_mod.DEFAULT_BLOCK_BYTES,
-                                          kv_num_warps=kv_mod.DEFAULT_NUM_WARPS,
-                                          crc_lanes=crc_mod.DEFAULT_LANES, crc_piece_bytes=crc_mod.DEFAULT_PIECE_BYTES,
-                                          crc_table_bits=crc_mod.DEFAULT_TABLE_BITS,
-                                          crc_num_warps=crc_mod.DEFAULT_NUM_WARPS),
-        summary=summary, rows=table.rows, wall_s=round(time.perf_counter() - t0, 1),
-        machine=machine, load_average=load_average())
+        variants_tried=dict(
+            kv=[dict(block_bytes=b, num_warps=w) for b, w in cfg["kv_variants"]],
+            crc32c=cfg["crc_variants"],
+            crc32c_variant_chunk_bytes=cfg["crc_variant_chunk"],
+        ),
+        goals=GOALS,
+        kernel_defaults=dict(
+            kv_block_bytes=kv_mod.DEFAULT_BLOCK_BYTES,
+            kv_num_warps=kv_mod.DEFAULT_NUM_WARPS,
+            crc_lanes=crc_mod.DEFAULT_LANES,
+            crc_piece_bytes=crc_mod.DEFAULT_PIECE_BYTES,
+            crc_table_bits=crc_mod.DEFAULT_TABLE_BITS,
+            crc_num_warps=crc_mod.DEFAULT_NUM_WARPS,
+        ),
+        summary=summary,
+        rows=table.rows,
+        wall_s=round(time.perf_counter() - t0, 1),
+        machine=machine,
+        load_average=load_average(),
+    )
 
     wrong = [r for r in table.rows if not r["ok"]]
     if cuda or (args.write_cpu and not args.dry_run):
@@ -377,8 +629,10 @@ def main() -> int:
     if cuda:
         print(f"goals met: {summary['goals_met']}")
     if wrong:
-        print(f"\n{len(wrong)} row(s) gave WRONG results: " + "; ".join(f"{r['op']} {r['size']} {r['variant']}"
-                                                                     for r in wrong))
+        print(
+            f"\n{len(wrong)} row(s) gave WRONG results: "
+            + "; ".join(f"{r['op']} {r['size']} {r['variant']}" for r in wrong)
+        )
     print(f"wall {result['wall_s']} s")
     return 1 if wrong else 0
 

@@ -43,13 +43,17 @@ def host_times_us(fn, reps: int = REPS) -> list[float]:
 
 def main() -> int:
     """Time every step, print the medians, write the JSON; 2 without a CUDA GPU."""
-    argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter).parse_args()
+    argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    ).parse_args()
     if not torch.cuda.is_available():
         print("kv_host_cost: needs a CUDA GPU", file=sys.stderr)
         return 2
     dev = torch.device("cuda")
-    layers = [torch.empty(2, BLOCKS, BLOCK, KV_HEADS, HEAD_DIM, dtype=torch.bfloat16, device=dev)
-              for _ in range(LAYERS)]
+    layers = [
+        torch.empty(2, BLOCKS, BLOCK, KV_HEADS, HEAD_DIM, dtype=torch.bfloat16, device=dev)
+        for _ in range(LAYERS)
+    ]
     spec = page_spec_for(layers[0], "flash")
     ids = list(range(0, 2 * N, 2))
     buf = kv_gather(layers, ids, spec)
@@ -60,10 +64,16 @@ def main() -> int:
         "plan_for (cached)": lambda: kv_mod._plan_for(layers, spec),
         "host_ids unique=False": lambda: ids_mod.host_ids(ids, spec, unique=False),
         "host_ids unique=True": lambda: ids_mod.host_ids(ids, spec, unique=True),
-        "device_ids (validate + pinned slot + H2D)": lambda: ids_mod.device_ids(ids, spec, dev, unique=True),
+        "device_ids (validate + pinned slot + H2D)": lambda: ids_mod.device_ids(
+            ids, spec, dev, unique=True
+        ),
         "check_buffer": lambda: check_buffer(buf, "src", base, shape),
-        "launch (Triton, to cache)": lambda: kv_mod._launch(plan, base, dev_ids, buf, spec, to_buf=False),
-        "launch (Triton, to buffer)": lambda: kv_mod._launch(plan, base, dev_ids, buf, spec, to_buf=True),
+        "launch (Triton, to cache)": lambda: kv_mod._launch(
+            plan, base, dev_ids, buf, spec, to_buf=False
+        ),
+        "launch (Triton, to buffer)": lambda: kv_mod._launch(
+            plan, base, dev_ids, buf, spec, to_buf=True
+        ),
         "public kv_gather(out=)": lambda: kv_gather(layers, ids, spec, out=buf),
         "public kv_scatter": lambda: kv_scatter(buf, layers, ids, spec),
         "torch empty_like + copy_ (reference op)": lambda: torch.empty_like(dev_ids).copy_(dev_ids),
@@ -72,10 +82,20 @@ def main() -> int:
     result = {name: q["p50"] for name, q in stats.items()}
     for name, us in result.items():
         print(f"{name:<45} {us:8.1f} us")
-    out = write_results(RESULTS / f"kv_host_cost_{device_slug()}.json", {
-        "device": torch.cuda.get_device_name(), "torch": torch.__version__, "blocks": N, "layers": LAYERS,
-        "host_us_p50": result, "host_us": stats, "reps": REPS, "machine": machine_info(),
-        "load_average": load_average()})
+    out = write_results(
+        RESULTS / f"kv_host_cost_{device_slug()}.json",
+        {
+            "device": torch.cuda.get_device_name(),
+            "torch": torch.__version__,
+            "blocks": N,
+            "layers": LAYERS,
+            "host_us_p50": result,
+            "host_us": stats,
+            "reps": REPS,
+            "machine": machine_info(),
+            "load_average": load_average(),
+        },
+    )
     print(f"wrote {out}")
     return 0
 

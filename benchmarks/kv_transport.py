@@ -56,8 +56,9 @@ def make_store(name: str, capacity: int):
 
     free = shutil.disk_usage("/dev/shm").free
     if free < capacity + (256 << 20):
-        raise SystemExit(f"/dev/shm has {free >> 20} MiB free; the benchmark needs "
-                         f"{capacity >> 20} MiB")
+        raise SystemExit(
+            f"/dev/shm has {free >> 20} MiB free; the benchmark needs {capacity >> 20} MiB"
+        )
     if os.path.exists(f"/dev/shm/thaw-{name}"):
         ShmStore.unlink(name)
     return ShmStore(name, capacity, create=True)
@@ -73,13 +74,27 @@ def bench_data_path(reps: int) -> dict:
 
     device = torch.device("cpu" if SMOKE else "cuda")
     num_blocks = 2048 if not SMOKE else 64
-    layers = [torch.randint(-2**15, 2**15, (2, num_blocks, BLOCK, KV_HEADS, HEAD_DIM),
-                            dtype=torch.int16, device=device).view(torch.bfloat16)
-              for _ in range(LAYERS)]
-    namespace = Namespace(model_fingerprint="bench", weights_version="", dtype="bfloat16",
-                          kv_cache_dtype="bfloat16", layout="cuda", block_size=BLOCK,
-                          num_layers=LAYERS, page_shape=(BLOCK, KV_HEADS, HEAD_DIM),
-                          vllm_version="none")
+    layers = [
+        torch.randint(
+            -(2**15),
+            2**15,
+            (2, num_blocks, BLOCK, KV_HEADS, HEAD_DIM),
+            dtype=torch.int16,
+            device=device,
+        ).view(torch.bfloat16)
+        for _ in range(LAYERS)
+    ]
+    namespace = Namespace(
+        model_fingerprint="bench",
+        weights_version="",
+        dtype="bfloat16",
+        kv_cache_dtype="bfloat16",
+        layout="cuda",
+        block_size=BLOCK,
+        num_layers=LAYERS,
+        page_shape=(BLOCK, KV_HEADS, HEAD_DIM),
+        vllm_version="none",
+    )
     block_bytes = LAYERS * 2 * BLOCK * KV_HEADS * HEAD_DIM * 2
     capacity = (reps + 1) * sum(SIZES.values()) * block_bytes + (64 << 20)
     store = make_store("kvbench", capacity)
@@ -87,8 +102,11 @@ def bench_data_path(reps: int) -> dict:
     register_s = copier.register_host(store.arena_view())
     transport = KVTransport(layers, namespace, store, copier)
     rng = random.Random(0)
-    out: dict = {"arena_bytes": capacity, "register_seconds": register_s,
-                 "block_bytes": block_bytes}
+    out: dict = {
+        "arena_bytes": capacity,
+        "register_seconds": register_s,
+        "block_bytes": block_bytes,
+    }
     for label, n in SIZES.items():
         saves, loads = [], []
         for rep in range(reps + 1):  # rep 0 warms up (allocator, Triton compile)
@@ -105,15 +123,18 @@ def bench_data_path(reps: int) -> dict:
             loaded = time.perf_counter() - began  # load() synchronises before returning
             if rep == 0:
                 for layer in layers[:: max(1, LAYERS // 4)]:
-                    if not torch.equal(layer[:, src_ids].view(torch.int16),
-                                       layer[:, dst_ids].view(torch.int16)):
+                    if not torch.equal(
+                        layer[:, src_ids].view(torch.int16), layer[:, dst_ids].view(torch.int16)
+                    ):
                         raise SystemExit(f"{label}: loaded blocks differ from the saved ones")
                 continue
             saves.append(saved)
             loads.append(loaded)
         nbytes = n * block_bytes
         out[label] = {
-            "blocks": n, "tokens": n * BLOCK, "bytes": nbytes,
+            "blocks": n,
+            "tokens": n * BLOCK,
+            "bytes": nbytes,
             "save_seconds": percentiles(saves, digits=None),
             "load_seconds": percentiles(loads, digits=None),
             "save_GBps_p50": nbytes / statistics.median(saves) / 1e9,
@@ -135,7 +156,12 @@ def phase_breakdown(transport, ref, src_ids: list[int], dst_ids: list[int], reps
     from thaw_agents_core.transport.stream_scheduler import as_uint8_tensor
     from thaw_kernels import kv_gather, kv_scatter
 
-    store, copier, layers, spec = transport.store, transport.copier, transport.layers, transport.spec
+    store, copier, layers, spec = (
+        transport.store,
+        transport.copier,
+        transport.layers,
+        transport.spec,
+    )
     device = layers[0].device
     sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
     view = store.open(ref)
@@ -196,19 +222,35 @@ def engine(store_url: str | None, events: str | None):
     kwargs = {}
     if store_url:
         kwargs["kv_transfer_config"] = KVTransferConfig(
-            **kv_transfer_config(store_url, events_path=events))
+            **kv_transfer_config(store_url, events_path=events)
+        )
     if SMOKE:
-        return LLM(model=str(tiny_model_path()), dtype="float32", enforce_eager=True,
-                   max_model_len=4096, kv_cache_memory_bytes=256 << 20, **kwargs)
-    return LLM(model=str(llama_8b_shaped_path()), load_format="dummy", skip_tokenizer_init=True,
-               dtype="bfloat16", enforce_eager=True, max_model_len=8192 + 64,
-               gpu_memory_utilization=0.5, **kwargs)
+        return LLM(
+            model=str(tiny_model_path()),
+            dtype="float32",
+            enforce_eager=True,
+            max_model_len=4096,
+            kv_cache_memory_bytes=256 << 20,
+            **kwargs,
+        )
+    return LLM(
+        model=str(llama_8b_shaped_path()),
+        load_format="dummy",
+        skip_tokenizer_init=True,
+        dtype="bfloat16",
+        enforce_eager=True,
+        max_model_len=8192 + 64,
+        gpu_memory_utilization=0.5,
+        **kwargs,
+    )
 
 
 def prefixes(reps: int) -> dict[str, list[list[int]]]:
     rng = random.Random(1)
-    return {label: [[rng.randrange(*VOCAB) for _ in range(n * BLOCK)]
-                    for _ in range(reps + 1)] for label, n in SIZES.items()}
+    return {
+        label: [[rng.randrange(*VOCAB) for _ in range(n * BLOCK)] for _ in range(reps + 1)]
+        for label, n in SIZES.items()
+    }
 
 
 def role_a(store_url: str, events: str, reps: int) -> None:
@@ -216,8 +258,9 @@ def role_a(store_url: str, events: str, reps: int) -> None:
     from vllm.inputs import TokensPrompt
 
     llm = engine(store_url, events)
-    save = SamplingParams(max_tokens=1, detokenize=False,
-                          extra_args={"kv_transfer_params": {"thaw": {"save": True}}})
+    save = SamplingParams(
+        max_tokens=1, detokenize=False, extra_args={"kv_transfer_params": {"thaw": {"save": True}}}
+    )
     for label, prompts in prefixes(reps).items():
         for tokens in prompts:
             out = llm.generate([TokensPrompt(prompt_token_ids=tokens)], save, use_tqdm=False)[0]
@@ -242,31 +285,54 @@ def role_b(store_url: str, events: str, reps: int) -> None:
             fresh = [rng.randrange(*VOCAB) for _ in range(len(tokens))]
             for kind, prompt in (("load", tokens + suffix), ("recompute", fresh + suffix)):
                 began = time.perf_counter()
-                out = llm.generate([TokensPrompt(prompt_token_ids=prompt)], one,
-                                   use_tqdm=False)[0]
+                out = llm.generate([TokensPrompt(prompt_token_ids=prompt)], one, use_tqdm=False)[0]
                 seconds = time.perf_counter() - began
                 if i == 0:
                     continue  # warm-up
                 (loaded if kind == "load" else recomputed).append(seconds)
                 if kind == "load":
                     cached.append(out.num_cached_tokens)
-        result[label] = {"ttft_load_seconds": percentiles(loaded, digits=None),
-                         "ttft_recompute_seconds": percentiles(recomputed, digits=None),
-                         "num_cached_tokens": cached}
+        result[label] = {
+            "ttft_load_seconds": percentiles(loaded, digits=None),
+            "ttft_recompute_seconds": percentiles(recomputed, digits=None),
+            "num_cached_tokens": cached,
+        }
     print("B " + json.dumps(result), flush=True)
 
 
 def bench_vllm(reps: int, workdir: Path) -> dict:
-    n_bytes = ((reps + 1) * sum(SIZES.values()) * LAYERS * 2 * BLOCK * KV_HEADS * HEAD_DIM
-               * VLLM_ELEMENT_BYTES)
+    n_bytes = (
+        (reps + 1)
+        * sum(SIZES.values())
+        * LAYERS
+        * 2
+        * BLOCK
+        * KV_HEADS
+        * HEAD_DIM
+        * VLLM_ELEMENT_BYTES
+    )
     store = make_store("kvbench-vllm", n_bytes + (256 << 20))
     url, events = "shm://kvbench-vllm", str(workdir / "events.jsonl")
     try:
         for role in ("A", "B"):
-            proc = subprocess.run([sys.executable, __file__, "--role", role, "--store", url,
-                                   "--events", events, "--reps", str(reps)]
-                                  + (["--smoke"] if SMOKE else []),
-                                  text=True, capture_output=True, timeout=900)
+            proc = subprocess.run(
+                [
+                    sys.executable,
+                    __file__,
+                    "--role",
+                    role,
+                    "--store",
+                    url,
+                    "--events",
+                    events,
+                    "--reps",
+                    str(reps),
+                ]
+                + (["--smoke"] if SMOKE else []),
+                text=True,
+                capture_output=True,
+                timeout=900,
+            )
             tail = (proc.stdout + proc.stderr)[-4000:]
             if proc.returncode != 0:
                 raise SystemExit(f"role {role} failed:\n{tail}")
@@ -282,25 +348,33 @@ def bench_vllm(reps: int, workdir: Path) -> dict:
         saves = [e["seconds"] for e in log if e["event"] == "save" and e["bytes"] == nbytes][1:]
         loads = [e["seconds"] for e in log if e["event"] == "load" and e["bytes"] == nbytes][1:]
         failed = [e for e in log if e["event"].endswith("_failed")]
-        out[label] = {"connector_save_seconds": percentiles(saves, digits=None),
-                      "connector_load_seconds": percentiles(loads, digits=None),
-                      "connector_load_GBps_p50": nbytes / statistics.median(loads) / 1e9,
-                      "failures": failed, **ttft[label]}
-        out[label]["ttft_speedup_p50"] = (out[label]["ttft_recompute_seconds"]["p50"]
-                                          / out[label]["ttft_load_seconds"]["p50"])
+        out[label] = {
+            "connector_save_seconds": percentiles(saves, digits=None),
+            "connector_load_seconds": percentiles(loads, digits=None),
+            "connector_load_GBps_p50": nbytes / statistics.median(loads) / 1e9,
+            "failures": failed,
+            **ttft[label],
+        }
+        out[label]["ttft_speedup_p50"] = (
+            out[label]["ttft_recompute_seconds"]["p50"] / out[label]["ttft_load_seconds"]["p50"]
+        )
     return out
 
 
 def main() -> int:
-    parser = argparse.ArgumentParser(description=__doc__,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     parser.add_argument("--reps", type=int, default=5)
     parser.add_argument("--no-vllm", action="store_true")
     parser.add_argument("--role", choices=["A", "B"])
     parser.add_argument("--store")
     parser.add_argument("--events")
-    parser.add_argument("--smoke", action="store_true",
-                        help="the same code on a CPU machine (tiny model and shapes, no JSON)")
+    parser.add_argument(
+        "--smoke",
+        action="store_true",
+        help="the same code on a CPU machine (tiny model and shapes, no JSON)",
+    )
     args = parser.parse_args()
     if args.smoke:
         smoke_mode()
@@ -310,10 +384,18 @@ def main() -> int:
     if not torch.cuda.is_available() and not SMOKE:
         print("kv_transport: needs a CUDA GPU (or --smoke)", file=sys.stderr)
         return 2
-    result = {"machine": machine_info(), "reps": args.reps,
-              "goals": {"load_136MB_seconds_max": 0.010, "load_1GiB_GBps_min": 45.0},
-              "shape": {"layers": LAYERS, "kv_heads": KV_HEADS, "head_dim": HEAD_DIM,
-                        "block_size": BLOCK, "dtype": "bfloat16"}}
+    result = {
+        "machine": machine_info(),
+        "reps": args.reps,
+        "goals": {"load_136MB_seconds_max": 0.010, "load_1GiB_GBps_min": 45.0},
+        "shape": {
+            "layers": LAYERS,
+            "kv_heads": KV_HEADS,
+            "head_dim": HEAD_DIM,
+            "block_size": BLOCK,
+            "dtype": "bfloat16",
+        },
+    }
     result["data_path"] = bench_data_path(args.reps)
     if not args.no_vllm:
         workdir = Path(os.environ.get("OUT", "/tmp")) / "kv_transport"
@@ -327,16 +409,24 @@ def main() -> int:
     path = write_results(RESULTS / f"kv_transport_{device_slug()}.json", result)
     for label in SIZES:
         d = result["data_path"][label]
-        print(f"{label:6} data path: save {d['save_seconds']['p50'] * 1e3:7.2f} ms "
-              f"({d['save_GBps_p50']:5.1f} GB/s)  load {d['load_seconds']['p50'] * 1e3:7.2f} ms "
-              f"({d['load_GBps_p50']:5.1f} GB/s)")
-        print("        phases: " + ", ".join(f"{k} {v * 1e3:.2f} ms" for k, v in
-                                             d["phases_p50_seconds"].items() if k != "GBps"))
+        print(
+            f"{label:6} data path: save {d['save_seconds']['p50'] * 1e3:7.2f} ms "
+            f"({d['save_GBps_p50']:5.1f} GB/s)  load {d['load_seconds']['p50'] * 1e3:7.2f} ms "
+            f"({d['load_GBps_p50']:5.1f} GB/s)"
+        )
+        print(
+            "        phases: "
+            + ", ".join(
+                f"{k} {v * 1e3:.2f} ms" for k, v in d["phases_p50_seconds"].items() if k != "GBps"
+            )
+        )
         if "vllm" in result:
             v = result["vllm"][label]
-            print(f"{label:6} vLLM: connector load {v['connector_load_seconds']['p50'] * 1e3:7.2f}"
-                  f" ms; TTFT load {v['ttft_load_seconds']['p50'] * 1e3:7.1f} ms vs recompute "
-                  f"{v['ttft_recompute_seconds']['p50'] * 1e3:7.1f} ms")
+            print(
+                f"{label:6} vLLM: connector load {v['connector_load_seconds']['p50'] * 1e3:7.2f}"
+                f" ms; TTFT load {v['ttft_load_seconds']['p50'] * 1e3:7.1f} ms vs recompute "
+                f"{v['ttft_recompute_seconds']['p50'] * 1e3:7.1f} ms"
+            )
     print(f"wrote {path}")
     return 0
 

@@ -49,8 +49,9 @@ from fork_fanout import SUFFIXES, cpu_prefix  # noqa: E402
 NODE = {"num_cpus": 1, "object_store_memory": 200 << 20, "include_dashboard": False}
 
 
-async def client_ttfts(llm, prefix, pool, worker_rows: list | None = None
-                       ) -> tuple[list[float], list]:
+async def client_ttfts(
+    llm, prefix, pool, worker_rows: list | None = None
+) -> tuple[list[float], list]:
     """fork_fanout on ``pool``; each branch's first-token time as the caller sees it (and, into
     ``worker_rows``, as its worker measured it: from adding the request to its first token)."""
     from thaw_agents import fork_fanout
@@ -61,8 +62,7 @@ async def client_ttfts(llm, prefix, pool, worker_rows: list | None = None
     def on_token(branch: int, text: str) -> None:
         first.setdefault(branch, time.perf_counter() - began)
 
-    results = await fork_fanout(llm, prefix, SUFFIXES, pool=pool, route="pool",
-                                on_token=on_token)
+    results = await fork_fanout(llm, prefix, SUFFIXES, pool=pool, route="pool", on_token=on_token)
     assert all(r.ok for r in results), [r.error for r in results]
     if worker_rows is not None:
         worker_rows += [r.timings["ttft_s"] for r in results]
@@ -78,15 +78,19 @@ async def reprefill(llm, pool, nonce: str) -> list[float]:
 
     other = cpu_prefix(nonce)
     rendered = llm.render_prefix(other)
-    prompts = [branch_prompt(llm.engine.tokenizer, rendered, other, [HumanMessage(s)])
-               for s in SUFFIXES]
+    prompts = [
+        branch_prompt(llm.engine.tokenizer, rendered, other, [HumanMessage(s)]) for s in SUFFIXES
+    ]
     options = GenerationOptions(max_tokens=16, temperature=0.0)
 
     async def one(prompt: list[int]) -> float:
         began = time.perf_counter()
         first: list[float] = []
-        await pool.generate(prompt, options, on_delta=lambda t: first.append(
-            time.perf_counter() - began) if not first else None)
+        await pool.generate(
+            prompt,
+            options,
+            on_delta=lambda t: first.append(time.perf_counter() - began) if not first else None,
+        )
         return first[0]
 
     return list(await asyncio.gather(*(one(p) for p in prompts)))
@@ -115,11 +119,14 @@ def transfer_rows(transfers: list[dict], kind: str) -> dict:
     rows = [t for t in transfers if t["transport"] == kind and not t["cached"]]
     if not rows:
         return {}
-    return {"ship_s": percentiles([t["ship_s"] for t in rows], digits=None),
-            "stage_s": percentiles([t["stage_s"] for t in rows], digits=None),
-            "copy_s": percentiles([t["copy_s"] for t in rows], digits=None),
-            "verify_s": percentiles([t["verify_s"] for t in rows], digits=None),
-            "snapshot_bytes": rows[0]["nbytes"], "copies": len(rows)}
+    return {
+        "ship_s": percentiles([t["ship_s"] for t in rows], digits=None),
+        "stage_s": percentiles([t["stage_s"] for t in rows], digits=None),
+        "copy_s": percentiles([t["copy_s"] for t in rows], digits=None),
+        "verify_s": percentiles([t["verify_s"] for t in rows], digits=None),
+        "snapshot_bytes": rows[0]["nbytes"],
+        "copies": len(rows),
+    }
 
 
 async def run(rounds: int) -> dict:
@@ -134,13 +141,28 @@ async def run(rounds: int) -> dict:
         cluster.add_node(**NODE, resources={"thaw_worker": 1})
     cluster.wait_for_nodes(timeout=60)
     shared = tempfile.mkdtemp(prefix="thaw-ray-shared-")
-    llm = ChatThaw(temperature=0.0, max_tokens=16, max_model_len=4096,
-                   kv_store=f"shm://ray-bench-{os.getpid()}?capacity=2GiB")
-    rows: dict[str, list[float]] = {k: [] for k in (
-        "local_fork", "ray_fork_object", "ray_fork_shared", "ray_fork_prefetched",
-        "local_reprefill", "ray_reprefill", "snapshot", "prefetch")}
-    worker_rows: dict[str, list[float]] = {k: [] for k in (
-        "local_fork", "ray_fork_object", "ray_fork_shared", "ray_fork_prefetched")}
+    llm = ChatThaw(
+        temperature=0.0,
+        max_tokens=16,
+        max_model_len=4096,
+        kv_store=f"shm://ray-bench-{os.getpid()}?capacity=2GiB",
+    )
+    rows: dict[str, list[float]] = {
+        k: []
+        for k in (
+            "local_fork",
+            "ray_fork_object",
+            "ray_fork_shared",
+            "ray_fork_prefetched",
+            "local_reprefill",
+            "ray_reprefill",
+            "snapshot",
+            "prefetch",
+        )
+    }
+    worker_rows: dict[str, list[float]] = {
+        k: [] for k in ("local_fork", "ray_fork_object", "ray_fork_shared", "ray_fork_prefetched")
+    }
     cached: list[int] = []
     local = ray_pool = None
     try:
@@ -149,15 +171,20 @@ async def run(rounds: int) -> dict:
         local = await asyncio.to_thread(llm.fork_pool, 2)
         local_start_s = time.perf_counter() - began
         began = time.perf_counter()
-        ray_pool = RayForkPool(llm.engine_spec(), 2, address=cluster.address,
-                               resources_per_worker={"thaw_worker": 1},
-                               expected_namespace_key=llm.kv_namespace().key())
+        ray_pool = RayForkPool(
+            llm.engine_spec(),
+            2,
+            address=cluster.address,
+            resources_per_worker={"thaw_worker": 1},
+            expected_namespace_key=llm.kv_namespace().key(),
+        )
         await ray_pool.astart()
         ray_start_s = time.perf_counter() - began
         for pool in (local, ray_pool):  # warm-up: first-request costs out of the numbers
             await client_ttfts(llm, await llm.asnapshot(cpu_prefix("warm")), pool)
         rng = random.Random(0)
         for r in range(rounds):
+
             def nonce(tag: str, r: int = r) -> str:
                 return f"{tag}-{r}-{rng.random():.6f}"
 
@@ -171,9 +198,11 @@ async def run(rounds: int) -> dict:
             local_handle, object_handle, shared_handle, prefetched = handles
             ttft, _ = await client_ttfts(llm, local_handle, local, worker_rows["local_fork"])
             rows["local_fork"] += ttft
-            order = [("object_store", object_handle, "ray_fork_object"),
-                     (shared, shared_handle, "ray_fork_shared")]
-            for transport, handle, name in (order if r % 2 == 0 else order[::-1]):
+            order = [
+                ("object_store", object_handle, "ray_fork_object"),
+                (shared, shared_handle, "ray_fork_shared"),
+            ]
+            for transport, handle, name in order if r % 2 == 0 else order[::-1]:
                 ray_pool.snapshot_transport = transport
                 ttft, results = await client_ttfts(llm, handle, ray_pool, worker_rows[name])
                 rows[name] += ttft
@@ -182,15 +211,18 @@ async def run(rounds: int) -> dict:
             t0 = time.perf_counter()
             assert await ray_pool.prefetch(prefetched) == 2
             rows["prefetch"].append(time.perf_counter() - t0)
-            ttft, results = await client_ttfts(llm, prefetched, ray_pool,
-                                               worker_rows["ray_fork_prefetched"])
+            ttft, results = await client_ttfts(
+                llm, prefetched, ray_pool, worker_rows["ray_fork_prefetched"]
+            )
             rows["ray_fork_prefetched"] += ttft
             cached += [b.usage["input_token_details"]["cache_read"] for b in results]
             rows["local_reprefill"] += await reprefill(llm, local, nonce("cold-local"))
             rows["ray_reprefill"] += await reprefill(llm, ray_pool, nonce("cold-ray"))
         short = llm.engine.tokenizer.encode("Hello there, a short prompt.")
-        over = {"local": await overheads(local, short, 20),
-                "ray": await overheads(ray_pool, short, 20)}
+        over = {
+            "local": await overheads(local, short, 20),
+            "ray": await overheads(ray_pool, short, 20),
+        }
         transfers = list(ray_pool.transfers)
         prefix_tokens = prefetched.num_tokens
     finally:
@@ -203,33 +235,42 @@ async def run(rounds: int) -> dict:
         cluster.shutdown()
         shutil.rmtree(shared, ignore_errors=True)
     out: dict = {name: percentiles(values, digits=None) for name, values in rows.items()}
-    out["worker_ttft_s"] = {name: percentiles(values, digits=None)
-                            for name, values in worker_rows.items()}
-    out["overhead_per_branch_s"] = {pool: {k: percentiles(v, digits=None) for k, v in d.items()}
-                                    for pool, d in over.items()}
+    out["worker_ttft_s"] = {
+        name: percentiles(values, digits=None) for name, values in worker_rows.items()
+    }
+    out["overhead_per_branch_s"] = {
+        pool: {k: percentiles(v, digits=None) for k, v in d.items()} for pool, d in over.items()
+    }
     ray_p50 = out["overhead_per_branch_s"]["ray"]["alone"]["p50"]
     local_p50 = out["overhead_per_branch_s"]["local"]["alone"]["p50"]
     out["ray_minus_local_overhead_per_branch_p50_s"] = ray_p50 - local_p50
-    out["ttft_ratio_ray_fork_vs_reprefill_p50"] = (out["ray_fork_object"]["p50"]
-                                                   / out["ray_reprefill"]["p50"])
-    out["ttft_ratio_local_fork_vs_reprefill_p50"] = (out["local_fork"]["p50"]
-                                                     / out["local_reprefill"]["p50"])
-    out["transports"] = {"object_store": transfer_rows(transfers, "object_store"),
-                         "shared_directory": transfer_rows(transfers, "shared")}
+    out["ttft_ratio_ray_fork_vs_reprefill_p50"] = (
+        out["ray_fork_object"]["p50"] / out["ray_reprefill"]["p50"]
+    )
+    out["ttft_ratio_local_fork_vs_reprefill_p50"] = (
+        out["local_fork"]["p50"] / out["local_reprefill"]["p50"]
+    )
+    out["transports"] = {
+        "object_store": transfer_rows(transfers, "object_store"),
+        "shared_directory": transfer_rows(transfers, "shared"),
+    }
     out["min_cached_tokens_in_ray_branches"] = min(cached)
     out["prefix_tokens"] = prefix_tokens
     out["local_pool_start_s"], out["ray_pool_start_s"] = local_start_s, ray_start_s
-    out["layout"] = ("Ray: head + 2 worker nodes (ray.cluster_utils.Cluster, one machine), "
-                     "1 CPU and 200 MiB object store each, 1 worker per node; local: 2 "
-                     "workers pinned to one core each; shared directory on local disk")
+    out["layout"] = (
+        "Ray: head + 2 worker nodes (ray.cluster_utils.Cluster, one machine), "
+        "1 CPU and 200 MiB object store each, 1 worker per node; local: 2 "
+        "workers pinned to one core each; shared directory on local disk"
+    )
     out["branches_per_round"], out["rounds"] = len(SUFFIXES), rounds
     out["model"] = "SmolLM2-135M-Instruct (embedded)"
     return out
 
 
 def main() -> int:
-    parser = argparse.ArgumentParser(description=__doc__,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     parser.add_argument("--rounds", type=int, default=4)
     args = parser.parse_args()
     result = {"machine": machine_info(), "load_average_before": load_average()}

@@ -62,8 +62,10 @@ def main() -> int:
     rows: dict[str, dict] = {}
 
     def add(name: str, seconds: list[float]) -> None:
-        rows[name] = {"seconds": percentiles(seconds, digits=None),
-                      "GBps_p50": SIZE / statistics.median(seconds) / 1e9}
+        rows[name] = {
+            "seconds": percentiles(seconds, digits=None),
+            "GBps_p50": SIZE / statistics.median(seconds) / 1e9,
+        }
 
     add("raw_pinned_h2d", timed(lambda: dev.copy_(pinned, non_blocking=True)))
     add("raw_pinned_d2h", timed(lambda: pinned.copy_(dev, non_blocking=True)))
@@ -86,9 +88,15 @@ def main() -> int:
         for kind in ("registered", "staged"):
             row = rows[f"{kind}_{direction}_crc"]
             row["ratio_vs_raw_pinned"] = row["GBps_p50"] / raw
-    result = {"machine": machine_info(), "bytes": SIZE, "crc_chunk_bytes": CRC_CHUNK,
-              "copy_chunk_bytes": scheduler.copy_chunk_bytes,
-              "register_seconds": register_s, "goal_ratio_min": 0.9, "rows": rows}
+    result = {
+        "machine": machine_info(),
+        "bytes": SIZE,
+        "crc_chunk_bytes": CRC_CHUNK,
+        "copy_chunk_bytes": scheduler.copy_chunk_bytes,
+        "register_seconds": register_s,
+        "goal_ratio_min": 0.9,
+        "rows": rows,
+    }
     path = write_results(RESULTS / f"stream_scheduler_{device_slug()}.json", result)
     for name, row in rows.items():
         ratio = row.get("ratio_vs_raw_pinned")

@@ -48,7 +48,9 @@ class Run:
     def __init__(self, path: Path, meta: dict[str, Any]) -> None:
         self.path, self.results = path, {**meta, "phases": {}, "goals": {}}
 
-    def phase(self, name: str, timeout_s: float, fn: Callable[[], dict[str, Any]]) -> dict[str, Any] | None:
+    def phase(
+        self, name: str, timeout_s: float, fn: Callable[[], dict[str, Any]]
+    ) -> dict[str, Any] | None:
         box: dict[str, Any] = {}
 
         def target() -> None:
@@ -105,7 +107,9 @@ def _engine(model: str, dtype: str, smoke: bool, **kwargs: Any) -> Any:
     else:
         engine_kwargs.update(kv_cache_memory_bytes=128 << 20)
     max_len = engine_kwargs.pop("max_model_len")
-    return Engine(EngineSpec.create(model, dtype=dtype, max_model_len=max_len, engine_kwargs=engine_kwargs))
+    return Engine(
+        EngineSpec.create(model, dtype=dtype, max_model_len=max_len, engine_kwargs=engine_kwargs)
+    )
 
 
 def _start(engine: Any) -> float:
@@ -143,22 +147,41 @@ def _make_checkpoint(target: Path, smoke: bool) -> dict[str, Any]:
     from thaw_agents_core.testing import LLAMA_3_1_8B_CONFIG, llama_8b_shaped_path
 
     c = LLAMA_3_1_8B_CONFIG
-    h, i, v, kv = c["hidden_size"], c["intermediate_size"], c["vocab_size"], c["num_key_value_heads"] * c["head_dim"]
-    shapes = {"model.embed_tokens.weight": (v, h), "model.norm.weight": (h,), "lm_head.weight": (v, h)}
+    h, i, v, kv = (
+        c["hidden_size"],
+        c["intermediate_size"],
+        c["vocab_size"],
+        c["num_key_value_heads"] * c["head_dim"],
+    )
+    shapes = {
+        "model.embed_tokens.weight": (v, h),
+        "model.norm.weight": (h,),
+        "lm_head.weight": (v, h),
+    }
     for n in range(c["num_hidden_layers"]):
         p = f"model.layers.{n}."
-        shapes.update({p + "input_layernorm.weight": (h,), p + "post_attention_layernorm.weight": (h,),
-                       p + "self_attn.q_proj.weight": (h, h), p + "self_attn.k_proj.weight": (kv, h),
-                       p + "self_attn.v_proj.weight": (kv, h), p + "self_attn.o_proj.weight": (h, h),
-                       p + "mlp.gate_proj.weight": (i, h), p + "mlp.up_proj.weight": (i, h),
-                       p + "mlp.down_proj.weight": (h, i)})
+        shapes.update(
+            {
+                p + "input_layernorm.weight": (h,),
+                p + "post_attention_layernorm.weight": (h,),
+                p + "self_attn.q_proj.weight": (h, h),
+                p + "self_attn.k_proj.weight": (kv, h),
+                p + "self_attn.v_proj.weight": (kv, h),
+                p + "self_attn.o_proj.weight": (h, h),
+                p + "mlp.gate_proj.weight": (i, h),
+                p + "mlp.up_proj.weight": (i, h),
+                p + "mlp.down_proj.weight": (h, i),
+            }
+        )
     target.mkdir(parents=True)
     shutil.copy(llama_8b_shaped_path() / "config.json", target / "config.json")
     g = torch.Generator(device="cuda").manual_seed(0)
     names, total, shard = list(shapes), 0, 0
     for chunk in (names[k::4] for k in range(4)):
-        tensors = {n: (torch.randn(shapes[n], generator=g, device="cuda", dtype=torch.bfloat16) * 0.02)
-                   for n in chunk}
+        tensors = {
+            n: (torch.randn(shapes[n], generator=g, device="cuda", dtype=torch.bfloat16) * 0.02)
+            for n in chunk
+        }
         for n in chunk:
             if n.endswith("norm.weight"):
                 tensors[n] = torch.ones_like(tensors[n])
@@ -174,7 +197,9 @@ def _make_checkpoint(target: Path, smoke: bool) -> dict[str, Any]:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     parser.add_argument("--smoke", action="store_true", help="CPU, tiny float32 model")
     parser.add_argument("--workdir", type=Path, default=Path("/tmp/thaw-weights-bench"))
     args = parser.parse_args(argv)
@@ -183,8 +208,15 @@ def main(argv: list[str] | None = None) -> int:
     smoke = args.smoke or not torch.cuda.is_available()
     dtype = "float32" if smoke else "bfloat16"
     path = RESULTS / f"weights_{device_slug()}.json"
-    run = Run(path, {"benchmark": "weights", "smoke": smoke, "machine": machine_info(),
-                     "model": "tiny float32" if smoke else "Llama-3.1-8B shapes, bf16, random"})
+    run = Run(
+        path,
+        {
+            "benchmark": "weights",
+            "smoke": smoke,
+            "machine": machine_info(),
+            "model": "tiny float32" if smoke else "Llama-3.1-8B shapes, bf16, random",
+        },
+    )
     work = args.workdir
     work.mkdir(parents=True, exist_ok=True)
     folder, thaw = work / "model", work / "weights.thaw"
@@ -207,7 +239,11 @@ def main(argv: list[str] | None = None) -> int:
         stats = engine.freeze_weights(thaw)
         nbytes, seconds = stats[0]["num_bytes"], stats[0]["seconds"]
         state["num_bytes"] = nbytes
-        return {"num_bytes": nbytes, "seconds": seconds, "gb_per_s": round(nbytes / seconds / 1e9, 2)}
+        return {
+            "num_bytes": nbytes,
+            "seconds": seconds,
+            "gb_per_s": round(nbytes / seconds / 1e9, 2),
+        }
 
     if engine is not None:
         run.phase("freeze", t(60, 120), freeze)
@@ -218,7 +254,11 @@ def main(argv: list[str] | None = None) -> int:
         dev = torch.empty(n, dtype=torch.uint8, device="cuda")
         seconds, times = _median(lambda: (dev.copy_(host, non_blocking=True), _sync()))
         torch.cuda.empty_cache()
-        return {"seconds": round(seconds, 4), "times": times, "gb_per_s": round(n / seconds / 1e9, 2)}
+        return {
+            "seconds": round(seconds, 4),
+            "times": times,
+            "gb_per_s": round(n / seconds / 1e9, 2),
+        }
 
     def buffer_swap() -> dict[str, Any]:
         from thaw_agents_core.weights.buffer import WeightsBuffer
@@ -233,18 +273,28 @@ def main(argv: list[str] | None = None) -> int:
         versions = iter(f"buf-{k}" for k in range(100))
         seconds, times = _median(lambda: engine.load_weights(buf, next(versions)))
         same = _greedy(engine) == state["tokens"]
-        return {"register_s": register, "seconds": round(seconds, 4), "times": times,
-                "gb_per_s": round(state["num_bytes"] / seconds / 1e9, 2), "tokens_identical": same}
+        return {
+            "register_s": register,
+            "seconds": round(seconds, 4),
+            "times": times,
+            "gb_per_s": round(state["num_bytes"] / seconds / 1e9, 2),
+            "tokens_identical": same,
+        }
 
     def file_restore() -> dict[str, Any]:
-        with open(thaw, "rb") as f:  # into the page cache (the goal is "page-cached, not registered")
+        with open(
+            thaw, "rb"
+        ) as f:  # into the page cache (the goal is "page-cached, not registered")
             while f.read(64 << 20):
                 pass
         versions = iter(f"file-{k}" for k in range(100))
         seconds, times = _median(lambda: engine.load_weights(thaw, next(versions)))
-        return {"seconds": round(seconds, 4), "times": times,
-                "gb_per_s": round(state["num_bytes"] / seconds / 1e9, 2),
-                "tokens_identical": _greedy(engine) == state["tokens"]}
+        return {
+            "seconds": round(seconds, 4),
+            "times": times,
+            "gb_per_s": round(state["num_bytes"] / seconds / 1e9, 2),
+            "tokens_identical": _greedy(engine) == state["tokens"],
+        }
 
     def state_dict() -> dict[str, Any]:
         from thaw_agents_core.weights.io import open_weights
@@ -259,12 +309,21 @@ def main(argv: list[str] | None = None) -> int:
         d2d, d2d_times = _median(lambda: ([c.copy_(t) for c, t in zip(copies, flat)], _sync()))
         same = _greedy(engine) == state["tokens"]
         torch.cuda.empty_cache()
-        return {"seconds": round(seconds, 4), "times": times, "d2d_s": round(d2d, 4),
-                "d2d_times": d2d_times, "ratio_to_d2d": round(seconds / d2d, 2), "tokens_identical": same}
+        return {
+            "seconds": round(seconds, 4),
+            "times": times,
+            "d2d_s": round(d2d, 4),
+            "d2d_times": d2d_times,
+            "ratio_to_d2d": round(seconds / d2d, 2),
+            "tokens_identical": same,
+        }
 
     def sleep_wake() -> dict[str, Any]:
         llm = engine.llm
-        first = _median(lambda: (engine.run_sync(llm.sleep(level=1), 120), engine.run_sync(llm.wake_up(), 120)), 1)
+        first = _median(
+            lambda: (engine.run_sync(llm.sleep(level=1), 120), engine.run_sync(llm.wake_up(), 120)),
+            1,
+        )
         sleeps, wakes = [], []
         for _ in range(REPS):
             began = time.perf_counter()
@@ -274,9 +333,12 @@ def main(argv: list[str] | None = None) -> int:
             engine.run_sync(llm.wake_up(), 120)
             wakes.append(time.perf_counter() - began)
         engine.run_sync(llm.reset_prefix_cache(), 60)
-        return {"first_cycle_s": round(first[0], 3), "sleep_s": round(statistics.median(sleeps), 4),
-                "wake_up_s": round(statistics.median(wakes), 4),
-                "tokens_identical": _greedy(engine) == state["tokens"]}
+        return {
+            "first_cycle_s": round(first[0], 3),
+            "sleep_s": round(statistics.median(sleeps), 4),
+            "wake_up_s": round(statistics.median(wakes), 4),
+            "tokens_identical": _greedy(engine) == state["tokens"],
+        }
 
     if engine is not None and "num_bytes" in state:
         if not smoke:
@@ -297,8 +359,11 @@ def main(argv: list[str] | None = None) -> int:
         state["buffer"].close()
 
     def cold(kind: str) -> dict[str, Any]:
-        extra = ({"load_format": "thaw", "model_loader_extra_config": {"snapshot": str(thaw)}}
-                 if kind == "thaw" else {"load_format": "dummy"})
+        extra = (
+            {"load_format": "thaw", "model_loader_extra_config": {"snapshot": str(thaw)}}
+            if kind == "thaw"
+            else {"load_format": "dummy"}
+        )
         cold_engine = _engine(str(folder), dtype, smoke, **extra)
         try:
             start_s = _start(cold_engine)
@@ -335,17 +400,33 @@ def _goals(results: dict[str, Any]) -> None:
     goals["hot_swap_speedup_over_wake_up_goal"] = ">= 1.5"
     goals["file_restore_gb_per_s"] = get("file_restore", "gb_per_s")
     goals["file_restore_goal"] = ">= 25 GB/s"
-    dummy, normal, thaw = get("dummy", "start_s"), get("normal", "start_s"), get("cold_thaw", "start_s")
+    dummy, normal, thaw = (
+        get("dummy", "start_s"),
+        get("normal", "start_s"),
+        get("cold_thaw", "start_s"),
+    )
     if dummy is not None and normal is not None and thaw is not None:
-        normal_w, thaw_w = max(normal - dummy, 1e-3), max(thaw - dummy, 1e-3)
-        goals["cold_start_weight_phase_s"] = {"normal": round(normal_w, 3), "thaw": round(thaw_w, 3)}
-        goals["cold_start_weight_phase_speedup"] = round(normal_w / thaw_w, 2)
+        normal_w, thaw_w = normal - dummy, thaw - dummy
+        goals["cold_start_weight_phase_s"] = {
+            "normal": round(normal_w, 3),
+            "thaw": round(thaw_w, 3),
+        }
+        # Start times vary by ~1 s run to run; a weight phase below that is noise, not a ratio.
+        goals["cold_start_weight_phase_speedup"] = (
+            round(normal_w / thaw_w, 2)
+            if min(normal_w, thaw_w) > 0.5
+            else "below start-time noise (tiny model)"
+        )
     goals["cold_start_goal"] = "weight phase >= 4x faster (start minus the dummy start)"
     goals["state_dict_vs_d2d"] = get("state_dict", "ratio_to_d2d")
     goals["state_dict_goal"] = "<= 2x the device-to-device copy"
     goals["freeze_gb_per_s"] = get("freeze", "gb_per_s")
     goals["freeze_goal"] = ">= 10 GB/s"
-    flags = [v.get("tokens_identical") for v in p.values() if isinstance(v, dict) and "tokens_identical" in v]
+    flags = [
+        v.get("tokens_identical")
+        for v in p.values()
+        if isinstance(v, dict) and "tokens_identical" in v
+    ]
     goals["greedy_tokens_identical"] = all(flags) if flags else None
 
 

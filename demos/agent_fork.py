@@ -62,8 +62,13 @@ PHASE_TIMEOUT_S = 900
 def _llm(args: argparse.Namespace) -> Any:
     from thaw_agents import ChatThaw
 
-    return ChatThaw(model=args.model, temperature=0.0, max_tokens=args.max_tokens,
-                    max_model_len=4096, kv_store="auto")
+    return ChatThaw(
+        model=args.model,
+        temperature=0.0,
+        max_tokens=args.max_tokens,
+        max_model_len=4096,
+        kv_store="auto",
+    )
 
 
 def origin(args: argparse.Namespace) -> dict[str, Any]:
@@ -85,11 +90,19 @@ def origin(args: argparse.Namespace) -> dict[str, Any]:
         saved = handle.save(args.dest)
         snapshot_s = time.perf_counter() - t
         (reference,) = fork_fanout_sync(llm, handle, [NEXT_TURN])
-    return {"pid": os.getpid(), "engine_ready_s": round(ready_s, 2), "snapshot": saved,
-            "snapshot_s": round(snapshot_s, 3), "handle": handle.to_json(),
-            "messages": messages_to_dict(messages),
-            "reference": {"text": reference.text, "token_ids": reference.token_ids,
-                          "cached_tokens": reference.cached_tokens}}
+    return {
+        "pid": os.getpid(),
+        "engine_ready_s": round(ready_s, 2),
+        "snapshot": saved,
+        "snapshot_s": round(snapshot_s, 3),
+        "handle": handle.to_json(),
+        "messages": messages_to_dict(messages),
+        "reference": {
+            "text": reference.text,
+            "token_ids": reference.token_ids,
+            "cached_tokens": reference.cached_tokens,
+        },
+    }
 
 
 def restore(args: argparse.Namespace, session: dict[str, Any]) -> dict[str, Any]:
@@ -106,26 +119,49 @@ def restore(args: argparse.Namespace, session: dict[str, Any]) -> dict[str, Any]
         (reply,) = fork_fanout_sync(llm, handle, [NEXT_TURN])
     if not reply.ok:
         raise RuntimeError(f"the continued turn failed: {reply.error}")
-    return {"pid": os.getpid(), "engine_ready_s": round(ready_s, 2),
-            "load_snapshot_s": round(load_s, 3), "num_snapshot_tokens":
-            handle.num_snapshot_tokens, "text": reply.text, "token_ids": reply.token_ids,
-            "prompt_tokens": reply.prompt_tokens, "cached_tokens": reply.cached_tokens,
-            "ttft_s": reply.ttft_s}
+    return {
+        "pid": os.getpid(),
+        "engine_ready_s": round(ready_s, 2),
+        "load_snapshot_s": round(load_s, 3),
+        "num_snapshot_tokens": handle.num_snapshot_tokens,
+        "text": reply.text,
+        "token_ids": reply.token_ids,
+        "prompt_tokens": reply.prompt_tokens,
+        "cached_tokens": reply.cached_tokens,
+        "ttft_s": reply.ttft_s,
+    }
 
 
 def _phase(args: argparse.Namespace, phase: str, session: Path, out: Path) -> dict[str, Any]:
     """Run one phase in a new Python process (same settings); returns its JSON answer."""
-    command = [sys.executable, str(Path(__file__).resolve()), "--phase", phase,
-               "--session", str(session), "--phase-out", str(out), "--dest", args.dest,
-               "--max-tokens", str(args.max_tokens)]
+    command = [
+        sys.executable,
+        str(Path(__file__).resolve()),
+        "--phase",
+        phase,
+        "--session",
+        str(session),
+        "--phase-out",
+        str(out),
+        "--dest",
+        args.dest,
+        "--max-tokens",
+        str(args.max_tokens),
+    ]
     if args.model:
         command += ["--model", args.model]
     began = time.perf_counter()
-    done = subprocess.run(command, timeout=PHASE_TIMEOUT_S, stdout=subprocess.PIPE,
-                          stderr=subprocess.STDOUT, text=True)
+    done = subprocess.run(
+        command,
+        timeout=PHASE_TIMEOUT_S,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+    )
     if done.returncode != 0:
-        raise RuntimeError(f"the {phase} process failed (exit {done.returncode}):\n"
-                           f"{done.stdout[-4000:]}")
+        raise RuntimeError(
+            f"the {phase} process failed (exit {done.returncode}):\n{done.stdout[-4000:]}"
+        )
     answer = json.loads(out.read_text())
     answer["process_wall_s"] = round(time.perf_counter() - began, 2)
     return answer
@@ -137,32 +173,57 @@ def coordinate(args: argparse.Namespace) -> dict[str, Any]:
         args.dest = str(work) + os.sep  # handle.save writes <snapshot_id>.thawkv in it
     session_path = work / "session.json"
     first = _phase(args, "origin", session_path, session_path)
-    print(f"process 1 (pid {first['pid']}): {len(TURNS)} turns, session snapshot "
-          f"{first['handle']['num_snapshot_tokens']}/{len(first['handle']['prefix_token_ids'])} "
-          f"tokens -> {first['snapshot']} ({first['snapshot_s'] * 1e3:.0f} ms), then exited")
+    print(
+        f"process 1 (pid {first['pid']}): {len(TURNS)} turns, session snapshot "
+        f"{first['handle']['num_snapshot_tokens']}/{len(first['handle']['prefix_token_ids'])} "
+        f"tokens -> {first['snapshot']} ({first['snapshot_s'] * 1e3:.0f} ms), then exited"
+    )
     for message in first["messages"][1:]:
         role = "user" if message["type"] == "human" else "agent"
         print(f"  {role}: {message['data']['content'].strip()[:160]}")
     second = _phase(args, "restore", session_path, work / "restored.json")
     same = second["token_ids"] == first["reference"]["token_ids"]
-    print(f"process 2 (pid {second['pid']}, new engine): load_snapshot "
-          f"{second['load_snapshot_s'] * 1e3:.0f} ms, next turn: {second['cached_tokens']}/"
-          f"{second['prompt_tokens']} prompt tokens not recomputed, first token "
-          f"{second['ttft_s'] * 1e3:.0f} ms")
+    print(
+        f"process 2 (pid {second['pid']}, new engine): load_snapshot "
+        f"{second['load_snapshot_s'] * 1e3:.0f} ms, next turn: {second['cached_tokens']}/"
+        f"{second['prompt_tokens']} prompt tokens not recomputed, first token "
+        f"{second['ttft_s'] * 1e3:.0f} ms"
+    )
     print(f"  user: {NEXT_TURN}\n  agent: {second['text'].strip()}")
-    print(f"greedy continuation equals what process 1 would have produced: {same} "
-          f"({len(second['token_ids'])} tokens compared)")
-    receipt = write_receipt(args.receipt, "agent_fork", {
-        "model": args.model or "SmolLM2-135M-Instruct (embedded)",
-        "dest": "s3" if args.dest.startswith("s3://") else "file",
-        "turns": len(TURNS), "max_tokens": args.max_tokens,
-        "origin": {k: first[k] for k in ("pid", "engine_ready_s", "snapshot_s",
-                                         "process_wall_s")},
-        "restore": {k: second[k] for k in ("pid", "engine_ready_s", "load_snapshot_s",
-                                           "num_snapshot_tokens", "prompt_tokens",
-                                           "cached_tokens", "ttft_s", "process_wall_s")},
-        "continuation_equal": same, "tokens_compared": len(second["token_ids"]),
-        "reference_text": first["reference"]["text"], "restored_text": second["text"]})
+    print(
+        f"greedy continuation equals what process 1 would have produced: {same} "
+        f"({len(second['token_ids'])} tokens compared)"
+    )
+    receipt = write_receipt(
+        args.receipt,
+        "agent_fork",
+        {
+            "model": args.model or "SmolLM2-135M-Instruct (embedded)",
+            "dest": "s3" if args.dest.startswith("s3://") else "file",
+            "turns": len(TURNS),
+            "max_tokens": args.max_tokens,
+            "origin": {
+                k: first[k] for k in ("pid", "engine_ready_s", "snapshot_s", "process_wall_s")
+            },
+            "restore": {
+                k: second[k]
+                for k in (
+                    "pid",
+                    "engine_ready_s",
+                    "load_snapshot_s",
+                    "num_snapshot_tokens",
+                    "prompt_tokens",
+                    "cached_tokens",
+                    "ttft_s",
+                    "process_wall_s",
+                )
+            },
+            "continuation_equal": same,
+            "tokens_compared": len(second["token_ids"]),
+            "reference_text": first["reference"]["text"],
+            "restored_text": second["text"],
+        },
+    )
     print(f"receipt: {receipt}  ({where_it_ran()})")
     if not same:
         raise SystemExit("the restored continuation differs from the original process's")
@@ -170,13 +231,19 @@ def coordinate(args: argparse.Namespace) -> dict[str, Any]:
 
 
 def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(description=__doc__,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--dest", default=None,
-                        help="where the snapshot goes: a folder or s3://bucket/key "
-                             "(default: a new temp folder)")
-    parser.add_argument("--model", default=None, help='"tiny" (float32, bit-exact) or a model '
-                        "folder (default: the embedded SmolLM2-135M)")
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument(
+        "--dest",
+        default=None,
+        help="where the snapshot goes: a folder or s3://bucket/key (default: a new temp folder)",
+    )
+    parser.add_argument(
+        "--model",
+        default=None,
+        help='"tiny" (float32, bit-exact) or a model folder (default: the embedded SmolLM2-135M)',
+    )
     parser.add_argument("--max-tokens", type=int, default=48)
     parser.add_argument("--receipt", type=Path, default=None)
     parser.add_argument("--phase", choices=["origin", "restore"], help=argparse.SUPPRESS)

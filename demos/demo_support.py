@@ -17,9 +17,13 @@ ROOT = Path(__file__).resolve().parents[1]
 def quiet_environment() -> None:
     """Keep vLLM, torch, transformers and progress bars quiet; call before the first engine
     starts (the engine processes inherit the environment). An explicit setting wins."""
-    for name, value in (("VLLM_LOGGING_LEVEL", "ERROR"), ("TORCH_CPP_LOG_LEVEL", "ERROR"),
-                        ("TQDM_DISABLE", "1"), ("PYTHONWARNINGS", "ignore"),
-                        ("TRANSFORMERS_VERBOSITY", "error")):
+    for name, value in (
+        ("VLLM_LOGGING_LEVEL", "ERROR"),
+        ("TORCH_CPP_LOG_LEVEL", "ERROR"),
+        ("TQDM_DISABLE", "1"),
+        ("PYTHONWARNINGS", "ignore"),
+        ("TRANSFORMERS_VERBOSITY", "error"),
+    ):
         os.environ.setdefault(name, value)
     import warnings
 
@@ -47,7 +51,13 @@ def where_it_ran() -> str:
 def write_receipt(path: Path | None, name: str, payload: dict[str, Any]) -> Path:
     """Write the demo's JSON receipt (``where``, machine, load average + ``payload``)."""
     common = _common()
-    payload = {"benchmark": name, "where": where_it_ran(), "machine": common.machine_info(),
-               "load_average": common.load_average(), **payload}
-    return common.write_results(path or common.RESULTS / f"{name}_{common.device_slug()}.json",
-                                payload)
+    payload = {
+        "benchmark": name,
+        "where": where_it_ran(),
+        "machine": common.machine_info(),
+        "load_average": common.load_average(),
+        **payload,
+    }
+    return common.write_results(
+        path or common.RESULTS / f"{name}_{common.device_slug()}.json", payload
+    )

@@ -84,7 +84,7 @@ tests/test_strings.py
 '''
 
 # The hidden task: what the candidate must pass (written next to it as test_solution.py).
-TESTS = '''\
+TESTS = """\
 from solution import is_palindrome
 
 def test_simple():
@@ -104,11 +104,11 @@ def test_empty():
 
 def test_digits():
     assert is_palindrome("12321") and not is_palindrome("123")
-'''
+"""
 NUM_TESTS = TESTS.count("def test_")
 
 # No network inside the test run, even without a network namespace (see run_candidate).
-CONFTEST = '''\
+CONFTEST = """\
 import socket
 
 def _blocked(*args, **kwargs):
@@ -116,7 +116,7 @@ def _blocked(*args, **kwargs):
 
 socket.socket = _blocked
 socket.create_connection = _blocked
-'''
+"""
 
 APPROACHES = [
     "compare the cleaned string with its reverse using slicing [::-1]",
@@ -150,34 +150,53 @@ def _network_sandbox() -> list[str]:
     if unshare is None:
         return []
     try:
-        probe = subprocess.run([unshare, "--net", "--map-root-user", "true"], timeout=10,
-                               capture_output=True)
+        probe = subprocess.run(
+            [unshare, "--net", "--map-root-user", "true"], timeout=10, capture_output=True
+        )
     except (OSError, subprocess.TimeoutExpired):
         return []
     return [unshare, "--net", "--map-root-user"] if probe.returncode == 0 else []
 
 
-def run_candidate(code: str, timeout_s: float = 30.0,
-                  sandbox: list[str] | None = None) -> dict[str, Any]:
+def run_candidate(
+    code: str, timeout_s: float = 30.0, sandbox: list[str] | None = None
+) -> dict[str, Any]:
     """Run the hidden tests against ``code`` in a temp folder; passed / total and why."""
     with tempfile.TemporaryDirectory(prefix="thaw-coder-") as tmp:
         folder = Path(tmp)
         (folder / "solution.py").write_text(PREAMBLE + code)
         (folder / "test_solution.py").write_text(TESTS)
         (folder / "conftest.py").write_text(CONFTEST)
-        command = [*(sandbox or []), sys.executable, "-m", "pytest", "-q", "-p",
-                   "no:cacheprovider", "--junitxml=report.xml", "test_solution.py"]
-        env = {"PATH": "/usr/bin:/bin", "HOME": tmp, "PYTHONDONTWRITEBYTECODE": "1",
-               "PYTHONNOUSERSITE": "1"}
+        command = [
+            *(sandbox or []),
+            sys.executable,
+            "-m",
+            "pytest",
+            "-q",
+            "-p",
+            "no:cacheprovider",
+            "--junitxml=report.xml",
+            "test_solution.py",
+        ]
+        env = {
+            "PATH": "/usr/bin:/bin",
+            "HOME": tmp,
+            "PYTHONDONTWRITEBYTECODE": "1",
+            "PYTHONNOUSERSITE": "1",
+        }
         try:
-            done = subprocess.run(command, cwd=folder, env=env, timeout=timeout_s,
-                                  capture_output=True, text=True)
+            done = subprocess.run(
+                command, cwd=folder, env=env, timeout=timeout_s, capture_output=True, text=True
+            )
         except subprocess.TimeoutExpired:
             return {"passed": 0, "total": NUM_TESTS, "status": f"timeout after {timeout_s} s"}
         report = folder / "report.xml"
         if not report.exists():
-            return {"passed": 0, "total": NUM_TESTS,
-                    "status": f"pytest exit {done.returncode}: {done.stdout[-300:]}"}
+            return {
+                "passed": 0,
+                "total": NUM_TESTS,
+                "status": f"pytest exit {done.returncode}: {done.stdout[-300:]}",
+            }
         suite = ET.parse(report).getroot()
         suite = suite if suite.tag == "testsuite" else suite.find("testsuite")
         failed = sum(int(suite.get(key, 0)) for key in ("failures", "errors", "skipped"))
@@ -188,27 +207,38 @@ def run_candidate(code: str, timeout_s: float = 30.0,
 
 
 def context_messages() -> list:
-    return [SystemMessage("You are a careful Python engineer working in this repository. "
-                          "Reply with code only."),
-            HumanMessage(f"The repository:\n\n{REPOSITORY}")]
+    return [
+        SystemMessage(
+            "You are a careful Python engineer working in this repository. Reply with code only."
+        ),
+        HumanMessage(f"The repository:\n\n{REPOSITORY}"),
+    ]
 
 
 def task(approach: str) -> str:
-    return (f"Implement {FUNCTION}(text) in textkit/strings.py. Approach: {approach}. Reply "
-            "with the complete function only, in one ```python code block.")
+    return (
+        f"Implement {FUNCTION}(text) in textkit/strings.py. Approach: {approach}. Reply "
+        "with the complete function only, in one ```python code block."
+    )
 
 
 async def run(args: argparse.Namespace) -> dict[str, Any]:
-    approaches = APPROACHES[:args.n]
-    llm = ChatThaw(model=args.model, temperature=0.0, max_tokens=args.max_tokens,
-                   max_model_len=4096, kv_store="auto" if args.workers else None)
+    approaches = APPROACHES[: args.n]
+    llm = ChatThaw(
+        model=args.model,
+        temperature=0.0,
+        max_tokens=args.max_tokens,
+        max_model_len=4096,
+        kv_store="auto" if args.workers else None,
+    )
     pool = None
     try:
         await asyncio.to_thread(llm.engine.start)
         pool = llm.fork_pool(args.workers) if args.workers else None
         began = time.perf_counter()
-        coders = await fork_fanout(llm, context_messages(), [task(a) for a in approaches],
-                                   pool=pool)
+        coders = await fork_fanout(
+            llm, context_messages(), [task(a) for a in approaches], pool=pool
+        )
         generate_s = time.perf_counter() - began
         prefix_tokens = len(llm.render_prefix(context_messages()).token_ids)
     finally:
@@ -220,44 +250,79 @@ async def run(args: argparse.Namespace) -> dict[str, Any]:
     rows = []
     for approach, coder in zip(approaches, coders):
         code = extract_code(coder.text) if coder.ok else ""
-        result = run_candidate(code, sandbox=sandbox) if code else {
-            "passed": 0, "total": NUM_TESTS, "status": coder.error or "no code"}
-        rows.append({"approach": approach, "engine": coder.engine, **result,
-                     "pass_rate": round(result["passed"] / result["total"], 3),
-                     "prompt_tokens": coder.prompt_tokens, "cached_tokens": coder.cached_tokens,
-                     "code": code})
+        result = (
+            run_candidate(code, sandbox=sandbox)
+            if code
+            else {"passed": 0, "total": NUM_TESTS, "status": coder.error or "no code"}
+        )
+        rows.append(
+            {
+                "approach": approach,
+                "engine": coder.engine,
+                **result,
+                "pass_rate": round(result["passed"] / result["total"], 3),
+                "prompt_tokens": coder.prompt_tokens,
+                "cached_tokens": coder.cached_tokens,
+                "code": code,
+            }
+        )
     test_s = time.perf_counter() - began
     ranked = sorted(rows, key=lambda r: (-r["pass_rate"], approaches.index(r["approach"])))
     reused = sum(r["cached_tokens"] for r in rows)
-    print(f"\n=== {len(rows)} coders forked from one {prefix_tokens}-token repository context "
-          f"({llm.model_name}, {where_it_ran()}) ===")
-    print(f"generation {generate_s:.1f} s; tests {test_s:.1f} s in {len(rows)} subprocesses "
-          f"({'network namespace' if sandbox else 'socket blocked'}); prefix tokens reused "
-          f"{reused:,} of {sum(r['prompt_tokens'] for r in rows):,} prompt tokens\n")
+    print(
+        f"\n=== {len(rows)} coders forked from one {prefix_tokens}-token repository context "
+        f"({llm.model_name}, {where_it_ran()}) ==="
+    )
+    print(
+        f"generation {generate_s:.1f} s; tests {test_s:.1f} s in {len(rows)} subprocesses "
+        f"({'network namespace' if sandbox else 'socket blocked'}); prefix tokens reused "
+        f"{reused:,} of {sum(r['prompt_tokens'] for r in rows):,} prompt tokens\n"
+    )
     print(f"{'rank':<5}{'pass':<7}{'reused':<11}approach")
     for rank, row in enumerate(ranked, 1):
-        print(f"{rank:<5}{row['passed']}/{row['total']:<5}"
-              f"{row['cached_tokens']}/{row['prompt_tokens']:<7}{row['approach']}"
-              + ("" if row["status"] == "ran" else f"  [{row['status'][:60]}]"))
+        print(
+            f"{rank:<5}{row['passed']}/{row['total']:<5}"
+            f"{row['cached_tokens']}/{row['prompt_tokens']:<7}{row['approach']}"
+            + ("" if row["status"] == "ran" else f"  [{row['status'][:60]}]")
+        )
     best = ranked[0]
-    print(f"\nbest candidate ({best['approach']}, {best['passed']}/{best['total']}):\n"
-          f"{best['code'].strip()}")
-    receipt = write_receipt(args.receipt, "parallel_coders", {
-        "model": llm.model_name,
-        "workload": {"coders": len(rows), "max_tokens": args.max_tokens, "workers":
-                     args.workers, "tests": NUM_TESTS, "prefix_tokens": prefix_tokens},
-        "generate_s": round(generate_s, 3), "test_s": round(test_s, 3),
-        "sandbox": "unshare --net" if sandbox else "socket blocked", "tokens_reused": reused,
-        "ranked": ranked})
+    print(
+        f"\nbest candidate ({best['approach']}, {best['passed']}/{best['total']}):\n"
+        f"{best['code'].strip()}"
+    )
+    receipt = write_receipt(
+        args.receipt,
+        "parallel_coders",
+        {
+            "model": llm.model_name,
+            "workload": {
+                "coders": len(rows),
+                "max_tokens": args.max_tokens,
+                "workers": args.workers,
+                "tests": NUM_TESTS,
+                "prefix_tokens": prefix_tokens,
+            },
+            "generate_s": round(generate_s, 3),
+            "test_s": round(test_s, 3),
+            "sandbox": "unshare --net" if sandbox else "socket blocked",
+            "tokens_reused": reused,
+            "ranked": ranked,
+        },
+    )
     print(f"receipt: {receipt}")
     return {"receipt": str(receipt)}
 
 
 def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(description=__doc__,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--n", type=int, default=len(APPROACHES),
-                        help=f"coders, one approach each (1-{len(APPROACHES)})")
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument(
+        "--n",
+        type=int,
+        default=len(APPROACHES),
+        help=f"coders, one approach each (1-{len(APPROACHES)})",
+    )
     parser.add_argument("--max-tokens", type=int, default=160)
     parser.add_argument("--workers", type=int, default=0)
     parser.add_argument("--model", default=None)

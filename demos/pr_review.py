@@ -42,7 +42,7 @@ from thaw_agents import ChatThaw, fork_fanout
 MODES = ("thaw", "baseline")
 
 
-DIFF = '''\
+DIFF = """\
 diff --git a/app/auth.py b/app/auth.py
 --- a/app/auth.py
 +++ b/app/auth.py
@@ -142,13 +142,13 @@ diff --git a/tests/test_auth.py b/tests/test_auth.py
  def test_check_password(db):
 -    assert check_password("alice", "secret", db)
 +    assert check_password("alice", "secret")
-'''
+"""
 
 REVIEWERS = {
     "security": "As the SECURITY reviewer: list the most serious security problem in this diff "
-                "and how to fix it. Be brief.",
+    "and how to fix it. Be brief.",
     "performance": "As the PERFORMANCE reviewer: name one performance problem in this diff "
-                   "and the fix. Be brief.",
+    "and the fix. Be brief.",
     "tests": "As the TESTS reviewer: which test is missing for this diff? Be brief.",
     "style": "As the STYLE reviewer: name one readability issue in this diff. Be brief.",
 }
@@ -157,9 +157,13 @@ REVIEWERS = {
 def pr_messages(pr_number: int) -> list[AnyMessage]:
     """The shared prefix of one round: instructions + the diff (the PR number comes first, so
     rounds never share KV blocks)."""
-    return [SystemMessage(f"Pull request #{pr_number}. You are a senior engineer reviewing "
-                          "this pull request. Answer in at most three sentences."),
-            HumanMessage(f"Here is the pull request diff:\n\n{DIFF}")]
+    return [
+        SystemMessage(
+            f"Pull request #{pr_number}. You are a senior engineer reviewing "
+            "this pull request. Answer in at most three sentences."
+        ),
+        HumanMessage(f"Here is the pull request diff:\n\n{DIFF}"),
+    ]
 
 
 class ReviewState(TypedDict, total=False):
@@ -171,10 +175,17 @@ class ReviewState(TypedDict, total=False):
     summary: str
 
 
-def _branch(name: str, text: str, engine: str, prompt: int, cached: int,
-            ttft_s: float | None) -> dict[str, Any]:
-    return {"reviewer": name, "text": text, "engine": engine, "prompt_tokens": prompt,
-            "cached_tokens": cached, "ttft_s": ttft_s}
+def _branch(
+    name: str, text: str, engine: str, prompt: int, cached: int, ttft_s: float | None
+) -> dict[str, Any]:
+    return {
+        "reviewer": name,
+        "text": text,
+        "engine": engine,
+        "prompt_tokens": prompt,
+        "cached_tokens": cached,
+        "ttft_s": ttft_s,
+    }
 
 
 def build_graph(llm: ChatThaw, mode: str, *, pool: Any = None, summary_tokens: int = 48):
@@ -190,16 +201,33 @@ def build_graph(llm: ChatThaw, mode: str, *, pool: Any = None, summary_tokens: i
         began = time.perf_counter()
         first: dict[int, float] = {}
         results = await fork_fanout(
-            llm, state["messages"], suffixes, pool=pool, config=config,
-            on_token=lambda i, _text: first.setdefault(i, time.perf_counter() - began))
+            llm,
+            state["messages"],
+            suffixes,
+            pool=pool,
+            config=config,
+            on_token=lambda i, _text: first.setdefault(i, time.perf_counter() - began),
+        )
         wall = time.perf_counter() - began
         failed = [r.error for r in results if not r.ok]
         if failed:
             raise RuntimeError(f"reviewer branches failed: {failed}")
         prefix = llm.render_prefix(state["messages"]).token_ids
-        return {"reviewers_wall_s": wall, "prefix_tokens": len(prefix), "branches": [
-            _branch(names[r.suffix_index], r.text, r.engine, r.prompt_tokens, r.cached_tokens,
-                    first.get(r.index)) for r in results]}
+        return {
+            "reviewers_wall_s": wall,
+            "prefix_tokens": len(prefix),
+            "branches": [
+                _branch(
+                    names[r.suffix_index],
+                    r.text,
+                    r.engine,
+                    r.prompt_tokens,
+                    r.cached_tokens,
+                    first.get(r.index),
+                )
+                for r in results
+            ],
+        }
 
     async def baseline_reviewers(state: ReviewState) -> dict:
         began = time.perf_counter()
@@ -212,19 +240,28 @@ def build_graph(llm: ChatThaw, mode: str, *, pool: Any = None, summary_tokens: i
                 reply = chunk if reply is None else reply + chunk
             usage = reply.usage_metadata or {}
             cached = (usage.get("input_token_details") or {}).get("cache_read", 0)
-            return _branch(name, reply.content, "parent", usage.get("input_tokens", 0), cached,
-                           ttft)
+            return _branch(
+                name, reply.content, "parent", usage.get("input_tokens", 0), cached, ttft
+            )
 
         branches = await asyncio.gather(*(review(n, s) for n, s in zip(names, suffixes)))
         prefix = llm.render_prefix(state["messages"]).token_ids
-        return {"reviewers_wall_s": time.perf_counter() - began, "prefix_tokens": len(prefix),
-                "branches": list(branches)}
+        return {
+            "reviewers_wall_s": time.perf_counter() - began,
+            "prefix_tokens": len(prefix),
+            "branches": list(branches),
+        }
 
     async def summary(state: ReviewState) -> dict:
         reviews = "\n".join(f"- {b['reviewer']}: {b['text'].strip()}" for b in state["branches"])
-        reply = await llm.ainvoke([HumanMessage(
-            f"Reviews of a pull request:\n{reviews}\n\nShould it be merged? One sentence.")],
-            max_tokens=summary_tokens)
+        reply = await llm.ainvoke(
+            [
+                HumanMessage(
+                    f"Reviews of a pull request:\n{reviews}\n\nShould it be merged? One sentence."
+                )
+            ],
+            max_tokens=summary_tokens,
+        )
         return {"summary": reply.content}
 
     graph = StateGraph(ReviewState)
@@ -242,8 +279,13 @@ def make_llm(mode: str, model: str | None, max_tokens: int, workers: int = 0) ->
     """thaw: prefix cache on (+ a snapshot store when worker processes load the prefix);
     baseline: prefix cache off, no store. Without workers every branch runs in the parent
     engine, which finds the prefix in its own cache: no snapshot needed (fork_fanout's rule)."""
-    common = {"model": model, "temperature": 0.0, "max_tokens": max_tokens,
-              "frequency_penalty": 0.5, "max_model_len": 4096}
+    common = {
+        "model": model,
+        "temperature": 0.0,
+        "max_tokens": max_tokens,
+        "frequency_penalty": 0.5,
+        "max_model_len": 4096,
+    }
     if mode == "thaw":
         return ChatThaw(**common, kv_store="auto" if workers else None)
     return ChatThaw(**common, enable_prefix_caching=False)
@@ -257,12 +299,19 @@ def round_stats(mode: str, round_no: int, state: dict[str, Any], graph_wall_s: f
     if mode == "thaw":
         computed += state["prefix_tokens"]  # the parent computes the (new) prefix once
     ttfts = [b["ttft_s"] for b in branches if b["ttft_s"] is not None]
-    return {"round": round_no, "mode": mode, "pr": state["pr"],
-            "reviewers_wall_s": round(state["reviewers_wall_s"], 3),
-            "graph_wall_s": round(graph_wall_s, 3), "prefix_tokens": state["prefix_tokens"],
-            "prefill_computed": computed, "tokens_reused": reused,
-            "ttft_p50_s": round(statistics.median(ttfts), 3) if ttfts else None,
-            "branches": branches, "summary": state["summary"]}
+    return {
+        "round": round_no,
+        "mode": mode,
+        "pr": state["pr"],
+        "reviewers_wall_s": round(state["reviewers_wall_s"], 3),
+        "graph_wall_s": round(graph_wall_s, 3),
+        "prefix_tokens": state["prefix_tokens"],
+        "prefill_computed": computed,
+        "tokens_reused": reused,
+        "ttft_p50_s": round(statistics.median(ttfts), 3) if ttfts else None,
+        "branches": branches,
+        "summary": state["summary"],
+    }
 
 
 async def run_rounds(graphs: dict[str, Any], rounds: int, first_pr: int = 1041) -> list[dict]:
@@ -284,9 +333,16 @@ def steady_state(rows: list[dict]) -> dict[str, Any]:
     for mode in MODES:
         mine = [row for row in keep if row["mode"] == mode]
         if mine:
-            out[mode] = {key: statistics.median(row[key] for row in mine) for key in (
-                "reviewers_wall_s", "graph_wall_s", "prefill_computed", "tokens_reused",
-                "ttft_p50_s")}
+            out[mode] = {
+                key: statistics.median(row[key] for row in mine)
+                for key in (
+                    "reviewers_wall_s",
+                    "graph_wall_s",
+                    "prefill_computed",
+                    "tokens_reused",
+                    "ttft_p50_s",
+                )
+            }
     if "thaw" in out and "baseline" in out:
         thaw, base = out["thaw"], out["baseline"]
         out["reviewers_speedup"] = round(base["reviewers_wall_s"] / thaw["reviewers_wall_s"], 2)
@@ -299,21 +355,24 @@ def steady_state(rows: list[dict]) -> dict[str, Any]:
 def format_table(rows: list[dict]) -> str:
     """The side-by-side table: one line per round, each measure with its modes next to it."""
     modes = [m for m in MODES if any(row["mode"] == m for row in rows)]
-    columns = [("reviewers wall", "reviewers_wall_s", lambda v: f"{v:.2f} s"),
-               ("graph wall", "graph_wall_s", lambda v: f"{v:.2f} s"),
-               ("prefill computed", "prefill_computed", lambda v: f"{v:,}"),
-               ("tokens reused", "tokens_reused", lambda v: f"{v:,}"),
-               ("TTFT p50", "ttft_p50_s", lambda v: "-" if v is None else f"{v * 1e3:,.0f} ms")]
+    columns = [
+        ("reviewers wall", "reviewers_wall_s", lambda v: f"{v:.2f} s"),
+        ("graph wall", "graph_wall_s", lambda v: f"{v:.2f} s"),
+        ("prefill computed", "prefill_computed", lambda v: f"{v:,}"),
+        ("tokens reused", "tokens_reused", lambda v: f"{v:,}"),
+        ("TTFT p50", "ttft_p50_s", lambda v: "-" if v is None else f"{v * 1e3:,.0f} ms"),
+    ]
     width = 10
     groups = [max(width * len(modes), len(title) + 1) + 2 for title, _, _ in columns]
     head1 = "round " + "".join(f"{title:<{g}}" for (title, _, _), g in zip(columns, groups))
-    head2 = "      " + "".join(f"{''.join(f'{m:<{width}}' for m in modes):<{g}}"
-                               for g in groups)
+    head2 = "      " + "".join(f"{''.join(f'{m:<{width}}' for m in modes):<{g}}" for g in groups)
     lines = [head1.rstrip(), head2.rstrip()]
     for r in sorted({row["round"] for row in rows}):
         by_mode = {row["mode"]: row for row in rows if row["round"] == r}
-        cells = "".join(f"{''.join(f'{fmt(by_mode[m][key]):<{width}}' for m in modes):<{g}}"
-                        for (_, key, fmt), g in zip(columns, groups))
+        cells = "".join(
+            f"{''.join(f'{fmt(by_mode[m][key]):<{width}}' for m in modes):<{g}}"
+            for (_, key, fmt), g in zip(columns, groups)
+        )
         lines.append(f"{r:<6}{cells}".rstrip())
     return "\n".join(lines)
 
@@ -330,8 +389,10 @@ async def run(args: argparse.Namespace) -> dict[str, Any]:
             started[mode] = round(time.perf_counter() - began, 2)
         if args.workers and "thaw" in llms:
             pool = llms["thaw"].fork_pool(args.workers)
-        graphs = {mode: build_graph(llm, mode, pool=pool if mode == "thaw" else None)
-                  for mode, llm in llms.items()}
+        graphs = {
+            mode: build_graph(llm, mode, pool=pool if mode == "thaw" else None)
+            for mode, llm in llms.items()
+        }
         rows = await run_rounds(graphs, args.rounds)
     finally:
         if pool is not None:
@@ -340,51 +401,86 @@ async def run(args: argparse.Namespace) -> dict[str, Any]:
             llm.close()
     model_name = next(iter(llms.values())).model_name
     prefix = rows[0]["prefix_tokens"]
-    print(f"\n=== PR review: {len(REVIEWERS)} reviewers on a {prefix}-token prefix, "
-          f"{model_name}, {where_it_ran()} ===")
+    print(
+        f"\n=== PR review: {len(REVIEWERS)} reviewers on a {prefix}-token prefix, "
+        f"{model_name}, {where_it_ran()} ==="
+    )
     print("thaw     = fork_fanout: the prefix computed once, every reviewer starts from its KV")
     print("baseline = the same graph, independent ChatThaw calls, vLLM prefix cache off\n")
     print(format_table(rows))
     summary = steady_state(rows)
     if "reviewers_speedup" in summary:
-        print(f"\nsteady state (median of rounds {summary['rounds'][0]}-{summary['rounds'][-1]}):"
-              f" reviewers {summary['reviewers_speedup']:.2f}x faster, graph "
-              f"{summary['graph_speedup']:.2f}x, prefill tokens computed "
-              f"{summary['prefill_ratio']:.2f}x, time to first token {summary['ttft_ratio']:.2f}x "
-              "of the baseline")
+        print(
+            f"\nsteady state (median of rounds {summary['rounds'][0]}-{summary['rounds'][-1]}):"
+            f" reviewers {summary['reviewers_speedup']:.2f}x faster, graph "
+            f"{summary['graph_speedup']:.2f}x, prefill tokens computed "
+            f"{summary['prefill_ratio']:.2f}x, time to first token {summary['ttft_ratio']:.2f}x "
+            "of the baseline"
+        )
     last = {row["mode"]: row for row in rows if row["round"] == args.rounds}
     for i, name in enumerate(REVIEWERS):
         for mode, row in last.items():
             branch = row["branches"][i]
-            same = mode == "baseline" and "thaw" in last and \
-                last["thaw"]["branches"][i]["text"] == branch["text"]
-            print(f"\n[{name} | {mode} | {branch['engine']} | reused "
-                  f"{branch['cached_tokens']}/{branch['prompt_tokens']}]"
-                  + (" same text as thaw" if same else f"\n  {branch['text'].strip()}"))
+            same = (
+                mode == "baseline"
+                and "thaw" in last
+                and last["thaw"]["branches"][i]["text"] == branch["text"]
+            )
+            print(
+                f"\n[{name} | {mode} | {branch['engine']} | reused "
+                f"{branch['cached_tokens']}/{branch['prompt_tokens']}]"
+                + (" same text as thaw" if same else f"\n  {branch['text'].strip()}")
+            )
     for mode, row in last.items():
         print(f"\n[summary | {mode}] {row['summary'].strip()}")
-    receipt = write_receipt(args.receipt, "pr_review", {
-        "model": model_name, "modes": list(modes),
-        "workload": {"rounds": args.rounds, "reviewers": len(REVIEWERS), "prefix_tokens": prefix,
-                     "max_tokens": args.max_tokens, "workers": args.workers,
-                     "temperature": 0.0},
-        "engine_start_s": started, "steady_state": summary, "rounds": rows})
+    receipt = write_receipt(
+        args.receipt,
+        "pr_review",
+        {
+            "model": model_name,
+            "modes": list(modes),
+            "workload": {
+                "rounds": args.rounds,
+                "reviewers": len(REVIEWERS),
+                "prefix_tokens": prefix,
+                "max_tokens": args.max_tokens,
+                "workers": args.workers,
+                "temperature": 0.0,
+            },
+            "engine_start_s": started,
+            "steady_state": summary,
+            "rounds": rows,
+        },
+    )
     print(f"\nreceipt: {receipt}")
     return {"rows": rows, "steady_state": summary, "receipt": str(receipt)}
 
 
 def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(description=__doc__,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     parser.add_argument("--mode", choices=["both", *MODES], default="both")
     parser.add_argument("--rounds", type=int, default=3)
-    parser.add_argument("--workers", type=int, default=0,
-                        help="warm worker processes for the thaw branches (default: none)")
-    parser.add_argument("--model", default=None, help="model folder or hub id (default: "
-                        "the embedded SmolLM2-135M; a GPU model on a GPU machine)")
+    parser.add_argument(
+        "--workers",
+        type=int,
+        default=0,
+        help="warm worker processes for the thaw branches (default: none)",
+    )
+    parser.add_argument(
+        "--model",
+        default=None,
+        help="model folder or hub id (default: "
+        "the embedded SmolLM2-135M; a GPU model on a GPU machine)",
+    )
     parser.add_argument("--max-tokens", type=int, default=64)
-    parser.add_argument("--receipt", type=Path, default=None,
-                        help="JSON receipt path (default: benchmarks/results/pr_review_<where>.json)")
+    parser.add_argument(
+        "--receipt",
+        type=Path,
+        default=None,
+        help="JSON receipt path (default: benchmarks/results/pr_review_<where>.json)",
+    )
     args = parser.parse_args(argv)
     if args.rounds < 1:
         parser.error(f"--rounds must be >= 1, got {args.rounds}")

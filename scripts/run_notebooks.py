@@ -26,16 +26,22 @@ def execute(path: Path, timeout_s: int) -> float:
     """Run ``path`` in a fresh kernel and write it back with its outputs; returns seconds."""
     notebook = nbformat.read(path, as_version=4)
     began = time.perf_counter()
-    client = NotebookClient(notebook, timeout=timeout_s, kernel_name="python3",
-                            record_timing=False, resources={"metadata": {"path": str(NOTEBOOKS)}})
+    client = NotebookClient(
+        notebook,
+        timeout=timeout_s,
+        kernel_name="python3",
+        record_timing=False,
+        resources={"metadata": {"path": str(NOTEBOOKS)}},
+    )
     client.execute()
     nbformat.write(notebook, path)
     return time.perf_counter() - began
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     parser.add_argument("notebooks", nargs="*", type=Path)
     parser.add_argument("--timeout", type=int, default=900, help="seconds per cell")
     args = parser.parse_args(argv)

@@ -16,5 +16,5 @@ for arg in "$@"; do
 done
 bash scripts/setup.sh
 "$VENV/bin/ruff" check .
-# "$VENV/bin/ruff" format --check .  # enabled once the tree is formatted
+"$VENV/bin/ruff" format --check .
 exec "$VENV/bin/python" -m pytest -q -rs ${args[@]+"${args[@]}"}

@@ -30,7 +30,9 @@ def snapshot(tokens: list[int], seed: int = 0, **kw) -> bytearray:
     """A snapshot whose payload bytes are a deterministic function of (seed, tokens)."""
     rng = np.random.default_rng([seed, *tokens[:4], len(tokens)])
     payload = rng.integers(0, 256, len(tokens) // 4 * BLOCK_BYTES, dtype=np.uint8)
-    return build_snapshot(NS, tokens, BLOCK_BYTES, payload, blocks_per_chunk=2, created_unix=1700000000, **kw)
+    return build_snapshot(
+        NS, tokens, BLOCK_BYTES, payload, blocks_per_chunk=2, created_unix=1700000000, **kw
+    )
 
 
 def chain(tokens: list[int]) -> list[bytes]:

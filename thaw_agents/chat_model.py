@@ -168,8 +168,7 @@ class ChatThaw(BaseChatModel):
 
     @property
     def _identifying_params(self) -> dict[str, Any]:
-        return {"model_name": self.model_name, "dtype": self.dtype,
-                **self.generation_defaults()}
+        return {"model_name": self.model_name, "dtype": self.dtype, **self.generation_defaults()}
 
     def generation_defaults(self) -> dict[str, Any]:
         """This model's generation fields (``temperature``, ``max_tokens``, ...): the defaults
@@ -183,8 +182,11 @@ class ChatThaw(BaseChatModel):
         return defaults
 
     def _get_ls_params(self, stop: list[str] | None = None, **kwargs: Any) -> LangSmithParams:
-        params = LangSmithParams(ls_provider="thaw", ls_model_type="chat",
-                                 ls_model_name=kwargs.get("model") or self.model_name)
+        params = LangSmithParams(
+            ls_provider="thaw",
+            ls_model_type="chat",
+            ls_model_name=kwargs.get("model") or self.model_name,
+        )
         temperature = kwargs.get("temperature", self.temperature)
         if temperature is not None:
             params["ls_temperature"] = temperature
@@ -217,11 +219,15 @@ class ChatThaw(BaseChatModel):
         if store is not None:
             from thaw_agents_core.connector.facade import kv_transfer_config
 
-            kv_transfer = kv_transfer_config(store, weights_version=weights_version,
-                                             events_path=self.kv_events_path)
+            kv_transfer = kv_transfer_config(
+                store, weights_version=weights_version, events_path=self.kv_events_path
+            )
         return EngineSpec.create(
-            models.resolve_model(self.model), dtype=self.dtype, max_model_len=self.max_model_len,
-            enable_prefix_caching=self.enable_prefix_caching, engine_kwargs=engine_kwargs,
+            models.resolve_model(self.model),
+            dtype=self.dtype,
+            max_model_len=self.max_model_len,
+            enable_prefix_caching=self.enable_prefix_caching,
+            engine_kwargs=engine_kwargs,
             kv_transfer=kv_transfer,
         )
 
@@ -250,8 +256,13 @@ class ChatThaw(BaseChatModel):
 
     # ------------------------------------------------------------------ request planning
 
-    def _plan(self, messages: list[BaseMessage], stop: list[str] | None,
-              kwargs: dict[str, Any], stream: bool) -> RequestPlan:
+    def _plan(
+        self,
+        messages: list[BaseMessage],
+        stop: list[str] | None,
+        kwargs: dict[str, Any],
+        stream: bool,
+    ) -> RequestPlan:
         kwargs = dict(kwargs)
         requested_model = kwargs.pop("model", None)
         if requested_model not in (None, self.model, self.model_name):
@@ -261,22 +272,44 @@ class ChatThaw(BaseChatModel):
             )
         engine = self.engine
         return RequestPlan.create(
-            messages=messages, defaults=self.generation_defaults(), kwargs=kwargs, stop=stop, stream=stream,
-            tokenizer=engine.tokenizer, max_model_len=self.max_model_len or engine.max_model_len,
-            model_name=self.model_name, auto_tool_routing=self.auto_tool_routing,
+            messages=messages,
+            defaults=self.generation_defaults(),
+            kwargs=kwargs,
+            stop=stop,
+            stream=stream,
+            tokenizer=engine.tokenizer,
+            max_model_len=self.max_model_len or engine.max_model_len,
+            model_name=self.model_name,
+            auto_tool_routing=self.auto_tool_routing,
         )
 
-    def _call_sync(self, messages: list[BaseMessage], stop: list[str] | None,
-                   kwargs: dict[str, Any], stream: bool) -> EngineCall:
+    def _call_sync(
+        self,
+        messages: list[BaseMessage],
+        stop: list[str] | None,
+        kwargs: dict[str, Any],
+        stream: bool,
+    ) -> EngineCall:
         plan = self._plan(messages, stop, kwargs, stream)
         if plan.needs_routing:
             router = plan.router_call()
-            plan.decide(router, _last(self.engine.stream_sync(
-                router.prompt_ids, router.params, timeout_s=self.timeout)))
+            plan.decide(
+                router,
+                _last(
+                    self.engine.stream_sync(
+                        router.prompt_ids, router.params, timeout_s=self.timeout
+                    )
+                ),
+            )
         return plan.main_call()
 
-    async def _call_async(self, messages: list[BaseMessage], stop: list[str] | None,
-                          kwargs: dict[str, Any], stream: bool) -> EngineCall:
+    async def _call_async(
+        self,
+        messages: list[BaseMessage],
+        stop: list[str] | None,
+        kwargs: dict[str, Any],
+        stream: bool,
+    ) -> EngineCall:
         if self._engine is not None and self._engine.is_started:
             plan = self._plan(messages, stop, kwargs, stream)
         else:  # first use: model build and engine start run off the event loop
@@ -284,34 +317,46 @@ class ChatThaw(BaseChatModel):
         if plan.needs_routing:
             router = plan.router_call()
             final = None
-            async for out in self.engine.stream(router.prompt_ids, router.params,
-                                                timeout_s=self.timeout):
+            async for out in self.engine.stream(
+                router.prompt_ids, router.params, timeout_s=self.timeout
+            ):
                 final = out
             plan.decide(router, final)
         return plan.main_call()
 
     # ------------------------------------------------------------------ generation paths
 
-    def _generate(self, messages: list[BaseMessage], stop: list[str] | None = None,
-                  run_manager: CallbackManagerForLLMRun | None = None,
-                  **kwargs: Any) -> ChatResult:
+    def _generate(
+        self,
+        messages: list[BaseMessage],
+        stop: list[str] | None = None,
+        run_manager: CallbackManagerForLLMRun | None = None,
+        **kwargs: Any,
+    ) -> ChatResult:
         call = self._call_sync(messages, stop, kwargs, stream=False)
-        final = _last(self.engine.stream_sync(call.prompt_ids, call.params,
-                                              timeout_s=self.timeout))
+        final = _last(self.engine.stream_sync(call.prompt_ids, call.params, timeout_s=self.timeout))
         return _result(call.assembler.message(final))
 
-    async def _agenerate(self, messages: list[BaseMessage], stop: list[str] | None = None,
-                         run_manager: AsyncCallbackManagerForLLMRun | None = None,
-                         **kwargs: Any) -> ChatResult:
+    async def _agenerate(
+        self,
+        messages: list[BaseMessage],
+        stop: list[str] | None = None,
+        run_manager: AsyncCallbackManagerForLLMRun | None = None,
+        **kwargs: Any,
+    ) -> ChatResult:
         call = await self._call_async(messages, stop, kwargs, stream=False)
         final = None
         async for out in self.engine.stream(call.prompt_ids, call.params, timeout_s=self.timeout):
             final = out
         return _result(call.assembler.message(final))
 
-    def _stream(self, messages: list[BaseMessage], stop: list[str] | None = None,
-                run_manager: CallbackManagerForLLMRun | None = None,
-                **kwargs: Any) -> Iterator[ChatGenerationChunk]:
+    def _stream(
+        self,
+        messages: list[BaseMessage],
+        stop: list[str] | None = None,
+        run_manager: CallbackManagerForLLMRun | None = None,
+        **kwargs: Any,
+    ) -> Iterator[ChatGenerationChunk]:
         call = self._call_sync(messages, stop, kwargs, stream=True)
         for out in self.engine.stream_sync(call.prompt_ids, call.params, timeout_s=self.timeout):
             chunk = call.assembler.feed(out)
@@ -319,9 +364,13 @@ class ChatThaw(BaseChatModel):
                 yield ChatGenerationChunk(message=chunk)
         yield ChatGenerationChunk(message=call.assembler.final_chunk())
 
-    async def _astream(self, messages: list[BaseMessage], stop: list[str] | None = None,
-                       run_manager: AsyncCallbackManagerForLLMRun | None = None,
-                       **kwargs: Any) -> AsyncIterator[ChatGenerationChunk]:
+    async def _astream(
+        self,
+        messages: list[BaseMessage],
+        stop: list[str] | None = None,
+        run_manager: AsyncCallbackManagerForLLMRun | None = None,
+        **kwargs: Any,
+    ) -> AsyncIterator[ChatGenerationChunk]:
         call = await self._call_async(messages, stop, kwargs, stream=True)
         async for out in self.engine.stream(call.prompt_ids, call.params, timeout_s=self.timeout):
             chunk = call.assembler.feed(out)
@@ -348,13 +397,19 @@ class ChatThaw(BaseChatModel):
                 "a directory path"
             )
 
-    def _handle(self, handle: PrefixHandle, rendered: msg.RenderedPrompt,
-                extra: dict[str, Any]) -> PrefixHandle:
-        return dataclasses.replace(handle, model_name=self.model_name, prefix_text=rendered.text,
-                                   extra={**handle.extra, **extra})
+    def _handle(
+        self, handle: PrefixHandle, rendered: msg.RenderedPrompt, extra: dict[str, Any]
+    ) -> PrefixHandle:
+        return dataclasses.replace(
+            handle,
+            model_name=self.model_name,
+            prefix_text=rendered.text,
+            extra={**handle.extra, **extra},
+        )
 
-    async def asnapshot(self, prefix: LanguageModelInput, *,
-                        extra: dict[str, Any] | None = None) -> PrefixHandle:
+    async def asnapshot(
+        self, prefix: LanguageModelInput, *, extra: dict[str, Any] | None = None
+    ) -> PrefixHandle:
         """Compute a prefix (messages) once and snapshot its KV cache; returns a handle.
 
         Any engine on this store (this one, pool workers, another process's ChatThaw) then
@@ -370,8 +425,9 @@ class ChatThaw(BaseChatModel):
         handle = await forking.asnapshot_ids(self.engine, rendered.token_ids, extra)
         return self._handle(handle, rendered, extra)
 
-    def snapshot(self, prefix: LanguageModelInput, *,
-                 extra: dict[str, Any] | None = None) -> PrefixHandle:
+    def snapshot(
+        self, prefix: LanguageModelInput, *, extra: dict[str, Any] | None = None
+    ) -> PrefixHandle:
         """Blocking twin of ``asnapshot``."""
         self._require_store()
         messages = self._convert_input(prefix).to_messages()
@@ -388,16 +444,22 @@ class ChatThaw(BaseChatModel):
         """
         self._require_store()
         engine = self.engine
-        return PrefixHandle.load(src, engine.store, store_url=engine.store_url or "",
-                                 expect_namespace=engine.namespace(), model_name=self.model_name)
+        return PrefixHandle.load(
+            src,
+            engine.store,
+            store_url=engine.store_url or "",
+            expect_namespace=engine.namespace(),
+            model_name=self.model_name,
+        )
 
     def fork_pool(self, num_workers: int = 2, *, start: bool = True, **kwargs: Any) -> ForkPool:
         """A ForkPool of warm worker processes running this model on its KV store (started
         unless ``start=False``). Use with ``fork_fanout(..., pool=pool)``; close it with
         ``pool.close()`` or ``with``. ``kwargs`` go to ``ForkPool``."""
         if self.kv_store is None:
-            raise ValueError("a ForkPool needs the model's kv_store (e.g. "
-                             "ChatThaw(kv_store='auto'))")
+            raise ValueError(
+                "a ForkPool needs the model's kv_store (e.g. ChatThaw(kv_store='auto'))"
+            )
         engine = self.engine
         engine.start()  # owns the store; the workers attach to it
         spec = self.engine_spec()
@@ -408,9 +470,11 @@ class ChatThaw(BaseChatModel):
             return pool.start() if start else pool
         # The parent was hot-swapped: workers boot, then load the parent's current weights.
         if engine.last_weights_file is None or not start:
-            raise ValueError(f"this model's weights were swapped to {engine.weights_version!r} "
-                             "from a buffer or state dict: freeze them to a file "
-                             "(freeze_weights), load_weights that file, then create the pool")
+            raise ValueError(
+                f"this model's weights were swapped to {engine.weights_version!r} "
+                "from a buffer or state dict: freeze them to a file "
+                "(freeze_weights), load_weights that file, then create the pool"
+            )
         pool = ForkPool(spec, num_workers, **kwargs).start()
         try:
             pool.load_weights(engine.last_weights_file, engine.weights_version)
@@ -448,9 +512,13 @@ class ChatThaw(BaseChatModel):
 
     # ------------------------------------------------------------------ tools / structure
 
-    def bind_tools(self, tools: Sequence[dict[str, Any] | type | Callable | BaseTool], *,
-                   tool_choice: str | dict[str, Any] | bool | None = None,
-                   **kwargs: Any) -> Runnable[LanguageModelInput, AIMessage]:
+    def bind_tools(
+        self,
+        tools: Sequence[dict[str, Any] | type | Callable | BaseTool],
+        *,
+        tool_choice: str | dict[str, Any] | bool | None = None,
+        **kwargs: Any,
+    ) -> Runnable[LanguageModelInput, AIMessage]:
         """Bind tools (pydantic classes, functions, LangChain tools or OpenAI dicts).
 
         ``tool_choice``: None/"auto" (the model may call), "none", "any"/"required"/True (must
@@ -461,16 +529,19 @@ class ChatThaw(BaseChatModel):
             tc.forced_tool_names(formatted, tool_choice)  # validate early, with a clear error
         return super().bind(tools=formatted, tool_choice=tool_choice, **kwargs)
 
-    def with_structured_output(self, schema: Any = None, *,
-                               method: Literal["json_schema", "function_calling",
-                                               "json_mode"] = "json_schema",
-                               include_raw: bool = False, strict: bool | None = None,
-                               **kwargs: Any) -> Runnable[LanguageModelInput, Any]:
+    def with_structured_output(
+        self,
+        schema: Any = None,
+        *,
+        method: Literal["json_schema", "function_calling", "json_mode"] = "json_schema",
+        include_raw: bool = False,
+        strict: bool | None = None,
+        **kwargs: Any,
+    ) -> Runnable[LanguageModelInput, Any]:
         """Outputs parsed into ``schema``; by default constrained by vLLM structured outputs."""
         if kwargs:
             raise ValueError(f"unsupported arguments {sorted(kwargs)}")
-        return structured.build(self, schema, method=method, include_raw=include_raw,
-                                strict=strict)
+        return structured.build(self, schema, method=method, include_raw=include_raw, strict=strict)
 
 
 def _result(message: AIMessage) -> ChatResult:

@@ -1,9 +1,9 @@
 """``thaw-agents rollouts ...``: inspect rollout records (no engine needed).
 
-    thaw-agents rollouts pivot DIR [--json]
-        the first generated position where the rollouts in DIR (``DIR/rollouts/*.json``, as
-        demos/rl_rollouts.py writes them) disagree, the rollouts grouped by their choice there
-        and ranked by sequence log-probability
+thaw-agents rollouts pivot DIR [--json]
+    the first generated position where the rollouts in DIR (``DIR/rollouts/*.json``, as
+    demos/rl_rollouts.py writes them) disagree, the rollouts grouped by their choice there
+    and ranked by sequence log-probability
 """
 
 from __future__ import annotations
@@ -18,9 +18,12 @@ from thaw_agents.rollouts import find_pivot, format_pivot, read_records
 
 def register(subparsers: Any) -> None:
     """Add the ``rollouts`` command group to the ``thaw-agents`` parser."""
-    group = subparsers.add_parser("rollouts", help="inspect rollout records",
-                                  description=__doc__,
-                                  formatter_class=argparse.RawDescriptionHelpFormatter)
+    group = subparsers.add_parser(
+        "rollouts",
+        help="inspect rollout records",
+        description=__doc__,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
     commands = group.add_subparsers(dest="rollouts_command", required=True)
     pivot = commands.add_parser("pivot", help="where the rollouts in DIR part ways")
     pivot.add_argument("directory", metavar="DIR", help="a rollout directory")
@@ -37,8 +40,12 @@ def pivot_command(args: argparse.Namespace) -> int:
         print(f"thaw-agents rollouts pivot: {exc}", file=sys.stderr)
         return 2
     if args.json:
-        print(json.dumps({"num_rollouts": len(records),
-                          "pivot": pivot.to_json() if pivot else None}, indent=1))
+        print(
+            json.dumps(
+                {"num_rollouts": len(records), "pivot": pivot.to_json() if pivot else None},
+                indent=1,
+            )
+        )
     else:
         print(format_pivot(pivot, len(records)))
     return 0

@@ -75,12 +75,15 @@ class BranchResult(GenerationResult):
     def message(self) -> AIMessage:
         """The branch's reply as an AIMessage (usage and metadata attached)."""
         metadata: dict[str, Any] = {
-            "model_name": self.model_name, "finish_reason": self.finish_reason,
-            "model_provider": PROVIDER, "engine": self.engine, **self.timings}
+            "model_name": self.model_name,
+            "finish_reason": self.finish_reason,
+            "model_provider": PROVIDER,
+            "engine": self.engine,
+            **self.timings,
+        }
         if self.logprobs:
             metadata["logprobs"] = {"content": self.logprobs}
-        return AIMessage(content=self.text, usage_metadata=self.usage,
-                         response_metadata=metadata)
+        return AIMessage(content=self.text, usage_metadata=self.usage, response_metadata=metadata)
 
     @property
     def messages(self) -> list[BaseMessage]:
@@ -90,17 +93,23 @@ class BranchResult(GenerationResult):
     def to_dict(self) -> dict[str, Any]:
         """Plain JSON data (for LangGraph state and checkpointers)."""
         data = {f.name: getattr(self, f.name) for f in fields(GenerationResult)}
-        return {**data, "usage": dict(self.usage), "timings": self.timings,
-                "prefix": self.prefix.to_json() if self.prefix else None,
-                "suffix_messages": messages_to_dict(self.suffix_messages)}
+        return {
+            **data,
+            "usage": dict(self.usage),
+            "timings": self.timings,
+            "prefix": self.prefix.to_json() if self.prefix else None,
+            "suffix_messages": messages_to_dict(self.suffix_messages),
+        }
 
 
 def prefix_messages_of(handle: PrefixHandle) -> list[BaseMessage]:
     """The messages a handle was made from (saved in it by ``ChatThaw.snapshot``)."""
     data = handle.extra.get("messages")
     if data is None:
-        raise ValueError("this PrefixHandle carries no messages (it was made from token ids); "
-                         "pass the prefix messages instead")
+        raise ValueError(
+            "this PrefixHandle carries no messages (it was made from token ids); "
+            "pass the prefix messages instead"
+        )
     return messages_from_dict(data)
 
 
@@ -111,25 +120,35 @@ def _suffix_messages(suffix: Suffix) -> list[BaseMessage]:
         return [suffix]
     messages = list(suffix)
     if not messages or not all(isinstance(m, BaseMessage) for m in messages):
-        raise ValueError(f"a suffix must be a string, a message or a non-empty list of messages; "
-                         f"got {suffix!r}")
+        raise ValueError(
+            f"a suffix must be a string, a message or a non-empty list of messages; got {suffix!r}"
+        )
     return messages
 
 
-def branch_prompt(tokenizer: Any, prefix: msg.RenderedPrompt,
-                  prefix_messages: Sequence[BaseMessage],
-                  suffix: Sequence[BaseMessage]) -> list[int]:
+def branch_prompt(
+    tokenizer: Any,
+    prefix: msg.RenderedPrompt,
+    prefix_messages: Sequence[BaseMessage],
+    suffix: Sequence[BaseMessage],
+) -> list[int]:
     """prefix ids + ids of what the suffix adds: the prefix's ids are kept exactly."""
     full = msg.render(tokenizer, [*prefix_messages, *suffix], add_generation_prompt=True)
     if not full.text.startswith(prefix.text):
-        raise ValueError("this chat template does not render the prefix as the start of the "
-                         "longer conversation, so branches cannot share its KV")
-    rest = tokenizer.encode(full.text[len(prefix.text):], add_special_tokens=False)
+        raise ValueError(
+            "this chat template does not render the prefix as the start of the "
+            "longer conversation, so branches cannot share its KV"
+        )
+    rest = tokenizer.encode(full.text[len(prefix.text) :], add_special_tokens=False)
     return [*prefix.token_ids, *rest]
 
 
-def _branch_options(llm: ChatThaw, options: dict[str, Any] | Sequence[dict[str, Any]] | None,
-                    num_suffixes: int, n: int) -> list[list[GenerationOptions]]:
+def _branch_options(
+    llm: ChatThaw,
+    options: dict[str, Any] | Sequence[dict[str, Any]] | None,
+    num_suffixes: int,
+    n: int,
+) -> list[list[GenerationOptions]]:
     if options is None or isinstance(options, dict):
         per_suffix = [dict(options or {})] * num_suffixes
     else:
@@ -150,15 +169,25 @@ def _branch_options(llm: ChatThaw, options: dict[str, Any] | Sequence[dict[str, 
     return table
 
 
-def _result(llm: ChatThaw, outcome: GenerationResult, handle: PrefixHandle | None,
-            prefix_messages: list[BaseMessage], suffix: list[BaseMessage]) -> BranchResult:
-    return BranchResult.from_wire(outcome.to_wire(), prefix=handle,
-                                  prefix_messages=prefix_messages, suffix_messages=suffix,
-                                  model_name=llm.model_name)
+def _result(
+    llm: ChatThaw,
+    outcome: GenerationResult,
+    handle: PrefixHandle | None,
+    prefix_messages: list[BaseMessage],
+    suffix: list[BaseMessage],
+) -> BranchResult:
+    return BranchResult.from_wire(
+        outcome.to_wire(),
+        prefix=handle,
+        prefix_messages=prefix_messages,
+        suffix_messages=suffix,
+        model_name=llm.model_name,
+    )
 
 
-def _event_sink(config: RunnableConfig | None, on_token: TokenCallback | None,
-                branches: list[Branch]) -> forking.DeltaCallback:
+def _event_sink(
+    config: RunnableConfig | None, on_token: TokenCallback | None, branches: list[Branch]
+) -> forking.DeltaCallback:
     """Branch tokens -> the user's callback, LangGraph's custom stream and LangChain custom
     events (``astream_events``). The graph's writer and run config are captured here, in the
     caller's context: pool deltas arrive later from another thread's callback."""
@@ -186,8 +215,12 @@ def _event_sink(config: RunnableConfig | None, on_token: TokenCallback | None,
         if on_token is not None:
             on_token(index, text)
         branch = branches[index]
-        payload = {"branch": index, "suffix_index": branch.suffix_index,
-                   "sample_index": branch.sample_index, "text": text}
+        payload = {
+            "branch": index,
+            "suffix_index": branch.suffix_index,
+            "sample_index": branch.sample_index,
+            "text": text,
+        }
         if writer is not None:
             writer(payload)
         if events["enabled"]:
@@ -198,12 +231,19 @@ def _event_sink(config: RunnableConfig | None, on_token: TokenCallback | None,
     return sink
 
 
-async def fork_fanout(llm: ChatThaw, prefix: Sequence[BaseMessage] | str | PrefixHandle,
-                      suffixes: Sequence[Suffix], *, n: int = 1,
-                      options: dict[str, Any] | Sequence[dict[str, Any]] | None = None,
-                      pool: ForkPool | None = None, route: Route = "auto",
-                      timeout_s: float | None = None, on_token: TokenCallback | None = None,
-                      config: RunnableConfig | None = None) -> list[BranchResult]:
+async def fork_fanout(
+    llm: ChatThaw,
+    prefix: Sequence[BaseMessage] | str | PrefixHandle,
+    suffixes: Sequence[Suffix],
+    *,
+    n: int = 1,
+    options: dict[str, Any] | Sequence[dict[str, Any]] | None = None,
+    pool: ForkPool | None = None,
+    route: Route = "auto",
+    timeout_s: float | None = None,
+    on_token: TokenCallback | None = None,
+    config: RunnableConfig | None = None,
+) -> list[BranchResult]:
     """Compute ``prefix`` once, then run every suffix (``n`` samples each) from its KV cache.
 
     ``options``: generation options (temperature, max_tokens, seed, stop, ...) for all branches
@@ -217,8 +257,10 @@ async def fork_fanout(llm: ChatThaw, prefix: Sequence[BaseMessage] | str | Prefi
     if not suffixes:
         raise ValueError("fork_fanout needs at least one suffix")
     if pool is not None and llm.kv_store is None:
-        raise ValueError("pool workers load the prefix from a snapshot: create the model with "
-                         "ChatThaw(kv_store='auto') (or another store)")
+        raise ValueError(
+            "pool workers load the prefix from a snapshot: create the model with "
+            "ChatThaw(kv_store='auto') (or another store)"
+        )
     if not llm.engine.is_started:
         await asyncio.to_thread(llm.engine.start)
     tokenizer = llm.engine.tokenizer
@@ -229,24 +271,40 @@ async def fork_fanout(llm: ChatThaw, prefix: Sequence[BaseMessage] | str | Prefi
         prefix_messages = llm._convert_input(prefix).to_messages()
         handle = None
     rendered = llm.render_prefix(prefix_messages)
-    if handle is None and llm.kv_store is not None and \
-            len(rendered.token_ids) >= llm.kv_namespace().block_size:
+    if (
+        handle is None
+        and llm.kv_store is not None
+        and len(rendered.token_ids) >= llm.kv_namespace().block_size
+    ):
         handle = await llm.asnapshot(prefix_messages)
     elif handle is None:  # no store, or less than a block: warm the parent's prefix cache only
         await llm.engine.run_prefill(rendered.token_ids)
     suffix_lists = [_suffix_messages(s) for s in suffixes]
     table = _branch_options(llm, options, len(suffix_lists), n)
-    branches = [Branch(branch_prompt(tokenizer, rendered, prefix_messages, suffix), opts, si, k)
-                for si, suffix in enumerate(suffix_lists) for k, opts in enumerate(table[si])]
+    branches = [
+        Branch(branch_prompt(tokenizer, rendered, prefix_messages, suffix), opts, si, k)
+        for si, suffix in enumerate(suffix_lists)
+        for k, opts in enumerate(table[si])
+    ]
     outcomes = await forking.run_branches(
-        llm.engine, branches, pool=pool, route=route, timeout_s=timeout_s,
-        on_delta=_event_sink(config, on_token, branches))
-    return [_result(llm, o, handle, prefix_messages, suffix_lists[o.suffix_index])
-            for o in outcomes]
+        llm.engine,
+        branches,
+        pool=pool,
+        route=route,
+        timeout_s=timeout_s,
+        on_delta=_event_sink(config, on_token, branches),
+    )
+    return [
+        _result(llm, o, handle, prefix_messages, suffix_lists[o.suffix_index]) for o in outcomes
+    ]
 
 
-def fork_fanout_sync(llm: ChatThaw, prefix: Sequence[BaseMessage] | str | PrefixHandle,
-                     suffixes: Sequence[Suffix], **kwargs: Any) -> list[BranchResult]:
+def fork_fanout_sync(
+    llm: ChatThaw,
+    prefix: Sequence[BaseMessage] | str | PrefixHandle,
+    suffixes: Sequence[Suffix],
+    **kwargs: Any,
+) -> list[BranchResult]:
     """Blocking ``fork_fanout``; works from plain code and inside a running event loop."""
     coro = fork_fanout(llm, prefix, suffixes, **kwargs)
     try:

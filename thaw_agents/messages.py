@@ -22,8 +22,12 @@ from langchain_core.messages import (
 
 from thaw_agents import tool_calls as tc
 
-_ROLES = {HumanMessage: "user", AIMessage: "assistant", SystemMessage: "system",
-          ToolMessage: "tool"}
+_ROLES = {
+    HumanMessage: "user",
+    AIMessage: "assistant",
+    SystemMessage: "system",
+    ToolMessage: "tool",
+}
 
 
 @dataclass(slots=True)
@@ -79,13 +83,17 @@ def to_chat_dicts(messages: Sequence[BaseMessage], *, native_tools: bool) -> lis
         if isinstance(message, AIMessage) and message.tool_calls:
             if native_tools:
                 entry["tool_calls"] = [
-                    {"id": call.get("id"), "type": "function",
-                     "function": {"name": call["name"], "arguments": call["args"]}}
+                    {
+                        "id": call.get("id"),
+                        "type": "function",
+                        "function": {"name": call["name"], "arguments": call["args"]},
+                    }
                     for call in message.tool_calls
                 ]
             else:
-                calls = "\n".join(tc.format_tool_call(c["name"], c["args"])
-                                  for c in message.tool_calls)
+                calls = "\n".join(
+                    tc.format_tool_call(c["name"], c["args"]) for c in message.tool_calls
+                )
                 entry["content"] = f"{entry['content']}\n{calls}".strip()
         if isinstance(message, ToolMessage):
             entry["tool_call_id"] = message.tool_call_id
@@ -104,9 +112,14 @@ def with_system_block(chat: list[dict[str, Any]], block: str) -> list[dict[str, 
     return [{"role": "system", "content": block}, *chat]
 
 
-def render(tokenizer: Any, messages: Sequence[BaseMessage], *,
-           tools: list[dict[str, Any]] | None = None, instructions: str | None = None,
-           add_generation_prompt: bool = True) -> RenderedPrompt:
+def render(
+    tokenizer: Any,
+    messages: Sequence[BaseMessage],
+    *,
+    tools: list[dict[str, Any]] | None = None,
+    instructions: str | None = None,
+    add_generation_prompt: bool = True,
+) -> RenderedPrompt:
     """Apply the chat template once and tokenize without adding special tokens again.
 
     ``instructions`` (e.g. the keys of a structured output) join the system message.
@@ -123,7 +136,9 @@ def render(tokenizer: Any, messages: Sequence[BaseMessage], *,
             "tokenizer.chat_template"
         )
     text = tokenizer.apply_chat_template(
-        chat, tools=tools if native else None, tokenize=False,
+        chat,
+        tools=tools if native else None,
+        tokenize=False,
         add_generation_prompt=add_generation_prompt,
     )
     token_ids = tokenizer.encode(text, add_special_tokens=False)

@@ -1,10 +1,10 @@
 """Generation options, assembled in one place for invoke, stream and fork_fanout.
 
-    model fields (``ChatThaw.temperature``, ...)  = the defaults
-      + per-call / per-branch values (LangChain kwargs, fork_fanout ``options``)
-      -> ``build_options``: aliases resolved (``max_completion_tokens``, ``stop_sequences``),
-         ``logprobs`` / ``top_logprobs`` -> vLLM's ``logprobs`` count, None dropped, every name
-         and value checked (``GenerationOptions``), so bad input fails before the engine.
+model fields (``ChatThaw.temperature``, ...)  = the defaults
+  + per-call / per-branch values (LangChain kwargs, fork_fanout ``options``)
+  -> ``build_options``: aliases resolved (``max_completion_tokens``, ``stop_sequences``),
+     ``logprobs`` / ``top_logprobs`` -> vLLM's ``logprobs`` count, None dropped, every name
+     and value checked (``GenerationOptions``), so bad input fails before the engine.
 """
 
 from __future__ import annotations
@@ -13,9 +13,21 @@ from typing import Any
 
 from thaw_agents_core.engine.sampling import GenerationOptions
 
-OPTION_FIELDS = ("max_tokens", "temperature", "top_p", "top_k", "min_p", "seed", "stop",
-                 "presence_penalty", "frequency_penalty", "repetition_penalty", "logit_bias",
-                 "logprobs", "top_logprobs")
+OPTION_FIELDS = (
+    "max_tokens",
+    "temperature",
+    "top_p",
+    "top_k",
+    "min_p",
+    "seed",
+    "stop",
+    "presence_penalty",
+    "frequency_penalty",
+    "repetition_penalty",
+    "logit_bias",
+    "logprobs",
+    "top_logprobs",
+)
 """ChatThaw fields that are generation defaults (per-call values of the same name win)."""
 
 _ALIASES = {"max_completion_tokens": "max_tokens", "stop_sequences": "stop"}

@@ -29,9 +29,12 @@ PROVIDER = "thaw"
 
 def usage_metadata(input_tokens: int, output_tokens: int, cache_read: int) -> UsageMetadata:
     """LangChain usage: ``cache_read`` = prompt tokens served from the prefix cache/snapshot."""
-    return UsageMetadata(input_tokens=input_tokens, output_tokens=output_tokens,
-                         total_tokens=input_tokens + output_tokens,
-                         input_token_details=InputTokenDetails(cache_read=cache_read))
+    return UsageMetadata(
+        input_tokens=input_tokens,
+        output_tokens=output_tokens,
+        total_tokens=input_tokens + output_tokens,
+        input_token_details=InputTokenDetails(cache_read=cache_read),
+    )
 
 
 @dataclass
@@ -75,7 +78,7 @@ class CompletionAssembler:
         limit = len(self.text) if self.tool_mode == "none" else tc.safe_text_prefix(self.text)
         if limit <= self._shown and not new_logprobs:
             return None
-        delta = self.text[self._shown:limit]
+        delta = self.text[self._shown : limit]
         self._shown = max(self._shown, limit)
         metadata = {"logprobs": {"content": new_logprobs}} if new_logprobs else {}
         return AIMessageChunk(content=delta, response_metadata=metadata)
@@ -83,16 +86,24 @@ class CompletionAssembler:
     def final_chunk(self) -> AIMessageChunk:
         """The closing chunk: rest of the text, tool calls, usage and metadata."""
         content, calls, invalid = self._split()
-        shown = self.text[:self._shown]
-        rest = content[len(shown):] if content.startswith(shown) else ""
+        shown = self.text[: self._shown]
+        rest = content[len(shown) :] if content.startswith(shown) else ""
         chunks = [
-            {"name": call["name"], "args": dumps_args(call["args"]), "id": call["id"],
-             "index": i, "type": "tool_call_chunk"}
+            {
+                "name": call["name"],
+                "args": dumps_args(call["args"]),
+                "id": call["id"],
+                "index": i,
+                "type": "tool_call_chunk",
+            }
             for i, call in enumerate(calls)
         ]
         return AIMessageChunk(
-            content=rest, tool_call_chunks=chunks, invalid_tool_calls=invalid,
-            usage_metadata=self.usage(), response_metadata=self.metadata(bool(calls)),
+            content=rest,
+            tool_call_chunks=chunks,
+            invalid_tool_calls=invalid,
+            usage_metadata=self.usage(),
+            response_metadata=self.metadata(bool(calls)),
             chunk_position="last",
         )
 
@@ -106,8 +117,13 @@ class CompletionAssembler:
         metadata = self.metadata(bool(calls))
         if self.logprobs:
             metadata["logprobs"] = {"content": self.logprobs}
-        return AIMessage(content=content, tool_calls=calls, invalid_tool_calls=invalid,
-                         usage_metadata=self.usage(), response_metadata=metadata)
+        return AIMessage(
+            content=content,
+            tool_calls=calls,
+            invalid_tool_calls=invalid,
+            usage_metadata=self.usage(),
+            response_metadata=metadata,
+        )
 
     # ------------------------------------------------------------------ pieces
 
@@ -127,8 +143,11 @@ class CompletionAssembler:
 
     def metadata(self, has_tool_calls: bool) -> dict[str, Any]:
         finish = "tool_calls" if has_tool_calls else self.finish_reason
-        metadata: dict[str, Any] = {"model_name": self.model_name, "finish_reason": finish,
-                                    "model_provider": PROVIDER}
+        metadata: dict[str, Any] = {
+            "model_name": self.model_name,
+            "finish_reason": finish,
+            "model_provider": PROVIDER,
+        }
         if self.stop_reason is not None:
             metadata["stop_reason"] = self.stop_reason
         if self.routing:

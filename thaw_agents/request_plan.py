@@ -71,9 +71,19 @@ class RequestPlan:
     routing: dict[str, Any] = field(default_factory=dict)
 
     @classmethod
-    def create(cls, *, messages: Sequence[BaseMessage], defaults: dict[str, Any],
-               kwargs: dict[str, Any], stop: list[str] | None, stream: bool, tokenizer: Any,
-               max_model_len: int, model_name: str, auto_tool_routing: bool) -> RequestPlan:
+    def create(
+        cls,
+        *,
+        messages: Sequence[BaseMessage],
+        defaults: dict[str, Any],
+        kwargs: dict[str, Any],
+        stop: list[str] | None,
+        stream: bool,
+        tokenizer: Any,
+        max_model_len: int,
+        model_name: str,
+        auto_tool_routing: bool,
+    ) -> RequestPlan:
         kwargs = dict(kwargs)
         if not messages:
             raise ValueError("ChatThaw needs at least one message; got an empty list")
@@ -81,7 +91,8 @@ class RequestPlan:
         tool_choice = kwargs.pop("tool_choice", None)
         options = dict(defaults)
         format_options, instructions = structured.response_format_options(
-            kwargs.pop("response_format", None))
+            kwargs.pop("response_format", None)
+        )
         options.update(format_options)
         for name in IGNORED_KWARGS:
             kwargs.pop(name, None)
@@ -90,9 +101,15 @@ class RequestPlan:
         # Fails on unknown names or bad values before anything reaches the engine.
         options = build_options(options, kwargs)
 
-        plan = cls(messages=messages, options=options, tokenizer=tokenizer,
-                   max_model_len=max_model_len, model_name=model_name, stream=stream,
-                   instructions=instructions)
+        plan = cls(
+            messages=messages,
+            options=options,
+            tokenizer=tokenizer,
+            max_model_len=max_model_len,
+            model_name=model_name,
+            stream=stream,
+            instructions=instructions,
+        )
         if tools and tool_choice != "none":
             plan.tools = tools
             forced = tc.forced_tool_names(tools, tool_choice)
@@ -124,27 +141,32 @@ class RequestPlan:
 
     def router_call(self) -> EngineCall:
         assert self.tools is not None
-        request = next((m for m in reversed(self.messages) if isinstance(m, HumanMessage)),
-                       self.messages[-1])
+        request = next(
+            (m for m in reversed(self.messages) if isinstance(m, HumanMessage)), self.messages[-1]
+        )
         router_messages = [
             SystemMessage(tc.router_system_prompt(self.tools)),
             HumanMessage(tc.router_question(msg.text_of(request.content))),
         ]
         rendered = msg.render(self.tokenizer, router_messages)
-        options = GenerationOptions(max_tokens=4, temperature=0.0,
-                                    json_schema={"enum": ["yes", "no"]})
+        options = GenerationOptions(
+            max_tokens=4, temperature=0.0, json_schema={"enum": ["yes", "no"]}
+        )
         params = to_sampling_params(options, stream=False, max_model_len=self.max_model_len)
-        assembler = CompletionAssembler(model_name=self.model_name,
-                                        prompt_tokens=len(rendered.token_ids))
+        assembler = CompletionAssembler(
+            model_name=self.model_name, prompt_tokens=len(rendered.token_ids)
+        )
         return EngineCall(rendered.token_ids, params, assembler)
 
     def decide(self, router: EngineCall, output: Any) -> None:
         """Apply the router's answer: force a tool call on "yes"."""
         answer = router.assembler.message(output)
         usage = answer.usage_metadata or {}
-        self.routing = {"tool_routing": "yes" in answer.text,
-                        "routing_input_tokens": usage.get("input_tokens", 0),
-                        "routing_output_tokens": usage.get("output_tokens", 0)}
+        self.routing = {
+            "tool_routing": "yes" in answer.text,
+            "routing_input_tokens": usage.get("input_tokens", 0),
+            "routing_output_tokens": usage.get("output_tokens", 0),
+        }
         if self.routing["tool_routing"]:
             assert self.tools is not None
             self._force([tool["function"]["name"] for tool in self.tools])
@@ -153,34 +175,44 @@ class RequestPlan:
 
     def main_call(self) -> EngineCall:
         generation = GenerationOptions.from_mapping(self.options)
-        rendered = msg.render(self.tokenizer, self.messages, tools=self.tools,
-                              instructions=self.instructions)
+        rendered = msg.render(
+            self.tokenizer, self.messages, tools=self.tools, instructions=self.instructions
+        )
         if len(rendered.token_ids) >= self.max_model_len:
             raise ValueError(
                 f"the prompt has {len(rendered.token_ids)} tokens; this engine's context holds "
                 f"max_model_len={self.max_model_len} (prompt + output). Shorten the messages or "
                 "start ChatThaw with a larger max_model_len."
             )
-        params = to_sampling_params(generation, stream=self.stream,
-                                    max_model_len=self.max_model_len)
+        params = to_sampling_params(
+            generation, stream=self.stream, max_model_len=self.max_model_len
+        )
         assembler = CompletionAssembler(
-            model_name=self.model_name, prompt_tokens=len(rendered.token_ids),
-            tool_mode=self.tool_mode, routing=self.routing,
-            tool_names=[tool["function"]["name"] for tool in self.tools or []])
+            model_name=self.model_name,
+            prompt_tokens=len(rendered.token_ids),
+            tool_mode=self.tool_mode,
+            routing=self.routing,
+            tool_names=[tool["function"]["name"] for tool in self.tools or []],
+        )
         return EngineCall(rendered.token_ids, params, assembler)
 
 
 def fold_tool_results(messages: Sequence[BaseMessage]) -> list[BaseMessage] | None:
     """The messages with the last user request and the tool exchange after it folded into one
     user turn (None when there is no user request to fold into)."""
-    last = next((i for i in range(len(messages) - 1, -1, -1)
-                 if isinstance(messages[i], HumanMessage)), None)
+    last = next(
+        (i for i in range(len(messages) - 1, -1, -1) if isinstance(messages[i], HumanMessage)), None
+    )
     if last is None:
         return None
-    names = {call["id"]: call["name"] for m in messages[last:] if isinstance(m, AIMessage)
-             for call in m.tool_calls}
+    names = {
+        call["id"]: call["name"]
+        for m in messages[last:]
+        if isinstance(m, AIMessage)
+        for call in m.tool_calls
+    }
     results = []
-    for message in messages[last + 1:]:
+    for message in messages[last + 1 :]:
         if isinstance(message, ToolMessage):
             name = message.name or names.get(message.tool_call_id, "the tool")
             error = "Error: " if getattr(message, "status", "success") == "error" else ""

@@ -54,11 +54,15 @@ class RolloutRecord:
 
     def __post_init__(self) -> None:
         if len(self.logprobs) != len(self.token_ids):
-            raise ValueError(f"rollout {self.rollout_id!r}: {len(self.token_ids)} token ids but "
-                             f"{len(self.logprobs)} logprobs (one per generated token needed)")
+            raise ValueError(
+                f"rollout {self.rollout_id!r}: {len(self.token_ids)} token ids but "
+                f"{len(self.logprobs)} logprobs (one per generated token needed)"
+            )
         if self.tokens and len(self.tokens) != len(self.token_ids):
-            raise ValueError(f"rollout {self.rollout_id!r}: {len(self.token_ids)} token ids but "
-                             f"{len(self.tokens)} decoded tokens")
+            raise ValueError(
+                f"rollout {self.rollout_id!r}: {len(self.token_ids)} token ids but "
+                f"{len(self.tokens)} decoded tokens"
+            )
 
     @property
     def sequence_logprob(self) -> float:
@@ -78,8 +82,9 @@ class RolloutRecord:
     def from_json(cls, data: dict[str, Any], source: str = "record") -> RolloutRecord:
         """Parse and check one record (``ValueError`` naming ``source`` and what is wrong)."""
         if not isinstance(data, dict):
-            raise ValueError(f"{source}: a rollout record is a JSON object, got "
-                             f"{type(data).__name__}")
+            raise ValueError(
+                f"{source}: a rollout record is a JSON object, got {type(data).__name__}"
+            )
         if data.get("format") != FORMAT:
             raise ValueError(f"{source}: format {data.get('format')!r}; expected {FORMAT!r}")
         missing = [key for key in _REQUIRED if key not in data]
@@ -90,32 +95,50 @@ class RolloutRecord:
         if not all(isinstance(t, int) for t in values["token_ids"]):
             raise ValueError(f"{source}: token_ids must be integers")
         if not all(isinstance(lp, (int, float)) for lp in values["logprobs"]):
-            raise ValueError(f"{source}: logprobs must be numbers (one per token; record "
-                             "rollouts with options={'logprobs': True})")
+            raise ValueError(
+                f"{source}: logprobs must be numbers (one per token; record "
+                "rollouts with options={'logprobs': True})"
+            )
         return cls(**values)
 
 
-def record_from_branch(result: Any, *, rollout_id: str, prefix: dict[str, Any],
-                       suffix: str = "", options: dict[str, Any] | None = None,
-                       reward: float | None = None) -> RolloutRecord:
+def record_from_branch(
+    result: Any,
+    *,
+    rollout_id: str,
+    prefix: dict[str, Any],
+    suffix: str = "",
+    options: dict[str, Any] | None = None,
+    reward: float | None = None,
+) -> RolloutRecord:
     """A record from a fork_fanout ``BranchResult`` run with ``options={"logprobs": True}``."""
     entries = result.logprobs or []
     if len(entries) != len(result.token_ids):
-        raise ValueError(f"branch {rollout_id!r} has {len(result.token_ids)} tokens but "
-                         f"{len(entries)} logprob entries: run fork_fanout with "
-                         "options={'logprobs': True}")
+        raise ValueError(
+            f"branch {rollout_id!r} has {len(result.token_ids)} tokens but "
+            f"{len(entries)} logprob entries: run fork_fanout with "
+            "options={'logprobs': True}"
+        )
     if any(e.get("logprob") is None for e in entries):
         raise ValueError(f"branch {rollout_id!r}: a generated token has no log-probability")
     return RolloutRecord(
-        rollout_id=rollout_id, token_ids=list(result.token_ids),
+        rollout_id=rollout_id,
+        token_ids=list(result.token_ids),
         logprobs=[float(e["logprob"]) for e in entries],
-        tokens=[str(e.get("token", "")) for e in entries], text=result.text, prefix=prefix,
-        suffix=suffix, sample_index=result.sample_index, options=dict(options or {}),
-        finish_reason=result.finish_reason, reward=reward)
+        tokens=[str(e.get("token", "")) for e in entries],
+        text=result.text,
+        prefix=prefix,
+        suffix=suffix,
+        sample_index=result.sample_index,
+        options=dict(options or {}),
+        finish_reason=result.finish_reason,
+        reward=reward,
+    )
 
 
-def write_records(directory: str | os.PathLike[str],
-                  records: Sequence[RolloutRecord]) -> list[Path]:
+def write_records(
+    directory: str | os.PathLike[str], records: Sequence[RolloutRecord]
+) -> list[Path]:
     """Write each record to ``DIR/rollouts/<rollout_id>.json`` (temp file + rename)."""
     folder = Path(directory) / RECORDS_DIR
     folder.mkdir(parents=True, exist_ok=True)
@@ -133,8 +156,10 @@ def read_records(directory: str | os.PathLike[str]) -> list[RolloutRecord]:
     """Every record under ``DIR/rollouts/``, ordered by rollout id."""
     folder = Path(directory) / RECORDS_DIR
     if not folder.is_dir():
-        raise FileNotFoundError(f"no rollout records in {directory}: expected a folder "
-                                f"{folder} of <rollout_id>.json files")
+        raise FileNotFoundError(
+            f"no rollout records in {directory}: expected a folder "
+            f"{folder} of <rollout_id>.json files"
+        )
     records = []
     for path in sorted(folder.glob("*.json")):
         try:
@@ -190,9 +215,11 @@ class Pivot:
 def _check_same_prompt(records: Sequence[RolloutRecord]) -> None:
     prompts = {(json.dumps(r.prefix.get("snapshot_id")), r.suffix) for r in records}
     if len(prompts) > 1:
-        raise ValueError(f"the rollouts start from {len(prompts)} different prompts "
-                         f"(prefix snapshot id, suffix): {sorted(prompts)}; a pivot compares "
-                         "rollouts of one prompt")
+        raise ValueError(
+            f"the rollouts start from {len(prompts)} different prompts "
+            f"(prefix snapshot id, suffix): {sorted(prompts)}; a pivot compares "
+            "rollouts of one prompt"
+        )
 
 
 def find_pivot(records: Sequence[RolloutRecord]) -> Pivot | None:
@@ -204,8 +231,9 @@ def find_pivot(records: Sequence[RolloutRecord]) -> Pivot | None:
         raise ValueError(f"a pivot needs at least two rollouts, got {len(records)}")
     _check_same_prompt(records)
     longest = max(len(r.token_ids) for r in records)
-    position = next((p for p in range(longest + 1)
-                     if len({_choice(r, p) for r in records}) > 1), None)
+    position = next(
+        (p for p in range(longest + 1) if len({_choice(r, p) for r in records}) > 1), None
+    )
     if position is None:
         return None
     by_choice: dict[int | None, list[RolloutRecord]] = {}
@@ -215,17 +243,22 @@ def find_pivot(records: Sequence[RolloutRecord]) -> Pivot | None:
     for choice, members in by_choice.items():
         ranked = sorted(members, key=lambda r: (-r.sequence_logprob, r.rollout_id))
         logprobs = [r.logprobs[position] for r in members if choice is not None]
-        groups.append(PivotGroup(
-            token_id=choice, token=members[0].token_text(position) if choice is not None
-            else "<end>", choice_logprob=sum(logprobs) / len(logprobs) if logprobs else None,
-            rollouts=[RankedRollout(r.rollout_id, r.sequence_logprob, len(r.token_ids),
-                                    r.reward) for r in ranked]))
+        groups.append(
+            PivotGroup(
+                token_id=choice,
+                token=members[0].token_text(position) if choice is not None else "<end>",
+                choice_logprob=sum(logprobs) / len(logprobs) if logprobs else None,
+                rollouts=[
+                    RankedRollout(r.rollout_id, r.sequence_logprob, len(r.token_ids), r.reward)
+                    for r in ranked
+                ],
+            )
+        )
     groups.sort(key=lambda g: (-g.best_sequence_logprob, g.rollouts[0].rollout_id))
     first = records[0]
     shared = first.token_ids[:position]
     shared_text = "".join(first.tokens[:position]) if first.tokens else ""
-    return Pivot(position=position, shared_token_ids=shared, shared_text=shared_text,
-                 groups=groups)
+    return Pivot(position=position, shared_token_ids=shared, shared_text=shared_text, groups=groups)
 
 
 def _choice(record: RolloutRecord, position: int) -> int | None:
@@ -236,14 +269,19 @@ def format_pivot(pivot: Pivot | None, num_rollouts: int) -> str:
     """A short human-readable report of ``find_pivot``'s answer."""
     if pivot is None:
         return f"all {num_rollouts} rollouts generated the same tokens: no pivot"
-    lines = [f"pivot at generated token {pivot.position} of {num_rollouts} rollouts "
-             f"(shared before it: {pivot.shared_text!r})"]
+    lines = [
+        f"pivot at generated token {pivot.position} of {num_rollouts} rollouts "
+        f"(shared before it: {pivot.shared_text!r})"
+    ]
     for rank, group in enumerate(pivot.groups, 1):
         choice = "n/a" if group.choice_logprob is None else f"{group.choice_logprob:.3f}"
-        lines.append(f"  {rank}. {group.token!r} (logprob {choice}): "
-                     f"{len(group.rollouts)} rollout(s)")
+        lines.append(
+            f"  {rank}. {group.token!r} (logprob {choice}): {len(group.rollouts)} rollout(s)"
+        )
         for r in group.rollouts:
             reward = "" if r.reward is None else f", reward {r.reward:g}"
-            lines.append(f"       {r.rollout_id}: sequence logprob {r.sequence_logprob:.2f} "
-                         f"over {r.num_tokens} tokens{reward}")
+            lines.append(
+                f"       {r.rollout_id}: sequence logprob {r.sequence_logprob:.2f} "
+                f"over {r.num_tokens} tokens{reward}"
+            )
     return "\n".join(lines)

@@ -44,12 +44,20 @@ def _text_parser(schema: Any) -> Runnable:
     return JsonOutputParser()
 
 
-def build(model: Any, schema: Any, *, method: str = "json_schema", include_raw: bool = False,
-          strict: bool | None = None) -> Runnable:
+def build(
+    model: Any,
+    schema: Any,
+    *,
+    method: str = "json_schema",
+    include_raw: bool = False,
+    strict: bool | None = None,
+) -> Runnable:
     """The runnable ``model.with_structured_output(...)`` returns."""
     if schema is None:
-        raise ValueError("with_structured_output needs a schema (pydantic class, TypedDict, "
-                         "JSON schema dict or OpenAI function dict)")
+        raise ValueError(
+            "with_structured_output needs a schema (pydantic class, TypedDict, "
+            "JSON schema dict or OpenAI function dict)"
+        )
     if method not in METHODS:
         raise ValueError(f"method must be one of {METHODS}, got {method!r}")
     trace = {"kwargs": {"method": method, "strict": strict}, "schema": schema}
@@ -63,9 +71,14 @@ def build(model: Any, schema: Any, *, method: str = "json_schema", include_raw: 
         )
     elif method == "json_schema":
         json_schema = convert_to_json_schema(schema)
-        response_format = {"type": "json_schema",
-                           "json_schema": {"name": json_schema.get("title", "output"),
-                                           "schema": json_schema, "strict": strict}}
+        response_format = {
+            "type": "json_schema",
+            "json_schema": {
+                "name": json_schema.get("title", "output"),
+                "schema": json_schema,
+                "strict": strict,
+            },
+        }
         bound = model.bind(response_format=response_format, ls_structured_output_format=trace)
         parser = _text_parser(schema)
     else:
@@ -78,8 +91,9 @@ def build(model: Any, schema: Any, *, method: str = "json_schema", include_raw: 
         parser = _text_parser(schema)
     if not include_raw:
         return bound | parser
-    parser_assign = RunnablePassthrough.assign(parsed=itemgetter("raw") | parser,
-                                               parsing_error=lambda _: None)
+    parser_assign = RunnablePassthrough.assign(
+        parsed=itemgetter("raw") | parser, parsing_error=lambda _: None
+    )
     parser_none = RunnablePassthrough.assign(parsed=lambda _: None)
     with_fallback = parser_assign.with_fallbacks([parser_none], exception_key="parsing_error")
     return RunnableMap(raw=bound) | with_fallback
@@ -91,13 +105,16 @@ def schema_instructions(schema: dict[str, Any] | None) -> str | None:
     properties = (schema or {}).get("properties")
     if not properties:
         return None
-    lines = [f'- "{name}" ({spec.get("type", "any")}): {spec.get("description", "")}'.rstrip(": ")
-             for name, spec in properties.items()]
+    lines = [
+        f'- "{name}" ({spec.get("type", "any")}): {spec.get("description", "")}'.rstrip(": ")
+        for name, spec in properties.items()
+    ]
     return "Reply with a JSON object with these keys:\n" + "\n".join(lines)
 
 
-def response_format_options(response_format: dict[str, Any] | None
-                            ) -> tuple[dict[str, Any], str | None]:
+def response_format_options(
+    response_format: dict[str, Any] | None,
+) -> tuple[dict[str, Any], str | None]:
     """OpenAI-style ``response_format`` -> (generation options, system instructions)."""
     if not response_format:
         return {}, None

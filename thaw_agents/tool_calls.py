@@ -44,8 +44,10 @@ def tool_system_prompt(tools: list[dict[str, Any]]) -> str:
     (magic_function(3) -> {"input": 3}); a JSON-schema listing or a Hermes-style prompt made
     it invent {"input": 100} (tried 2026-11-23, greedy).
     """
-    lines = [f"- {_signature(tool['function'])}: {tool['function'].get('description', '')}"
-             for tool in tools]
+    lines = [
+        f"- {_signature(tool['function'])}: {tool['function'].get('description', '')}"
+        for tool in tools
+    ]
     return (
         "You have access to the following tools:\n" + "\n".join(lines) + "\n"
         'To use a tool, reply with a JSON object {"name": tool name, "arguments": '
@@ -54,8 +56,10 @@ def tool_system_prompt(tools: list[dict[str, Any]]) -> str:
 
 
 def router_system_prompt(tools: list[dict[str, Any]]) -> str:
-    lines = [f"- {_signature(tool['function'])}: {tool['function'].get('description', '')}"
-             for tool in tools]
+    lines = [
+        f"- {_signature(tool['function'])}: {tool['function'].get('description', '')}"
+        for tool in tools
+    ]
     return ("Tool available:\n" if len(tools) == 1 else "Tools available:\n") + "\n".join(lines)
 
 
@@ -96,13 +100,17 @@ def forced_call_schema(tools: list[dict[str, Any]], names: list[str]) -> dict[st
         if function["name"] not in names:
             continue
         parameters = function.get("parameters") or {"type": "object", "properties": {}}
-        options.append({
-            "type": "object",
-            "properties": {"name": {"type": "string", "enum": [function["name"]]},
-                           "arguments": parameters},
-            "required": ["name", "arguments"],
-            "additionalProperties": False,
-        })
+        options.append(
+            {
+                "type": "object",
+                "properties": {
+                    "name": {"type": "string", "enum": [function["name"]]},
+                    "arguments": parameters,
+                },
+                "required": ["name", "arguments"],
+                "additionalProperties": False,
+            }
+        )
     return options[0] if len(options) == 1 else {"anyOf": options}
 
 
@@ -121,8 +129,9 @@ def _to_call(payload: str) -> ToolCall | InvalidToolCall:
             raise TypeError("name must be a string and arguments an object")
         return ToolCall(name=name, args=args, id=new_call_id(), type="tool_call")
     except (ValueError, KeyError, TypeError) as exc:
-        return InvalidToolCall(name=None, args=payload, id=new_call_id(), error=str(exc),
-                               type="invalid_tool_call")
+        return InvalidToolCall(
+            name=None, args=payload, id=new_call_id(), error=str(exc), type="invalid_tool_call"
+        )
 
 
 def parse_forced(text: str) -> tuple[list[ToolCall], list[InvalidToolCall]]:
@@ -145,8 +154,9 @@ def _whole_text_call(text: str, tool_names: list[str]) -> ToolCall | None:
     return call if call.get("type") == "tool_call" else None  # type: ignore[return-value]
 
 
-def parse_text(text: str, tool_names: list[str]) -> tuple[str, list[ToolCall],
-                                                           list[InvalidToolCall]]:
+def parse_text(
+    text: str, tool_names: list[str]
+) -> tuple[str, list[ToolCall], list[InvalidToolCall]]:
     """Split free text into (content, tool_calls, invalid_tool_calls)."""
     if TOOL_CALL_OPEN not in text:
         call = _whole_text_call(text, tool_names)

@@ -21,6 +21,7 @@ _EXPORTS = {
     "ShmStore": "thaw_agents_core.store.shm",
     "PrefixHandle": "thaw_agents_core.fork.prefix",
     "ForkPool": "thaw_agents_core.pool.fork_pool",
+    "RayForkPool": "thaw_agents_core.pool.ray_pool",
     "Engine": "thaw_agents_core.engine.engine",
     "EngineSpec": "thaw_agents_core.engine.spec",
     "GenerationOptions": "thaw_agents_core.engine.sampling",

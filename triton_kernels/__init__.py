@@ -25,6 +25,14 @@ from .kv_blocks import kv_gather, kv_gather_reference, kv_scatter, kv_scatter_re
 from .kv_pages import KVPageSpec, page_spec_for
 
 __all__ = [
-    "KVPageSpec", "page_spec_for", "kv_gather", "kv_scatter", "kv_gather_reference", "kv_scatter_reference",
-    "chunk_crc32c", "chunk_crc32c_reference", "crc32c_combine", "combine_chunk_crcs",
+    "KVPageSpec",
+    "page_spec_for",
+    "kv_gather",
+    "kv_scatter",
+    "kv_gather_reference",
+    "kv_scatter_reference",
+    "chunk_crc32c",
+    "chunk_crc32c_reference",
+    "crc32c_combine",
+    "combine_chunk_crcs",
 ]

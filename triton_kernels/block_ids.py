@@ -34,10 +34,14 @@ def check_id_values(lo: int, hi: int, n_distinct: int | None, n: int, spec: KVPa
     """Raise unless ids lie in 0..num_blocks-1 and, when ``n_distinct`` is given, none repeats."""
     if lo < 0 or hi >= spec.num_blocks:
         bad = lo if lo < 0 else hi
-        raise ValueError(f"block id {bad} out of range: the cache has {spec.num_blocks} blocks "
-                         f"(0..{spec.num_blocks - 1})")
+        raise ValueError(
+            f"block id {bad} out of range: the cache has {spec.num_blocks} blocks "
+            f"(0..{spec.num_blocks - 1})"
+        )
     if n_distinct is not None and n_distinct != n:
-        raise ValueError("block_ids has repeats; a scatter would write one block twice in an undefined order")
+        raise ValueError(
+            "block_ids has repeats; a scatter would write one block twice in an undefined order"
+        )
 
 
 def host_ids(block_ids: BlockIds, spec: KVPageSpec, unique: bool) -> np.ndarray | None:
@@ -49,12 +53,18 @@ def host_ids(block_ids: BlockIds, spec: KVPageSpec, unique: bool) -> np.ndarray 
     if isinstance(block_ids, torch.Tensor):
         if block_ids.device.type != "cpu":
             return None
-        if block_ids.ndim != 1 or block_ids.dtype.is_floating_point or block_ids.dtype.is_complex \
-                or block_ids.dtype == torch.bool:
+        if (
+            block_ids.ndim != 1
+            or block_ids.dtype.is_floating_point
+            or block_ids.dtype.is_complex
+            or block_ids.dtype == torch.bool
+        ):
             raise bad_ids_dtype(block_ids, block_ids.dtype, block_ids.shape)
         arr = block_ids.detach().numpy()
     else:
-        arr = np.asarray(block_ids if isinstance(block_ids, (list, tuple, np.ndarray)) else list(block_ids))
+        arr = np.asarray(
+            block_ids if isinstance(block_ids, (list, tuple, np.ndarray)) else list(block_ids)
+        )
         if arr.size == 0 and arr.ndim == 1:
             return np.empty(0, dtype=np.int64)
         if arr.ndim != 1 or arr.dtype.kind not in "iu":
@@ -68,7 +78,12 @@ def host_ids(block_ids: BlockIds, spec: KVPageSpec, unique: bool) -> np.ndarray 
 
 def device_tensor_ids(ids: torch.Tensor, spec: KVPageSpec, unique: bool) -> torch.Tensor:
     """Validate ids that already live on a device: one sync for min/max (pass a list to avoid it)."""
-    if ids.ndim != 1 or ids.dtype.is_floating_point or ids.dtype.is_complex or ids.dtype == torch.bool:
+    if (
+        ids.ndim != 1
+        or ids.dtype.is_floating_point
+        or ids.dtype.is_complex
+        or ids.dtype == torch.bool
+    ):
         raise bad_ids_dtype(ids, ids.dtype, ids.shape)
     if ids.numel():
         lo, hi = (int(v) for v in torch.stack([ids.min(), ids.max()]).tolist())  # the sync
@@ -77,7 +92,9 @@ def device_tensor_ids(ids: torch.Tensor, spec: KVPageSpec, unique: bool) -> torc
     return ids.to(dtype=torch.int64).contiguous()
 
 
-def block_id_tensor(block_ids: BlockIds, spec: KVPageSpec, device: torch.device, unique: bool) -> torch.Tensor:
+def block_id_tensor(
+    block_ids: BlockIds, spec: KVPageSpec, device: torch.device, unique: bool
+) -> torch.Tensor:
     """Validated int64 ids on ``device`` for the references and the CPU path (the Triton path stages
     them through :class:`_IdStager` instead, see :func:`device_ids`)."""
     arr = host_ids(block_ids, spec, unique)
@@ -108,7 +125,9 @@ class _IdStager:
         self.lock = threading.Lock()
 
     def _grow(self, n: int) -> None:
-        host = torch.empty((ID_SLOTS, max(1024, triton.next_power_of_2(n))), dtype=torch.int64, pin_memory=True)
+        host = torch.empty(
+            (ID_SLOTS, max(1024, triton.next_power_of_2(n))), dtype=torch.int64, pin_memory=True
+        )
         self.rows = list(host.unbind(0))
         self.rows_np = list(host.numpy())
         self.events = [None] * ID_SLOTS
@@ -138,7 +157,9 @@ class _IdStager:
 _STAGERS: dict[torch.device, _IdStager] = {}
 
 
-def device_ids(block_ids: BlockIds, spec: KVPageSpec, device: torch.device, unique: bool) -> torch.Tensor:
+def device_ids(
+    block_ids: BlockIds, spec: KVPageSpec, device: torch.device, unique: bool
+) -> torch.Tensor:
     """Validated int64 block ids on ``device`` for the Triton path."""
     arr = host_ids(block_ids, spec, unique)
     if arr is None:

@@ -80,23 +80,32 @@ def _prepare(layers: Layers, block_ids: BlockIds, spec: KVPageSpec, unique: bool
 def _raw_pages(layer: torch.Tensor, spec: KVPageSpec) -> torch.Tensor:
     """[num_halves, num_blocks, page_elems] raw-integer view aliasing the layer's pages."""
     raw = layer.view(RAW_DTYPES[layer.element_size()])
-    return raw.as_strided((spec.num_halves, spec.num_blocks, spec.page_elems),
-                          (spec.half_stride, spec.block_stride, 1), raw.storage_offset())
+    return raw.as_strided(
+        (spec.num_halves, spec.num_blocks, spec.page_elems),
+        (spec.half_stride, spec.block_stride, 1),
+        raw.storage_offset(),
+    )
 
 
-def kv_gather_reference(layers: Layers, block_ids: BlockIds, spec: KVPageSpec,
-                        out: torch.Tensor | None = None) -> torch.Tensor:
+def kv_gather_reference(
+    layers: Layers, block_ids: BlockIds, spec: KVPageSpec, out: torch.Tensor | None = None
+) -> torch.Tensor:
     """Per-layer index_select; returns ``[n_blocks, n_layers, num_halves, page_elems]``."""
     layer_list, ids, shape = _prepare(layers, block_ids, spec, unique=False)
-    out = torch.empty(shape, dtype=layer_list[0].dtype, device=ids.device) if out is None else \
-        check_buffer(out, "out", layer_list[0], shape)
+    out = (
+        torch.empty(shape, dtype=layer_list[0].dtype, device=ids.device)
+        if out is None
+        else check_buffer(out, "out", layer_list[0], shape)
+    )
     raw_out = out.view(RAW_DTYPES[out.element_size()])
     for li, layer in enumerate(layer_list):
         raw_out[:, li] = _raw_pages(layer, spec).index_select(1, ids).transpose(0, 1)
     return out
 
 
-def kv_scatter_reference(src: torch.Tensor, layers: Layers, block_ids: BlockIds, spec: KVPageSpec) -> None:
+def kv_scatter_reference(
+    src: torch.Tensor, layers: Layers, block_ids: BlockIds, spec: KVPageSpec
+) -> None:
     """Per-layer index_copy_ of ``src`` ([n_blocks, n_layers, num_halves, page_elems]) into the cache."""
     layer_list, ids, shape = _prepare(layers, block_ids, spec, unique=True)
     raw_src = check_buffer(src, "src", layer_list[0], shape).view(RAW_DTYPES[src.element_size()])
@@ -109,10 +118,21 @@ def kv_scatter_reference(src: torch.Tensor, layers: Layers, block_ids: BlockIds,
 
 
 @triton.jit
-def _kv_pages_kernel(cache_ptr, layer_offs_ptr, block_ids_ptr, buf_ptr, n_layers,
-                     page_units, block_units, half_units,
-                     NUM_HALVES: tl.constexpr, ALIGN: tl.constexpr, BLOCK: tl.constexpr,
-                     EVEN: tl.constexpr, TO_BUF: tl.constexpr):
+def _kv_pages_kernel(
+    cache_ptr,
+    layer_offs_ptr,
+    block_ids_ptr,
+    buf_ptr,
+    n_layers,
+    page_units,
+    block_units,
+    half_units,
+    NUM_HALVES: tl.constexpr,
+    ALIGN: tl.constexpr,
+    BLOCK: tl.constexpr,
+    EVEN: tl.constexpr,
+    TO_BUF: tl.constexpr,
+):
     # cache_ptr is the lowest-addressed layer; layer l starts layer_offs[l]*ALIGN elements after it.
     # Offsets and strides arrive in units of ALIGN elements (ALIGN*elem = up to 16 bytes) and are
     # multiplied by the constexpr here, so the compiler can prove 16-byte alignment and emit
@@ -149,7 +169,9 @@ def _alignment(layers: list[torch.Tensor], spec: KVPageSpec) -> int:
     low = min(ptrs)
     deltas = [p - low for p in ptrs]
     if any(d % elem for d in deltas):
-        raise ValueError(f"layer base addresses differ by a non-multiple of the element size {elem}: {deltas}")
+        raise ValueError(
+            f"layer base addresses differ by a non-multiple of the element size {elem}: {deltas}"
+        )
     align = max(1, 16 // elem)
     values = [spec.page_elems, spec.block_stride, spec.half_stride] + [d // elem for d in deltas]
     while align > 1 and any(v % align for v in values):
@@ -195,7 +217,14 @@ _PLANS_LOCK = threading.Lock()
 def _plan_key(layers: Layers, spec: KVPageSpec) -> tuple[tuple, Sequence[torch.Tensor]] | None:
     """(cache key, tensors to check identity of), or None when ``layers`` needs the slow checks."""
     if isinstance(layers, torch.Tensor):
-        return (spec, layers.data_ptr(), layers.shape, layers.stride(), layers.dtype, layers.device), (layers,)
+        return (
+            spec,
+            layers.data_ptr(),
+            layers.shape,
+            layers.stride(),
+            layers.dtype,
+            layers.device,
+        ), (layers,)
     if not isinstance(layers, (list, tuple)) or not layers:
         return None
     try:
@@ -217,8 +246,14 @@ def _build_plan(layers: Layers, spec: KVPageSpec) -> _LayersPlan:
     # A blocking copy, once per layers set: later calls may launch on other streams than this one.
     offs = torch.tensor([(p - ptrs[base]) // unit for p in ptrs], dtype=torch.int64).to(device)
     objs = (layers,) if isinstance(layers, torch.Tensor) else layer_list
-    return _LayersPlan(refs=tuple(weakref.ref(t) for t in objs), base=base, align=align, offs=offs,
-                       n_layers=len(layer_list), device=device)
+    return _LayersPlan(
+        refs=tuple(weakref.ref(t) for t in objs),
+        base=base,
+        align=align,
+        offs=offs,
+        n_layers=len(layer_list),
+        device=device,
+    )
 
 
 def _plan_for(layers: Layers, spec: KVPageSpec) -> tuple[_LayersPlan, torch.Tensor]:
@@ -249,8 +284,16 @@ def _plan_for(layers: Layers, spec: KVPageSpec) -> tuple[_LayersPlan, torch.Tens
 _COMPILED: dict[tuple, Any] = {}
 
 
-def _launch(plan: _LayersPlan, base: torch.Tensor, ids: torch.Tensor, buf: torch.Tensor, spec: KVPageSpec,
-            to_buf: bool, block: int | None = None, num_warps: int = DEFAULT_NUM_WARPS) -> None:
+def _launch(
+    plan: _LayersPlan,
+    base: torch.Tensor,
+    ids: torch.Tensor,
+    buf: torch.Tensor,
+    spec: KVPageSpec,
+    to_buf: bool,
+    block: int | None = None,
+    num_warps: int = DEFAULT_NUM_WARPS,
+) -> None:
     if ids.numel() == 0:
         return
     elem = base.element_size()
@@ -260,36 +303,65 @@ def _launch(plan: _LayersPlan, base: torch.Tensor, ids: torch.Tensor, buf: torch
         block = DEFAULT_BLOCK_BYTES // elem
     block = min(block, triton.next_power_of_2(spec.page_elems))
     grid = (buf.shape[0] * buf.shape[1] * buf.shape[2], triton.cdiv(spec.page_elems, block), 1)
-    args = (base.view(raw), plan.offs, ids, buf.view(raw), plan.n_layers,
-            spec.page_elems // align, spec.block_stride // align, spec.half_stride // align)
+    args = (
+        base.view(raw),
+        plan.offs,
+        ids,
+        buf.view(raw),
+        plan.n_layers,
+        spec.page_elems // align,
+        spec.block_stride // align,
+        spec.half_stride // align,
+    )
     consts = (spec.num_halves, align, block, spec.page_elems % block == 0, to_buf)
-    key = (base.device, raw, consts, num_warps, args[4:], tuple(t.data_ptr() % 16 for t in args[:4]))
+    key = (
+        base.device,
+        raw,
+        consts,
+        num_warps,
+        args[4:],
+        tuple(t.data_ptr() % 16 for t in args[:4]),
+    )
     compiled = _COMPILED.get(key)
     if compiled is not None:
         compiled[grid](*args, *consts, stream=torch.cuda.current_stream(base.device).cuda_stream)
         return
     compiled = _kv_pages_kernel[grid](
-        *args, NUM_HALVES=consts[0], ALIGN=align, BLOCK=block, EVEN=consts[3], TO_BUF=to_buf,
-        num_warps=num_warps)
+        *args,
+        NUM_HALVES=consts[0],
+        ALIGN=align,
+        BLOCK=block,
+        EVEN=consts[3],
+        TO_BUF=to_buf,
+        num_warps=num_warps,
+    )
     if base.is_cuda and hasattr(compiled, "packed_metadata"):  # not under the interpreter
         _COMPILED[key] = compiled
 
 
-def _kv_gather_triton(layers: Layers, block_ids: BlockIds, spec: KVPageSpec, out: torch.Tensor | None = None,
-                      **tile) -> torch.Tensor:
+def _kv_gather_triton(
+    layers: Layers, block_ids: BlockIds, spec: KVPageSpec, out: torch.Tensor | None = None, **tile
+) -> torch.Tensor:
     plan, base = _plan_for(layers, spec)
     ids = device_ids(block_ids, spec, plan.device, unique=False)
     shape = (ids.shape[0], plan.n_layers, spec.num_halves, spec.page_elems)
-    out = torch.empty(shape, dtype=base.dtype, device=plan.device) if out is None else \
-        check_buffer(out, "out", base, shape)
+    out = (
+        torch.empty(shape, dtype=base.dtype, device=plan.device)
+        if out is None
+        else check_buffer(out, "out", base, shape)
+    )
     _launch(plan, base, ids, out, spec, to_buf=True, **tile)
     return out
 
 
-def _kv_scatter_triton(src: torch.Tensor, layers: Layers, block_ids: BlockIds, spec: KVPageSpec, **tile) -> None:
+def _kv_scatter_triton(
+    src: torch.Tensor, layers: Layers, block_ids: BlockIds, spec: KVPageSpec, **tile
+) -> None:
     plan, base = _plan_for(layers, spec)
     ids = device_ids(block_ids, spec, plan.device, unique=True)
-    src = check_buffer(src, "src", base, (ids.shape[0], plan.n_layers, spec.num_halves, spec.page_elems))
+    src = check_buffer(
+        src, "src", base, (ids.shape[0], plan.n_layers, spec.num_halves, spec.page_elems)
+    )
     _launch(plan, base, ids, src, spec, to_buf=False, **tile)
 
 
@@ -307,25 +379,39 @@ def _stacked_pages(layers: list[torch.Tensor], spec: KVPageSpec) -> torch.Tensor
     if any(t.untyped_storage().data_ptr() != first.untyped_storage().data_ptr() for t in layers):
         return None
     step = (ptrs[1] - ptrs[0]) if len(ptrs) > 1 else spec.extent_elems * elem
-    if step % elem or step // elem < spec.extent_elems or any(b - a != step for a, b in zip(ptrs, ptrs[1:])):
+    if (
+        step % elem
+        or step // elem < spec.extent_elems
+        or any(b - a != step for a, b in zip(ptrs, ptrs[1:]))
+    ):
         return None  # interleaved or irregular layers: the reference handles them
     raw = first.view(RAW_DTYPES[elem])
-    return raw.as_strided((spec.num_blocks, len(layers), spec.num_halves, spec.page_elems),
-                          (spec.block_stride, step // elem, spec.half_stride, 1), raw.storage_offset())
+    return raw.as_strided(
+        (spec.num_blocks, len(layers), spec.num_halves, spec.page_elems),
+        (spec.block_stride, step // elem, spec.half_stride, 1),
+        raw.storage_offset(),
+    )
 
 
-def _kv_gather_cpu(layers: Layers, block_ids: BlockIds, spec: KVPageSpec, out: torch.Tensor | None) -> torch.Tensor:
+def _kv_gather_cpu(
+    layers: Layers, block_ids: BlockIds, spec: KVPageSpec, out: torch.Tensor | None
+) -> torch.Tensor:
     layer_list, ids, shape = _prepare(layers, block_ids, spec, unique=False)
     pages = _stacked_pages(layer_list, spec)
     if pages is None:
         return kv_gather_reference(layer_list, ids, spec, out)
-    out = torch.empty(shape, dtype=layer_list[0].dtype) if out is None else \
-        check_buffer(out, "out", layer_list[0], shape)
+    out = (
+        torch.empty(shape, dtype=layer_list[0].dtype)
+        if out is None
+        else check_buffer(out, "out", layer_list[0], shape)
+    )
     torch.index_select(pages, 0, ids, out=out.view(pages.dtype))
     return out
 
 
-def _kv_scatter_cpu(src: torch.Tensor, layers: Layers, block_ids: BlockIds, spec: KVPageSpec) -> None:
+def _kv_scatter_cpu(
+    src: torch.Tensor, layers: Layers, block_ids: BlockIds, spec: KVPageSpec
+) -> None:
     layer_list, ids, shape = _prepare(layers, block_ids, spec, unique=True)
     pages = _stacked_pages(layer_list, spec)
     if pages is None:
@@ -345,8 +431,9 @@ def _device_of(layers: Layers) -> torch.device:
     return first.device if isinstance(first, torch.Tensor) else checked_layers(layers)[0].device
 
 
-def kv_gather(layers: Layers, block_ids: BlockIds, spec: KVPageSpec,
-              out: torch.Tensor | None = None) -> torch.Tensor:
+def kv_gather(
+    layers: Layers, block_ids: BlockIds, spec: KVPageSpec, out: torch.Tensor | None = None
+) -> torch.Tensor:
     """Copy the pages of ``block_ids`` from every layer into one block-major buffer.
 
     Returns ``out`` viewed as ``[len(block_ids), n_layers, spec.num_halves, spec.page_elems]`` in

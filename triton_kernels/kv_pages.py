@@ -52,20 +52,30 @@ class KVPageSpec:
         if self.num_halves not in (1, 2):
             raise ValueError(f"num_halves must be 1 or 2, got {self.num_halves}")
         if self.page_elems < 1 or self.num_blocks < 1:
-            raise ValueError(f"page_elems ({self.page_elems}) and num_blocks ({self.num_blocks}) must be >= 1")
+            raise ValueError(
+                f"page_elems ({self.page_elems}) and num_blocks ({self.num_blocks}) must be >= 1"
+            )
         if self.num_blocks > 1 and self.block_stride < self.page_elems:
-            raise ValueError(f"block_stride {self.block_stride} < page_elems {self.page_elems}: pages overlap")
+            raise ValueError(
+                f"block_stride {self.block_stride} < page_elems {self.page_elems}: pages overlap"
+            )
         if self.num_halves == 2:
             p, bs, hs = self.page_elems, self.block_stride, self.half_stride
             separate = hs >= (self.num_blocks - 1) * bs + p  # [2, blocks, ...]: K half, then V half
             interleaved = p <= hs <= bs - p  # [blocks, 2, ...] viewed as [2, blocks, ...]
             if not (separate or interleaved):
-                raise ValueError(f"half_stride {hs} makes K and V pages overlap (page {p}, block_stride {bs})")
+                raise ValueError(
+                    f"half_stride {hs} makes K and V pages overlap (page {p}, block_stride {bs})"
+                )
 
     @property
     def extent_elems(self) -> int:
         """Elements spanned from a layer's first element to the end of its last page."""
-        return (self.num_blocks - 1) * self.block_stride + (self.num_halves - 1) * self.half_stride + self.page_elems
+        return (
+            (self.num_blocks - 1) * self.block_stride
+            + (self.num_halves - 1) * self.half_stride
+            + self.page_elems
+        )
 
 
 def _is_contiguous_tail(t: torch.Tensor, first_dim: int) -> bool:
@@ -82,23 +92,30 @@ def page_spec_for(tensor: torch.Tensor, layout: Literal["flash", "cpu"]) -> KVPa
     if layout == "flash":
         if tensor.ndim != 5 or tensor.shape[0] != 2:
             raise ValueError(
-                f"flash layout wants [2, num_blocks, block_size, kv_heads, head_dim], got {tuple(tensor.shape)}")
+                f"flash layout wants [2, num_blocks, block_size, kv_heads, head_dim], got {tuple(tensor.shape)}"
+            )
         first, num_halves, block_dim = 2, 2, 1
         half_stride = tensor.stride(0)
     elif layout == "cpu":
         if tensor.ndim != 4:
             raise ValueError(
-                f"cpu layout wants [num_blocks, kv_heads, block_size, 2*head_dim], got {tuple(tensor.shape)}")
+                f"cpu layout wants [num_blocks, kv_heads, block_size, 2*head_dim], got {tuple(tensor.shape)}"
+            )
         first, num_halves, block_dim, half_stride = 1, 1, 0, 0
     else:
         raise ValueError(f"layout must be 'flash' or 'cpu', got {layout!r}")
     if not _is_contiguous_tail(tensor, first):
         raise ValueError(
             f"{layout} layout: a page (dims {first}.. of shape {tuple(tensor.shape)}) must be contiguous, "
-            f"but strides are {tensor.stride()}; pass the cache tensor vLLM allocated, not a permuted view")
-    return KVPageSpec(num_halves=num_halves, page_elems=prod(tensor.shape[first:]),
-                      block_stride=tensor.stride(block_dim), half_stride=half_stride,
-                      num_blocks=tensor.shape[block_dim])
+            f"but strides are {tensor.stride()}; pass the cache tensor vLLM allocated, not a permuted view"
+        )
+    return KVPageSpec(
+        num_halves=num_halves,
+        page_elems=prod(tensor.shape[first:]),
+        block_stride=tensor.stride(block_dim),
+        half_stride=half_stride,
+        num_blocks=tensor.shape[block_dim],
+    )
 
 
 # ---------------------------------------------------------------------------------------------
@@ -109,7 +126,9 @@ def checked_layers(layers: Layers) -> list[torch.Tensor]:
     """``layers`` as a list, checked: not empty, all tensors of one dtype/shape/stride/device."""
     if isinstance(layers, torch.Tensor):
         if layers.ndim < 2:
-            raise ValueError(f"a stacked layers tensor needs a leading layer dim, got shape {tuple(layers.shape)}")
+            raise ValueError(
+                f"a stacked layers tensor needs a leading layer dim, got shape {tuple(layers.shape)}"
+            )
         out = list(layers.unbind(0))
     else:
         out = list(layers)
@@ -119,10 +138,16 @@ def checked_layers(layers: Layers) -> list[torch.Tensor]:
     for i, t in enumerate(out):
         if not isinstance(t, torch.Tensor):
             raise TypeError(f"layers[{i}] is {type(t).__name__}, expected a torch.Tensor")
-        if t.dtype != first.dtype or t.shape != first.shape or t.stride() != first.stride() or t.device != first.device:
+        if (
+            t.dtype != first.dtype
+            or t.shape != first.shape
+            or t.stride() != first.stride()
+            or t.device != first.device
+        ):
             raise ValueError(
                 f"layers[{i}] is {t.dtype} {tuple(t.shape)} stride {t.stride()} on {t.device}, but layers[0] is "
-                f"{first.dtype} {tuple(first.shape)} stride {first.stride()} on {first.device}; all must match")
+                f"{first.dtype} {tuple(first.shape)} stride {first.stride()} on {first.device}; all must match"
+            )
     if first.element_size() not in RAW_DTYPES:
         raise ValueError(f"unsupported dtype {first.dtype} (element size {first.element_size()})")
     return out
@@ -135,17 +160,25 @@ def check_extent(layers: list[torch.Tensor], spec: KVPageSpec) -> None:
         storage_elems = layer.untyped_storage().nbytes() // layer.element_size()
         end = layer.storage_offset() + spec.extent_elems
         if end > storage_elems:
-            raise ValueError(f"spec spans {spec.extent_elems} elements from layers[{i}] (offset "
-                             f"{layer.storage_offset()}) but its storage holds {storage_elems}")
+            raise ValueError(
+                f"spec spans {spec.extent_elems} elements from layers[{i}] (offset "
+                f"{layer.storage_offset()}) but its storage holds {storage_elems}"
+            )
 
 
-def check_buffer(buf: torch.Tensor, name: str, like: torch.Tensor, shape: tuple[int, ...]) -> torch.Tensor:
+def check_buffer(
+    buf: torch.Tensor, name: str, like: torch.Tensor, shape: tuple[int, ...]
+) -> torch.Tensor:
     """``buf`` viewed as ``shape``, checked: ``like``'s dtype and device, contiguous, the right size."""
     if buf.dtype != like.dtype or buf.device != like.device:
-        raise ValueError(f"{name} is {buf.dtype} on {buf.device}, expected {like.dtype} on {like.device}")
+        raise ValueError(
+            f"{name} is {buf.dtype} on {buf.device}, expected {like.dtype} on {like.device}"
+        )
     if buf.numel() != prod(shape):
-        raise ValueError(f"{name} has {buf.numel()} elements, expected {prod(shape)} = {list(shape)} "
-                         "(blocks, layers, halves, page_elems)")
+        raise ValueError(
+            f"{name} has {buf.numel()} elements, expected {prod(shape)} = {list(shape)} "
+            "(blocks, layers, halves, page_elems)"
+        )
     if not buf.is_contiguous():
         raise ValueError(f"{name} must be contiguous (stride {buf.stride()})")
     return buf.view(shape)

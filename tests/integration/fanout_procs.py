@@ -46,9 +46,15 @@ def chat_model(store: str, **overrides):
     """The tests' ChatThaw (tiny, float32, greedy) on ``store``."""
     from thaw_agents import ChatThaw
 
-    settings = dict(model="tiny", dtype="float32", temperature=0.0, max_tokens=16,
-                    max_model_len=MAX_MODEL_LEN,
-                    engine_kwargs={"kv_cache_memory_bytes": KV_CACHE_BYTES}, kv_store=store)
+    settings = dict(
+        model="tiny",
+        dtype="float32",
+        temperature=0.0,
+        max_tokens=16,
+        max_model_len=MAX_MODEL_LEN,
+        engine_kwargs={"kv_cache_memory_bytes": KV_CACHE_BYTES},
+        kv_store=store,
+    )
     return ChatThaw(**{**settings, **overrides})
 
 
@@ -79,29 +85,36 @@ class Reference:
 
     def __init__(self) -> None:
         self.log = tempfile.TemporaryFile()
-        self.proc = subprocess.Popen([sys.executable, __file__, "reference"],
-                                     stdin=subprocess.PIPE, stdout=subprocess.PIPE,
-                                     stderr=self.log, text=True)
+        self.proc = subprocess.Popen(
+            [sys.executable, __file__, "reference"],
+            stdin=subprocess.PIPE,
+            stdout=subprocess.PIPE,
+            stderr=self.log,
+            text=True,
+        )
         self.ready = False
 
     def _line(self, prefix: str) -> str:
         assert self.proc.stdout is not None
         for line in self.proc.stdout:
             if line.startswith(prefix):
-                return line[len(prefix):]
+                return line[len(prefix) :]
         self.log.seek(0)
         tail = self.log.read()[-4000:].decode(errors="replace")
         raise AssertionError(f"the reference engine exited ({self.proc.wait()}):\n{tail}")
 
-    def greedy(self, prompts: list[list[int]], max_tokens: int,
-               ignore_eos: bool = False) -> list[dict]:
+    def greedy(
+        self, prompts: list[list[int]], max_tokens: int, ignore_eos: bool = False
+    ) -> list[dict]:
         """Greedy tokens of each full prompt, computed from scratch: [{"tokens", "cached"}]."""
         if not self.ready:
             self._line("READY")
             self.ready = True
         assert self.proc.stdin is not None
-        self.proc.stdin.write(json.dumps({"prompts": prompts, "max_tokens": max_tokens,
-                                          "ignore_eos": ignore_eos}) + "\n")
+        self.proc.stdin.write(
+            json.dumps({"prompts": prompts, "max_tokens": max_tokens, "ignore_eos": ignore_eos})
+            + "\n"
+        )
         self.proc.stdin.flush()
         return json.loads(self._line("RESULT "))
 
@@ -125,19 +138,40 @@ def run_reference() -> None:
 
     from thaw_agents_core.engine.models import tiny_model_path
 
-    llm = LLM(model=str(tiny_model_path()), dtype="float32", enforce_eager=True,
-              max_model_len=MAX_MODEL_LEN, kv_cache_memory_bytes=KV_CACHE_BYTES,
-              enable_prefix_caching=False)
+    llm = LLM(
+        model=str(tiny_model_path()),
+        dtype="float32",
+        enforce_eager=True,
+        max_model_len=MAX_MODEL_LEN,
+        kv_cache_memory_bytes=KV_CACHE_BYTES,
+        enable_prefix_caching=False,
+    )
     print("READY", flush=True)
     for line in sys.stdin:
         request = json.loads(line)
-        params = SamplingParams(temperature=0.0, max_tokens=request["max_tokens"],
-                                ignore_eos=bool(request.get("ignore_eos")))
-        outputs = llm.generate([TokensPrompt(prompt_token_ids=ids) for ids in request["prompts"]],
-                               params, use_tqdm=False)
-        print("RESULT " + json.dumps([{"tokens": list(o.outputs[0].token_ids),
-                                       "cached": int(o.num_cached_tokens or 0)}
-                                      for o in outputs]), flush=True)
+        params = SamplingParams(
+            temperature=0.0,
+            max_tokens=request["max_tokens"],
+            ignore_eos=bool(request.get("ignore_eos")),
+        )
+        outputs = llm.generate(
+            [TokensPrompt(prompt_token_ids=ids) for ids in request["prompts"]],
+            params,
+            use_tqdm=False,
+        )
+        print(
+            "RESULT "
+            + json.dumps(
+                [
+                    {
+                        "tokens": list(o.outputs[0].token_ids),
+                        "cached": int(o.num_cached_tokens or 0),
+                    }
+                    for o in outputs
+                ]
+            ),
+            flush=True,
+        )
 
 
 def run_hydrate(src: str, store: str, suffixes_json: str) -> None:
@@ -145,9 +179,17 @@ def run_hydrate(src: str, store: str, suffixes_json: str) -> None:
 
     llm = chat_model(store)
     handle = llm.load_snapshot(src)
-    print("HANDLE " + json.dumps({"store": handle.store, "snapshot_id": handle.snapshot_id,
-                                  "num_snapshot_tokens": handle.num_snapshot_tokens}),
-          flush=True)
+    print(
+        "HANDLE "
+        + json.dumps(
+            {
+                "store": handle.store,
+                "snapshot_id": handle.snapshot_id,
+                "num_snapshot_tokens": handle.num_snapshot_tokens,
+            }
+        ),
+        flush=True,
+    )
     for result in fork_fanout_sync(llm, handle, json.loads(suffixes_json)):
         print("RESULT " + json.dumps(result.to_dict()), flush=True)
     llm.close()
@@ -156,8 +198,7 @@ def run_hydrate(src: str, store: str, suffixes_json: str) -> None:
 def run_orphan(store: str) -> None:
     llm = chat_model(store)
     pool = llm.fork_pool(1)
-    print("PIDS " + json.dumps({"parent": os.getpid(), "workers": pool.worker_pids()}),
-          flush=True)
+    print("PIDS " + json.dumps({"parent": os.getpid(), "workers": pool.worker_pids()}), flush=True)
     while True:
         time.sleep(60)
 

@@ -47,9 +47,15 @@ CHAT_QUESTION = "question one?"
 def chat_model(store: str | None):
     from thaw_agents import ChatThaw
 
-    return ChatThaw(model="tiny", dtype="float32", temperature=0.0, max_tokens=24,
-                    max_model_len=4096, engine_kwargs={"kv_cache_memory_bytes": 256 << 20},
-                    kv_store=store)
+    return ChatThaw(
+        model="tiny",
+        dtype="float32",
+        temperature=0.0,
+        max_tokens=24,
+        max_model_len=4096,
+        engine_kwargs={"kv_cache_memory_bytes": 256 << 20},
+        kv_store=store,
+    )
 
 
 def chat_messages() -> list:
@@ -63,8 +69,10 @@ def run_chat(store: str, load_file: str) -> None:
     if load_file != "-":
         llm.load_snapshot(load_file)
     reply = llm.invoke(chat_messages())
-    print("RESULT " + json.dumps({"usage": reply.usage_metadata, "content": reply.content}),
-          flush=True)
+    print(
+        "RESULT " + json.dumps({"usage": reply.usage_metadata, "content": reply.content}),
+        flush=True,
+    )
     llm.close()
 
 
@@ -80,14 +88,28 @@ def build_engine(store: str | None, events: str | None):
     kwargs: dict = {}
     if store is not None:
         kwargs["kv_transfer_config"] = KVTransferConfig(
-            **kv_transfer_config(store, events_path=events))
+            **kv_transfer_config(store, events_path=events)
+        )
         kwargs = connector_engine_defaults(kwargs)  # as ChatThaw's engines get them
     if GPU_MODEL:
-        return LLM(model=str(llama_8b_shaped_path()), load_format="dummy",
-                   skip_tokenizer_init=True, dtype="bfloat16", enforce_eager=True,
-                   max_model_len=4096, gpu_memory_utilization=0.4, **kwargs)
-    return LLM(model=str(tiny_model_path()), dtype="float32", enforce_eager=True,
-               max_model_len=4096, kv_cache_memory_bytes=256 << 20, **kwargs)
+        return LLM(
+            model=str(llama_8b_shaped_path()),
+            load_format="dummy",
+            skip_tokenizer_init=True,
+            dtype="bfloat16",
+            enforce_eager=True,
+            max_model_len=4096,
+            gpu_memory_utilization=0.4,
+            **kwargs,
+        )
+    return LLM(
+        model=str(tiny_model_path()),
+        dtype="float32",
+        enforce_eager=True,
+        max_model_len=4096,
+        kv_cache_memory_bytes=256 << 20,
+        **kwargs,
+    )
 
 
 def main(argv: list[str]) -> None:
@@ -103,8 +125,9 @@ def main(argv: list[str]) -> None:
     mode, store, events, *lengths = argv
     connector = mode in ("save", "load")
     llm = build_engine(store if connector else None, events if connector else None)
-    greedy = SamplingParams(temperature=0.0, max_tokens=NEW_TOKENS, ignore_eos=True,
-                            detokenize=not GPU_MODEL)
+    greedy = SamplingParams(
+        temperature=0.0, max_tokens=NEW_TOKENS, ignore_eos=True, detokenize=not GPU_MODEL
+    )
     for length in map(int, lengths):
         prefix, suffix = prompt_tokens(length)
         result: dict = {"length": length}
@@ -114,8 +137,9 @@ def main(argv: list[str]) -> None:
             out = llm.generate([TokensPrompt(prompt_token_ids=prefix)], first, use_tqdm=False)[0]
             if mode == "save":
                 result["snapshot"] = (out.kv_transfer_params or {}).get("thaw", {}).get("snapshot")
-        out = llm.generate([TokensPrompt(prompt_token_ids=prefix + suffix)], greedy,
-                           use_tqdm=False)[0]
+        out = llm.generate(
+            [TokensPrompt(prompt_token_ids=prefix + suffix)], greedy, use_tqdm=False
+        )[0]
         result["cached"] = out.num_cached_tokens
         result["tokens"] = list(out.outputs[0].token_ids)
         print("RESULT " + json.dumps(result), flush=True)

@@ -9,8 +9,14 @@ from contextlib import contextmanager
 
 import pytest
 
-_AWS_NAMES = ["AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_DEFAULT_REGION",
-              "AWS_ENDPOINT_URL", "AWS_ENDPOINT_URL_S3", "AWS_SESSION_TOKEN"]
+_AWS_NAMES = [
+    "AWS_ACCESS_KEY_ID",
+    "AWS_SECRET_ACCESS_KEY",
+    "AWS_DEFAULT_REGION",
+    "AWS_ENDPOINT_URL",
+    "AWS_ENDPOINT_URL_S3",
+    "AWS_SESSION_TOKEN",
+]
 
 
 @contextmanager
@@ -33,8 +39,11 @@ def moto_s3(bucket: str, *, endpoint_in_env: bool) -> Iterator[str]:
     try:
         for name in _AWS_NAMES[3:]:
             os.environ.pop(name, None)
-        os.environ.update(AWS_ACCESS_KEY_ID="testing", AWS_SECRET_ACCESS_KEY="testing",
-                          AWS_DEFAULT_REGION="us-east-1")
+        os.environ.update(
+            AWS_ACCESS_KEY_ID="testing",
+            AWS_SECRET_ACCESS_KEY="testing",
+            AWS_DEFAULT_REGION="us-east-1",
+        )
         if endpoint_in_env:
             os.environ["AWS_ENDPOINT_URL"] = url
         make_client(url).create_bucket(Bucket=bucket)

@@ -40,8 +40,11 @@ SMOL: dict[str, Any] = {"max_model_len": 4096}
 # (see test_chat_standard.py).
 GREEDY: dict[str, Any] = {"temperature": 0.0, "max_tokens": 200, "frequency_penalty": 0.5}
 TINY: dict[str, Any] = {"model": "tiny"}
-LIFECYCLE: dict[str, Any] = {"model": "tiny", "max_model_len": 2048,
-                             "engine_kwargs": {"kv_cache_memory_bytes": 268435456}}
+LIFECYCLE: dict[str, Any] = {
+    "model": "tiny",
+    "max_model_len": 2048,
+    "engine_kwargs": {"kv_cache_memory_bytes": 268435456},
+}
 
 
 # ---------------------------------------------------------------------- fixtures and helpers
@@ -68,8 +71,11 @@ def _no_leaked_requests(request: pytest.FixtureRequest):
             continue
         engine = request.getfixturevalue(name).engine
         if engine.is_started:
-            _wait_for(lambda e=engine: e.llm.get_num_unfinished_requests() == 0, timeout_s=10,
-                      what=f"{name} engine drained")
+            _wait_for(
+                lambda e=engine: e.llm.get_num_unfinished_requests() == 0,
+                timeout_s=10,
+                what=f"{name} engine drained",
+            )
 
 
 def _wait_for(condition: Callable[[], bool], *, timeout_s: float, what: str) -> None:
@@ -173,7 +179,8 @@ def test_chat_template_applied_once_without_double_bos(smol: ChatThaw, tiny_mode
     with_bos = AutoTokenizer.from_pretrained(tiny_model_path)
     bos = with_bos.convert_tokens_to_ids("<|im_start|>")
     with_bos.backend_tokenizer.post_processor = TemplateProcessing(
-        single="<|im_start|> $A", special_tokens=[("<|im_start|>", bos)])
+        single="<|im_start|> $A", special_tokens=[("<|im_start|>", bos)]
+    )
     tiny_rendered = render(with_bos, question)
     naive = with_bos(tiny_rendered.text).input_ids
     assert _leading(naive, bos) == 2
@@ -201,8 +208,7 @@ async def test_concurrent_ainvoke_keeps_per_call_parameters(smol: ChatThaw):
     calls = {
         "short": smol.ainvoke(story, max_tokens=7, ignore_eos=True),
         "longer": smol.ainvoke(story, max_tokens=23, ignore_eos=True),
-        "stop": smol.ainvoke("Count from 1 to 10, separated by commas.", stop=["4"],
-                             max_tokens=60),
+        "stop": smol.ainvoke("Count from 1 to 10, separated by commas.", stop=["4"], max_tokens=60),
         "seed_a": smol.ainvoke(story, temperature=1.0, seed=1234, max_tokens=24),
         "seed_b": smol.ainvoke(story, temperature=1.0, seed=1234, max_tokens=24),
         "seed_c": smol.ainvoke(story, temperature=1.0, seed=42, max_tokens=24),
@@ -243,8 +249,14 @@ async def test_concurrent_ainvoke_keeps_per_call_parameters(smol: ChatThaw):
 
 def test_stream_chunks_usage_and_callbacks(smol: ChatThaw):
     counter = TokenCounter()
-    chunks = list(smol.stream("Write a poem about the sea.", max_tokens=12, ignore_eos=True,
-                              config={"callbacks": [counter]}))
+    chunks = list(
+        smol.stream(
+            "Write a poem about the sea.",
+            max_tokens=12,
+            ignore_eos=True,
+            config={"callbacks": [counter]},
+        )
+    )
     assert len(chunks) >= 4
     assert all(isinstance(chunk, AIMessageChunk) for chunk in chunks)
     assert chunks[-1].chunk_position == "last"
@@ -260,9 +272,15 @@ def test_stream_chunks_usage_and_callbacks(smol: ChatThaw):
 
 async def test_astream_chunks_usage_and_callbacks(smol: ChatThaw):
     counter = TokenCounter()
-    chunks = [chunk async for chunk in smol.astream(
-        "Write a poem about the moon.", max_tokens=12, ignore_eos=True,
-        config={"callbacks": [counter]})]
+    chunks = [
+        chunk
+        async for chunk in smol.astream(
+            "Write a poem about the moon.",
+            max_tokens=12,
+            ignore_eos=True,
+            config={"callbacks": [counter]},
+        )
+    ]
     assert len(chunks) >= 4
     assert chunks[-1].chunk_position == "last"
     assert chunks[-1].usage_metadata["output_tokens"] == 12
@@ -273,8 +291,9 @@ async def test_astream_chunks_usage_and_callbacks(smol: ChatThaw):
 def test_streaming_invoke_fires_callbacks_once_per_token(smol: ChatThaw):
     counter = TokenCounter()
     streaming = ChatThaw(**SMOL, **GREEDY, streaming=True)
-    result = streaming.invoke("Write a poem about rain.", max_tokens=10, ignore_eos=True,
-                              config={"callbacks": [counter]})
+    result = streaming.invoke(
+        "Write a poem about rain.", max_tokens=10, ignore_eos=True, config={"callbacks": [counter]}
+    )
     assert result.usage_metadata["output_tokens"] == 10
     # one callback per streamed chunk: <= one per token plus the closing chunk
     assert 4 <= len(counter.tokens) <= 11
@@ -286,8 +305,7 @@ def test_streaming_invoke_fires_callbacks_once_per_token(smol: ChatThaw):
 
 def test_cache_read_counts_prefix_cache_hits(smol: ChatThaw):
     marker = uuid.uuid4().hex
-    long_prompt = f"[{marker}] Summarize in one line: " + " ".join(
-        f"item{i}" for i in range(150))
+    long_prompt = f"[{marker}] Summarize in one line: " + " ".join(f"item{i}" for i in range(150))
     first = smol.invoke(long_prompt, max_tokens=2)
     second = smol.invoke(long_prompt, max_tokens=2)
     fresh = smol.invoke(f"[{uuid.uuid4().hex}] Hi!", max_tokens=2)
@@ -300,8 +318,13 @@ def test_cache_read_counts_prefix_cache_hits(smol: ChatThaw):
 
 
 def test_logprobs(smol: ChatThaw):
-    top = smol.invoke("What is the capital of France?", max_tokens=5, ignore_eos=True,
-                      logprobs=True, top_logprobs=3)
+    top = smol.invoke(
+        "What is the capital of France?",
+        max_tokens=5,
+        ignore_eos=True,
+        logprobs=True,
+        top_logprobs=3,
+    )
     entries = top.response_metadata["logprobs"]["content"]
     assert len(entries) == 5
     for entry in entries:
@@ -312,8 +335,9 @@ def test_logprobs(smol: ChatThaw):
         assert entry["logprob"] == pytest.approx(best)  # greedy picks the most likely token
     assert "".join(entry["token"] for entry in entries) == top.content
 
-    chosen_only = ChatThaw(**SMOL, **GREEDY, logprobs=True).invoke("Hi", max_tokens=3,
-                                                                  ignore_eos=True)
+    chosen_only = ChatThaw(**SMOL, **GREEDY, logprobs=True).invoke(
+        "Hi", max_tokens=3, ignore_eos=True
+    )
     assert len(chosen_only.response_metadata["logprobs"]["content"]) == 3
     assert "logprobs" not in smol.invoke("Hi", max_tokens=3).response_metadata
 
@@ -348,18 +372,33 @@ def test_sync_and_async_api_from_plain_code_and_inside_a_running_loop(smol: Chat
 BAD_INPUTS = {
     "empty message list": (lambda llm: llm.invoke([]), "at least one message"),
     "prompt longer than max_model_len": (
-        lambda llm: llm.invoke("word " * 5000), "max_model_len=4096"),
+        lambda llm: llm.invoke("word " * 5000),
+        "max_model_len=4096",
+    ),
     "negative temperature": (lambda llm: llm.invoke("Hi", temperature=-1), "temperature"),
     "top_p above 1": (lambda llm: llm.invoke("Hi", top_p=2), "top_p"),
     "unknown kwarg": (lambda llm: llm.invoke("Hi", frobnicate=3), "frobnicate"),
     "tool_choice naming an unbound tool": (
-        lambda llm: llm.bind_tools([GetWeather], tool_choice="get_time"), "get_time"),
+        lambda llm: llm.bind_tools([GetWeather], tool_choice="get_time"),
+        "get_time",
+    ),
     "image content block": (
-        lambda llm: llm.invoke([HumanMessage(content=[
-            {"type": "text", "text": "What is this?"},
-            {"type": "image", "source_type": "url", "url": "https://example.com/cat.png"},
-        ])]),
-        "image"),
+        lambda llm: llm.invoke(
+            [
+                HumanMessage(
+                    content=[
+                        {"type": "text", "text": "What is this?"},
+                        {
+                            "type": "image",
+                            "source_type": "url",
+                            "url": "https://example.com/cat.png",
+                        },
+                    ]
+                )
+            ]
+        ),
+        "image",
+    ),
 }
 
 
@@ -386,16 +425,23 @@ async def test_bad_input_async_and_engine_keeps_serving(smol: ChatThaw):
 
 async def test_cancelled_ainvoke_aborts_its_request(smol: ChatThaw):
     engine = smol.engine
-    task = asyncio.create_task(smol.ainvoke("Write a very long story.", max_tokens=400,
-                                            ignore_eos=True))
-    await _await_for(lambda: engine.llm.get_num_unfinished_requests() == 1, timeout_s=30,
-                     what="the request reached the engine")
+    task = asyncio.create_task(
+        smol.ainvoke("Write a very long story.", max_tokens=400, ignore_eos=True)
+    )
+    await _await_for(
+        lambda: engine.llm.get_num_unfinished_requests() == 1,
+        timeout_s=30,
+        what="the request reached the engine",
+    )
     await asyncio.sleep(0.5)  # decoding now
     task.cancel()
     with pytest.raises(asyncio.CancelledError):
         await task
-    await _await_for(lambda: engine.llm.get_num_unfinished_requests() == 0, timeout_s=5,
-                     what="the cancelled request was aborted in the engine")
+    await _await_for(
+        lambda: engine.llm.get_num_unfinished_requests() == 0,
+        timeout_s=5,
+        what="the cancelled request was aborted in the engine",
+    )
     assert "Paris" in (await smol.ainvoke("What is the capital of France?")).content
 
 
@@ -415,8 +461,10 @@ async def test_timeout_aborts_and_engine_keeps_serving(smol: ChatThaw):
         await impatient.ainvoke(prompt, **long_call)
     await _await_for(drained, timeout_s=60, what="async timed-out request aborted")
 
-    for sync_call in (lambda: impatient.invoke(prompt, **long_call),
-                      lambda: list(impatient.stream(prompt, **long_call))):
+    for sync_call in (
+        lambda: impatient.invoke(prompt, **long_call),
+        lambda: list(impatient.stream(prompt, **long_call)),
+    ):
         with pytest.raises(TimeoutError, match="timeout=1.0"):
             sync_call()
         await _await_for(drained, timeout_s=60, what="sync timed-out request aborted")
@@ -451,8 +499,7 @@ def test_with_structured_output(smol: ChatThaw, method: str):
     assert isinstance(person, Person)
     assert person.name.strip()
 
-    raw = smol.with_structured_output(Person, method=method, include_raw=True).invoke(
-        PERSON_PROMPT)
+    raw = smol.with_structured_output(Person, method=method, include_raw=True).invoke(PERSON_PROMPT)
     assert set(raw) == {"raw", "parsed", "parsing_error"}
     assert isinstance(raw["raw"], AIMessage)
     assert raw["parsing_error"] is None
@@ -466,13 +513,15 @@ def test_tool_results_are_answered_in_text(smol: ChatThaw):
 
     history = [
         HumanMessage("What is 17 times 23?"),
-        AIMessage("", tool_calls=[{"name": "multiply", "args": {"a": 17, "b": 23},
-                                   "id": "call_1"}]),
+        AIMessage(
+            "", tool_calls=[{"name": "multiply", "args": {"a": 17, "b": 23}, "id": "call_1"}]
+        ),
         ToolMessage("391", tool_call_id="call_1"),
     ]
     [folded] = fold_tool_results(history)
-    assert folded.content == ("What is 17 times 23?\n\nResult of multiply: 391\n"
-                              "Answer using this result.")
+    assert folded.content == (
+        "What is 17 times 23?\n\nResult of multiply: 391\nAnswer using this result."
+    )
 
     def multiply(a: int, b: int) -> int:
         """Multiply two integers."""
@@ -494,8 +543,7 @@ async def test_tiny_greedy_tokens_equal_direct_engine(tiny: ChatThaw):
 
     prompts = ["hello there", "The quick brown fox", "What is 2 + 2?", "a"]
     num_tokens = 24
-    via_chat = await tiny.abatch(prompts, max_tokens=num_tokens, ignore_eos=True,
-                                 logprobs=True)
+    via_chat = await tiny.abatch(prompts, max_tokens=num_tokens, ignore_eos=True, logprobs=True)
     engine = tiny.engine
     assert engine.llm.model_config.dtype == torch.float32  # not vLLM's CPU downcast to bf16
     params = SamplingParams(temperature=0.0, max_tokens=num_tokens, ignore_eos=True)
@@ -561,8 +609,14 @@ def test_interpreter_exit_without_close_leaves_no_process(tmp_path: Path):
     script.write_text(AT_EXIT_SCRIPT)
     name, value = marker.split("=")
     env = {**os.environ, name: value}
-    done = subprocess.run([sys.executable, str(script)], env=env, capture_output=True,
-                          text=True, timeout=300, cwd=Path(__file__).parents[2])
+    done = subprocess.run(
+        [sys.executable, str(script)],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+        cwd=Path(__file__).parents[2],
+    )
     assert done.returncode == 0, done.stderr[-3000:]
     assert "OUTPUT_TOKENS=3" in done.stdout
     # an orderly shutdown, not the engine core killed under a reading output handler

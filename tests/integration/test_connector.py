@@ -39,13 +39,20 @@ CORRUPTED = 2100  # its snapshot gets one flipped payload byte before the load r
 
 def run_procs(*args: str, timeout_s: float = 600) -> list[dict]:
     """Run kv_procs.py (next to this file) in a fresh interpreter; return its RESULT lines."""
-    proc = subprocess.run([sys.executable, str(HERE / "kv_procs.py"), *args], text=True,
-                          capture_output=True, timeout=timeout_s)
-    results = [json.loads(line[7:]) for line in proc.stdout.splitlines()
-               if line.startswith("RESULT ")]
+    proc = subprocess.run(
+        [sys.executable, str(HERE / "kv_procs.py"), *args],
+        text=True,
+        capture_output=True,
+        timeout=timeout_s,
+    )
+    results = [
+        json.loads(line[7:]) for line in proc.stdout.splitlines() if line.startswith("RESULT ")
+    ]
     if proc.returncode != 0 or not results:
-        raise AssertionError(f"kv_procs {args} failed ({proc.returncode}):\n"
-                             f"{proc.stdout[-3000:]}\n{proc.stderr[-6000:]}")
+        raise AssertionError(
+            f"kv_procs {args} failed ({proc.returncode}):\n"
+            f"{proc.stdout[-3000:]}\n{proc.stderr[-6000:]}"
+        )
     return results
 
 
@@ -63,7 +70,7 @@ def flip_payload_byte(store: ShmStore, snapshot_id: str, namespace_key: str) -> 
 
     offset, length = store.region_of(SnapshotRef(namespace_key, snapshot_id))
     arena = store.arena_view()
-    view = parse_snapshot(arena[offset:offset + length])
+    view = parse_snapshot(arena[offset : offset + length])
     target = offset + view.payload_offset + 3 * view.header.block_bytes + 12345
     view.close()
     arena[target] ^= 0x40
@@ -112,8 +119,11 @@ def test_fresh_process_b_loads_and_matches(ab_runs, length):
 def test_flipped_byte_is_detected_and_recomputed(ab_runs):
     saved, loaded, plain, log = ab_runs
     snapshot_id = saved[CORRUPTED]["snapshot"]["snapshot_id"]
-    failures = [e for e in log if e["event"] in ("load_refused", "load_failed")
-                and e["snapshot_id"] == snapshot_id]
+    failures = [
+        e
+        for e in log
+        if e["event"] in ("load_refused", "load_failed") and e["snapshot_id"] == snapshot_id
+    ]
     assert failures, "the corrupted snapshot was not refused"
     assert "SnapshotChecksumError" in failures[0]["error"]
     assert not [e for e in log if e["event"] == "load" and e["snapshot_id"] == snapshot_id]

@@ -28,15 +28,21 @@ from thaw_agents_core.util import compat
 @pytest.mark.slow
 def test_embedded_defaults_answer_paris_on_every_seed():
     with ChatThaw(max_tokens=24) as llm:
-        answers = [llm.invoke("What is the capital of France?", seed=seed).content
-                   for seed in range(10)]
+        answers = [
+            llm.invoke("What is the capital of France?", seed=seed).content for seed in range(10)
+        ]
     assert sum("Paris" in a for a in answers) >= 9, answers
 
 
 @pytest.mark.slow
 async def test_killed_engine_core_raises_engine_error_then_restarts():
-    llm = ChatThaw(model="tiny", dtype="float32", temperature=0.0, max_model_len=1024,
-                   engine_kwargs={"kv_cache_memory_bytes": 64 << 20})
+    llm = ChatThaw(
+        model="tiny",
+        dtype="float32",
+        temperature=0.0,
+        max_model_len=1024,
+        engine_kwargs={"kv_cache_memory_bytes": 64 << 20},
+    )
     try:
         engine = llm.engine
         await asyncio.to_thread(engine.start)
@@ -58,11 +64,16 @@ async def test_killed_engine_core_raises_engine_error_then_restarts():
 def test_store_of_a_sigkilled_owner_is_removed_by_the_next_store(tmp_path):
     root = str(tmp_path)
     child = subprocess.Popen(
-        [sys.executable, "-c",
-         "import sys, time; from thaw_agents_core.store.shm import ShmStore; "
-         f"s = ShmStore('orphan', 1 << 20, create=True, shm_root={root!r}); "
-         "print('ready', flush=True); time.sleep(600)"],
-        stdout=subprocess.PIPE, text=True)
+        [
+            sys.executable,
+            "-c",
+            "import sys, time; from thaw_agents_core.store.shm import ShmStore; "
+            f"s = ShmStore('orphan', 1 << 20, create=True, shm_root={root!r}); "
+            "print('ready', flush=True); time.sleep(600)",
+        ],
+        stdout=subprocess.PIPE,
+        text=True,
+    )
     try:
         assert child.stdout.readline().strip() == "ready"
         assert os.path.isdir(os.path.join(root, "thaw-orphan"))

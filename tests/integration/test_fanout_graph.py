@@ -88,8 +88,10 @@ def full_block_tokens(llm) -> int:
 def fanout_graph(llm, pool):
     builder = StateGraph(State)
     builder.add_node("prefix", prefix)
-    builder.add_node("review", fanout_node(llm, suffixes=SUFFIXES, output_key="branches",
-                                           pool=pool, route="pool"))
+    builder.add_node(
+        "review",
+        fanout_node(llm, suffixes=SUFFIXES, output_key="branches", pool=pool, route="pool"),
+    )
     builder.add_node("join", join)
     builder.add_edge(START, "prefix")
     builder.add_edge("prefix", "review")
@@ -128,7 +130,7 @@ async def test_fanout_node_streams_branch_tokens_with_a_checkpointer(llm, pool, 
     await graph.ainvoke({"topic": PREFIX_TEXT}, config)
     state = graph.get_state(config).values
     assert len(state["branches"]) == 2 * len(SUFFIXES)
-    assert [b["token_ids"] for b in state["branches"][len(SUFFIXES):]] == direct
+    assert [b["token_ids"] for b in state["branches"][len(SUFFIXES) :]] == direct
 
 
 async def test_fanout_node_custom_stream_mode(llm, pool, direct):
@@ -140,7 +142,8 @@ async def test_fanout_node_custom_stream_mode(llm, pool, direct):
     state = graph.get_state(config).values
     check_branches(state["branches"], direct, full_block_tokens(llm))
     assert {i: "".join(p) for i, p in pieces.items()} == {
-        b["index"]: b["text"] for b in state["branches"]}
+        b["index"]: b["text"] for b in state["branches"]
+    }
 
 
 async def test_send_pattern_with_json_handles(llm, pool, direct):
@@ -151,8 +154,9 @@ async def test_send_pattern_with_json_handles(llm, pool, direct):
     builder.add_node("join", join)
     builder.add_edge(START, "prefix")
     builder.add_edge("prefix", "snapshot")
-    builder.add_conditional_edges("snapshot", lambda s: branch_sends(s, "branch", SUFFIXES),
-                                  ["branch"])
+    builder.add_conditional_edges(
+        "snapshot", lambda s: branch_sends(s, "branch", SUFFIXES), ["branch"]
+    )
     builder.add_edge("branch", "join")
     builder.add_edge("join", END)
     graph = builder.compile(checkpointer=InMemorySaver())
@@ -178,8 +182,9 @@ def test_fork_fanout_runnable_invoke(llm, pool, direct):
     messages = prefix({"topic": PREFIX_TEXT})["messages"]
     results = runnable.invoke({"prefix": messages, "suffixes": SUFFIXES[:2]})
     assert [r.token_ids for r in results] == direct[:2]
-    assert all(r.usage["input_token_details"]["cache_read"] >= full_block_tokens(llm)
-               for r in results)
+    assert all(
+        r.usage["input_token_details"]["cache_read"] >= full_block_tokens(llm) for r in results
+    )
 
 
 async def test_fork_fanout_runnable_ainvoke_from_a_handle(llm, pool, direct):
@@ -190,9 +195,11 @@ async def test_fork_fanout_runnable_ainvoke_from_a_handle(llm, pool, direct):
     assert all(r.prefix == handle for r in results)
     # its run config reaches fork_fanout: the branch tokens show up as custom events
     pieces: dict[int, str] = {}
-    async for event in runnable.astream_events({"prefix": handle, "suffixes": SUFFIXES[2:]},
-                                               version="v2"):
+    async for event in runnable.astream_events(
+        {"prefix": handle, "suffixes": SUFFIXES[2:]}, version="v2"
+    ):
         if event["event"] == "on_custom_event" and event["name"] == BRANCH_TOKEN_EVENT:
-            pieces[event["data"]["branch"]] = pieces.get(event["data"]["branch"], "") + \
-                event["data"]["text"]
+            pieces[event["data"]["branch"]] = (
+                pieces.get(event["data"]["branch"], "") + event["data"]["text"]
+            )
     assert pieces == {r.index: r.text for r in results}

@@ -80,8 +80,9 @@ def full_block_tokens(llm, prefix=PREFIX) -> int:
 def prompts_of(llm, suffixes, prefix=PREFIX) -> list[list[int]]:
     """The full prompt of each branch, built the way fork_fanout builds it."""
     rendered = llm.render_prefix(prefix)
-    return [branch_prompt(llm.engine.tokenizer, rendered, prefix, [HumanMessage(s)])
-            for s in suffixes]
+    return [
+        branch_prompt(llm.engine.tokenizer, rendered, prefix, [HumanMessage(s)]) for s in suffixes
+    ]
 
 
 def check_exact(results, expected, prompts, cached_at_least: int) -> None:
@@ -108,8 +109,9 @@ def check_timings_and_json(results) -> None:
 
 
 @pytest.mark.parametrize("route", ["pool", "auto", "parent"])
-async def test_branches_reuse_the_prefix_and_match_a_fresh_engine(llm, pool, reference,
-                                                                   events_path, route):
+async def test_branches_reuse_the_prefix_and_match_a_fresh_engine(
+    llm, pool, reference, events_path, route
+):
     # "pool" runs first: its workers have never seen the prefix, so their cache_read can only
     # come from loading the parent's snapshot.
     results = await fork_fanout(llm, PREFIX, SUFFIXES, pool=pool, route=route)
@@ -130,8 +132,9 @@ async def test_branches_reuse_the_prefix_and_match_a_fresh_engine(llm, pool, ref
     if route == "pool":
         assert sorted(set(engines)) == ["worker-0", "worker-1"]
         events = [json.loads(line) for line in events_path.read_text().splitlines()]
-        loads = [e for e in events if e["event"] == "load" and e["snapshot_id"] ==
-                 handle.snapshot_id]
+        loads = [
+            e for e in events if e["event"] == "load" and e["snapshot_id"] == handle.snapshot_id
+        ]
         assert {e["pid"] for e in loads} == set(pool.worker_pids())
         assert all(e["num_blocks"] == full // BLOCK for e in loads)
     elif route == "parent":
@@ -147,40 +150,60 @@ async def test_per_branch_options_are_honoured(llm, pool, reference, route):
     # A stop string: the first printable character of branch 2's reply past its first token.
     tokenizer = llm.engine.tokenizer
     pieces = [tokenizer.decode([t]) for t in expected[2]]
-    cut = next(i for i, piece in enumerate(pieces) if i > 0 and len(piece) == 1
-               and piece.isascii() and piece.isprintable() and not piece.isspace()
-               and piece not in "".join(pieces[:i]))
+    cut = next(
+        i
+        for i, piece in enumerate(pieces)
+        if i > 0
+        and len(piece) == 1
+        and piece.isascii()
+        and piece.isprintable()
+        and not piece.isspace()
+        and piece not in "".join(pieces[:i])
+    )
     stop = pieces[cut]
     forced = 65  # logit_bias +100 on one token: every generated token is that one
-    options = [{"max_tokens": 3}, {"max_tokens": 9}, {"stop": [stop]},
-               {"logit_bias": {forced: 100.0}, "max_tokens": 5}]
+    options = [
+        {"max_tokens": 3},
+        {"max_tokens": 9},
+        {"stop": [stop]},
+        {"logit_bias": {forced: 100.0}, "max_tokens": 5},
+    ]
     results = await fork_fanout(llm, PREFIX, SUFFIXES, options=options, pool=pool, route=route)
     assert all(r.ok for r in results), [r.error for r in results]
     assert results[0].token_ids == expected[0][:3] and results[0].finish_reason == "length"
     assert results[1].token_ids == expected[1][:9] and results[1].finish_reason == "length"
     assert results[2].finish_reason == "stop"
-    assert results[2].token_ids == expected[2][:cut + 1]  # generation stopped at the stop string
+    assert results[2].token_ids == expected[2][: cut + 1]  # generation stopped at the stop string
     assert stop not in results[2].text
     assert results[3].token_ids == [forced] * 5
 
 
 async def test_n_samples_with_a_seed_are_distinct_and_reproducible(llm, pool):
     options = {"temperature": 1.0, "seed": 1234}
-    first = await fork_fanout(llm, PREFIX, SUFFIXES[:2], n=3, options=options, pool=pool,
-                              route="pool")
+    first = await fork_fanout(
+        llm, PREFIX, SUFFIXES[:2], n=3, options=options, pool=pool, route="pool"
+    )
     assert [(r.suffix_index, r.sample_index) for r in first] == [
-        (0, 0), (0, 1), (0, 2), (1, 0), (1, 1), (1, 2)]
+        (0, 0),
+        (0, 1),
+        (0, 2),
+        (1, 0),
+        (1, 1),
+        (1, 2),
+    ]
     assert all(r.ok and len(r.token_ids) == MAX_TOKENS for r in first)
     for suffix_index in (0, 1):
         samples = {tuple(r.token_ids) for r in first if r.suffix_index == suffix_index}
         assert len(samples) == 3, "n samples with one seed must differ (sample k: seed + k)"
     # Reproducible, in another engine too (the parent instead of the workers) ...
-    again = await fork_fanout(llm, PREFIX, SUFFIXES[:2], n=3, options=options, pool=pool,
-                              route="parent")
+    again = await fork_fanout(
+        llm, PREFIX, SUFFIXES[:2], n=3, options=options, pool=pool, route="parent"
+    )
     assert [r.token_ids for r in again] == [r.token_ids for r in first]
     # ... and sample k is exactly a single request with seed + k.
-    second = await fork_fanout(llm, PREFIX, SUFFIXES[:2], options={**options, "seed": 1236},
-                               pool=pool, route="pool")
+    second = await fork_fanout(
+        llm, PREFIX, SUFFIXES[:2], options={**options, "seed": 1236}, pool=pool, route="pool"
+    )
     assert [r.token_ids for r in second] == [first[2].token_ids, first[5].token_ids]
 
 
@@ -195,8 +218,12 @@ async def test_a_failed_branch_is_reported_and_the_others_kept(llm, pool, refere
     assert bad.token_ids == [] and bad.usage["output_tokens"] == 0
     keep = [0, 2, 3]
     prompts = prompts_of(llm, [SUFFIXES[i] for i in keep])
-    check_exact([results[i] for i in keep], reference.greedy(prompts, MAX_TOKENS), prompts,
-                full_block_tokens(llm))
+    check_exact(
+        [results[i] for i in keep],
+        reference.greedy(prompts, MAX_TOKENS),
+        prompts,
+        full_block_tokens(llm),
+    )
     assert json.loads(json.dumps(bad.to_dict()))["error"] == bad.error
     if route == "pool":  # the worker that refused the request still serves
         assert len(pool.alive_workers()) == 2 and pool.replacements == 0
@@ -208,7 +235,7 @@ async def test_fork_of_a_fork_reuses_the_cache(llm, pool, reference):
     assert isinstance(prefix2[-1], AIMessage) and prefix2[-1].content == first.text
     second = await fork_fanout(llm, prefix2, SUFFIXES[1:3], pool=pool, route="pool")
     ids2 = prefix_ids(llm, prefix2)
-    assert ids2[:len(prefix_ids(llm))] == prefix_ids(llm)  # it extends the first prefix
+    assert ids2[: len(prefix_ids(llm))] == prefix_ids(llm)  # it extends the first prefix
     full2 = full_block_tokens(llm, prefix2)
     assert full2 > full_block_tokens(llm)
     assert all(r.prefix.num_snapshot_tokens == full2 for r in second)
@@ -217,8 +244,12 @@ async def test_fork_of_a_fork_reuses_the_cache(llm, pool, reference):
     # and a third level, from the second's first branch
     third = await fork_fanout(llm, second[0].messages, [SUFFIXES[3]], pool=pool, route="auto")
     prompts = prompts_of(llm, [SUFFIXES[3]], prefix=second[0].messages)
-    check_exact(third, reference.greedy(prompts, MAX_TOKENS), prompts,
-                full_block_tokens(llm, second[0].messages))
+    check_exact(
+        third,
+        reference.greedy(prompts, MAX_TOKENS),
+        prompts,
+        full_block_tokens(llm, second[0].messages),
+    )
 
 
 def test_fork_fanout_sync_from_plain_code(llm, pool, reference):
@@ -256,9 +287,19 @@ def s3_endpoint():
 
 
 def _hydrate(src: str, store: str) -> subprocess.Popen:
-    return subprocess.Popen([sys.executable, str(HERE / "fanout_procs.py"), "hydrate", src,
-                             store, json.dumps(SUFFIXES)], text=True,
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    return subprocess.Popen(
+        [
+            sys.executable,
+            str(HERE / "fanout_procs.py"),
+            "hydrate",
+            src,
+            store,
+            json.dumps(SUFFIXES),
+        ],
+        text=True,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+    )
 
 
 def _lines(proc: subprocess.Popen, timeout_s: float = 400) -> tuple[dict, list[dict]]:
@@ -266,8 +307,7 @@ def _lines(proc: subprocess.Popen, timeout_s: float = 400) -> tuple[dict, list[d
     handle = [json.loads(line[7:]) for line in out.splitlines() if line.startswith("HANDLE ")]
     results = [json.loads(line[7:]) for line in out.splitlines() if line.startswith("RESULT ")]
     if proc.returncode != 0 or not handle or len(results) != len(SUFFIXES):
-        raise AssertionError(f"hydrate failed ({proc.returncode}):\n{out[-3000:]}\n"
-                             f"{err[-6000:]}")
+        raise AssertionError(f"hydrate failed ({proc.returncode}):\n{out[-3000:]}\n{err[-6000:]}")
     return handle[0], results
 
 
@@ -284,8 +324,9 @@ def test_saved_handle_hydrates_in_other_processes(llm, reference, s3_endpoint, t
     url = handle.save(f"s3://{BUCKET}/prefixes/{handle.snapshot_id}.thawkv")
     original = fork_fanout_sync(llm, handle, SUFFIXES)  # this process, its own engine
     prompts = prompts_of(llm, SUFFIXES)
-    check_exact(original, reference.greedy(prompts, MAX_TOKENS), prompts,
-                handle.num_snapshot_tokens)
+    check_exact(
+        original, reference.greedy(prompts, MAX_TOKENS), prompts, handle.num_snapshot_tokens
+    )
 
     # Two other processes at once, each with its own engine and its own, empty store.
     shm_name = f"hydrate-{os.getpid()}"
@@ -293,8 +334,7 @@ def test_saved_handle_hydrates_in_other_processes(llm, reference, s3_endpoint, t
     from_file = _hydrate(path, f"shm://{shm_name}?capacity=64MiB")
     from_s3 = _hydrate(url, dir_store)
     try:
-        for proc, store in ((from_file, f"shm://{shm_name}?capacity=64MiB"),
-                            (from_s3, dir_store)):
+        for proc, store in ((from_file, f"shm://{shm_name}?capacity=64MiB"), (from_s3, dir_store)):
             hydrated, results = _lines(proc)
             assert hydrated["store"] == store and hydrated["snapshot_id"] == handle.snapshot_id
             assert hydrated["num_snapshot_tokens"] == handle.num_snapshot_tokens

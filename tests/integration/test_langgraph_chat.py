@@ -48,7 +48,8 @@ def _check_turns(graph: Any, config: dict, streamed: list[list[AIMessageChunk]])
     assert "Paris" in first.content
     # The checkpointer carried turn one into turn two's prompt.
     assert second.usage_metadata["input_tokens"] > (
-        first.usage_metadata["input_tokens"] + first.usage_metadata["output_tokens"])
+        first.usage_metadata["input_tokens"] + first.usage_metadata["output_tokens"]
+    )
     for chunks, answer in zip(streamed, (first, second)):
         assert len(chunks) >= 3  # token by token, not one final message
         assert "".join(str(chunk.content) for chunk in chunks) == answer.content
@@ -60,8 +61,9 @@ def test_state_graph_streams_tokens_with_checkpointer(smol: ChatThaw):
     streamed = []
     for question in ("What is the capital of France?", "And what is the capital of Germany?"):
         chunks = []
-        for chunk, metadata in graph.stream({"messages": [HumanMessage(question)]}, config,
-                                            stream_mode="messages"):
+        for chunk, metadata in graph.stream(
+            {"messages": [HumanMessage(question)]}, config, stream_mode="messages"
+        ):
             assert metadata["langgraph_node"] == "chat"
             chunks.append(chunk)
         assert all(isinstance(chunk, AIMessageChunk) for chunk in chunks)
@@ -74,9 +76,13 @@ async def test_async_state_graph_streams_tokens_with_checkpointer(smol: ChatThaw
     config = {"configurable": {"thread_id": "async-thread"}}
     streamed = []
     for question in ("What is the capital of France?", "And what is the capital of Germany?"):
-        chunks = [chunk async for chunk, metadata in graph.astream(
-            {"messages": [HumanMessage(question)]}, config, stream_mode="messages")
-            if metadata["langgraph_node"] == "chat"]
+        chunks = [
+            chunk
+            async for chunk, metadata in graph.astream(
+                {"messages": [HumanMessage(question)]}, config, stream_mode="messages"
+            )
+            if metadata["langgraph_node"] == "chat"
+        ]
         streamed.append(chunks)
     _check_turns(graph, config, streamed)
 
@@ -93,11 +99,13 @@ def test_react_agent_calls_the_tool_then_answers(smol: ChatThaw):
         return f"It is sunny and 22 degrees Celsius in {city}."
 
     agent = create_react_agent(smol, [get_weather])
-    result = agent.invoke({"messages": [HumanMessage("What is the weather in Paris?")]},
-                          {"recursion_limit": 8})
+    result = agent.invoke(
+        {"messages": [HumanMessage("What is the weather in Paris?")]}, {"recursion_limit": 8}
+    )
     messages = result["messages"]
-    assert [type(m) for m in messages] == [HumanMessage, AIMessage, ToolMessage, AIMessage], \
-        [(type(m).__name__, m.content, getattr(m, "tool_calls", None)) for m in messages]
+    assert [type(m) for m in messages] == [HumanMessage, AIMessage, ToolMessage, AIMessage], [
+        (type(m).__name__, m.content, getattr(m, "tool_calls", None)) for m in messages
+    ]
     call_message, tool_message, answer = messages[1], messages[2], messages[3]
     [call] = call_message.tool_calls
     assert call["name"] == "get_weather"

@@ -16,11 +16,16 @@ NOTEBOOKS = Path(__file__).parents[2] / "notebooks"
 def execute(name: str, path: Path) -> list[dict]:
     """Run notebooks/<name> in a fresh kernel (cwd ``path``); returns its code cells' outputs."""
     notebook = nbformat.read(NOTEBOOKS / name, as_version=4)
-    client = NotebookClient(notebook, timeout=600, kernel_name="python3",
-                            resources={"metadata": {"path": str(path)}})
+    client = NotebookClient(
+        notebook, timeout=600, kernel_name="python3", resources={"metadata": {"path": str(path)}}
+    )
     client.execute()
-    outputs = [out for cell in notebook.cells if cell.cell_type == "code"
-               for out in cell.get("outputs", [])]
+    outputs = [
+        out
+        for cell in notebook.cells
+        if cell.cell_type == "code"
+        for out in cell.get("outputs", [])
+    ]
     errors = [out for out in outputs if out.get("output_type") == "error"]
     assert not errors, errors
     return outputs

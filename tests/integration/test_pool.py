@@ -70,7 +70,6 @@ def prefix_ids(llm) -> list[int]:
     return ids
 
 
-
 @pytest.mark.slow
 def test_workers_are_ready_with_the_parents_namespace(llm, pool):
     assert pool.num_workers == 2 and pool.alive_workers() == [0, 1]
@@ -96,8 +95,15 @@ async def test_killed_worker_mid_fanout_is_retried_and_replaced(llm, pool, prefi
             victim.append(pool.worker_pids()[0])
             os.kill(victim[0], signal.SIGKILL)
 
-    results = await fork_fanout(llm, PREFIX, SUFFIXES, options=options, pool=pool,
-                                route="pool", on_token=kill_on_first_token)
+    results = await fork_fanout(
+        llm,
+        PREFIX,
+        SUFFIXES,
+        options=options,
+        pool=pool,
+        route="pool",
+        on_token=kill_on_first_token,
+    )
     assert victim and not running(victim[0])
     assert [r.error for r in results] == [None] * len(SUFFIXES)
     assert all(len(r.token_ids) == 600 and r.finish_reason == "length" for r in results)
@@ -125,12 +131,20 @@ async def test_request_timeout_aborts_and_the_worker_keeps_serving(llm, pool, pr
     with pytest.raises(TimeoutError, match="exceeded its timeout on worker 0"):
         await pool.generate(prefix_ids, long, worker=0, timeout_s=0.5)
     assert time.monotonic() - began < 10
-    short = await pool.generate(prefix_ids, GenerationOptions(max_tokens=4, temperature=0.0),
-                                worker=0)
+    short = await pool.generate(
+        prefix_ids, GenerationOptions(max_tokens=4, temperature=0.0), worker=0
+    )
     assert short.engine == "worker-0" and len(short.token_ids) == 4
     # the same through fork_fanout: every branch reports the TimeoutError, none is lost
-    results = await fork_fanout(llm, PREFIX, SUFFIXES[:2], options={"max_tokens": 1300,
-                                "ignore_eos": True}, pool=pool, route="pool", timeout_s=0.5)
+    results = await fork_fanout(
+        llm,
+        PREFIX,
+        SUFFIXES[:2],
+        options={"max_tokens": 1300, "ignore_eos": True},
+        pool=pool,
+        route="pool",
+        timeout_s=0.5,
+    )
     assert all(r.error and r.error.startswith("TimeoutError") for r in results)
     ok = await fork_fanout(llm, PREFIX, SUFFIXES[:2], pool=pool, route="pool")
     assert all(r.ok for r in ok)
@@ -142,8 +156,9 @@ async def test_request_timeout_aborts_and_the_worker_keeps_serving(llm, pool, pr
 def test_context_manager_and_close_leave_no_workers(llm, prefix_ids):
     with ForkPool(llm.engine_spec(), 1, expected_namespace_key=llm.kv_namespace().key()) as one:
         (pid,) = one.worker_pids()
-        result = asyncio.run(one.generate(prefix_ids, GenerationOptions(max_tokens=4,
-                                                                        temperature=0.0)))
+        result = asyncio.run(
+            one.generate(prefix_ids, GenerationOptions(max_tokens=4, temperature=0.0))
+        )
         assert result.engine == "worker-0" and len(result.token_ids) == 4
         assert result.cached_tokens >= len(prefix_ids) // BLOCK * BLOCK  # from the store
     assert not running(pid) and one.alive_workers() == []
@@ -196,10 +211,18 @@ def test_parent_sigkill_leaves_no_orphans(tmp_path):
     marker = f"THAW_TEST_ORPHAN_{uuid.uuid4().hex}"
     name = f"orphan-{os.getpid()}"
     with open(tmp_path / "orphan.log", "w") as log:
-        proc = subprocess.Popen([sys.executable, str(HERE / "fanout_procs.py"), "orphan",
-                                 f"shm://{name}?capacity=64MiB"], text=True,
-                                env={**os.environ, marker: "1"}, stdout=subprocess.PIPE,
-                                stderr=log)
+        proc = subprocess.Popen(
+            [
+                sys.executable,
+                str(HERE / "fanout_procs.py"),
+                "orphan",
+                f"shm://{name}?capacity=64MiB",
+            ],
+            text=True,
+            env={**os.environ, marker: "1"},
+            stdout=subprocess.PIPE,
+            stderr=log,
+        )
     tree: list[psutil.Process] = []
     try:
         assert proc.stdout is not None

@@ -38,8 +38,11 @@ MAX_TOKENS = 16  # the model's default in chat_model()
 NODE = {"num_cpus": 1, "object_store_memory": 100 << 20, "include_dashboard": False}
 WORKER = {**NODE, "resources": {"thaw_worker": 1}}
 # Ray notices a dead raylet within ~3 s instead of ~30 s.
-FAST_HEALTH = {"health_check_initial_delay_ms": 1000, "health_check_period_ms": 1000,
-               "health_check_failure_threshold": 3}
+FAST_HEALTH = {
+    "health_check_initial_delay_ms": 1000,
+    "health_check_period_ms": 1000,
+    "health_check_failure_threshold": 3,
+}
 
 
 async def _wait_for(condition, timeout_s: float, what: str) -> None:
@@ -90,8 +93,9 @@ def cluster():
             ray.shutdown()
         cluster.shutdown()
     deadline = time.monotonic() + 30
-    while (left := [p for p in seen.values() if running(p.pid) and p.is_running()]) and \
-            time.monotonic() < deadline:
+    while (
+        left := [p for p in seen.values() if running(p.pid) and p.is_running()]
+    ) and time.monotonic() < deadline:
         time.sleep(0.2)
     assert not left, f"Ray processes left after the cluster's shutdown: {left}"
     assert _thaw_shm() <= shm_before, "a /dev/shm arena outlived the cluster"
@@ -113,10 +117,17 @@ def llm(cluster):  # after the cluster: its teardown then sees the parent's stor
 
 @pytest.fixture(scope="module")
 def pool(cluster, llm):
-    workers = RayForkPool(llm.engine_spec(), 2, address=cluster.address,
-                          resources_per_worker={"thaw_worker": 1}, node_store_bytes=64 << 20,
-                          start_timeout_s=240, ping_interval_s=1.0, ping_timeout_s=30,
-                          expected_namespace_key=llm.kv_namespace().key())
+    workers = RayForkPool(
+        llm.engine_spec(),
+        2,
+        address=cluster.address,
+        resources_per_worker={"thaw_worker": 1},
+        node_store_bytes=64 << 20,
+        start_timeout_s=240,
+        ping_interval_s=1.0,
+        ping_timeout_s=30,
+        expected_namespace_key=llm.kv_namespace().key(),
+    )
     workers.start()
     cluster.remember()
     pids = set(workers.worker_pids())
@@ -138,8 +149,9 @@ def pool(cluster, llm):
 def prompts_of(llm, suffixes, prefix=PREFIX) -> list[list[int]]:
     """The full prompt of each branch, built the way fork_fanout builds it."""
     rendered = llm.render_prefix(prefix)
-    return [branch_prompt(llm.engine.tokenizer, rendered, prefix, [HumanMessage(s)])
-            for s in suffixes]
+    return [
+        branch_prompt(llm.engine.tokenizer, rendered, prefix, [HumanMessage(s)]) for s in suffixes
+    ]
 
 
 def full_blocks(llm, prefix=PREFIX) -> int:
@@ -163,7 +175,8 @@ def worker_node_ids(cluster) -> set[str]:
 
 
 async def test_remote_branches_load_the_prefix_and_match_a_fresh_engine(
-        llm, pool, cluster, reference, tmp_path):
+    llm, pool, cluster, reference, tmp_path
+):
     assert pool.num_workers == 2 and pool.alive_workers() == [0, 1]
     nodes = pool.worker_nodes()
     assert len(set(nodes)) == 2 and set(nodes) == worker_node_ids(cluster)  # not the head
@@ -181,13 +194,17 @@ async def test_remote_branches_load_the_prefix_and_match_a_fresh_engine(
     # 2. through a shared directory, for another prefix (the first one is on the nodes already)
     pool.snapshot_transport = str(tmp_path / "shared")
     other = await fork_fanout(llm, OTHER_PREFIX, SUFFIXES[:2], pool=pool, route="pool")
-    check_exact(other, reference.greedy(prompts_of(llm, SUFFIXES[:2], OTHER_PREFIX), MAX_TOKENS),
-                full_blocks(llm, OTHER_PREFIX))
+    check_exact(
+        other,
+        reference.greedy(prompts_of(llm, SUFFIXES[:2], OTHER_PREFIX), MAX_TOKENS),
+        full_blocks(llm, OTHER_PREFIX),
+    )
     handle = other[0].prefix
     assert (tmp_path / "shared" / handle.namespace_key / f"{handle.snapshot_id}.thawkv").is_file()
     copies = [t for t in pool.transfers if t["snapshot_id"] == handle.snapshot_id]
-    assert len(copies) == len({r.engine for r in other}) and \
-        all(t["transport"] == "shared" for t in copies)
+    assert len(copies) == len({r.engine for r in other}) and all(
+        t["transport"] == "shared" for t in copies
+    )
 
     # 3. the same round again: nothing is copied twice, "auto" routing counts the Ray workers
     count = len(pool.transfers)
@@ -210,8 +227,15 @@ async def _fork_with_fault(llm, pool, fault) -> list:
             done.append(True)
             fault()
 
-    results = await fork_fanout(llm, PREFIX, SUFFIXES, pool=pool, route="pool", on_token=on_token,
-                                options={"max_tokens": 300, "ignore_eos": True})
+    results = await fork_fanout(
+        llm,
+        PREFIX,
+        SUFFIXES,
+        pool=pool,
+        route="pool",
+        on_token=on_token,
+        options={"max_tokens": 300, "ignore_eos": True},
+    )
     assert done
     return results
 
@@ -221,8 +245,9 @@ async def check_fault_results(llm, pool, results) -> None:
     assert all(len(r.token_ids) == 300 for r in results)
     assert any(r.retries >= 1 for r in results), "no branch was on the lost worker"
     assert all(r.usage["input_token_details"]["cache_read"] >= full_blocks(llm) for r in results)
-    clean = await fork_fanout(llm, PREFIX, SUFFIXES, route="parent",
-                              options={"max_tokens": 300, "ignore_eos": True})
+    clean = await fork_fanout(
+        llm, PREFIX, SUFFIXES, route="parent", options={"max_tokens": 300, "ignore_eos": True}
+    )
     assert [r.token_ids for r in results] == [r.token_ids for r in clean]
 
 
@@ -265,8 +290,7 @@ async def test_request_timeout_aborts_and_the_actor_keeps_serving(llm, pool):
     with pytest.raises(TimeoutError, match="exceeded its timeout on worker 0"):
         await pool.generate(prompt, long, worker=0, timeout_s=0.5)
     assert time.monotonic() - began < 10
-    short = await pool.generate(prompt, GenerationOptions(max_tokens=4, temperature=0.0),
-                                worker=0)
+    short = await pool.generate(prompt, GenerationOptions(max_tokens=4, temperature=0.0), worker=0)
     assert short.engine == "worker-0" and len(short.token_ids) == 4
     await _wait_for(lambda: pool.load() == {0: 0, 1: 0}, 10, "no request left in the pool")
     assert pool.worker_pids() == pids

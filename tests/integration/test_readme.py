@@ -35,17 +35,27 @@ def test_readme_has_runnable_examples():
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("line,code", readme_blocks(), ids=lambda v: f"line{v}"
-                         if isinstance(v, int) else "")
+@pytest.mark.parametrize(
+    "line,code", readme_blocks(), ids=lambda v: f"line{v}" if isinstance(v, int) else ""
+)
 def test_readme_block_runs_as_a_plain_script(tmp_path, line, code):
     script = tmp_path / f"readme_line{line}.py"
     script.write_text(code + "\n")
     env = {**os.environ, "PYTHONUNBUFFERED": "1"}
-    proc = subprocess.run([sys.executable, str(script)], cwd=tmp_path, env=env, text=True,
-                          capture_output=True, timeout=600)
-    assert proc.returncode == 0, (f"README block at line {line} failed ({proc.returncode}):\n"
-                                  f"{proc.stdout[-3000:]}\n{proc.stderr[-5000:]}")
+    proc = subprocess.run(
+        [sys.executable, str(script)],
+        cwd=tmp_path,
+        env=env,
+        text=True,
+        capture_output=True,
+        timeout=600,
+    )
+    assert proc.returncode == 0, (
+        f"README block at line {line} failed ({proc.returncode}):\n"
+        f"{proc.stdout[-3000:]}\n{proc.stderr[-5000:]}"
+    )
     for expected in re.findall(r"# expect: (.+)", code):
         assert expected.strip() in proc.stdout, (
             f"README block at line {line}: {expected.strip()!r} not in its output:\n"
-            f"{proc.stdout[-3000:]}")
+            f"{proc.stdout[-3000:]}"
+        )

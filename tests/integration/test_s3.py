@@ -29,7 +29,9 @@ MiB = 1 << 20
 
 def snapshot(num_blocks: int, block_bytes: int = 64, **kw) -> bytearray:
     payload = bytes((i * 7 + 3) % 256 for i in range(256)) * (num_blocks * block_bytes // 256 + 1)
-    return build_snapshot(NS, list(range(4 * num_blocks)), block_bytes, payload[: num_blocks * block_bytes], **kw)
+    return build_snapshot(
+        NS, list(range(4 * num_blocks)), block_bytes, payload[: num_blocks * block_bytes], **kw
+    )
 
 
 @pytest.fixture(scope="module")
@@ -47,7 +49,9 @@ def test_upload_download_round_trip(client, tmp_path):
     data = snapshot(3)
     header = upload_snapshot(data, f"s3://{BUCKET}/snaps/a.thawkv", client=client)
     dest = tmp_path / "a.thawkv"
-    got = download_snapshot(f"s3://{BUCKET}/snaps/a.thawkv", dest, client=client, expect_namespace=NS)
+    got = download_snapshot(
+        f"s3://{BUCKET}/snaps/a.thawkv", dest, client=client, expect_namespace=NS
+    )
     assert got == header and dest.read_bytes() == data
     assert os.listdir(tmp_path) == ["a.thawkv"]  # no temp file left behind
 
@@ -64,7 +68,9 @@ def test_upload_from_file_and_endpoint_from_environment(endpoint, tmp_path, monk
 def test_multipart_transfer(client, tmp_path):
     data = snapshot(12 * 16, block_bytes=MiB // 16)  # 12 MiB payload -> 3 parts of 5 MiB
     url = f"s3://{BUCKET}/big.thawkv"
-    upload_snapshot(data, url, client=client, multipart_threshold=5 * MiB, multipart_chunksize=5 * MiB)
+    upload_snapshot(
+        data, url, client=client, multipart_threshold=5 * MiB, multipart_chunksize=5 * MiB
+    )
     etag = client.head_object(Bucket=BUCKET, Key="big.thawkv")["ETag"]
     assert etag.strip('"').endswith("-3")  # S3 ETags of multipart uploads end in -<parts>
     download_snapshot(url, tmp_path / "big.thawkv", client=client, multipart_threshold=5 * MiB,
@@ -79,7 +85,10 @@ def test_missing_object_and_bucket(client, endpoint, tmp_path):
     assert str(e.value) == (
         f"s3://{BUCKET}/nope.thawkv does not exist (bucket '{BUCKET}', key 'nope.thawkv', endpoint {endpoint})"
     )
-    with pytest.raises(FileNotFoundError, match="cannot upload to s3://no-such-bucket/a: bucket 'no-such-bucket' does not exist"):
+    with pytest.raises(
+        FileNotFoundError,
+        match="cannot upload to s3://no-such-bucket/a: bucket 'no-such-bucket' does not exist",
+    ):
         upload_snapshot(snapshot(1), "s3://no-such-bucket/a", client=client)
     assert os.listdir(tmp_path) == []
 
@@ -95,7 +104,14 @@ def test_invalid_snapshots_are_rejected_both_ways(client, tmp_path):
         download_snapshot(f"s3://{BUCKET}/bad.thawkv", dest, client=client)
     other = Namespace(**{**NS.to_json(), "dtype": "bfloat16"})
     upload_snapshot(snapshot(1), f"s3://{BUCKET}/ok.thawkv", client=client)
-    with pytest.raises(SnapshotMismatchError, match="dtype: snapshot has 'float32', this engine has 'bfloat16'"):
+    with pytest.raises(
+        SnapshotMismatchError, match="dtype: snapshot has 'float32', this engine has 'bfloat16'"
+    ):
         download_snapshot(f"s3://{BUCKET}/ok.thawkv", dest, client=client, expect_namespace=other)
     assert os.listdir(tmp_path) == []  # the destination only ever appears complete and valid
-    assert parse_snapshot(client.get_object(Bucket=BUCKET, Key="ok.thawkv")["Body"].read()).header.num_blocks == 1
+    assert (
+        parse_snapshot(
+            client.get_object(Bucket=BUCKET, Key="ok.thawkv")["Body"].read()
+        ).header.num_blocks
+        == 1
+    )

@@ -67,8 +67,14 @@ def test_interrupted_download_resumes_missing_parts(tmp_path, client):
             raise ConnectionError("network gone")
 
     with pytest.raises(ConnectionError):
-        s3.fetch(url, cache_dir=cache, client=client, part_bytes=PART, max_concurrency=1,
-                 on_part=die_after_two)
+        s3.fetch(
+            url,
+            cache_dir=cache,
+            client=client,
+            part_bytes=PART,
+            max_concurrency=1,
+            on_part=die_after_two,
+        )
     assert not s3.cache_path(url, cache).exists()  # nothing half-done is visible
     resumed = s3.fetch(url, cache_dir=cache, client=client, part_bytes=PART, max_concurrency=2)
     assert resumed.parts_resumed >= 2 and resumed.parts_fetched + resumed.parts_resumed == 5
@@ -97,7 +103,9 @@ def test_changed_object_is_fetched_again_and_partial_discarded(tmp_path, client)
         raise ConnectionError("stop")
 
     with pytest.raises(ConnectionError):
-        s3.fetch(url3, cache_dir=cache, client=client, part_bytes=PART, max_concurrency=1, on_part=stop)
+        s3.fetch(
+            url3, cache_dir=cache, client=client, part_bytes=PART, max_concurrency=1, on_part=stop
+        )
     s3.upload(tmp_path / "v1.thaw", url3, client=client, part_bytes=PART)
     fresh = s3.fetch(url3, cache_dir=cache, client=client, part_bytes=PART)
     assert fresh.parts_resumed == 0

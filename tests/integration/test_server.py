@@ -31,8 +31,9 @@ START_TIMEOUT_S = 300
 STOP_TIMEOUT_S = 90
 MAX_CONCURRENCY = 4
 # Byte-level tokenizer: this system prompt alone is > 2 KV blocks (128 tokens each on CPU).
-LONG_SYSTEM = ("You are a careful reviewer. Read the code, list the bugs, then propose fixes. "
-               * 5).strip()
+LONG_SYSTEM = (
+    "You are a careful reviewer. Read the code, list the bugs, then propose fixes. " * 5
+).strip()
 GREEDY = {"temperature": 0.0, "max_tokens": 8}
 
 
@@ -52,8 +53,11 @@ class ServerProcess:
         self._log = open(log_path, "wb")
         self.proc = subprocess.Popen(
             [sys.executable, "-m", "thaw_agents.cli", "serve", "--port", str(self.port), *args],
-            stdout=self._log, stderr=subprocess.STDOUT, env=env or _env(),
-            start_new_session=True)
+            stdout=self._log,
+            stderr=subprocess.STDOUT,
+            env=env or _env(),
+            start_new_session=True,
+        )
 
     def log_tail(self, n: int = 3000) -> str:
         return self.log_path.read_text(errors="replace")[-n:]
@@ -62,8 +66,9 @@ class ServerProcess:
         deadline = time.monotonic() + timeout_s
         while time.monotonic() < deadline:
             if self.proc.poll() is not None:
-                raise AssertionError(f"server exited with {self.proc.returncode}:\n"
-                                     f"{self.log_tail()}")
+                raise AssertionError(
+                    f"server exited with {self.proc.returncode}:\n{self.log_tail()}"
+                )
             try:
                 if httpx.get(f"{self.url}/health", timeout=2).status_code == 200:
                     return
@@ -120,12 +125,31 @@ def s3_endpoint():
 @pytest.fixture(scope="module")
 def server(tmp_path_factory: pytest.TempPathFactory, s3_endpoint: str | None) -> ServerProcess:
     log = tmp_path_factory.mktemp("server") / "server.log"
-    proc = ServerProcess([
-        "--register", "tiny=tiny", "--api-key", KEY, "--max-concurrency", str(MAX_CONCURRENCY),
-        "--kv-store", f"shm://{STORE_NAME}?capacity=64MiB", "--max-model-len", "2048",
-        "--max-prompt-tokens", "1500", "--max-body-bytes", "1MiB",
-        "--engine-kwargs", json.dumps({"kv_cache_memory_bytes": 256 << 20}),
-        "--shutdown-timeout", "60", "--log-level", "warning"], log)
+    proc = ServerProcess(
+        [
+            "--register",
+            "tiny=tiny",
+            "--api-key",
+            KEY,
+            "--max-concurrency",
+            str(MAX_CONCURRENCY),
+            "--kv-store",
+            f"shm://{STORE_NAME}?capacity=64MiB",
+            "--max-model-len",
+            "2048",
+            "--max-prompt-tokens",
+            "1500",
+            "--max-body-bytes",
+            "1MiB",
+            "--engine-kwargs",
+            json.dumps({"kv_cache_memory_bytes": 256 << 20}),
+            "--shutdown-timeout",
+            "60",
+            "--log-level",
+            "warning",
+        ],
+        log,
+    )
     try:
         proc.wait_ready()
         yield proc
@@ -162,7 +186,7 @@ def _sse(text: str) -> list[Any]:
     events = []
     for line in text.splitlines():
         if line.startswith("data: "):
-            payload = line[len("data: "):]
+            payload = line[len("data: ") :]
             events.append(payload if payload == "[DONE]" else json.loads(payload))
     return events
 
@@ -173,7 +197,8 @@ def _sse(text: str) -> list[Any]:
 def test_openai_chat_usage_and_weights_version(openai_client) -> None:
     first = openai_client.chat.completions.create(model="tiny", messages=_chat(), **GREEDY)
     raw = openai_client.chat.completions.with_raw_response.create(
-        model="tiny", messages=_chat(), **GREEDY)
+        model="tiny", messages=_chat(), **GREEDY
+    )
     second = raw.parse()
     assert first.object == "chat.completion" and first.model == "tiny"
     assert isinstance(first.choices[0].message.content, str)
@@ -197,16 +222,22 @@ def test_openai_chat_usage_and_weights_version(openai_client) -> None:
 
 
 def test_openai_streaming_matches_and_reports_usage(openai_client) -> None:
-    whole = openai_client.chat.completions.create(model="tiny", messages=_chat("Stream."),
-                                                  **GREEDY)
-    chunks = list(openai_client.chat.completions.create(
-        model="tiny", messages=_chat("Stream."), stream=True,
-        stream_options={"include_usage": True}, **GREEDY))
+    whole = openai_client.chat.completions.create(model="tiny", messages=_chat("Stream."), **GREEDY)
+    chunks = list(
+        openai_client.chat.completions.create(
+            model="tiny",
+            messages=_chat("Stream."),
+            stream=True,
+            stream_options={"include_usage": True},
+            **GREEDY,
+        )
+    )
     text = "".join(c.choices[0].delta.content or "" for c in chunks if c.choices)
     assert text == whole.choices[0].message.content
     assert chunks[0].choices[0].delta.role == "assistant"
-    finishes = [c.choices[0].finish_reason for c in chunks if c.choices and
-                c.choices[0].finish_reason]
+    finishes = [
+        c.choices[0].finish_reason for c in chunks if c.choices and c.choices[0].finish_reason
+    ]
     assert finishes == [whole.choices[0].finish_reason]
     usage = chunks[-1].usage
     assert not chunks[-1].choices and usage.prompt_tokens == whole.usage.prompt_tokens
@@ -215,21 +246,35 @@ def test_openai_streaming_matches_and_reports_usage(openai_client) -> None:
 
 
 def test_openai_n_choices_streamed_and_forced_tool_call(openai_client) -> None:
-    chunks = list(openai_client.chat.completions.create(
-        model="tiny", messages=_chat("Two."), stream=True, n=2, **GREEDY))
+    chunks = list(
+        openai_client.chat.completions.create(
+            model="tiny", messages=_chat("Two."), stream=True, n=2, **GREEDY
+        )
+    )
     texts = ["", ""]
     for chunk in chunks:
         for choice in chunk.choices:
             texts[choice.index] += choice.delta.content or ""
     assert texts[0] == texts[1] != ""  # greedy: both choices agree
-    weather = {"type": "function", "function": {
-        "name": "get_weather", "parameters": {
-            "type": "object", "required": ["city"],
-            "properties": {"city": {"type": "string", "enum": ["Paris", "Rome"]}}}}}
+    weather = {
+        "type": "function",
+        "function": {
+            "name": "get_weather",
+            "parameters": {
+                "type": "object",
+                "required": ["city"],
+                "properties": {"city": {"type": "string", "enum": ["Paris", "Rome"]}},
+            },
+        },
+    }
     reply = openai_client.chat.completions.create(
-        model="tiny", messages=[{"role": "user", "content": "Weather in Paris?"}],
-        tools=[weather], tool_choice={"type": "function", "function": {"name": "get_weather"}},
-        temperature=0, max_tokens=60)
+        model="tiny",
+        messages=[{"role": "user", "content": "Weather in Paris?"}],
+        tools=[weather],
+        tool_choice={"type": "function", "function": {"name": "get_weather"}},
+        temperature=0,
+        max_tokens=60,
+    )
     call = reply.choices[0].message.tool_calls[0]
     assert reply.choices[0].finish_reason == "tool_calls"
     assert call.function.name == "get_weather"
@@ -239,8 +284,11 @@ def test_openai_n_choices_streamed_and_forced_tool_call(openai_client) -> None:
 def test_openai_completions_text_and_stream(openai_client) -> None:
     whole = openai_client.completions.create(model="tiny", prompt="def add(a, b):", **GREEDY)
     assert whole.object == "text_completion" and len(whole.choices) == 1
-    pieces = list(openai_client.completions.create(model="tiny", prompt="def add(a, b):",
-                                                   stream=True, **GREEDY))
+    pieces = list(
+        openai_client.completions.create(
+            model="tiny", prompt="def add(a, b):", stream=True, **GREEDY
+        )
+    )
     assert "".join(p.choices[0].text for p in pieces if p.choices) == whole.choices[0].text
     two = openai_client.completions.create(model="tiny", prompt=["ab", "cd"], n=2, **GREEDY)
     assert [c.index for c in two.choices] == [0, 1, 2, 3]
@@ -252,8 +300,15 @@ def test_chat_openai_inside_langgraph(server: ServerProcess) -> None:
     from langchain_openai import ChatOpenAI
     from langgraph.graph import END, START, MessagesState, StateGraph
 
-    llm = ChatOpenAI(base_url=f"{server.url}/v1", api_key=KEY, model="tiny", temperature=0,
-                     max_tokens=6, max_retries=0, timeout=120)
+    llm = ChatOpenAI(
+        base_url=f"{server.url}/v1",
+        api_key=KEY,
+        model="tiny",
+        temperature=0,
+        max_tokens=6,
+        max_retries=0,
+        timeout=120,
+    )
 
     def answer(state: MessagesState) -> dict[str, Any]:
         return {"messages": [llm.invoke(state["messages"])]}
@@ -267,8 +322,9 @@ def test_chat_openai_inside_langgraph(server: ServerProcess) -> None:
     graph.add_edge(START, "answer")
     graph.add_edge("answer", "review")
     graph.add_edge("review", END)
-    out = graph.compile().invoke({"messages": [SystemMessage(LONG_SYSTEM),
-                                               HumanMessage("Fix my loop.")]})
+    out = graph.compile().invoke(
+        {"messages": [SystemMessage(LONG_SYSTEM), HumanMessage("Fix my loop.")]}
+    )
     replies = [m for m in out["messages"] if isinstance(m, AIMessage)]
     assert len(replies) == 2
     for reply in replies:
@@ -283,17 +339,25 @@ def test_chat_openai_inside_langgraph(server: ServerProcess) -> None:
 
 
 def test_fork_json_and_sse(http: httpx.Client) -> None:
-    body = {"model": "tiny", "messages": [{"role": "system", "content": LONG_SYSTEM}],
-            "suffixes": ["Fix A.", [{"role": "user", "content": "Fix B."}]], "n": 2,
-            "options": {"temperature": 0, "max_tokens": 6}}
+    body = {
+        "model": "tiny",
+        "messages": [{"role": "system", "content": LONG_SYSTEM}],
+        "suffixes": ["Fix A.", [{"role": "user", "content": "Fix B."}]],
+        "n": 2,
+        "options": {"temperature": 0, "max_tokens": 6},
+    }
     response = http.post("/v1/fork", json=body)
     assert response.status_code == 200, response.text
     data = response.json()
     assert response.headers["x-thaw-weights-version"] == "0"
     assert data["object"] == "fork" and data["prefix"]["num_snapshot_tokens"] >= 256
     branches = data["branches"]
-    assert [(b["suffix_index"], b["sample_index"]) for b in branches] == \
-        [(0, 0), (0, 1), (1, 0), (1, 1)]
+    assert [(b["suffix_index"], b["sample_index"]) for b in branches] == [
+        (0, 0),
+        (0, 1),
+        (1, 0),
+        (1, 1),
+    ]
     assert all(b["error"] is None for b in branches)
     assert all(b["usage"]["prompt_tokens_details"]["cached_tokens"] >= 256 for b in branches)
     assert branches[0]["text"] == branches[1]["text"]  # greedy samples of one suffix agree
@@ -310,8 +374,7 @@ def test_fork_json_and_sse(http: httpx.Client) -> None:
             streamed[event["branch"]] = streamed.get(event["branch"], "") + event["text"]
     results = {e["branch"]: e for e in events if isinstance(e, dict) and e["type"] == "branch"}
     assert sorted(results) == [0, 1, 2, 3]
-    assert {i: r["text"] for i, r in results.items()} == \
-        {b["index"]: b["text"] for b in branches}
+    assert {i: r["text"] for i, r in results.items()} == {b["index"]: b["text"] for b in branches}
     assert all(streamed.get(i, "") == r["text"] for i, r in results.items())
 
     bad = http.post("/v1/fork", json={**body, "options": {"temperature": -1}})
@@ -321,11 +384,17 @@ def test_fork_json_and_sse(http: httpx.Client) -> None:
     assert bad.json()["error"]["param"] == "options.kv_transfer_params"
 
 
-def test_snapshots_create_use_save_delete_load(http: httpx.Client, tmp_path: Path,
-                                               s3_endpoint: str | None) -> None:
-    created = http.post("/v1/snapshots", json={
-        "model": "tiny", "name": "reviewer",
-        "messages": [{"role": "system", "content": LONG_SYSTEM}]})
+def test_snapshots_create_use_save_delete_load(
+    http: httpx.Client, tmp_path: Path, s3_endpoint: str | None
+) -> None:
+    created = http.post(
+        "/v1/snapshots",
+        json={
+            "model": "tiny",
+            "name": "reviewer",
+            "messages": [{"role": "system", "content": LONG_SYSTEM}],
+        },
+    )
     assert created.status_code == 200, created.text
     snap = created.json()
     assert snap["object"] == "snapshot" and snap["num_snapshot_tokens"] >= 256
@@ -334,36 +403,52 @@ def test_snapshots_create_use_save_delete_load(http: httpx.Client, tmp_path: Pat
     assert "reviewer" in [m["id"] for m in http.get("/v1/models").json()["data"]]
 
     # The snapshot as a model: its messages go first, their KV is reused.
-    reply = http.post("/v1/chat/completions", json={
-        "model": "reviewer", "messages": [{"role": "user", "content": "Go."}], **GREEDY})
+    reply = http.post(
+        "/v1/chat/completions",
+        json={"model": "reviewer", "messages": [{"role": "user", "content": "Go."}], **GREEDY},
+    )
     assert reply.status_code == 200, reply.text
-    assert reply.json()["usage"]["prompt_tokens_details"]["cached_tokens"] >= \
-        snap["num_snapshot_tokens"]
+    assert (
+        reply.json()["usage"]["prompt_tokens_details"]["cached_tokens"]
+        >= snap["num_snapshot_tokens"]
+    )
 
     dest = tmp_path / "reviewer.thawkv"
-    assert http.post(f"/v1/snapshots/{snap['id']}/save", json={"dest": str(dest)},
-                     headers={"Authorization": ""}).status_code == 401
+    assert (
+        http.post(
+            f"/v1/snapshots/{snap['id']}/save",
+            json={"dest": str(dest)},
+            headers={"Authorization": ""},
+        ).status_code
+        == 401
+    )
     saved = http.post(f"/v1/snapshots/{snap['id']}/save", json={"dest": str(dest)})
     assert saved.status_code == 200 and dest.is_file()
     assert http.delete("/v1/snapshots/reviewer").json()["deleted"] is True
     assert http.get("/v1/snapshots/reviewer").status_code == 404
-    loaded = http.post("/v1/snapshots/load", json={"src": str(dest), "model": "tiny",
-                                                   "name": "reviewer"})
+    loaded = http.post(
+        "/v1/snapshots/load", json={"src": str(dest), "model": "tiny", "name": "reviewer"}
+    )
     assert loaded.status_code == 200, loaded.text
     assert loaded.json()["id"] == snap["id"]
     if s3_endpoint is not None:  # the same through s3:// (moto over loopback HTTP)
         url = f"s3://{BUCKET}/snapshots/reviewer.thawkv"
-        assert http.post(f"/v1/snapshots/{snap['id']}/save", json={"dest": url}).json() == \
-            {"id": snap["id"], "object": "snapshot", "saved_to": url}
+        assert http.post(f"/v1/snapshots/{snap['id']}/save", json={"dest": url}).json() == {
+            "id": snap["id"],
+            "object": "snapshot",
+            "saved_to": url,
+        }
         http.delete(f"/v1/snapshots/{snap['id']}")
         from_s3 = http.post("/v1/snapshots/load", json={"src": url, "model": "tiny"})
         assert from_s3.status_code == 200, from_s3.text
         assert from_s3.json()["num_snapshot_tokens"] == snap["num_snapshot_tokens"]
-    missing = http.post("/v1/snapshots/load", json={"src": str(tmp_path / "no.thawkv"),
-                                                    "model": "tiny"})
+    missing = http.post(
+        "/v1/snapshots/load", json={"src": str(tmp_path / "no.thawkv"), "model": "tiny"}
+    )
     assert missing.status_code == 400 and missing.json()["error"]["param"] == "src"
-    short = http.post("/v1/snapshots", json={"model": "tiny",
-                                             "messages": [{"role": "user", "content": "hi"}]})
+    short = http.post(
+        "/v1/snapshots", json={"model": "tiny", "messages": [{"role": "user", "content": "hi"}]}
+    )
     assert short.status_code == 400 and short.json()["error"]["code"] == "prefix_too_short"
     http.delete("/v1/snapshots/reviewer")
 
@@ -383,23 +468,30 @@ def _hot_swap(http: httpx.Client, tmp_path: Path, before: dict[str, Any]) -> Non
     assert swap.json()["previous_weights_version"] == "0"
     assert swap.json()["weights_version"] == swap.headers["x-thaw-weights-version"] == "step-1"
     for name in ("tiny-b", "tiny"):  # one engine behind both names
-        after = http.post("/v1/chat/completions", json={
-            "model": name, "messages": [{"role": "user", "content": "hi"}], **GREEDY})
+        after = http.post(
+            "/v1/chat/completions",
+            json={"model": name, "messages": [{"role": "user", "content": "hi"}], **GREEDY},
+        )
         assert after.headers["x-thaw-weights-version"] == "step-1"
         assert after.json()["system_fingerprint"] == "thaw-weights-step-1"
-        assert after.json()["choices"][0]["message"]["content"] == \
-            before["choices"][0]["message"]["content"]  # same weights, same greedy text
+        assert (
+            after.json()["choices"][0]["message"]["content"]
+            == before["choices"][0]["message"]["content"]
+        )  # same weights, same greedy text
 
 
-def test_admin_models_and_weights(http: httpx.Client, server: ServerProcess,
-                                  tmp_path: Path) -> None:
+def test_admin_models_and_weights(
+    http: httpx.Client, server: ServerProcess, tmp_path: Path
+) -> None:
     spec = {"name": "tiny-b", "model": "tiny"}
     assert httpx.post(f"{server.url}/admin/models", json=spec).status_code == 401
     added = http.post("/admin/models", json=spec)
     assert added.status_code == 200, added.text
     assert {"tiny", "tiny-b"} <= {m["id"] for m in http.get("/v1/models").json()["data"]}
-    reply = http.post("/v1/chat/completions", json={
-        "model": "tiny-b", "messages": [{"role": "user", "content": "hi"}], **GREEDY})
+    reply = http.post(
+        "/v1/chat/completions",
+        json={"model": "tiny-b", "messages": [{"role": "user", "content": "hi"}], **GREEDY},
+    )
     assert reply.status_code == 200 and reply.json()["model"] == "tiny-b"
     assert http.post("/admin/models", json=spec).status_code == 409
 
@@ -413,8 +505,10 @@ def test_admin_models_and_weights(http: httpx.Client, server: ServerProcess,
         assert missing.status_code == 400 and missing.json()["error"]["param"] == "src"
         _hot_swap(http, tmp_path, reply.json())
     assert http.delete("/admin/models/tiny-b").status_code == 200
-    gone = http.post("/v1/chat/completions", json={
-        "model": "tiny-b", "messages": [{"role": "user", "content": "hi"}]})
+    gone = http.post(
+        "/v1/chat/completions",
+        json={"model": "tiny-b", "messages": [{"role": "user", "content": "hi"}]},
+    )
     assert gone.status_code == 404 and gone.json()["error"]["code"] == "model_not_found"
 
 
@@ -430,9 +524,23 @@ def test_auth_refusals(server: ServerProcess, tmp_path: Path) -> None:
     # Off loopback without a key: refused before any engine starts, nothing bound.
     port = _free_port()
     result = subprocess.run(
-        [sys.executable, "-m", "thaw_agents.cli", "serve", "--host", "0.0.0.0", "--port",
-         str(port), "--register", "tiny=tiny"], capture_output=True, text=True, timeout=120,
-        env=_env())
+        [
+            sys.executable,
+            "-m",
+            "thaw_agents.cli",
+            "serve",
+            "--host",
+            "0.0.0.0",
+            "--port",
+            str(port),
+            "--register",
+            "tiny=tiny",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        env=_env(),
+    )
     assert result.returncode != 0
     assert "refusing to bind '0.0.0.0' without an API key" in result.stderr
 
@@ -443,26 +551,41 @@ def test_errors_name_the_field_and_the_engine_keeps_serving(http: httpx.Client) 
         return response.json()["error"]
 
     chat = {"model": "tiny", "messages": [{"role": "user", "content": "hi"}]}
-    bad_json = http.post("/v1/chat/completions", content=b'{"model": "tiny", "messages": [',
-                         headers={"content-type": "application/json"})
+    bad_json = http.post(
+        "/v1/chat/completions",
+        content=b'{"model": "tiny", "messages": [',
+        headers={"content-type": "application/json"},
+    )
     assert error(bad_json, 400)["code"] == "invalid_json"
-    for field, value in (("temperature", -1), ("top_p", 2.0), ("max_tokens", 0),
-                         ("logprobs", "maybe"), ("top_k", -5)):
+    for field, value in (
+        ("temperature", -1),
+        ("top_p", 2.0),
+        ("max_tokens", 0),
+        ("logprobs", "maybe"),
+        ("top_k", -5),
+    ):
         body = error(http.post("/v1/chat/completions", json={**chat, field: value}), 400)
         assert body["param"] == field, body
         assert body["type"] == "invalid_request_error"
-    streamed = http.post("/v1/chat/completions", json={**chat, "stream": True,
-                                                       "temperature": -1})
+    streamed = http.post("/v1/chat/completions", json={**chat, "stream": True, "temperature": -1})
     assert error(streamed, 400)["param"] == "temperature"  # JSON error, not a broken stream
-    assert error(http.post("/v1/chat/completions", json={**chat, "model": "gpt-4o"}),
-                 404)["param"] == "model"
+    assert (
+        error(http.post("/v1/chat/completions", json={**chat, "model": "gpt-4o"}), 404)["param"]
+        == "model"
+    )
     too_long = {**chat, "messages": [{"role": "user", "content": "x" * 1600}]}
-    assert error(http.post("/v1/chat/completions", json=too_long), 400)["code"] == \
-        "context_length_exceeded"
-    assert error(http.post("/v1/chat/completions", json={**chat, "x": "y" * (1 << 20)}),
-                 413)["code"] == "request_too_large"
-    assert error(http.post("/v1/completions", json={"model": "tiny", "prompt": [10 ** 6]}),
-                 400)["param"] == "prompt"
+    assert (
+        error(http.post("/v1/chat/completions", json=too_long), 400)["code"]
+        == "context_length_exceeded"
+    )
+    assert (
+        error(http.post("/v1/chat/completions", json={**chat, "x": "y" * (1 << 20)}), 413)["code"]
+        == "request_too_large"
+    )
+    assert (
+        error(http.post("/v1/completions", json={"model": "tiny", "prompt": [10**6]}), 400)["param"]
+        == "prompt"
+    )
     assert error(http.get("/v1/nothing"), 404)["code"] == "not_found"
     ok = http.post("/v1/chat/completions", json={**chat, **GREEDY})
     assert ok.status_code == 200 and ok.json()["choices"][0]["message"]["role"] == "assistant"
@@ -471,15 +594,21 @@ def test_errors_name_the_field_and_the_engine_keeps_serving(http: httpx.Client) 
 def test_bounded_load_every_request_answered(server: ServerProcess, http: httpx.Client) -> None:
     """40 concurrent requests at max-concurrency 4: each answered 200 or refused 429."""
     before = http.get("/health").json()["limiter"]
-    body = {"model": "tiny", "messages": [{"role": "user", "content": "Count."}],
-            "temperature": 0, "max_tokens": 16}
+    body = {
+        "model": "tiny",
+        "messages": [{"role": "user", "content": "Count."}],
+        "temperature": 0,
+        "max_tokens": 16,
+    }
 
     async def run() -> list[httpx.Response]:
         limits = httpx.Limits(max_connections=64, max_keepalive_connections=64)
-        async with httpx.AsyncClient(base_url=server.url, headers=_auth(), timeout=120,
-                                     limits=limits) as client:
-            return await asyncio.gather(*[client.post("/v1/chat/completions", json=body)
-                                          for _ in range(40)])
+        async with httpx.AsyncClient(
+            base_url=server.url, headers=_auth(), timeout=120, limits=limits
+        ) as client:
+            return await asyncio.gather(
+                *[client.post("/v1/chat/completions", json=body) for _ in range(40)]
+            )
 
     responses = asyncio.run(run())
     statuses = [r.status_code for r in responses]
@@ -503,10 +632,17 @@ def test_bounded_load_every_request_answered(server: ServerProcess, http: httpx.
 
 
 def test_client_disconnect_aborts_the_request(server: ServerProcess, http: httpx.Client) -> None:
-    body = {"model": "tiny", "messages": [{"role": "user", "content": "Go on."}],
-            "temperature": 0, "max_tokens": 1000, "ignore_eos": True, "stream": True}
-    with httpx.stream("POST", f"{server.url}/v1/chat/completions", json=body, headers=_auth(),
-                      timeout=60) as response:
+    body = {
+        "model": "tiny",
+        "messages": [{"role": "user", "content": "Go on."}],
+        "temperature": 0,
+        "max_tokens": 1000,
+        "ignore_eos": True,
+        "stream": True,
+    }
+    with httpx.stream(
+        "POST", f"{server.url}/v1/chat/completions", json=body, headers=_auth(), timeout=60
+    ) as response:
         for line in response.iter_lines():
             if line.startswith("data: ") and '"content": ""' not in line:
                 break  # a real token arrived: the request is decoding; hang up
@@ -526,23 +662,31 @@ def test_sigterm_with_requests_in_flight(server: ServerProcess) -> None:
     """SIGTERM: streams in flight finish, the process exits, no EngineCore or store is left."""
     engines = server.descendants()  # the engine core (and vLLM's helpers)
     assert engines, "the server should have an engine-core child process"
-    body = {"model": "tiny", "messages": [{"role": "user", "content": "Write a story."}],
-            "temperature": 0, "max_tokens": 120, "ignore_eos": True, "stream": True}
+    body = {
+        "model": "tiny",
+        "messages": [{"role": "user", "content": "Write a story."}],
+        "temperature": 0,
+        "max_tokens": 120,
+        "ignore_eos": True,
+        "stream": True,
+    }
     first_chunk = threading.Barrier(4, timeout=120)
     outcomes: list[str] = []
 
     def stream() -> None:
         try:
-            with httpx.stream("POST", f"{server.url}/v1/chat/completions", json=body,
-                              headers=_auth(), timeout=120) as response:
+            with httpx.stream(
+                "POST", f"{server.url}/v1/chat/completions", json=body, headers=_auth(), timeout=120
+            ) as response:
                 lines = response.iter_lines()
                 for line in lines:
                     if line.startswith("data: "):
                         break
                 first_chunk.wait()
                 rest = [line for line in lines if line.startswith("data: ")]
-                outcomes.append("done" if rest and rest[-1] == "data: [DONE]" else
-                                f"cut: {rest[-1:]}")
+                outcomes.append(
+                    "done" if rest and rest[-1] == "data: [DONE]" else f"cut: {rest[-1:]}"
+                )
         except (httpx.HTTPError, threading.BrokenBarrierError) as exc:
             outcomes.append(f"error: {type(exc).__name__}")
 

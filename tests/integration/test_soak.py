@@ -70,8 +70,11 @@ async def test_200_mixed_calls_with_cancellations_then_seeded_fanout():
                 cancelled.add(i)
         results = await asyncio.wait_for(asyncio.gather(*tasks, return_exceptions=True), 900)
 
-        errors = [r for r in results if isinstance(r, BaseException)
-                  and not isinstance(r, asyncio.CancelledError)]
+        errors = [
+            r
+            for r in results
+            if isinstance(r, BaseException) and not isinstance(r, asyncio.CancelledError)
+        ]
         assert errors == [], errors[:3]
         finished = [r for r in results if not isinstance(r, BaseException)]
         was_cancelled = [r for r in results if isinstance(r, asyncio.CancelledError)]
@@ -98,18 +101,22 @@ async def test_200_mixed_calls_with_cancellations_then_seeded_fanout():
         with llm.fork_pool(2) as pool:
             prefix = [SystemMessage(PREFIX_TEXT)]
             options = {"temperature": 0.9, "seed": 11, "max_tokens": 6}
-            branches = await fork_fanout(llm, prefix, ["Continue."], n=16, options=options,
-                                         pool=pool)
-            assert len(branches) == 16 and all(b.ok for b in branches), \
-                [b.error for b in branches if not b.ok]
+            branches = await fork_fanout(
+                llm, prefix, ["Continue."], n=16, options=options, pool=pool
+            )
+            assert len(branches) == 16 and all(b.ok for b in branches), [
+                b.error for b in branches if not b.ok
+            ]
             assert {b.sample_index for b in branches} == set(range(16))
-            again = await fork_fanout(llm, prefix, ["Continue."], n=16, options=options,
-                                      pool=pool)
+            again = await fork_fanout(llm, prefix, ["Continue."], n=16, options=options, pool=pool)
             assert [b.token_ids for b in again] == [b.token_ids for b in branches]
             assert len({tuple(b.token_ids) for b in branches}) > 1  # seeds differ per sample
         assert "".join((await llm.ainvoke("still there?")).content) is not None
     leftover = _children() - before
-    alive = [pid for pid in leftover if psutil.pid_exists(pid)
-             and psutil.Process(pid).status() != psutil.STATUS_ZOMBIE]
+    alive = [
+        pid
+        for pid in leftover
+        if psutil.pid_exists(pid) and psutil.Process(pid).status() != psutil.STATUS_ZOMBIE
+    ]
     assert alive == [], f"processes left behind: {alive}"
     assert not [n for n in os.listdir("/dev/shm") if STORE in n]

@@ -30,9 +30,12 @@ TESTS = Path(__file__).resolve().parents[1]  # store_samples.py's folder, for th
 
 
 def run_child(code: str) -> str:
-    proc = subprocess.run([sys.executable, "-c", textwrap.dedent(code)], capture_output=True, text=True, timeout=60)
+    proc = subprocess.run(
+        [sys.executable, "-c", textwrap.dedent(code)], capture_output=True, text=True, timeout=60
+    )
     assert proc.returncode == 0, proc.stderr
     return proc.stdout.strip()
+
 
 # -- FileStore ----------------------------------------------------------------------------
 
@@ -64,22 +67,31 @@ s.close()
 def test_shm_two_processes_share_snapshots():
     with ShmStore(shm_name(), CAPACITY, create=True) as s:
         # child publishes, parent finds and reads it
-        sid = run_child(child_code(s.name, "print(s.publish_bytes(KEY, snapshot(BASE, seed=7)).snapshot_id)"))
+        sid = run_child(
+            child_code(s.name, "print(s.publish_bytes(KEY, snapshot(BASE, seed=7)).snapshot_id)")
+        )
         match = s.lookup(KEY, chain(BASE))
         assert match is not None and match.ref.snapshot_id == sid and match.num_blocks == 10
         with s.open(match.ref) as view:
             assert bytes(view.payload) == bytes(parse_snapshot(snapshot(BASE, seed=7)).payload)
         # parent publishes, child finds it and reads identical bytes
         ref = s.publish_bytes(KEY, snapshot(BASE[:20] + [3] * 8, seed=8))
-        digest = run_child(child_code(s.name, """
+        digest = run_child(
+            child_code(
+                s.name,
+                """
             m = s.lookup(KEY, chain(BASE[:20] + [3] * 8))
             v = s.open(m.ref)
             print(m.ref.snapshot_id, m.num_blocks, hashlib.sha256(v.payload).hexdigest())
             v.close()
-        """))
+        """,
+            )
+        )
         import hashlib
 
-        expected = hashlib.sha256(parse_snapshot(snapshot(BASE[:20] + [3] * 8, seed=8)).payload).hexdigest()
+        expected = hashlib.sha256(
+            parse_snapshot(snapshot(BASE[:20] + [3] * 8, seed=8)).payload
+        ).hexdigest()
         assert digest == f"{ref.snapshot_id} 7 {expected}"
     # the child attached and closed: it did not unlink, the parent (creator) did
 

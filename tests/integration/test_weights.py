@@ -47,8 +47,11 @@ def reference_b():
     """A fresh engine loaded the normal way with B: what every swap to B must reproduce."""
     model = chat_model(None, model=str(tiny_model_path(seed=1)))
     try:
-        yield {"plain": _answers(model), "prefixed": _answers(model, PREFIX),
-               "branches": [model.invoke([*PREFIX, HumanMessage(s)]).content for s in SUFFIXES]}
+        yield {
+            "plain": _answers(model),
+            "prefixed": _answers(model, PREFIX),
+            "branches": [model.invoke([*PREFIX, HumanMessage(s)]).content for s in SUFFIXES],
+        }
     finally:
         model.close()
 

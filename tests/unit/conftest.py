@@ -27,8 +27,9 @@ def _no_engine_in_unit_tests(monkeypatch: pytest.MonkeyPatch, request: pytest.Fi
         cls = getattr(importlib.import_module(module_name), class_name)
 
         def refuse(*args, _what=what, _target=target, **kwargs):
-            raise AssertionError(f"{request.node.nodeid} started {_what} ({_target}): "
-                                 "move it to tests/integration/")
+            raise AssertionError(
+                f"{request.node.nodeid} started {_what} ({_target}): move it to tests/integration/"
+            )
 
         monkeypatch.setattr(cls, method, refuse)
     yield

@@ -55,8 +55,27 @@ def fuzz(examples: int) -> settings:
 # -- shared strategies: JSON from outside ------------------------------------------------------
 
 EDGE_INTS = [
-    0, 1, -1, 2, 7, 255, 256, 4095, 4096, 2**31 - 1, 2**31, 2**32 - 1, 2**32, 2**53 + 1,
-    2**63 - 1, 2**63, 2**64 - 1, 2**64, -(2**63), -(2**63) - 1, 10**400,
+    0,
+    1,
+    -1,
+    2,
+    7,
+    255,
+    256,
+    4095,
+    4096,
+    2**31 - 1,
+    2**31,
+    2**32 - 1,
+    2**32,
+    2**53 + 1,
+    2**63 - 1,
+    2**63,
+    2**64 - 1,
+    2**64,
+    -(2**63),
+    -(2**63) - 1,
+    10**400,
 ]
 """Sizes and offsets at the edges: int32/uint32/int64/uint64 limits, past any float (10**400)."""
 INTERESTING_INTS = st.sampled_from(EDGE_INTS)
@@ -67,20 +86,59 @@ class Raw(str):
 
     def __repr__(self) -> str:  # falsifying examples stay readable
         text = str(self)
-        return f"Raw({text!r})" if len(text) <= 40 else f"Raw({text[:16]!r} ... {text[-8:]!r}, {len(text)} chars)"
+        return (
+            f"Raw({text!r})"
+            if len(text) <= 40
+            else f"Raw({text[:16]!r} ... {text[-8:]!r}, {len(text)} chars)"
+        )
 
 
-RAW_JSON = [Raw(t) for t in [
-    "1" * 4301, "-" + "9" * 5000,  # past int's 4300-digit limit: ValueError, not JSONDecodeError
-    "[" * 5000 + "]" * 5000, '{"a":' * 5000 + "0" + "}" * 5000,  # past the recursion limit
-    "1" + "0" * 400, "1e400", "-1e400", "NaN", "Infinity", "-Infinity", "-0", "0.0", "1.0",
-    "1E0", "4e0", "-0.0", "1e-400", '"\\ud800"', '"\\udfff\\ud800"', '"\\u0000"', '"\\ufeff"',
-    "true", "false", "null", "[]", "{}", '""', '"' + "f" * 100_000 + '"',
-]]
+RAW_JSON = [
+    Raw(t)
+    for t in [
+        "1" * 4301,
+        "-" + "9" * 5000,  # past int's 4300-digit limit: ValueError, not JSONDecodeError
+        "[" * 5000 + "]" * 5000,
+        '{"a":' * 5000 + "0" + "}" * 5000,  # past the recursion limit
+        "1" + "0" * 400,
+        "1e400",
+        "-1e400",
+        "NaN",
+        "Infinity",
+        "-Infinity",
+        "-0",
+        "0.0",
+        "1.0",
+        "1E0",
+        "4e0",
+        "-0.0",
+        "1e-400",
+        '"\\ud800"',
+        '"\\udfff\\ud800"',
+        '"\\u0000"',
+        '"\\ufeff"',
+        "true",
+        "false",
+        "null",
+        "[]",
+        "{}",
+        '""',
+        '"' + "f" * 100_000 + '"',
+    ]
+]
 """JSON texts no encoder writes for our values but any file or peer may hold."""
 
-INVALID_UTF8 = [b"\xff", b"\xfe\xff", b"\xc0\x80", b"\xed\xa0\x80", b"\xf4\x90\x80\x80", b"\x80",
-                b"\xe2\x82", b"\x00", b"\xef\xbb\xbf"]
+INVALID_UTF8 = [
+    b"\xff",
+    b"\xfe\xff",
+    b"\xc0\x80",
+    b"\xed\xa0\x80",
+    b"\xf4\x90\x80\x80",
+    b"\x80",
+    b"\xe2\x82",
+    b"\x00",
+    b"\xef\xbb\xbf",
+]
 """Bytes that are not UTF-8 (overlong, surrogate, past U+10FFFF, truncated) plus NUL and a BOM."""
 
 
@@ -102,11 +160,19 @@ def render(value: Any) -> str:
     return json.dumps(value)
 
 
-JSON_SCALARS = (st.none() | st.booleans() | st.integers() | INTERESTING_INTS
-                | st.floats(allow_nan=False) | st.text(max_size=12))
+JSON_SCALARS = (
+    st.none()
+    | st.booleans()
+    | st.integers()
+    | INTERESTING_INTS
+    | st.floats(allow_nan=False)
+    | st.text(max_size=12)
+)
 json_values = st.recursive(
     JSON_SCALARS,
-    lambda kids: st.lists(kids, max_size=4) | st.dictionaries(st.text(max_size=8), kids, max_size=4),
+    lambda kids: (
+        st.lists(kids, max_size=4) | st.dictionaries(st.text(max_size=8), kids, max_size=4)
+    ),
     max_leaves=10,
 )
 """Any JSON value ``json.loads`` can return (no NaN, so values compare equal after a round trip)."""

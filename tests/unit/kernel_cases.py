@@ -31,8 +31,9 @@ DTYPES = [torch.float32, torch.bfloat16, torch.float16, torch.uint8, torch.float
 
 gpu = pytest.mark.gpu
 needs_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
-offline_compile = pytest.mark.skipif(INTERPRETED or torch.cuda.is_available(),
-                                     reason="CUDA machines run the real kernels instead")
+offline_compile = pytest.mark.skipif(
+    INTERPRETED or torch.cuda.is_available(), reason="CUDA machines run the real kernels instead"
+)
 
 
 def random_bits(shape, dtype, device="cpu") -> torch.Tensor:
@@ -78,6 +79,14 @@ def interpret_kernels(monkeypatch: pytest.MonkeyPatch, module: ModuleType) -> No
     from triton.runtime.interpreter import InterpretedFunction
     from triton.runtime.jit import JITFunction
 
+    # Triton's interpreter patches triton.language for every jit helper call it runs
+    # (InterpretedFunction.__call__ -> _patch_lang) and never restores it: a later real
+    # compilation in this process (the sm_90 tests) then fails inside tl.load. Re-set every
+    # attribute it may patch, so the monkeypatch teardown restores the compiled language.
+    for patched in (tl, core, tl.math, core.tensor, core.tensor_descriptor_base):
+        for name, value in list(vars(patched).items()):
+            if not name.startswith("__"):
+                monkeypatch.setattr(patched, name, value)
     made: dict[int, InterpretedFunction] = {}
     for namespace in (module, tl, core, standard, tl.math):
         for name, value in list(vars(namespace).items()):
@@ -85,8 +94,12 @@ def interpret_kernels(monkeypatch: pytest.MonkeyPatch, module: ModuleType) -> No
                 if id(value) not in made:
                     made[id(value)] = InterpretedFunction(value.fn)
                 monkeypatch.setattr(namespace, name, made[id(value)])
-    kernels = [n for n, v in vars(module).items() if isinstance(v, (JITFunction, InterpretedFunction))]
-    assert kernels and all(isinstance(getattr(module, n), InterpretedFunction) for n in kernels), kernels
+    kernels = [
+        n for n, v in vars(module).items() if isinstance(v, (JITFunction, InterpretedFunction))
+    ]
+    assert kernels and all(isinstance(getattr(module, n), InterpretedFunction) for n in kernels), (
+        kernels
+    )
 
 
 def compile_sm90(fn, signature: dict, constexprs: dict, aligned: list[str]) -> str:
@@ -97,9 +110,15 @@ def compile_sm90(fn, signature: dict, constexprs: dict, aligned: list[str]) -> s
 
     names = list(fn.arg_names)
     attrs = {(names.index(n),): [["tt.divisibility", 16]] for n in aligned}
-    src = ASTSource(fn=fn, signature={**signature, **{k: "constexpr" for k in constexprs}},
-                    constexprs=constexprs, attrs=attrs)
-    return triton_compile(src, target=GPUTarget("cuda", 90, 32), options={"num_warps": 4}).asm["ptx"]
+    src = ASTSource(
+        fn=fn,
+        signature={**signature, **{k: "constexpr" for k in constexprs}},
+        constexprs=constexprs,
+        attrs=attrs,
+    )
+    return triton_compile(src, target=GPUTarget("cuda", 90, 32), options={"num_warps": 4}).asm[
+        "ptx"
+    ]
 
 
 def require_nvidia_backend() -> None:

@@ -19,9 +19,12 @@ SMOL: dict[str, Any] = {"max_model_len": 4096}
 GREEDY: dict[str, Any] = {"temperature": 0.0, "max_tokens": 200, "frequency_penalty": 0.5}
 TINY: dict[str, Any] = {"model": "tiny"}
 
-cpu_only = pytest.mark.skipif(torch.cuda.is_available(), reason="the ChatThaw checks use the "
-                              "float32 tiny model, CPU-only; on the GPU the 8B-shaped A->B tests "
-                              "cover the path")
+cpu_only = pytest.mark.skipif(
+    torch.cuda.is_available(),
+    reason="the ChatThaw checks use the "
+    "float32 tiny model, CPU-only; on the GPU the 8B-shaped A->B tests "
+    "cover the path",
+)
 
 
 def _engine_processes(before: set[int]) -> list[psutil.Process]:

@@ -46,28 +46,46 @@ pytestmark = FUZZ_TIMEOUT
 
 HEX = "0123456789abcdef"
 NS = Namespace("tiny-model", "w1", "float32", "auto", "cpu", 4, 2, (1, 4, 2), "0.32.0")
-FIELDS = ("snapshot_id", "namespace_key", "namespace", "store", "prefix_token_ids",
-          "num_snapshot_tokens", "model_name", "prefix_text", "extra")
+FIELDS = (
+    "snapshot_id",
+    "namespace_key",
+    "namespace",
+    "store",
+    "prefix_token_ids",
+    "num_snapshot_tokens",
+    "model_name",
+    "prefix_text",
+    "extra",
+)
 
 
 @st.composite
 def handles(draw) -> PrefixHandle:
     tokens = draw(st.lists(st.integers(0, 2**31 - 1), max_size=40))
     return PrefixHandle(
-        snapshot_id=draw(st.text(HEX, min_size=8, max_size=64)), namespace_key=NS.key(),
-        namespace=NS.to_json(), store=draw(st.sampled_from(["shm://thaw-auto", "/tmp/store", "file:///x"])),
-        prefix_token_ids=tokens, num_snapshot_tokens=draw(st.integers(0, len(tokens))),
-        model_name=draw(st.text(max_size=10)), prefix_text=draw(st.text(max_size=20)),
+        snapshot_id=draw(st.text(HEX, min_size=8, max_size=64)),
+        namespace_key=NS.key(),
+        namespace=NS.to_json(),
+        store=draw(st.sampled_from(["shm://thaw-auto", "/tmp/store", "file:///x"])),
+        prefix_token_ids=tokens,
+        num_snapshot_tokens=draw(st.integers(0, len(tokens))),
+        model_name=draw(st.text(max_size=10)),
+        prefix_text=draw(st.text(max_size=20)),
         extra=draw(st.dictionaries(st.text(max_size=6), json_values, max_size=3)),
     )
 
 
 def well_typed(h: PrefixHandle) -> None:
-    assert all(isinstance(getattr(h, n), str) for n in ("snapshot_id", "namespace_key", "store", "model_name", "prefix_text"))
+    assert all(
+        isinstance(getattr(h, n), str)
+        for n in ("snapshot_id", "namespace_key", "store", "model_name", "prefix_text")
+    )
     assert isinstance(h.namespace, dict) and isinstance(h.extra, dict)
     assert isinstance(h.prefix_token_ids, list)
     assert all(type(t) is int and 0 <= t < 2**31 for t in h.prefix_token_ids)
-    assert type(h.num_snapshot_tokens) is int and 0 <= h.num_snapshot_tokens <= len(h.prefix_token_ids)
+    assert type(h.num_snapshot_tokens) is int and 0 <= h.num_snapshot_tokens <= len(
+        h.prefix_token_ids
+    )
 
 
 @fuzz(300)
@@ -80,7 +98,9 @@ def test_handles_round_trip(h):
 
 @fuzz(300)
 @given(handles(), st.data())
-@example(PrefixHandle("0123456789abcdef", NS.key(), NS.to_json(), "/s", [1, 2], 2), None)  # no edits: a real handle
+@example(
+    PrefixHandle("0123456789abcdef", NS.key(), NS.to_json(), "/s", [1, 2], 2), None
+)  # no edits: a real handle
 def test_from_json_of_edited_handles(h, data):
     """A real handle's JSON with fields replaced by any JSON (wrong types, huge or negative
     numbers, raw texts), removed or added: a well-typed handle or a ValueError."""
@@ -109,10 +129,26 @@ def test_from_json_of_edited_handles(h, data):
 @example(Raw(RAW_JSON[2]))  # 5000-deep nesting: RecursionError before the fix
 @example([])  # finding 8: not an object: TypeError ("argument after ** must be a mapping")
 @example({"snapshot_id": 1})  # finding 8: missing fields: TypeError
-@example({**json.loads(json.dumps(PrefixHandle("0123456789abcdef", NS.key(), NS.to_json(), "/s", [1, 2], 2).to_json())),
-          "prefix_token_ids": "abc"})  # finding 8: accepted with a str for the token ids
-@example({**json.loads(json.dumps(PrefixHandle("0123456789abcdef", NS.key(), NS.to_json(), "/s", [1, 2], 2).to_json())),
-          "num_snapshot_tokens": 3})  # more snapshot tokens than the prefix has
+@example(
+    {
+        **json.loads(
+            json.dumps(
+                PrefixHandle("0123456789abcdef", NS.key(), NS.to_json(), "/s", [1, 2], 2).to_json()
+            )
+        ),
+        "prefix_token_ids": "abc",
+    }
+)  # finding 8: accepted with a str for the token ids
+@example(
+    {
+        **json.loads(
+            json.dumps(
+                PrefixHandle("0123456789abcdef", NS.key(), NS.to_json(), "/s", [1, 2], 2).to_json()
+            )
+        ),
+        "num_snapshot_tokens": 3,
+    }
+)  # more snapshot tokens than the prefix has
 def test_from_json_of_anything_is_a_handle_or_a_value_error(value):
     for source in (render(value), value):
         if isinstance(source, Raw):
@@ -128,8 +164,17 @@ def test_from_json_of_anything_is_a_handle_or_a_value_error(value):
 
 TOKENS = list(range(100, 112))
 PAYLOAD = bytes(i % 251 for i in range(192))
-PRISTINE = bytes(build_snapshot(NS, TOKENS, 64, PAYLOAD, blocks_per_chunk=2,
-                                snapshot_id="0123456789abcdef", created_unix=1700000000))
+PRISTINE = bytes(
+    build_snapshot(
+        NS,
+        TOKENS,
+        64,
+        PAYLOAD,
+        blocks_per_chunk=2,
+        snapshot_id="0123456789abcdef",
+        created_unix=1700000000,
+    )
+)
 
 
 @pytest.fixture(scope="module")
@@ -148,7 +193,12 @@ def test_load_publishes_only_intact_snapshots(scratch_dir, data):
         out[bit // 8] ^= 1 << (bit % 8)
     elif kind == "burst":
         at = data.draw(st.integers(0, len(out) - 4))
-        out[at : at + 4] = bytes(a ^ b for a, b in zip(out[at : at + 4], struct.pack("<I", data.draw(st.integers(1, 2**32 - 1)))))
+        out[at : at + 4] = bytes(
+            a ^ b
+            for a, b in zip(
+                out[at : at + 4], struct.pack("<I", data.draw(st.integers(1, 2**32 - 1)))
+            )
+        )
     elif kind == "truncate":
         del out[data.draw(st.integers(0, len(out) - 1)) :]
     elif kind == "extend":
@@ -166,7 +216,9 @@ def test_load_publishes_only_intact_snapshots(scratch_dir, data):
         except SnapshotError as e:
             assert kind != "none"
             assert expect is not None or not isinstance(e, SnapshotMismatchError)
-            assert not any(f.endswith(".thawkv") for _, _, files in os.walk(store.root) for f in files)
+            assert not any(
+                f.endswith(".thawkv") for _, _, files in os.walk(store.root) for f in files
+            )
             return
         assert handle.prefix_token_ids == TOKENS and handle.num_snapshot_tokens == len(TOKENS)
         with store.open(handle.ref) as view:
@@ -186,7 +238,9 @@ def nested(depth: int) -> dict:
     return {"deep": value}
 
 
-@pytest.mark.parametrize("depth", [1, 2, 40, MAX_EXTRA_DEPTH, MAX_EXTRA_DEPTH + 1, 300, 500, 900, 5000])
+@pytest.mark.parametrize(
+    "depth", [1, 2, 40, MAX_EXTRA_DEPTH, MAX_EXTRA_DEPTH + 1, 300, 500, 900, 5000]
+)
 def test_a_loaded_handle_always_serialises(scratch_dir, depth):
     """Finding 9: ``extra`` nested 500 deep in a saved file was accepted by the parser and by
     PrefixHandle.load, then handle.to_json() (dataclasses.asdict) raised RecursionError, as would
@@ -224,5 +278,12 @@ def render_deep(body: dict) -> bytes:
     depth = json_nesting(extra, 10**6)
     deep = "".join('{"a":' if i % 2 else "[" for i in range(depth - 2))
     close = "".join("}" if i % 2 else "]" for i in reversed(range(depth - 2)))
-    text = json.dumps(body, separators=(",", ":"))[:-1] + ',"extra":{"deep":' + deep + "null" + close + "}}"
+    text = (
+        json.dumps(body, separators=(",", ":"))[:-1]
+        + ',"extra":{"deep":'
+        + deep
+        + "null"
+        + close
+        + "}}"
+    )
     return text.encode()

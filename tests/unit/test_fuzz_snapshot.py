@@ -128,9 +128,14 @@ LOADER_ERRORS = (SnapshotError, LookupError, ValueError)
 HEX = "0123456789abcdef"
 text = st.text(max_size=10) | st.text(st.characters(exclude_categories=()), max_size=4)
 finite_json = st.recursive(
-    st.none() | st.booleans() | st.integers() | st.floats(allow_nan=False, allow_infinity=False)
-    | text, lambda kids: st.lists(kids, max_size=3) | st.dictionaries(text, kids, max_size=3),
-    max_leaves=6)
+    st.none()
+    | st.booleans()
+    | st.integers()
+    | st.floats(allow_nan=False, allow_infinity=False)
+    | text,
+    lambda kids: st.lists(kids, max_size=3) | st.dictionaries(text, kids, max_size=3),
+    max_leaves=6,
+)
 
 
 @dataclass(frozen=True, repr=False)
@@ -144,8 +149,10 @@ class Snap:
     salt: bytes
 
     def __repr__(self) -> str:  # falsifying examples stay readable
-        return (f"<Snap {len(self.data)} bytes: {self.header.num_blocks} blocks of {self.header.block_size} "
-                f"tokens, {self.header.block_bytes} B, {self.header.blocks_per_chunk} per chunk>")
+        return (
+            f"<Snap {len(self.data)} bytes: {self.header.num_blocks} blocks of {self.header.block_size} "
+            f"tokens, {self.header.block_bytes} B, {self.header.blocks_per_chunk} per chunk>"
+        )
 
     def _repr_pretty_(self, p, cycle) -> None:  # hypothesis' printer
         p.text(repr(self))
@@ -238,9 +245,20 @@ def outcome(s: Snap, data: bytes) -> str:
         return "detected"
     assert bytes(view.payload) == s.payload, "corrupted payload accepted: every CRC matched"
     assert (h.token_ids, h.block_hashes, h.hash_salt) == (s.tokens, s.header.block_hashes, s.salt)
-    assert (h.block_size, h.block_bytes, h.namespace.hash_algo) == (s.header.block_size, s.header.block_bytes, HASH_ALGO)
+    assert (h.block_size, h.block_bytes, h.namespace.hash_algo) == (
+        s.header.block_size,
+        s.header.block_bytes,
+        HASH_ALGO,
+    )
     changed = sorted(k for k, v in h.to_json().items() if v != s.header.to_json()[k])
-    assert set(changed) <= {"snapshot_id", "created_unix", "extra", "namespace", "blocks_per_chunk", "chunk_crc32c"}
+    assert set(changed) <= {
+        "snapshot_id",
+        "created_unix",
+        "extra",
+        "namespace",
+        "blocks_per_chunk",
+        "chunk_crc32c",
+    }
     assert "chunk_crc32c" not in changed or "blocks_per_chunk" in changed
     if h.namespace != s.namespace:
         with pytest.raises(SnapshotMismatchError):
@@ -256,16 +274,22 @@ def outcome(s: Snap, data: bytes) -> str:
 @fuzz(300)
 @given(snapshots(), st.binary(max_size=64))
 def test_writer_output_parses_back_exactly(s, trailing):
-    view = parse_snapshot(s.data + trailing, expect_namespace=s.namespace)  # may extend past the end
+    view = parse_snapshot(
+        s.data + trailing, expect_namespace=s.namespace
+    )  # may extend past the end
     h = view.header
     assert (h.namespace, h.token_ids, h.hash_salt) == (s.namespace, s.tokens, s.salt)
     assert h.block_hashes == block_hash_chain(s.tokens, s.namespace.block_size, s.salt)
     assert bytes(view.payload) == s.payload and view.total_bytes == len(s.data)
     step = h.blocks_per_chunk * h.block_bytes
-    assert h.chunk_crc32c == [google_crc32c.value(s.payload[i : i + step]) for i in range(0, len(s.payload), step)]
+    assert h.chunk_crc32c == [
+        google_crc32c.value(s.payload[i : i + step]) for i in range(0, len(s.payload), step)
+    ]
     assert_chunks_cover_payload(h)
     assert verify_chunks(view) == [] == loader_bad_chunks(view)
-    assert encode_header(h) == s.data[: view.payload_offset]  # canonical: re-encodes to the same bytes
+    assert (
+        encode_header(h) == s.data[: view.payload_offset]
+    )  # canonical: re-encodes to the same bytes
     assert render(json.loads(s.body)) == s.body.decode()  # render() writes what the writer writes
     assert SnapshotHeader.from_json(h.to_json()) == h
 
@@ -282,7 +306,9 @@ def scratch_dir():
 @fuzz(300)
 @given(snapshots(), st.data())
 def test_any_truncation_is_rejected(scratch_dir, s, data):
-    cut = data.draw(st.integers(0, len(s.data) - 1) | st.integers(max(0, s.payload_offset - 2), len(s.data) - 1))
+    cut = data.draw(
+        st.integers(0, len(s.data) - 1) | st.integers(max(0, s.payload_offset - 2), len(s.data) - 1)
+    )
     with pytest.raises(SnapshotFormatError):
         parse_snapshot(s.data[:cut])
     path = os.path.join(scratch_dir, "cut.thawkv")
@@ -303,7 +329,9 @@ def flip(data: bytes, bit: int) -> bytes:
 @fuzz(400)
 @given(snapshots(), st.data())
 def test_bit_flip_in_header_region_is_rejected_or_harmless(s, data):
-    bit = data.draw(st.integers(0, 8 * s.payload_offset - 1) | st.integers(0, 8 * (16 + s.header_len) - 1))
+    bit = data.draw(
+        st.integers(0, 8 * s.payload_offset - 1) | st.integers(0, 8 * (16 + s.header_len) - 1)
+    )
     result = outcome(s, flip(s.data, bit))
     event(f"header flip: {result}")
 
@@ -349,9 +377,18 @@ def test_overwritten_header_bytes_are_rejected_or_harmless(s, data):
 
 # -- the header's JSON rewritten -----------------------------------------------------------------
 
-NUMERIC_PATHS = [("num_tokens",), ("block_bytes",), ("payload_bytes",), ("blocks_per_chunk",),
-                 ("created_unix",), ("version",), ("namespace", "block_size"),
-                 ("namespace", "num_layers"), ("namespace", "page_shape", 0), ("token_ids", 0)]
+NUMERIC_PATHS = [
+    ("num_tokens",),
+    ("block_bytes",),
+    ("payload_bytes",),
+    ("blocks_per_chunk",),
+    ("created_unix",),
+    ("version",),
+    ("namespace", "block_size"),
+    ("namespace", "num_layers"),
+    ("namespace", "page_shape", 0),
+    ("token_ids", 0),
+]
 
 
 def paths_of(obj: dict) -> list[tuple]:
@@ -360,7 +397,9 @@ def paths_of(obj: dict) -> list[tuple]:
     for k, v in obj.items():
         out.append((k,))
         if isinstance(v, dict):
-            out += [(k, kk) for kk in v] + [(k, kk, i) for kk, vv in v.items() if isinstance(vv, list) for i in range(len(vv))]
+            out += [(k, kk) for kk in v] + [
+                (k, kk, i) for kk, vv in v.items() if isinstance(vv, list) for i in range(len(vv))
+            ]
         elif isinstance(v, list):
             out += [(k, i) for i in range(len(v))]
     return out
@@ -387,7 +426,11 @@ def rewritten_headers(draw, s: Snap) -> tuple[bytes, int | None]:
             path = draw(st.sampled_from(paths))
             container(obj, path)[path[-1]] = draw(hostile_json | INTERESTING_INTS)
         elif kind == "delete":
-            path = draw(st.sampled_from([p for p in paths if isinstance(container(obj, p), dict)] or paths[:1]))
+            path = draw(
+                st.sampled_from(
+                    [p for p in paths if isinstance(container(obj, p), dict)] or paths[:1]
+                )
+            )
             del container(obj, path)[path[-1]]
         elif kind == "add":
             target = draw(st.sampled_from([obj] + [v for v in obj.values() if isinstance(v, dict)]))
@@ -404,12 +447,22 @@ def rewritten_headers(draw, s: Snap) -> tuple[bytes, int | None]:
     if draw(st.booleans()):  # byte-level edits: not UTF-8, NUL, BOM, random bytes
         at = draw(st.integers(0, len(body)))
         junk = draw(st.sampled_from(INVALID_UTF8) | st.binary(min_size=1, max_size=4))
-        body = body[:at] + junk + body[at + draw(st.integers(0, len(junk))):]
+        body = body[:at] + junk + body[at + draw(st.integers(0, len(junk))) :]
     header_len = None
     if draw(st.integers(0, 4)) == 0:  # a header_len prefix that lies
-        header_len = draw(st.integers(0, 2**64 - 1) | st.sampled_from(
-            [len(body) + 1, len(body) - 1, len(body) + 4096, MAX_HEADER_BYTES, MAX_HEADER_BYTES + 1, 2**64 - 1]
-        ).filter(lambda n: 0 <= n < 2**64))
+        header_len = draw(
+            st.integers(0, 2**64 - 1)
+            | st.sampled_from(
+                [
+                    len(body) + 1,
+                    len(body) - 1,
+                    len(body) + 4096,
+                    MAX_HEADER_BYTES,
+                    MAX_HEADER_BYTES + 1,
+                    2**64 - 1,
+                ]
+            ).filter(lambda n: 0 <= n < 2**64)
+        )
     return body, header_len
 
 
@@ -427,14 +480,21 @@ def test_extreme_sizes_never_leave_payload_unchecked(s, data):
     length that could fool a count (with CRCs right for the geometry the header now claims):
     anything accepted still has its whole payload under checked CRCs."""
     obj = s.header_obj()
-    for path in data.draw(st.lists(st.sampled_from(NUMERIC_PATHS), min_size=1, max_size=3, unique=True)):
+    for path in data.draw(
+        st.lists(st.sampled_from(NUMERIC_PATHS), min_size=1, max_size=3, unique=True)
+    ):
         where = container(obj, path)
         if isinstance(where, dict) or path[-1] < len(where):
-            where[path[-1]] = data.draw(INTERESTING_INTS | st.integers(-3, 2 * len(s.payload) + 3) | st.floats())
+            where[path[-1]] = data.draw(
+                INTERESTING_INTS | st.integers(-3, 2 * len(s.payload) + 3) | st.floats()
+            )
     bpc, bb = obj["blocks_per_chunk"], obj["block_bytes"]
     geometry_ok = all(isinstance(v, int) and v > 0 for v in (bpc, bb))
     step = bpc * bb if geometry_ok else len(s.payload)
-    right = [f"{google_crc32c.value(s.payload[i : i + step]):08x}" for i in range(0, len(s.payload), step)]
+    right = [
+        f"{google_crc32c.value(s.payload[i : i + step]):08x}"
+        for i in range(0, len(s.payload), step)
+    ]
     for n in sorted({0, 1, 2, len(right), len(obj["chunk_crc32c"])}):
         obj["chunk_crc32c"] = (right + ["00000000"] * n)[:n]
         outcome(s, assemble(render(obj).encode(), s.payload))
@@ -451,14 +511,20 @@ def test_every_numeric_field_at_every_edge(path):
         obj = GOLDEN.header_obj()
         container(obj, path)[path[-1]] = value
         for n in (0, 1, 2, 3):
-            obj["chunk_crc32c"] = ([f"{google_crc32c.value(GOLDEN.payload):08x}"] + GOLDEN.header_obj()["chunk_crc32c"])[:n]
+            obj["chunk_crc32c"] = (
+                [f"{google_crc32c.value(GOLDEN.payload):08x}"] + GOLDEN.header_obj()["chunk_crc32c"]
+            )[:n]
             outcome(GOLDEN, assemble(render(obj).encode(), GOLDEN.payload))
 
 
 @fuzz(300)
-@given(st.binary(max_size=300) | st.binary(max_size=64).map(lambda b: MAGIC + b)
-       | st.tuples(st.integers(0, 2**64 - 1), hostile_json).map(
-           lambda t: MAGIC + struct.pack("<Q", t[0]) + render(t[1]).encode()))
+@given(
+    st.binary(max_size=300)
+    | st.binary(max_size=64).map(lambda b: MAGIC + b)
+    | st.tuples(st.integers(0, 2**64 - 1), hostile_json).map(
+        lambda t: MAGIC + struct.pack("<Q", t[0]) + render(t[1]).encode()
+    )
+)
 def test_arbitrary_bytes_raise_only_snapshot_errors(buf):
     with pytest.raises(SnapshotError):
         parse_snapshot(buf)
@@ -480,14 +546,25 @@ def test_header_from_arbitrary_json_raises_only_format_errors(value):
 def golden() -> Snap:
     ns = Namespace("tiny-model", "w1", "float32", "auto", "cpu", 4, 2, (1, 4, 2), "0.32.0")
     tokens, payload = list(range(100, 112)), bytes(i % 251 for i in range(192))
-    data = bytes(build_snapshot(ns, tokens, 64, payload, blocks_per_chunk=2,
-                                snapshot_id="0123456789abcdef", created_unix=1700000000))
+    data = bytes(
+        build_snapshot(
+            ns,
+            tokens,
+            64,
+            payload,
+            blocks_per_chunk=2,
+            snapshot_id="0123456789abcdef",
+            created_unix=1700000000,
+        )
+    )
     header, offset = parse_header(data)
     return Snap(data, ns, header, payload, offset, tokens, b"")
 
 
 GOLDEN = golden()
-FIELD_PATHS = [(k,) for k in GOLDEN.header_obj()] + [("namespace", k) for k in GOLDEN.namespace.to_json()]
+FIELD_PATHS = [(k,) for k in GOLDEN.header_obj()] + [
+    ("namespace", k) for k in GOLDEN.namespace.to_json()
+]
 BIG_INT, DEEP_ARRAY, DEEP_OBJECT = RAW_JSON[0], RAW_JSON[2], RAW_JSON[3]
 
 
@@ -523,7 +600,15 @@ def test_huge_blocks_per_chunk_still_has_one_checked_crc(s, bpc):
 # -- the loaders: KV transport (CPU), verifier, store index ----------------------------------------
 
 LAYERS, CACHE_BLOCKS, BS, HEADS, DIM = 2, 16, 4, 1, 2
-SRC = [3, 0, 7, 12, 5, 9, 1]  # 7 saved blocks: chunks of 2 blocks (4, the last short), 2 copy pieces
+SRC = [
+    3,
+    0,
+    7,
+    12,
+    5,
+    9,
+    1,
+]  # 7 saved blocks: chunks of 2 blocks (4, the last short), 2 copy pieces
 FREE = [2, 4, 6, 8, 10, 11, 13, 14, 15]
 POISON = -12345.0
 
@@ -535,9 +620,15 @@ class Rig:
     def __init__(self, kind: str, store) -> None:
         g = torch.Generator().manual_seed(0)
         self.kind, self.store = kind, store
-        self.layers = [torch.randn(CACHE_BLOCKS, HEADS, BS, 2 * DIM, generator=g) for _ in range(LAYERS)]
-        self.namespace = Namespace("fuzz", "", "float32", "auto", "cpu", BS, LAYERS, (BS, HEADS, DIM), "test")
-        self.transport = KVTransport(self.layers, self.namespace, store, StreamScheduler(torch.device("cpu")))
+        self.layers = [
+            torch.randn(CACHE_BLOCKS, HEADS, BS, 2 * DIM, generator=g) for _ in range(LAYERS)
+        ]
+        self.namespace = Namespace(
+            "fuzz", "", "float32", "auto", "cpu", BS, LAYERS, (BS, HEADS, DIM), "test"
+        )
+        self.transport = KVTransport(
+            self.layers, self.namespace, store, StreamScheduler(torch.device("cpu"))
+        )
         self.transport.blocks_per_chunk = 2
         self.transport.copier.copy_chunk_bytes = 4 * self.transport.block_bytes
         self.tokens = list(range(100, 100 + len(SRC) * BS))
@@ -546,7 +637,9 @@ class Rig:
         self.originals = [self.block(b).clone() for b in SRC]
         self.pristine = self.read()
         header, offset = parse_header(self.pristine)
-        self.snap = Snap(self.pristine, self.namespace, header, self.pristine[offset:], offset, self.tokens, b"")
+        self.snap = Snap(
+            self.pristine, self.namespace, header, self.pristine[offset:], offset, self.tokens, b""
+        )
 
     def block(self, b: int) -> torch.Tensor:
         return torch.stack([t[b] for t in self.layers])
@@ -583,7 +676,9 @@ def rig(request, scratch_dir):
 @st.composite
 def corruptions(draw, data: bytes, resizable: bool, payload_offset: int) -> tuple[str, bytes]:
     """(kind, corrupted bytes); positions anywhere, or (half the time) inside the payload."""
-    kinds = ["none", "flip", "flip", "burst", "overwrite"] + (["truncate", "extend"] if resizable else [])
+    kinds = ["none", "flip", "flip", "burst", "overwrite"] + (
+        ["truncate", "extend"] if resizable else []
+    )
     kind = draw(st.sampled_from(kinds))
     out = bytearray(data)
     where = st.integers(0, len(data) - 4) | st.integers(payload_offset, len(data) - 4)
@@ -608,7 +703,9 @@ def corruptions(draw, data: bytes, resizable: bool, payload_offset: int) -> tupl
 @fuzz(250)
 @given(st.data())
 def test_kv_load_writes_only_verified_data_into_only_its_destination(rig, data):
-    kind, corrupted = data.draw(corruptions(rig.pristine, rig.kind == "file", rig.snap.payload_offset))
+    kind, corrupted = data.draw(
+        corruptions(rig.pristine, rig.kind == "file", rig.snap.payload_offset)
+    )
     first = data.draw(st.integers(0, len(SRC) - 1))
     end = data.draw(st.integers(first + 1, len(SRC)))
     dst = data.draw(st.permutations(FREE))[: end - first]
@@ -625,17 +722,25 @@ def test_kv_load_writes_only_verified_data_into_only_its_destination(rig, data):
             loaded = False
             event(f"{kind}: load refused ({type(e).__name__})")
         for b in set(range(CACHE_BLOCKS)) - set(dst):  # never a write outside the destination
-            assert all(torch.equal(t[b], u[b]) for t, u in zip(rig.layers, before)), f"block {b} written"
+            assert all(torch.equal(t[b], u[b]) for t, u in zip(rig.layers, before)), (
+                f"block {b} written"
+            )
         for i, b in enumerate(dst):  # only verified data: the original block, or untouched
             got = rig.block(b)
-            assert torch.equal(got, rig.originals[first + i]) or (not loaded and bool((got == POISON).all()))
+            assert torch.equal(got, rig.originals[first + i]) or (
+                not loaded and bool((got == POISON).all())
+            )
         if kind == "none":
             assert loaded
-        verifier = SnapshotVerifier(lambda: rig.store, rig.namespace)  # the scheduler's header check
+        verifier = SnapshotVerifier(
+            lambda: rig.store, rig.namespace
+        )  # the scheduler's header check
         accepted = verifier.verdict(rig.ref, end, rig.chain[end - 1].hex())  # never raises
         assert accepted or kind != "none"
         outcome(rig.snap, corrupted)  # and the parser-level property on the stored bytes
-        if rig.kind == "file":  # a fresh index over the corrupted file: a miss or a match, never a crash
+        if (
+            rig.kind == "file"
+        ):  # a fresh index over the corrupted file: a miss or a match, never a crash
             match = FileStore(rig.store.root).lookup(rig.namespace.key(), rig.chain)
             assert match is None or match.ref == rig.ref
     finally:

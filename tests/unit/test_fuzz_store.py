@@ -53,8 +53,17 @@ OPEN_ERRORS = (SnapshotError, SnapshotNotFoundError, ValueError)
 NS = Namespace("tiny-model", "w1", "float32", "auto", "cpu", 4, 2, (1, 4, 2), "0.32.0")
 KEY = NS.key()
 TOKENS = list(range(100, 112))
-DATA = bytes(build_snapshot(NS, TOKENS, 64, bytes(range(192)), blocks_per_chunk=2,
-                            snapshot_id="0123456789abcdef", created_unix=1700000000))
+DATA = bytes(
+    build_snapshot(
+        NS,
+        TOKENS,
+        64,
+        bytes(range(192)),
+        blocks_per_chunk=2,
+        snapshot_id="0123456789abcdef",
+        created_unix=1700000000,
+    )
+)
 CHAIN = parse_snapshot(DATA).header.block_hashes
 OTHER = SnapshotRef(KEY, "fedcba9876543210")  # the entry each example writes
 
@@ -85,13 +94,19 @@ def entries(descriptor: dict) -> st.SearchStrategy[bytes]:
                 obj[f"x{key}"] = value
         return render(obj).encode()
 
-    change = st.tuples(st.sampled_from(["set", "set", "delete", "add"]), st.sampled_from(sorted(real)),
-                       hostile_json)
-    return (st.lists(change, min_size=0, max_size=3).map(edit)
-            | hostile_json.map(lambda v: render(v).encode())
-            | st.binary(max_size=64)
-            | st.tuples(st.integers(0, 40), st.sampled_from(INVALID_UTF8)).map(
-                lambda t: (lambda b: b[: t[0]] + t[1] + b[t[0]:])(render(real).encode())))
+    change = st.tuples(
+        st.sampled_from(["set", "set", "delete", "add"]),
+        st.sampled_from(sorted(real)),
+        hostile_json,
+    )
+    return (
+        st.lists(change, min_size=0, max_size=3).map(edit)
+        | hostile_json.map(lambda v: render(v).encode())
+        | st.binary(max_size=64)
+        | st.tuples(st.integers(0, 40), st.sampled_from(INVALID_UTF8)).map(
+            lambda t: (lambda b: b[: t[0]] + t[1] + b[t[0] :])(render(real).encode())
+        )
+    )
 
 
 @fuzz(250)
@@ -99,17 +114,23 @@ def entries(descriptor: dict) -> st.SearchStrategy[bytes]:
 @example(None)  # the real descriptor, renamed
 def test_a_broken_index_entry_never_breaks_the_store(shm, data):
     store, root, good, descriptor = shm
-    content = (render({**descriptor, "snapshot_id": OTHER.snapshot_id}).encode() if data is None
-               else data.draw(entries(descriptor)))
+    content = (
+        render({**descriptor, "snapshot_id": OTHER.snapshot_id}).encode()
+        if data is None
+        else data.draw(entries(descriptor))
+    )
     check_store_with_entry(store, root, good, content)
 
 
-@pytest.mark.parametrize("content", [
-    RAW_JSON[2].encode(),  # finding 10: 5000-deep nesting: RecursionError out of lookup()
-    b"[]",  # not an object: TypeError out of open()
-    b"5",
-    render({"snapshot_id": OTHER.snapshot_id}).encode(),
-])
+@pytest.mark.parametrize(
+    "content",
+    [
+        RAW_JSON[2].encode(),  # finding 10: 5000-deep nesting: RecursionError out of lookup()
+        b"[]",  # not an object: TypeError out of open()
+        b"5",
+        render({"snapshot_id": OTHER.snapshot_id}).encode(),
+    ],
+)
 def test_broken_index_entries_regressions(shm, content):
     store, root, good, _ = shm
     check_store_with_entry(store, root, good, content)
@@ -181,7 +202,9 @@ def test_attaching_to_a_store_with_a_broken_meta_json(value):
 
 
 @fuzz(150)
-@given(json_values.map(lambda v: render(v).encode()) | st.sampled_from([RAW_JSON[2].encode(), b"\xff"]))
+@given(
+    json_values.map(lambda v: render(v).encode()) | st.sampled_from([RAW_JSON[2].encode(), b"\xff"])
+)
 def test_a_broken_reservation_record_is_reclaimed(shm, content):
     store, root, _, _ = shm
     path = os.path.join(store.path, "reservations", "broken.json")
@@ -205,7 +228,9 @@ def _alive_record(content: bytes) -> bool:
         return False
 
 
-@pytest.mark.parametrize("content", [RAW_JSON[2].encode(), b"[]", b'{"owner_pid": "x"}', b"\xff", b""])
+@pytest.mark.parametrize(
+    "content", [RAW_JSON[2].encode(), b"[]", b'{"owner_pid": "x"}', b"\xff", b""]
+)
 def test_creating_a_store_next_to_a_broken_one(content):
     """Creating a store first removes stores of dead creators (remove_stale, which reads every
     thaw-* meta.json under the root): a broken one is kept, never an error."""

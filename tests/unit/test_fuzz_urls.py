@@ -46,8 +46,10 @@ class Recorder:
 
 
 def opened(url) -> Recorder:
-    with mock.patch.object(shm_mod, "ShmStore", lambda *a, **k: Recorder("shm", *a, **k)), \
-         mock.patch.object(url_mod, "FileStore", lambda *a, **k: Recorder("file", *a, **k)):
+    with (
+        mock.patch.object(shm_mod, "ShmStore", lambda *a, **k: Recorder("shm", *a, **k)),
+        mock.patch.object(url_mod, "FileStore", lambda *a, **k: Recorder("file", *a, **k)),
+    ):
         return open_store(url)
 
 
@@ -68,14 +70,25 @@ def check_opened(store: Recorder) -> None:
 
 unit_text = st.sampled_from(list(UNITS)).flatmap(
     lambda u: st.sampled_from([u, u.upper()]).flatmap(
-        lambda uu: st.sampled_from(["", "b", "B", "ib", "iB", "IB"]).map(lambda suffix: uu + suffix)))
-size_like = st.builds(lambda ws1, digits, ws2, unit, ws3: ws1 + digits + ws2 + unit + ws3,
-                      st.sampled_from(["", " ", "\t"]), st.text("0123456789", min_size=1, max_size=30),
-                      st.sampled_from(["", " "]), unit_text, st.sampled_from(["", " ", "\n"]))
+        lambda uu: st.sampled_from(["", "b", "B", "ib", "iB", "IB"]).map(lambda suffix: uu + suffix)
+    )
+)
+size_like = st.builds(
+    lambda ws1, digits, ws2, unit, ws3: ws1 + digits + ws2 + unit + ws3,
+    st.sampled_from(["", " ", "\t"]),
+    st.text("0123456789", min_size=1, max_size=30),
+    st.sampled_from(["", " "]),
+    unit_text,
+    st.sampled_from(["", " ", "\n"]),
+)
 
 
 @fuzz(300)
-@given(st.text(max_size=40) | size_like | st.text("0123456789kKmMgGtTiIbB \t-+._eE\u0660\u0669\u212a", max_size=12))
+@given(
+    st.text(max_size=40)
+    | size_like
+    | st.text("0123456789kKmMgGtTiIbB \t-+._eE\u0660\u0669\u212a", max_size=12)
+)
 @example("9" * 4301)  # int's digit limit: a ValueError, which is what parse_size documents
 @example("1\u212aiB")  # KELVIN SIGN matches [kmgt] under IGNORECASE and lowers to 'k'
 @example("\u0664GiB")  # ARABIC-INDIC FOUR: \d and int() both take it
@@ -88,8 +101,13 @@ def test_parse_size_of_any_string_is_a_size_or_a_value_error(text):
 
 
 @fuzz(300)
-@given(st.integers(0, 2**70), st.sampled_from(list(UNITS)), st.sampled_from(["", "b", "ib", "B", "iB"]),
-       st.booleans(), st.sampled_from(["", " ", "  "]))
+@given(
+    st.integers(0, 2**70),
+    st.sampled_from(list(UNITS)),
+    st.sampled_from(["", "b", "ib", "B", "iB"]),
+    st.booleans(),
+    st.sampled_from(["", " ", "  "]),
+)
 def test_parse_size_round_trips(n, unit, suffix, upper, space):
     text = f"{n}{space}{unit.upper() if upper else unit}{suffix}"
     assert parse_size(text) == n << UNITS[unit]
@@ -100,9 +118,11 @@ def test_parse_size_round_trips(n, unit, suffix, upper, space):
 # -- open_store / attach_url on anything ------------------------------------------------------
 
 url_chars = st.text(st.sampled_from("shmfile:/?&=#[]%@.-_ aZ09\\\x00\u00e9"), max_size=30)
-urlish = st.builds(lambda scheme, rest: scheme + rest,
-                   st.sampled_from(["shm://", "file://", "file:///", "s3://", "c:", "", "SHM://", "shm:"]),
-                   url_chars | st.text(max_size=20))
+urlish = st.builds(
+    lambda scheme, rest: scheme + rest,
+    st.sampled_from(["shm://", "file://", "file:///", "s3://", "c:", "", "SHM://", "shm:"]),
+    url_chars | st.text(max_size=20),
+)
 
 
 @fuzz(400)
@@ -140,13 +160,22 @@ def test_attach_url_of_any_string_is_an_attaching_url(url):
 # -- valid URLs round-trip -----------------------------------------------------------------------
 
 names = st.from_regex(re.compile(r"[A-Za-z0-9_][A-Za-z0-9_.-]{0,20}"), fullmatch=True)
-extra_params = st.dictionaries(st.from_regex(re.compile(r"[a-z_]{1,8}"), fullmatch=True).filter(
-    lambda k: k not in ("capacity", "create")), st.text(min_size=1, max_size=8), max_size=3)
+extra_params = st.dictionaries(
+    st.from_regex(re.compile(r"[a-z_]{1,8}"), fullmatch=True).filter(
+        lambda k: k not in ("capacity", "create")
+    ),
+    st.text(min_size=1, max_size=8),
+    max_size=3,
+)
 
 
 @fuzz(300)
-@given(names, st.none() | st.tuples(st.integers(1, 2**40), st.sampled_from(["", "KiB", "MiB", "g", "T"])),
-       st.sampled_from([None, "true", "false"]), extra_params)
+@given(
+    names,
+    st.none() | st.tuples(st.integers(1, 2**40), st.sampled_from(["", "KiB", "MiB", "g", "T"])),
+    st.sampled_from([None, "true", "false"]),
+    extra_params,
+)
 def test_shm_urls_round_trip(name, capacity, create, extra):
     query = dict(extra)
     if capacity is not None:
@@ -161,16 +190,32 @@ def test_shm_urls_round_trip(name, capacity, create, extra):
     attached = attach_url(url)
     again = opened(attached)
     assert again.args == (name, None) and again.kwargs["create"] is False
-    assert dict(urllib.parse.parse_qsl(urllib.parse.urlsplit(attached).query)) == {**extra, "create": "false"}
+    assert dict(urllib.parse.parse_qsl(urllib.parse.urlsplit(attached).query)) == {
+        **extra,
+        "create": "false",
+    }
 
 
 @fuzz(300)
-@given(st.lists(st.text(st.characters(exclude_categories=("Cs",), exclude_characters="/\x00"), min_size=1,
-                        max_size=8), min_size=1, max_size=4),
-       st.none() | st.integers(0, 2**50))
+@given(
+    st.lists(
+        st.text(
+            st.characters(exclude_categories=("Cs",), exclude_characters="/\x00"),
+            min_size=1,
+            max_size=8,
+        ),
+        min_size=1,
+        max_size=4,
+    ),
+    st.none() | st.integers(0, 2**50),
+)
 def test_file_urls_and_paths_round_trip(parts, max_bytes):
     path = "/" + "/".join(parts)
-    url = "file://" + urllib.parse.quote(path) + ("" if max_bytes is None else f"?max_bytes={max_bytes}")
+    url = (
+        "file://"
+        + urllib.parse.quote(path)
+        + ("" if max_bytes is None else f"?max_bytes={max_bytes}")
+    )
     store = opened(url)
     assert (store.kind, store.args, store.kwargs) == ("file", (path,), {"max_bytes": max_bytes})
     assert attach_url(url) == url

@@ -49,9 +49,12 @@ except ImportError:  # tests/unit is not a package: pytest put it on sys.path
 
 pytestmark = FUZZ_TIMEOUT
 
-text = st.text(max_size=12) | st.text(st.characters(exclude_categories=()), max_size=6)  # + lone surrogates
-messages = st.builds(lambda kind, rest: {**rest, "type": kind}, text,
-                     st.dictionaries(text, json_values, max_size=5))
+text = st.text(max_size=12) | st.text(
+    st.characters(exclude_categories=()), max_size=6
+)  # + lone surrogates
+messages = st.builds(
+    lambda kind, rest: {**rest, "type": kind}, text, st.dictionaries(text, json_values, max_size=5)
+)
 
 
 def frame(body: bytes) -> bytes:
@@ -141,15 +144,26 @@ def test_arbitrary_bytes_raise_only_wire_errors(loop, data, cuts):
     check_only_wire_errors(loop, split(data, cuts))
 
 
-BODIES = [RAW_JSON[2].encode(), RAW_JSON[3].encode(), RAW_JSON[0].encode(),
-          b'{"type":"x","n":' + RAW_JSON[0].encode() + b"}", b'{"type":"x","n":' + RAW_JSON[2].encode() + b"}"]
+BODIES = [
+    RAW_JSON[2].encode(),
+    RAW_JSON[3].encode(),
+    RAW_JSON[0].encode(),
+    b'{"type":"x","n":' + RAW_JSON[0].encode() + b"}",
+    b'{"type":"x","n":' + RAW_JSON[2].encode() + b"}",
+]
 
 
 @fuzz(300)
-@given(hostile_json.map(lambda v: render(v).encode())
-       | st.builds(lambda m, at, junk: (lambda b: b[:at] + junk + b[at:])(render(m).encode()),
-                   messages, st.integers(0, 64), st.sampled_from(INVALID_UTF8) | st.binary(min_size=1, max_size=3)),
-       st.lists(st.integers(0, 2**16), max_size=4))
+@given(
+    hostile_json.map(lambda v: render(v).encode())
+    | st.builds(
+        lambda m, at, junk: (lambda b: b[:at] + junk + b[at:])(render(m).encode()),
+        messages,
+        st.integers(0, 64),
+        st.sampled_from(INVALID_UTF8) | st.binary(min_size=1, max_size=3),
+    ),
+    st.lists(st.integers(0, 2**16), max_size=4),
+)
 @example(BODIES[0], [])  # finding 5: 5000-deep nesting raised RecursionError, not WireError
 @example(BODIES[1], [])
 @example(BODIES[2], [])  # finding 6: a 4301-digit int raised a bare ValueError

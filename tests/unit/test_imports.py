@@ -38,6 +38,7 @@ PUBLIC = {
         "ForkPool": "thaw_agents_core.pool.fork_pool",
         "GenerationOptions": "thaw_agents_core.engine.sampling",
         "PrefixHandle": "thaw_agents_core.fork.prefix",
+        "RayForkPool": "thaw_agents_core.pool.ray_pool",
         "ShmStore": "thaw_agents_core.store.shm",
         "asnapshot_ids": "thaw_agents_core.fork.branches",
         "kv_transfer_config": "thaw_agents_core.connector.settings",
@@ -112,9 +113,12 @@ def test_pyproject_installs_every_package():
     import tomllib
 
     root = Path(__file__).resolve().parents[2]
-    listed = set(tomllib.loads((root / "pyproject.toml").read_text())["tool"]["setuptools"]
-                 ["packages"])
-    found = {".".join(init.parent.relative_to(root).parts)
-             for top in ("thaw_agents", "thaw_agents_core")
-             for init in (root / top).rglob("__init__.py")} | {"thaw_kernels"}
+    listed = set(
+        tomllib.loads((root / "pyproject.toml").read_text())["tool"]["setuptools"]["packages"]
+    )
+    found = {
+        ".".join(init.parent.relative_to(root).parts)
+        for top in ("thaw_agents", "thaw_agents_core")
+        for init in (root / top).rglob("__init__.py")
+    } | {"thaw_kernels"}
     assert listed == found

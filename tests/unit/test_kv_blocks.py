@@ -84,13 +84,21 @@ def make_cache(shape_case, n_layers: int, dtype, stacked: bool, device="cpu"):
 
 def oracle_pages(layer: torch.Tensor, cpu_layout: bool, block: int) -> list[torch.Tensor]:
     raw = bits(layer)
-    return [raw[block].reshape(-1)] if cpu_layout else [raw[0, block].reshape(-1), raw[1, block].reshape(-1)]
+    return (
+        [raw[block].reshape(-1)]
+        if cpu_layout
+        else [raw[0, block].reshape(-1), raw[1, block].reshape(-1)]
+    )
 
 
 def oracle_gather(layers, ids, cpu_layout: bool) -> torch.Tensor:
     """[n, L, H, P] raw bits, written from the layout definition (not from KVPageSpec)."""
-    return torch.stack([torch.stack([torch.stack(oracle_pages(layer, cpu_layout, b)) for layer in layers])
-                        for b in ids])
+    return torch.stack(
+        [
+            torch.stack([torch.stack(oracle_pages(layer, cpu_layout, b)) for layer in layers])
+            for b in ids
+        ]
+    )
 
 
 def oracle_scatter(src: torch.Tensor, layers, ids, cpu_layout: bool) -> None:
@@ -110,7 +118,9 @@ def random_ids(num_blocks: int, n: int, unique: bool) -> list[int]:
     return ids + ids[:1]  # at least one repeat, unsorted
 
 
-def check_gather_scatter(gather, scatter, shape_case, dtype, stacked, device="cpu", n_layers=3, **tile):
+def check_gather_scatter(
+    gather, scatter, shape_case, dtype, stacked, device="cpu", n_layers=3, **tile
+):
     layers, spec = make_cache(shape_case, n_layers, dtype, stacked, device)
     cpu_layout = shape_case[0] == "cpu"
     ids = random_ids(spec.num_blocks, max(1, spec.num_blocks - 2), unique=False)
@@ -141,20 +151,28 @@ def interpreter(monkeypatch):
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("stacked", [False, True])
 def test_interp_kv_gather_scatter(interpreter, shape_case, dtype, stacked):
-    check_gather_scatter(kv_mod._kv_gather_triton, kv_mod._kv_scatter_triton, shape_case, dtype, stacked)
+    check_gather_scatter(
+        kv_mod._kv_gather_triton, kv_mod._kv_scatter_triton, shape_case, dtype, stacked
+    )
 
 
 @pytest.mark.parametrize("block", [8, 32])
 def test_interp_kv_small_tiles(interpreter, block):
     """Several programs per page, the last one masked."""
-    check_gather_scatter(kv_mod._kv_gather_triton, kv_mod._kv_scatter_triton, ("flash", 4, 3, 2, 7),
-                         torch.bfloat16, False, block=block)
+    check_gather_scatter(
+        kv_mod._kv_gather_triton,
+        kv_mod._kv_scatter_triton,
+        ("flash", 4, 3, 2, 7),
+        torch.bfloat16,
+        False,
+        block=block,
+    )
 
 
 def test_interp_kv_misaligned_layers(interpreter):
     """Layer bases 73 elements apart: the kernel must fall back to ALIGN=1, not misaddress."""
     big = random_bits((2 * 3 * 4 * 8 * 3 + 1,), torch.float16)
-    layers = [big[i * 72 + i: i * 72 + i + 72].view(3, 4, 2, 3) for i in range(2)]  # cpu layout
+    layers = [big[i * 72 + i : i * 72 + i + 72].view(3, 4, 2, 3) for i in range(2)]  # cpu layout
     spec = page_spec_for(layers[0], "cpu")
     assert kv_mod._alignment(layers, spec) == 1
     ids = [2, 0, 2]
@@ -169,10 +187,14 @@ def test_interp_kv_plan_cache_stays_exact(interpreter):
         assert same_bits(got, oracle_gather(layers, [int(i) for i in ids], False))
     plan = kv_mod._plan_for(layers, spec)[0]
     other = [t.clone() for t in reversed(layers)]  # other pointers, lowest layer not first
-    assert same_bits(kv_mod._kv_gather_triton(other, [4, 1], spec), oracle_gather(other, [4, 1], False))
+    assert same_bits(
+        kv_mod._kv_gather_triton(other, [4, 1], spec), oracle_gather(other, [4, 1], False)
+    )
     assert kv_mod._plan_for(other, spec)[0] is not plan
     views = [t.view(t.shape) for t in layers]  # same pointers, new objects: checked again
-    assert same_bits(kv_mod._kv_gather_triton(views, [0, 5], spec), oracle_gather(layers, [0, 5], False))
+    assert same_bits(
+        kv_mod._kv_gather_triton(views, [0, 5], spec), oracle_gather(layers, [0, 5], False)
+    )
     src = random_bits((2, 3, 2, spec.page_elems), torch.bfloat16)
     expected = [t.clone() for t in other]
     oracle_scatter(src, expected, [3, 0], False)
@@ -194,7 +216,11 @@ def test_interp_kv_plan_cache_stays_exact(interpreter):
 @pytest.mark.parametrize("ops", ["dispatch", "reference"])
 def test_kv_gather_scatter_cpu(shape_case, dtype, stacked, ops):
     """dispatch: one strided index_select when stacked, the reference otherwise."""
-    pair = (kv_gather, kv_scatter) if ops == "dispatch" else (kv_gather_reference, kv_scatter_reference)
+    pair = (
+        (kv_gather, kv_scatter)
+        if ops == "dispatch"
+        else (kv_gather_reference, kv_scatter_reference)
+    )
     check_gather_scatter(*pair, shape_case, dtype, stacked)
 
 
@@ -203,14 +229,18 @@ def test_kv_cpu_fast_path_is_taken_only_for_one_buffer():
     assert kv_mod._stacked_pages(list(stacked.unbind(0)), spec) is not None
     separate, spec = make_cache(SHAPES[0], 3, torch.float32, False)
     assert kv_mod._stacked_pages(separate, spec) is None
-    interleaved = random_bits((7, 3, 2, 3, 2, 5), torch.float32)  # [blocks, layers, ...]: layers overlap
+    interleaved = random_bits(
+        (7, 3, 2, 3, 2, 5), torch.float32
+    )  # [blocks, layers, ...]: layers overlap
     spec = page_spec_for(interleaved[:, 0].transpose(0, 1), "flash")
     assert kv_mod._stacked_pages(list(interleaved.unbind(1)), spec) is None
 
 
 def test_kv_gather_allocates_and_keeps_nan_payloads():
     layers = [torch.empty(2, 3, 2, 1, 2) for _ in range(2)]
-    nans = torch.tensor([0x7F800001, 0x7FC12345, -1, 0xFF800002 - 2**32], dtype=torch.int32)  # sNaN, payloads
+    nans = torch.tensor(
+        [0x7F800001, 0x7FC12345, -1, 0xFF800002 - 2**32], dtype=torch.int32
+    )  # sNaN, payloads
     for t in layers:
         bits(t).copy_(nans.repeat(6).view(t.shape))
     spec = page_spec_for(layers[0], "flash")
@@ -234,7 +264,9 @@ def test_kv_block_ids_as_tensor():
 
 def test_page_spec_for_layouts():
     flash = torch.empty(2, 10, 16, 8, 4)
-    assert page_spec_for(flash, "flash") == KVPageSpec(2, 16 * 8 * 4, 16 * 8 * 4, 10 * 16 * 8 * 4, 10)
+    assert page_spec_for(flash, "flash") == KVPageSpec(
+        2, 16 * 8 * 4, 16 * 8 * 4, 10 * 16 * 8 * 4, 10
+    )
     cpu = torch.empty(10, 8, 16, 8)
     assert page_spec_for(cpu, "cpu") == KVPageSpec(1, 8 * 16 * 8, 8 * 16 * 8, 0, 10)
     interleaved = torch.empty(10, 2, 16, 8, 4).transpose(0, 1)
@@ -258,13 +290,17 @@ def test_page_spec_errors():
 
 def test_kv_input_errors():
     layers, spec = make_cache(("flash", 5, 2, 2, 3), 3, torch.float16, False)
-    with pytest.raises(ValueError, match=r"block id 5 out of range: the cache has 5 blocks \(0\.\.4\)"):
+    with pytest.raises(
+        ValueError, match=r"block id 5 out of range: the cache has 5 blocks \(0\.\.4\)"
+    ):
         kv_gather(layers, [0, 5], spec)
     with pytest.raises(ValueError, match=r"block id -1 out of range"):
         kv_gather(layers, [-1], spec)
     with pytest.raises(ValueError, match=r"1-D integer"):
         kv_gather(layers, torch.tensor([[0]]), spec)
-    with pytest.raises(ValueError, match=r"layers\[1\] is torch.bfloat16 .* but layers\[0\] is torch.float16"):
+    with pytest.raises(
+        ValueError, match=r"layers\[1\] is torch.bfloat16 .* but layers\[0\] is torch.float16"
+    ):
         kv_gather([layers[0], layers[1].to(torch.bfloat16)], [0], spec)
     with pytest.raises(ValueError, match=r"layers\[2\] is torch.float16 \(2, 4, 2, 2, 3\)"):
         kv_gather(layers[:2] + [layers[2][:, :4]], [0], spec)
@@ -290,17 +326,23 @@ def test_kv_triton_path_input_errors():
     gather, scatter = kv_mod._kv_gather_triton, kv_mod._kv_scatter_triton
     src = torch.empty(144, dtype=torch.float16)
     for _ in range(2):  # building the plan, then with the plan cached
-        with pytest.raises(ValueError, match=r"block id 5 out of range: the cache has 5 blocks \(0\.\.4\)"):
+        with pytest.raises(
+            ValueError, match=r"block id 5 out of range: the cache has 5 blocks \(0\.\.4\)"
+        ):
             gather(layers, [0, 5], spec)
         with pytest.raises(ValueError, match=r"block id -1 out of range"):
             gather(layers, np.array([-1]), spec)
         with pytest.raises(ValueError, match=r"block id 7 out of range"):
             gather(layers, torch.tensor([7, 0], dtype=torch.int32), spec)
-        with pytest.raises(ValueError, match=r"1-D integer sequence, got torch.float32 shape \(2,\)"):
+        with pytest.raises(
+            ValueError, match=r"1-D integer sequence, got torch.float32 shape \(2,\)"
+        ):
             gather(layers, [0.0, 1.5], spec)
         with pytest.raises(ValueError, match=r"1-D integer sequence, got torch.bool"):
             gather(layers, [True], spec)
-        with pytest.raises(ValueError, match=r"1-D integer sequence, got torch.int64 shape \(1, 1\)"):
+        with pytest.raises(
+            ValueError, match=r"1-D integer sequence, got torch.int64 shape \(1, 1\)"
+        ):
             gather(layers, [[0]], spec)
         with pytest.raises(ValueError, match=r"1-D integer sequence, got torch.float16"):
             gather(layers, torch.tensor([0.0], dtype=torch.float16), spec)
@@ -311,7 +353,9 @@ def test_kv_triton_path_input_errors():
         with pytest.raises(ValueError, match=r"out has 24 elements, expected 72"):
             gather(layers, [0], spec, out=torch.empty(24, dtype=torch.float16))
     with pytest.raises(ValueError, match=r"layers\[2\] is torch.int16 .* all must match"):
-        gather(layers[:2] + [layers[2].view(torch.int16)], [0], spec)  # same pointers, so same cache key
+        gather(
+            layers[:2] + [layers[2].view(torch.int16)], [0], spec
+        )  # same pointers, so same cache key
     with pytest.raises(ValueError, match=r"spec spans 144 elements .* storage holds 120"):
         gather(layers, [0], KVPageSpec(2, 12, 12, 72, 6))
     with pytest.raises(ValueError, match=r"layers is empty"):
@@ -322,25 +366,40 @@ def test_kv_triton_path_input_errors():
 
 def test_kv_host_ids():
     spec = KVPageSpec(1, 4, 4, 0, 10)
-    for ids in ([3, 0, 9], (3, 0, 9), range(3), np.array([3, 0], dtype=np.uint8),
-                torch.tensor([9, 1], dtype=torch.int16), torch.arange(10)[::3], [np.int32(2)]):
+    for ids in (
+        [3, 0, 9],
+        (3, 0, 9),
+        range(3),
+        np.array([3, 0], dtype=np.uint8),
+        torch.tensor([9, 1], dtype=torch.int16),
+        torch.arange(10)[::3],
+        [np.int32(2)],
+    ):
         arr = block_ids_mod.host_ids(ids, spec, unique=True)
         assert arr.dtype == np.int64 and arr.tolist() == [int(i) for i in ids]
     assert block_ids_mod.host_ids([], spec, unique=True).dtype == np.int64
     assert block_ids_mod.host_ids([4, 4], spec, unique=False).tolist() == [4, 4]
-    assert block_ids_mod.host_ids(torch.zeros(2, dtype=torch.int64, device="meta"), spec, unique=False) is None
+    assert (
+        block_ids_mod.host_ids(torch.zeros(2, dtype=torch.int64, device="meta"), spec, unique=False)
+        is None
+    )
 
 
 def test_kv_plan_cache_keys_and_lifetime():
     layers, spec = make_cache(SHAPES[1], 4, torch.bfloat16, False)
     plan, base = kv_mod._plan_for(layers, spec)
-    assert kv_mod._plan_for(layers, spec)[0] is plan and kv_mod._plan_for(tuple(layers), spec)[0] is plan
+    assert (
+        kv_mod._plan_for(layers, spec)[0] is plan
+        and kv_mod._plan_for(tuple(layers), spec)[0] is plan
+    )
     assert base is layers[plan.base] and plan.n_layers == 4 and plan.align == 8
     assert plan.offs.tolist() == [(t.data_ptr() - base.data_ptr()) // 16 for t in layers]
     assert kv_mod._plan_for(layers[:3], spec)[0] is not plan  # other pointers
     stacked, spec_s = make_cache(SHAPES[1], 4, torch.bfloat16, True)
     plan_s, base_s = kv_mod._plan_for(stacked, spec_s)
-    assert kv_mod._plan_for(stacked, spec_s)[0] is plan_s and base_s.data_ptr() == stacked.data_ptr()
+    assert (
+        kv_mod._plan_for(stacked, spec_s)[0] is plan_s and base_s.data_ptr() == stacked.data_ptr()
+    )
     assert kv_mod._plan_for(stacked[:3], spec_s)[0] is not plan_s  # same address, other shape
     ref = weakref.ref(layers[0])
     del layers, base, stacked, base_s
@@ -350,7 +409,9 @@ def test_kv_plan_cache_keys_and_lifetime():
     first_plan = kv_mod._plan_for(*alive[0])[0]
     for more, spec_m in alive[1:]:
         kv_mod._plan_for(more, spec_m)
-    assert len(kv_mod._PLANS) == kv_mod._PLANS_MAX  # least recently used dropped, rebuilt when needed
+    assert (
+        len(kv_mod._PLANS) == kv_mod._PLANS_MAX
+    )  # least recently used dropped, rebuilt when needed
     assert kv_mod._plan_for(*alive[0])[0] is not first_plan
 
 
@@ -363,12 +424,23 @@ def test_kv_plan_cache_keys_and_lifetime():
 @pytest.mark.filterwarnings("ignore::UserWarning")
 def test_kv_kernel_compiles_for_sm90():
     require_nvidia_backend()
-    kv_sig = dict(cache_ptr="*i16", layer_offs_ptr="*i64", block_ids_ptr="*i64", buf_ptr="*i16", n_layers="i32",
-                  page_units="i32", block_units="i32", half_units="i32")
+    kv_sig = dict(
+        cache_ptr="*i16",
+        layer_offs_ptr="*i64",
+        block_ids_ptr="*i64",
+        buf_ptr="*i16",
+        n_layers="i32",
+        page_units="i32",
+        block_units="i32",
+        half_units="i32",
+    )
     for to_buf in (True, False):
-        ptx = compile_sm90(kv_mod._kv_pages_kernel, kv_sig,
-                           dict(NUM_HALVES=2, ALIGN=8, BLOCK=4096, EVEN=False, TO_BUF=to_buf),
-                           ["cache_ptr", "layer_offs_ptr", "block_ids_ptr", "buf_ptr"])
+        ptx = compile_sm90(
+            kv_mod._kv_pages_kernel,
+            kv_sig,
+            dict(NUM_HALVES=2, ALIGN=8, BLOCK=4096, EVEN=False, TO_BUF=to_buf),
+            ["cache_ptr", "layer_offs_ptr", "block_ids_ptr", "buf_ptr"],
+        )
         assert "ld.global.v4.b32" in ptx and "st.global.v4.b32" in ptx
 
 
@@ -382,7 +454,9 @@ def test_kv_kernel_compiles_for_sm90():
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("stacked", [False, True])
 def test_kv_gather_scatter_cuda(shape_case, dtype, stacked):
-    check_gather_scatter(kv_gather, kv_scatter, shape_case, dtype, stacked, device="cuda", n_layers=4)
+    check_gather_scatter(
+        kv_gather, kv_scatter, shape_case, dtype, stacked, device="cuda", n_layers=4
+    )
     torch.cuda.synchronize()
 
 
@@ -390,8 +464,16 @@ def test_kv_gather_scatter_cuda(shape_case, dtype, stacked):
 @needs_cuda
 @pytest.mark.parametrize("block", [64, 1024, 8192])
 def test_kv_tiles_cuda(block):
-    check_gather_scatter(kv_mod._kv_gather_triton, kv_mod._kv_scatter_triton, ("flash", 33, 16, 8, 128),
-                         torch.bfloat16, False, device="cuda", n_layers=5, block=block)
+    check_gather_scatter(
+        kv_mod._kv_gather_triton,
+        kv_mod._kv_scatter_triton,
+        ("flash", 33, 16, 8, 128),
+        torch.bfloat16,
+        False,
+        device="cuda",
+        n_layers=5,
+        block=block,
+    )
 
 
 @gpu
@@ -424,4 +506,3 @@ def test_kv_gather_matches_reference_cuda():
     layers, spec = make_cache(("flash", 300, 16, 8, 128), 8, torch.bfloat16, False, "cuda")
     ids = torch.randint(0, 300, (65,), device="cuda")
     assert same_bits(kv_gather(layers, ids, spec), kv_gather_reference(layers, ids, spec))
-

@@ -23,20 +23,40 @@ from thaw_kernels import chunk_crc32c_reference
 LAYERS, BLOCKS, BLOCK_SIZE, KV_HEADS, HEAD_DIM = 3, 24, 4, 2, 8
 POISON = -12345.0
 
-DEVICES = ["cpu", pytest.param("cuda", marks=[pytest.mark.gpu, pytest.mark.skipif(
-    not torch.cuda.is_available(), reason="needs a CUDA device")])]
+DEVICES = [
+    "cpu",
+    pytest.param(
+        "cuda",
+        marks=[
+            pytest.mark.gpu,
+            pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device"),
+        ],
+    ),
+]
 
 
 def make_layers(device: str) -> list[torch.Tensor]:
     """Random float32 caches in the engine's layout for ``device`` (vLLM-CPU or FlashAttention)."""
-    shape = ((BLOCKS, KV_HEADS, BLOCK_SIZE, 2 * HEAD_DIM) if device == "cpu"
-             else (2, BLOCKS, BLOCK_SIZE, KV_HEADS, HEAD_DIM))
+    shape = (
+        (BLOCKS, KV_HEADS, BLOCK_SIZE, 2 * HEAD_DIM)
+        if device == "cpu"
+        else (2, BLOCKS, BLOCK_SIZE, KV_HEADS, HEAD_DIM)
+    )
     return [torch.randn(shape, device=device) for _ in range(LAYERS)]
 
 
 def namespace(device: str, model: str = "tiny") -> Namespace:
-    return Namespace(model, "", "float32", "auto", "cpu" if device == "cpu" else "cuda",
-                     BLOCK_SIZE, LAYERS, (BLOCK_SIZE, KV_HEADS, HEAD_DIM), "test")
+    return Namespace(
+        model,
+        "",
+        "float32",
+        "auto",
+        "cpu" if device == "cpu" else "cuda",
+        BLOCK_SIZE,
+        LAYERS,
+        (BLOCK_SIZE, KV_HEADS, HEAD_DIM),
+        "test",
+    )
 
 
 def block(layers: list[torch.Tensor], b: int) -> torch.Tensor:
@@ -69,9 +89,18 @@ def transport_for():
     copiers are closed (the arena unregistered from CUDA) before the store goes away."""
     made: list[KVTransport] = []
 
-    def make(device: str, store, layers, *, blocks_per_chunk: int = 2, copy_chunks: int = 2,
-             model: str = "tiny") -> KVTransport:
-        t = KVTransport(layers, namespace(device, model), store, StreamScheduler(torch.device(device)))
+    def make(
+        device: str,
+        store,
+        layers,
+        *,
+        blocks_per_chunk: int = 2,
+        copy_chunks: int = 2,
+        model: str = "tiny",
+    ) -> KVTransport:
+        t = KVTransport(
+            layers, namespace(device, model), store, StreamScheduler(torch.device(device))
+        )
         made.append(t)
         t.blocks_per_chunk = blocks_per_chunk
         t.copier.copy_chunk_bytes = copy_chunks * blocks_per_chunk * t.block_bytes
@@ -99,7 +128,9 @@ def tokens(num_blocks: int, seed: int = 0) -> list[int]:
 
 @pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("first_block,end_block", [(0, 9), (3, 9), (1, 2), (5, 6), (0, 1)])
-def test_load_writes_exactly_the_requested_blocks(device, store, transport_for, first_block, end_block):
+def test_load_writes_exactly_the_requested_blocks(
+    device, store, transport_for, first_block, end_block
+):
     layers = make_layers(device)
     t = transport_for(device, store, layers)
     src = [7, 2, 11, 0, 19, 4, 13, 21, 9]  # 9 blocks: 5 chunks of 2 (the last of 1), 3 pieces
@@ -145,7 +176,9 @@ def test_corrupt_chunk_stops_the_load_at_that_chunk(device, tmp_path, transport_
 def test_snapshot_of_other_chunk_geometry_is_copied_again(device, store, transport_for):
     """The loader starts copying assuming its own chunk size; the header says otherwise."""
     layers = make_layers(device)
-    ref, _ = transport_for(device, store, layers, blocks_per_chunk=3).save(tokens(7), list(range(7)))
+    ref, _ = transport_for(device, store, layers, blocks_per_chunk=3).save(
+        tokens(7), list(range(7))
+    )
     expected = [block(layers, b).clone() for b in range(7)]
     loader = transport_for(device, store, layers, blocks_per_chunk=2)
     dst = list(range(10, 15))
@@ -176,8 +209,9 @@ def test_stream_scheduler_round_trip(device, registered):
     if device == "cpu" and not registered:
         pytest.skip("registration is a CUDA notion")
     crc_chunk = 4096
-    copier = StreamScheduler(torch.device(device), copy_chunk_bytes=3 * crc_chunk,
-                             staging_bytes=2 * crc_chunk)
+    copier = StreamScheduler(
+        torch.device(device), copy_chunk_bytes=3 * crc_chunk, staging_bytes=2 * crc_chunk
+    )
     host = torch.randint(0, 256, (10 * crc_chunk + 100,), dtype=torch.uint8)
     if registered:
         copier.register_host(host)

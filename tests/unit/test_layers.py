@@ -24,11 +24,24 @@ import pytest
 
 ROOT = Path(__file__).resolve().parents[2]
 # folder -> import name
-PACKAGES = {"triton_kernels": "thaw_kernels", "thaw_agents_core": "thaw_agents_core",
-            "thaw_agents": "thaw_agents"}
+PACKAGES = {
+    "triton_kernels": "thaw_kernels",
+    "thaw_agents_core": "thaw_agents_core",
+    "thaw_agents": "thaw_agents",
+}
 
 # The core's subpackages, lowest first: each may import only itself and those before it.
-LAYERS = ["util", "snapshot", "store", "transport", "weights", "connector", "engine", "pool", "fork"]
+LAYERS = [
+    "util",
+    "snapshot",
+    "store",
+    "transport",
+    "weights",
+    "connector",
+    "engine",
+    "pool",
+    "fork",
+]
 # The core's top-level modules: exempt from LAYERS, and imported by none of the subpackages.
 TOP_LEVEL = {"thaw_agents_core", "thaw_agents_core.testing"}
 
@@ -61,8 +74,9 @@ def find_modules() -> dict[str, Path]:
     return modules
 
 
-def read_imports(module: str, source: str, *, is_package: bool, ours: set[str],
-                 where: str = "") -> list[Import]:
+def read_imports(
+    module: str, source: str, *, is_package: bool, ours: set[str], where: str = ""
+) -> list[Import]:
     """Every import statement anywhere in ``source`` (relative ones resolved)."""
     found = []
     for node in ast.walk(ast.parse(source)):
@@ -71,15 +85,21 @@ def read_imports(module: str, source: str, *, is_package: bool, ours: set[str],
         elif isinstance(node, ast.ImportFrom):
             if node.level:
                 base = module.split(".") if is_package else module.split(".")[:-1]
-                base = base[:len(base) - (node.level - 1)]
+                base = base[: len(base) - (node.level - 1)]
                 parent = ".".join(base + ([node.module] if node.module else []))
             else:
                 parent = node.module or ""
-            targets = [f"{parent}.{alias.name}" if f"{parent}.{alias.name}" in ours else parent
-                       for alias in node.names]
-        elif (isinstance(node, ast.Call) and node.args
-              and isinstance(node.args[0], ast.Constant) and isinstance(node.args[0].value, str)
-              and getattr(node.func, "attr", getattr(node.func, "id", None)) == "import_module"):
+            targets = [
+                f"{parent}.{alias.name}" if f"{parent}.{alias.name}" in ours else parent
+                for alias in node.names
+            ]
+        elif (
+            isinstance(node, ast.Call)
+            and node.args
+            and isinstance(node.args[0], ast.Constant)
+            and isinstance(node.args[0].value, str)
+            and getattr(node.func, "attr", getattr(node.func, "id", None)) == "import_module"
+        ):
             targets = [node.args[0].value]
         else:
             continue
@@ -88,9 +108,17 @@ def read_imports(module: str, source: str, *, is_package: bool, ours: set[str],
 
 
 MODULES = find_modules()
-IMPORTS = [imp for module, path in MODULES.items()
-           for imp in read_imports(module, path.read_text(), is_package=path.name == "__init__.py",
-                                   ours=set(MODULES), where=str(path.relative_to(ROOT)))]
+IMPORTS = [
+    imp
+    for module, path in MODULES.items()
+    for imp in read_imports(
+        module,
+        path.read_text(),
+        is_package=path.name == "__init__.py",
+        ours=set(MODULES),
+        where=str(path.relative_to(ROOT)),
+    )
+]
 
 
 def package_of(module: str) -> str:
@@ -162,16 +190,21 @@ def cycle_in(graph: dict[str, set[str]], component: set[str]) -> list[str]:
 
 def test_every_module_is_read():
     assert {package_of(m) for m in MODULES} == set(PACKAGES.values())
-    assert {"thaw_agents.chat_model", "thaw_agents_core.engine.engine",
-            "thaw_kernels.kv_blocks"} <= set(MODULES)
+    assert {
+        "thaw_agents.chat_model",
+        "thaw_agents_core.engine.engine",
+        "thaw_kernels.kv_blocks",
+    } <= set(MODULES)
     assert len(IMPORTS) > 100
 
 
 def test_relative_function_level_and_string_imports_are_resolved():
     ours = {"a", "a.b", "a.b.c", "a.x", "a.x.y"}
-    source = ("from . import c\nfrom ..x import y\nfrom .. import x\n"
-              "def f():\n    from .c import name\n    import os.path\n"
-              "    importlib.import_module('a.x')\n")
+    source = (
+        "from . import c\nfrom ..x import y\nfrom .. import x\n"
+        "def f():\n    from .c import name\n    import os.path\n"
+        "    importlib.import_module('a.x')\n"
+    )
     got = [i.target for i in read_imports("a.b.m", source, is_package=False, ours=ours)]
     assert sorted(got) == sorted(["a.b.c", "a.x.y", "a.x", "a.b.c", "os.path", "a.x"])
     # in a package's __init__, "." is the package itself
@@ -188,8 +221,9 @@ def test_cycle_finder_finds_cycles():
 
 
 def test_layer_table_names_every_core_subpackage():
-    subpackages = {p.name for p in (ROOT / "thaw_agents_core").iterdir()
-                   if (p / "__init__.py").is_file()}
+    subpackages = {
+        p.name for p in (ROOT / "thaw_agents_core").iterdir() if (p / "__init__.py").is_file()
+    }
     assert subpackages == set(LAYERS), "a new subpackage needs its place in LAYERS"
     top_level = {m for m in MODULES if m.startswith("thaw_agents_core") and core_layer(m) is None}
     assert top_level == TOP_LEVEL, "a new top-level module of the core: decide its layer"
@@ -197,8 +231,11 @@ def test_layer_table_names_every_core_subpackage():
 
 @pytest.mark.parametrize("package", list(FORBIDDEN))
 def test_package_imports_nothing_above_it(package: str):
-    bad = [str(i) for i in IMPORTS if package_of(i.module) == package
-           and forbidden(package_of(i.target), FORBIDDEN[package])]
+    bad = [
+        str(i)
+        for i in IMPORTS
+        if package_of(i.module) == package and forbidden(package_of(i.target), FORBIDDEN[package])
+    ]
     assert bad == []
 
 

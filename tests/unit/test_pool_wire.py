@@ -13,18 +13,25 @@ from thaw_agents_core.pool import wire
 
 
 def test_wire_round_trip_in_any_chunking():
-    messages = [{"type": "generate", "id": "fork-1", "prompt_ids": list(range(3000)),
-                 "options": {"max_tokens": 8, "stop": ["\n"], "logit_bias": {"65": 1.5}},
-                 "stream": True},
-                {"type": "delta", "id": "fork-1", "text": "h\u00e9llo \u2603 \x00", "num_tokens": 3},
-                {"type": "shutdown"}]
+    messages = [
+        {
+            "type": "generate",
+            "id": "fork-1",
+            "prompt_ids": list(range(3000)),
+            "options": {"max_tokens": 8, "stop": ["\n"], "logit_bias": {"65": 1.5}},
+            "stream": True,
+        },
+        {"type": "delta", "id": "fork-1", "text": "h\u00e9llo \u2603 \x00", "num_tokens": 3},
+        {"type": "shutdown"},
+    ]
     data = b"".join(wire.encode(m) for m in messages)
-    assert int.from_bytes(data[:4], "little") == len(json.dumps(
-        messages[0], separators=(",", ":")).encode())
+    assert int.from_bytes(data[:4], "little") == len(
+        json.dumps(messages[0], separators=(",", ":")).encode()
+    )
     whole = wire.FrameBuffer()
     assert whole.feed(data) == messages
     bytewise = wire.FrameBuffer()
-    got = [m for i in range(len(data)) for m in bytewise.feed(data[i:i + 1])]
+    got = [m for i in range(len(data)) for m in bytewise.feed(data[i : i + 1])]
     assert got == messages
     assert bytewise.feed(b"") == []
 
@@ -52,8 +59,10 @@ async def test_wire_refuses_oversized_frames(monkeypatch):
         wire.encode({"type": "done", "text": "x" * 2000})
 
 
-@pytest.mark.parametrize("body", [b"\xff\xfe not utf-8", b"{not json", b"[1, 2]", b'"text"',
-                                  b'{"id": 1}', b'{"type": 3}'])
+@pytest.mark.parametrize(
+    "body",
+    [b"\xff\xfe not utf-8", b"{not json", b"[1, 2]", b'"text"', b'{"id": 1}', b'{"type": 3}'],
+)
 async def test_wire_garbage_is_a_wire_error(body):
     frame = len(body).to_bytes(4, "little") + body
     with pytest.raises(wire.WireError):

@@ -47,15 +47,21 @@ def test_shared_directory_round_trip_is_byte_exact(parent, tmp_path):
         assert node.lookup(KEY, chain(BASE)).ref == ref  # what the node's connector asks
         assert ingest_snapshot(node, staged.message)["cached"]  # the second copy is skipped
         # staging again (another round, another driver) reuses the shared file
-        assert stage_snapshot(store, ref, f"file://{tmp_path / 'shared'}").message == \
-            {**staged.message, "url": str(tmp_path / "shared")}
+        assert stage_snapshot(store, ref, f"file://{tmp_path / 'shared'}").message == {
+            **staged.message,
+            "url": str(tmp_path / "shared"),
+        }
 
 
 def test_object_store_bytes_are_verified_in_the_arena(parent):
     store, ref, raw = parent
     data = np.frombuffer(raw, dtype=np.uint8).copy()
-    message = {"kind": "object_store", "namespace_key": ref.namespace_key,
-               "snapshot_id": ref.snapshot_id, "nbytes": len(data)}
+    message = {
+        "kind": "object_store",
+        "namespace_key": ref.namespace_key,
+        "snapshot_id": ref.snapshot_id,
+        "nbytes": len(data),
+    }
     with ShmStore(shm_name(), CAPACITY, create=True) as node:
         data[-1] ^= 0xFF  # one flipped payload byte: its chunk's CRC32C fails
         with pytest.raises(SnapshotChecksumError):
@@ -79,8 +85,9 @@ def test_transport_names_and_node_spec():
     from thaw_agents_core.connector.settings import kv_transfer_config
     from thaw_agents_core.engine.spec import EngineSpec
 
-    spec = EngineSpec.create("m", kv_transfer=kv_transfer_config("shm://parent?capacity=1GiB",
-                                                                 weights_version="v1"))
+    spec = EngineSpec.create(
+        "m", kv_transfer=kv_transfer_config("shm://parent?capacity=1GiB", weights_version="v1")
+    )
     moved = spec_on_store(spec, "shm://node-a?create=false")
     assert moved.connector_settings.store == "shm://node-a?create=false"
     assert moved.connector_settings.weights_version == "v1" and moved.model == spec.model

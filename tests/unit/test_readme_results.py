@@ -10,8 +10,9 @@ ROOT = Path(__file__).resolve().parents[2]
 
 
 def _render_module():
-    spec = importlib.util.spec_from_file_location("render_results",
-                                                  ROOT / "scripts" / "render_results.py")
+    spec = importlib.util.spec_from_file_location(
+        "render_results", ROOT / "scripts" / "render_results.py"
+    )
     module = importlib.util.module_from_spec(spec)
     assert spec.loader is not None
     spec.loader.exec_module(module)
@@ -23,4 +24,5 @@ def test_readme_generated_sections_match_the_receipts():
     readme = (ROOT / "README.md").read_text()
     assert render.update_readme(readme) == readme, (
         "README.md's generated sections are stale: run "
-        "`.venv/bin/python scripts/render_results.py --readme README.md --charts docs`")
+        "`.venv/bin/python scripts/render_results.py --readme README.md --charts docs`"
+    )

@@ -9,8 +9,9 @@ from pathlib import Path
 import pytest
 
 ROOT = Path(__file__).parents[2]
-spec = importlib.util.spec_from_file_location("render_results",
-                                              ROOT / "scripts" / "render_results.py")
+spec = importlib.util.spec_from_file_location(
+    "render_results", ROOT / "scripts" / "render_results.py"
+)
 render_results = importlib.util.module_from_spec(spec)
 spec.loader.exec_module(render_results)
 

@@ -22,19 +22,29 @@ from thaw_agents.rollouts import (
 PREFIX = {"snapshot_id": "abc", "snapshot_file": "abc.thawkv", "num_tokens": 256}
 
 
-def rollout(rid: str, ids: list[int], logprobs: list[float] | None = None,
-            reward: float | None = None) -> RolloutRecord:
+def rollout(
+    rid: str, ids: list[int], logprobs: list[float] | None = None, reward: float | None = None
+) -> RolloutRecord:
     logprobs = logprobs if logprobs is not None else [-0.5] * len(ids)
-    return RolloutRecord(rollout_id=rid, token_ids=ids, logprobs=logprobs,
-                         tokens=[f"t{i}" for i in ids], text="".join(f"t{i}" for i in ids),
-                         prefix=PREFIX, suffix="Solve it.", reward=reward)
+    return RolloutRecord(
+        rollout_id=rid,
+        token_ids=ids,
+        logprobs=logprobs,
+        tokens=[f"t{i}" for i in ids],
+        text="".join(f"t{i}" for i in ids),
+        prefix=PREFIX,
+        suffix="Solve it.",
+        reward=reward,
+    )
 
 
 def test_pivot_groups_by_choice_and_ranks_by_sequence_logprob():
-    records = [rollout("r0", [1, 2, 3, 4], [-0.1, -0.1, -1.0, -0.2]),
-               rollout("r1", [1, 2, 5, 6], [-0.1, -0.1, -0.3, -0.1]),
-               rollout("r2", [1, 2, 3, 7], [-0.1, -0.1, -1.2, -0.1]),
-               rollout("r3", [1, 2, 5], [-0.1, -0.1, -0.5])]
+    records = [
+        rollout("r0", [1, 2, 3, 4], [-0.1, -0.1, -1.0, -0.2]),
+        rollout("r1", [1, 2, 5, 6], [-0.1, -0.1, -0.3, -0.1]),
+        rollout("r2", [1, 2, 3, 7], [-0.1, -0.1, -1.2, -0.1]),
+        rollout("r3", [1, 2, 5], [-0.1, -0.1, -0.5]),
+    ]
     pivot = find_pivot(records)
     assert pivot is not None
     assert pivot.position == 2
@@ -116,13 +126,16 @@ class _Branch:  # the fields of a BranchResult that record_from_branch reads
     token_ids = [5, 6]
     sample_index = 3
     finish_reason = "length"
-    logprobs = [{"token": "a", "token_id": 5, "logprob": -0.25},
-                {"token": "b", "token_id": 6, "logprob": -1.0}]
+    logprobs = [
+        {"token": "a", "token_id": 5, "logprob": -0.25},
+        {"token": "b", "token_id": 6, "logprob": -1.0},
+    ]
 
 
 def test_record_from_branch():
-    record = record_from_branch(_Branch(), rollout_id="r", prefix=PREFIX, suffix="s",
-                                options={"seed": 4}, reward=0.1)
+    record = record_from_branch(
+        _Branch(), rollout_id="r", prefix=PREFIX, suffix="s", options={"seed": 4}, reward=0.1
+    )
     assert record.tokens == ["a", "b"] and record.sequence_logprob == pytest.approx(-1.25)
     assert record.sample_index == 3 and record.options == {"seed": 4}
     branch = _Branch()

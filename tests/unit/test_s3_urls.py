@@ -10,7 +10,9 @@ import pytest
 from thaw_agents_core.store.s3 import parse_s3_url
 
 
-@pytest.mark.parametrize("url", ["http://b/k", "s3://", "s3://bucket", "s3://bucket/", "s3:///key", "s3://b/dir/"])
+@pytest.mark.parametrize(
+    "url", ["http://b/k", "s3://", "s3://bucket", "s3://bucket/", "s3:///key", "s3://b/dir/"]
+)
 def test_bad_urls(url):
     with pytest.raises(ValueError, match="bad S3 URL"):
         parse_s3_url(url)

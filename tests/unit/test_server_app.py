@@ -33,8 +33,10 @@ def test_auth(client: TestClient) -> None:
     assert client.get("/health").status_code == 200  # liveness needs no key
     assert _error(client.get("/v1/models"), 401)["code"] == "invalid_api_key"
     assert client.get("/v1/models", headers=KEY).json()["data"][0]["id"] == "tiny"
-    assert _error(client.post("/admin/models", json={"name": "a", "model": "tiny"}),
-                  401)["type"] == "authentication_error"
+    assert (
+        _error(client.post("/admin/models", json={"name": "a", "model": "tiny"}), 401)["type"]
+        == "authentication_error"
+    )
 
 
 def test_admin_needs_a_configured_key() -> None:
@@ -42,51 +44,76 @@ def test_admin_needs_a_configured_key() -> None:
     registry.new_model("tiny", "tiny")
     open_client = TestClient(create_app(registry, ServerSettings(api_key=None)))
     assert open_client.get("/v1/models").status_code == 200  # loopback without a key
-    assert _error(open_client.post("/admin/models", json={"name": "a", "model": "tiny"}),
-                  401)["code"] == "admin_disabled"
-    assert _error(open_client.post("/v1/snapshots/x/save", json={"dest": "/tmp/x"}),
-                  401)["code"] == "admin_disabled"
+    assert (
+        _error(open_client.post("/admin/models", json={"name": "a", "model": "tiny"}), 401)["code"]
+        == "admin_disabled"
+    )
+    assert (
+        _error(open_client.post("/v1/snapshots/x/save", json={"dest": "/tmp/x"}), 401)["code"]
+        == "admin_disabled"
+    )
     assert is_admin_path("/v1/snapshots/load") and not is_admin_path("/v1/snapshots/abc")
 
 
-@pytest.mark.parametrize(("body", "param"), [
-    ({**CHAT, "temperature": "hot"}, "temperature"),
-    ({**CHAT, "messages": [{"role": "robot", "content": "x"}]}, "messages[0].role"),
-    ({**CHAT, "messages": []}, "messages"),
-    ({**CHAT, "n": 0}, "n"),
-    ({**CHAT, "stop": 5}, "stop"),
-    ({**CHAT, "tools": [{"type": "function"}]}, "tools[0].function"),
-    ({"messages": CHAT["messages"]}, "model"),
-])
+@pytest.mark.parametrize(
+    ("body", "param"),
+    [
+        ({**CHAT, "temperature": "hot"}, "temperature"),
+        ({**CHAT, "messages": [{"role": "robot", "content": "x"}]}, "messages[0].role"),
+        ({**CHAT, "messages": []}, "messages"),
+        ({**CHAT, "n": 0}, "n"),
+        ({**CHAT, "stop": 5}, "stop"),
+        ({**CHAT, "tools": [{"type": "function"}]}, "tools[0].function"),
+        ({"messages": CHAT["messages"]}, "model"),
+    ],
+)
 def test_schema_errors_name_the_field(client: TestClient, body: dict, param: str) -> None:
     error = _error(client.post("/v1/chat/completions", json=body, headers=KEY), 400)
     assert error["param"] == param and error["type"] == "invalid_request_error"
 
 
 def test_bad_json_unknown_model_and_routes(client: TestClient) -> None:
-    bad = client.post("/v1/chat/completions", content=b'{"model": ', headers={
-        **KEY, "content-type": "application/json"})
+    bad = client.post(
+        "/v1/chat/completions",
+        content=b'{"model": ',
+        headers={**KEY, "content-type": "application/json"},
+    )
     assert _error(bad, 400)["code"] == "invalid_json"
     assert _error(client.post("/v1/chat/completions", json=[1], headers=KEY), 400)
-    unknown = _error(client.post("/v1/chat/completions", json={**CHAT, "model": "gpt-4o"},
-                                 headers=KEY), 404)
+    unknown = _error(
+        client.post("/v1/chat/completions", json={**CHAT, "model": "gpt-4o"}, headers=KEY), 404
+    )
     assert unknown["param"] == "model" and "tiny" in unknown["message"]
-    assert _error(client.get("/v1/snapshots/nope", headers=KEY), 404)["code"] == \
-        "snapshot_not_found"
+    assert (
+        _error(client.get("/v1/snapshots/nope", headers=KEY), 404)["code"] == "snapshot_not_found"
+    )
     assert _error(client.get("/v1/nothing", headers=KEY), 404)["code"] == "not_found"
-    assert _error(client.get("/v1/chat/completions", headers=KEY), 405)["code"] == \
-        "method_not_allowed"
-    assert _error(client.post("/v1/chat/completions", json={**CHAT, "n": 1000}, headers=KEY),
-                  400)["param"] == "n"
-    assert _error(client.post("/v1/completions", json={"model": "tiny", "prompt": "x",
-                                                       "echo": True}, headers=KEY),
-                  400)["param"] == "echo"
+    assert (
+        _error(client.get("/v1/chat/completions", headers=KEY), 405)["code"] == "method_not_allowed"
+    )
+    assert (
+        _error(client.post("/v1/chat/completions", json={**CHAT, "n": 1000}, headers=KEY), 400)[
+            "param"
+        ]
+        == "n"
+    )
+    assert (
+        _error(
+            client.post(
+                "/v1/completions", json={"model": "tiny", "prompt": "x", "echo": True}, headers=KEY
+            ),
+            400,
+        )["param"]
+        == "echo"
+    )
 
 
 def test_body_limit_by_length_and_chunked(client: TestClient) -> None:
     big = {**CHAT, "messages": [{"role": "user", "content": "x" * 5000}]}
-    assert _error(client.post("/v1/chat/completions", json=big, headers=KEY), 413)["code"] == \
-        "request_too_large"
+    assert (
+        _error(client.post("/v1/chat/completions", json=big, headers=KEY), 413)["code"]
+        == "request_too_large"
+    )
 
     def chunks():
         yield b'{"model": "tiny", "messages": [{"role": "user", "content": "'
@@ -94,8 +121,11 @@ def test_body_limit_by_length_and_chunked(client: TestClient) -> None:
             yield b"y" * 500
         yield b'"}]}'
 
-    chunked = client.post("/v1/chat/completions", content=chunks(),
-                          headers={**KEY, "content-type": "application/json"})
+    chunked = client.post(
+        "/v1/chat/completions",
+        content=chunks(),
+        headers={**KEY, "content-type": "application/json"},
+    )
     assert _error(chunked, 413)["code"] == "request_too_large"
 
 
@@ -114,7 +144,16 @@ def test_cli_defaults_serve_the_embedded_model_on_loopback(monkeypatch) -> None:
     build(build_parser().parse_args(["serve", "--host", "0.0.0.0"]))  # a key from the env
     with pytest.raises(SystemExit):
         build_parser().parse_args(["serve", "--register", "no-equals-sign"])
-    args = build_parser().parse_args(["serve", "--register", "a=tiny", "--register",
-                                      "s=/x/snap.thawkv", "--max-body-bytes", "1MiB"])
+    args = build_parser().parse_args(
+        [
+            "serve",
+            "--register",
+            "a=tiny",
+            "--register",
+            "s=/x/snap.thawkv",
+            "--max-body-bytes",
+            "1MiB",
+        ]
+    )
     assert args.register == [("a", "tiny"), ("s", "/x/snap.thawkv")]
     assert args.max_body_bytes == 1 << 20

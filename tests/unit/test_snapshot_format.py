@@ -69,7 +69,9 @@ def header_obj() -> dict:
 
 def raw(header: dict | bytes, payload: bytes = PAYLOAD) -> bytes:
     """A snapshot file with an arbitrary header, assembled by hand like a third-party writer."""
-    body = header if isinstance(header, bytes) else json.dumps(header, separators=(",", ":")).encode()
+    body = (
+        header if isinstance(header, bytes) else json.dumps(header, separators=(",", ":")).encode()
+    )
     prefix = MAGIC + struct.pack("<Q", len(body)) + body
     return prefix + bytes(-len(prefix) % 4096) + payload
 
@@ -90,12 +92,17 @@ def test_golden_bytes():
     assert data[16 : 16 + HEADER_LEN].decode() == GOLDEN_HEADER
     assert data[16 + HEADER_LEN : 4096] == bytes(4096 - 16 - HEADER_LEN)  # zero padding
     assert data[4096:] == PAYLOAD and len(data) == 4096 + 192
-    assert hashlib.sha256(data).hexdigest() == "29013f26a7355fde1a7d2bca9999a23db874794053c89142ea8b4925086b8954"
+    assert (
+        hashlib.sha256(data).hexdigest()
+        == "29013f26a7355fde1a7d2bca9999a23db874794053c89142ea8b4925086b8954"
+    )
     assert NS.key() == "64e86335ae5a296c2f094491f5bd0c21"
 
 
 def test_golden_values_recomputed_independently():
-    h0 = hashlib.sha256(hashlib.sha256(b"thaw-kv/1\0").digest() + struct.pack("<4i", 100, 101, 102, 103))
+    h0 = hashlib.sha256(
+        hashlib.sha256(b"thaw-kv/1\0").digest() + struct.pack("<4i", 100, 101, 102, 103)
+    )
     assert h0.hexdigest() == header_obj()["block_hashes"][0]
     assert f"{google_crc32c.value(PAYLOAD[:128]):08x}" == "30d9c515"  # chunk 0: blocks 0-1
     assert f"{google_crc32c.value(PAYLOAD[128:]):08x}" == "d50d57bf"  # chunk 1: block 2 (short)
@@ -117,15 +124,30 @@ def test_payload_offset_is_4096_aligned(num_tokens):
     data = build_snapshot(NS, list(range(num_tokens)), 8, bytes(num_tokens // 4 * 8))
     view = parse_snapshot(data)
     assert view.payload_offset % 4096 == 0
-    assert view.payload_offset == payload_offset_for(view.header) >= 16 + struct.unpack_from("<Q", data, 8)[0]
+    assert (
+        view.payload_offset
+        == payload_offset_for(view.header)
+        >= 16 + struct.unpack_from("<Q", data, 8)[0]
+    )
     assert len(encode_header(view.header)) == view.payload_offset
 
 
 def test_round_trip():
     view = parse_snapshot(tiny(extra={"note": "héllo"}), expect_namespace=NS)
     h = view.header
-    assert (h.snapshot_id, h.namespace, h.token_ids, h.extra) == (SID, NS, TOKENS, {"note": "héllo"})
-    assert (h.num_blocks, h.num_tokens, h.block_bytes, h.payload_bytes, h.num_chunks) == (3, 12, 64, 192, 2)
+    assert (h.snapshot_id, h.namespace, h.token_ids, h.extra) == (
+        SID,
+        NS,
+        TOKENS,
+        {"note": "héllo"},
+    )
+    assert (h.num_blocks, h.num_tokens, h.block_bytes, h.payload_bytes, h.num_chunks) == (
+        3,
+        12,
+        64,
+        192,
+        2,
+    )
     assert h.block_hashes == block_hash_chain(TOKENS, 4)
     assert bytes(view.payload) == PAYLOAD and bytes(view.blocks(2)) == PAYLOAD[:128]
     assert verify_chunks(view) == []
@@ -133,7 +155,9 @@ def test_round_trip():
 
 
 def test_two_phase_plan_matches_one_shot():
-    plan = plan_snapshot(NS, TOKENS, 64, blocks_per_chunk=2, snapshot_id=SID, created_unix=1700000000)
+    plan = plan_snapshot(
+        NS, TOKENS, 64, blocks_per_chunk=2, snapshot_id=SID, created_unix=1700000000
+    )
     assert (plan.payload_offset, plan.total_bytes) == (4096, 4096 + 192)
     dest = bytearray(plan.total_bytes + 100)  # a larger region, as in a shared-memory arena
     plan.payload_view(dest)[:] = PAYLOAD
@@ -142,7 +166,10 @@ def test_two_phase_plan_matches_one_shot():
     assert dest[: plan.total_bytes] == tiny()
     with pytest.raises(ValueError, match=r"need 2 chunk CRCs in \[0, 2\*\*32\), got 1"):
         plan.finish(dest, chunk_crcs=[1])
-    with pytest.raises(ValueError, match="destination must be a writable buffer of at least 4288 bytes, got 10 bytes"):
+    with pytest.raises(
+        ValueError,
+        match="destination must be a writable buffer of at least 4288 bytes, got 10 bytes",
+    ):
         plan.finish(bytearray(10))
 
 
@@ -155,7 +182,9 @@ def test_build_errors():
     with pytest.raises(ValueError) as e:
         build_snapshot(NS, TOKENS, 64, bytes(100))
     assert str(e.value) == "payload is 100 bytes, expected num_blocks * block_bytes = 3 * 64 = 192"
-    with pytest.raises(ValueError, match="namespace field 'block_size' must be a positive int, got 0"):
+    with pytest.raises(
+        ValueError, match="namespace field 'block_size' must be a positive int, got 0"
+    ):
         Namespace("m", "w", "f", "a", "cpu", 0, 1, (1,), "v")
 
 
@@ -192,9 +221,18 @@ _END = 4096 + 192
         (15, "truncated snapshot: 15 bytes, shorter than the 16-byte prefix (magic + header_len)"),
         (16, "truncated snapshot: header needs bytes [16, 773) but the buffer has 16 bytes"),
         (772, "truncated snapshot: header needs bytes [16, 773) but the buffer has 772 bytes"),
-        (773, "truncated snapshot: payload needs bytes [4096, 4288) but the buffer has 773 bytes (3515 missing)"),
-        (4096, "truncated snapshot: payload needs bytes [4096, 4288) but the buffer has 4096 bytes (192 missing)"),
-        (4287, "truncated snapshot: payload needs bytes [4096, 4288) but the buffer has 4287 bytes (1 missing)"),
+        (
+            773,
+            "truncated snapshot: payload needs bytes [4096, 4288) but the buffer has 773 bytes (3515 missing)",
+        ),
+        (
+            4096,
+            "truncated snapshot: payload needs bytes [4096, 4288) but the buffer has 4096 bytes (192 missing)",
+        ),
+        (
+            4287,
+            "truncated snapshot: payload needs bytes [4096, 4288) but the buffer has 4287 bytes (1 missing)",
+        ),
     ],
 )
 def test_truncated(cut, message):
@@ -212,7 +250,10 @@ def test_longer_buffer_is_fine():
 def test_bad_magic_and_header_len():
     data = tiny()
     data[:8] = b"PK\x03\x04zipx"
-    assert error(data) == "bad magic b'PK\\x03\\x04zipx': not a .thawkv snapshot (expected b'THAWKV01')"
+    assert (
+        error(data)
+        == "bad magic b'PK\\x03\\x04zipx': not a .thawkv snapshot (expected b'THAWKV01')"
+    )
     data = tiny()
     data[8:16] = struct.pack("<Q", MAX_HEADER_BYTES + 1)
     assert error(data) == (
@@ -223,8 +264,13 @@ def test_bad_magic_and_header_len():
 
 
 def test_non_json_and_non_object_headers():
-    assert error(raw(b"not json")) == "header is not valid UTF-8 JSON: Expecting value: line 1 column 1 (char 0)"
-    assert error(raw(b'{"a":\xff}')).startswith("header is not valid UTF-8 JSON: 'utf-8' codec can't decode")
+    assert (
+        error(raw(b"not json"))
+        == "header is not valid UTF-8 JSON: Expecting value: line 1 column 1 (char 0)"
+    )
+    assert error(raw(b'{"a":\xff}')).startswith(
+        "header is not valid UTF-8 JSON: 'utf-8' codec can't decode"
+    )
     assert error(raw(b"[1,2]")) == "header must be a JSON object, got list"
 
 
@@ -238,34 +284,109 @@ def test_nonzero_padding():
     "edit, message",
     [
         (lambda h: h.pop("block_bytes"), "header is missing required field(s): block_bytes"),
-        (lambda h: [h.pop("token_ids"), h.pop("format")], "header is missing required field(s): format, token_ids"),
-        (lambda h: h.update(surprise=1), "header has unknown field(s): surprise (custom data goes under 'extra')"),
+        (
+            lambda h: [h.pop("token_ids"), h.pop("format")],
+            "header is missing required field(s): format, token_ids",
+        ),
+        (
+            lambda h: h.update(surprise=1),
+            "header has unknown field(s): surprise (custom data goes under 'extra')",
+        ),
         (lambda h: h.update(format="npz"), "header field 'format' is 'npz', expected 'thawkv'"),
-        (lambda h: h.update(version=2), "unsupported snapshot version 2: this reader supports version 1"),
-        (lambda h: h.update(version=True), "unsupported snapshot version True: this reader supports version 1"),
-        (lambda h: h.update(num_tokens="12"), "header field 'num_tokens' must be a non-negative int, got '12'"),
-        (lambda h: h.update(block_bytes=-64), "header field 'block_bytes' must be a non-negative int, got -64"),
-        (lambda h: h.update(block_bytes=1.5), "header field 'block_bytes' must be a non-negative int, got 1.5"),
-        (lambda h: h.update(blocks_per_chunk=0), "header field 'blocks_per_chunk' must be a positive int, got 0"),
-        (lambda h: h.update(snapshot_id="../etc"), "header field 'snapshot_id' must be 8-64 lowercase hex chars, got '../etc'"),
+        (
+            lambda h: h.update(version=2),
+            "unsupported snapshot version 2: this reader supports version 1",
+        ),
+        (
+            lambda h: h.update(version=True),
+            "unsupported snapshot version True: this reader supports version 1",
+        ),
+        (
+            lambda h: h.update(num_tokens="12"),
+            "header field 'num_tokens' must be a non-negative int, got '12'",
+        ),
+        (
+            lambda h: h.update(block_bytes=-64),
+            "header field 'block_bytes' must be a non-negative int, got -64",
+        ),
+        (
+            lambda h: h.update(block_bytes=1.5),
+            "header field 'block_bytes' must be a non-negative int, got 1.5",
+        ),
+        (
+            lambda h: h.update(blocks_per_chunk=0),
+            "header field 'blocks_per_chunk' must be a positive int, got 0",
+        ),
+        (
+            lambda h: h.update(snapshot_id="../etc"),
+            "header field 'snapshot_id' must be 8-64 lowercase hex chars, got '../etc'",
+        ),
         (lambda h: h.update(extra=[]), "header field 'extra' must be an object, got []"),
-        (lambda h: h.update(created_unix=-1), "header field 'created_unix' must be a non-negative number, got -1"),
+        (
+            lambda h: h.update(created_unix=-1),
+            "header field 'created_unix' must be a non-negative number, got -1",
+        ),
         (lambda h: h.update(token_ids="x"), "header field 'token_ids' must be a list, got 'x'"),
-        (lambda h: h["token_ids"].__setitem__(3, True), "header field 'token_ids' must be a list of ints in [0, 2**31)"),
-        (lambda h: h["token_ids"].__setitem__(3, 2**31), "header field 'token_ids' must be a list of ints in [0, 2**31)"),
-        (lambda h: h["namespace"].pop("dtype"), "namespace fields do not match: missing ['dtype'], unknown []"),
-        (lambda h: h["namespace"].update(block_size="4"), "namespace field 'block_size' must be a positive int, got '4'"),
-        (lambda h: h["namespace"].update(hash_algo="xxhash"), "namespace.hash_algo 'xxhash' is not supported: this reader verifies 'sha256-chain-v1'"),
-        (lambda h: h.update(num_tokens=8), "header field 'num_tokens' is 8 but 'token_ids' has 12 ids"),
-        (lambda h: [h.update(num_tokens=11), h["token_ids"].pop()], "num_tokens 11 is not a multiple of block_size 4: a snapshot covers whole blocks only"),
-        (lambda h: h.update(num_tokens=0, token_ids=[]), "snapshot covers no block (num_tokens is 0)"),
-        (lambda h: h.update(payload_bytes=191), "header field 'payload_bytes' is 191, expected num_blocks * block_bytes = 3 * 64 = 192"),
-        (lambda h: h["block_hashes"].pop(), "'block_hashes' has 2 entries, expected one per block (3)"),
-        (lambda h: h["block_hashes"].__setitem__(1, "AB" * 32), "block_hashes[1] must be 64 lowercase hex chars, got 'ABABABABABABABABABABABABABABABABABABABABABABABABABABABAB..."),
-        (lambda h: h["chunk_crc32c"].append("00000000"), "'chunk_crc32c' has 3 entries, expected ceil(3 / 2) = 2"),
-        (lambda h: h["chunk_crc32c"].__setitem__(0, "30d9c5"), "chunk_crc32c[0] must be 8 lowercase hex chars, got '30d9c5'"),
-        (lambda h: h["token_ids"].__setitem__(5, 7), "block_hashes[1] does not match the hash of token_ids (block 1 of 3): the header is corrupt"),
-        (lambda h: h.update(hash_salt="00"), "block_hashes[0] does not match the hash of token_ids (block 0 of 3): the header is corrupt"),
+        (
+            lambda h: h["token_ids"].__setitem__(3, True),
+            "header field 'token_ids' must be a list of ints in [0, 2**31)",
+        ),
+        (
+            lambda h: h["token_ids"].__setitem__(3, 2**31),
+            "header field 'token_ids' must be a list of ints in [0, 2**31)",
+        ),
+        (
+            lambda h: h["namespace"].pop("dtype"),
+            "namespace fields do not match: missing ['dtype'], unknown []",
+        ),
+        (
+            lambda h: h["namespace"].update(block_size="4"),
+            "namespace field 'block_size' must be a positive int, got '4'",
+        ),
+        (
+            lambda h: h["namespace"].update(hash_algo="xxhash"),
+            "namespace.hash_algo 'xxhash' is not supported: this reader verifies 'sha256-chain-v1'",
+        ),
+        (
+            lambda h: h.update(num_tokens=8),
+            "header field 'num_tokens' is 8 but 'token_ids' has 12 ids",
+        ),
+        (
+            lambda h: [h.update(num_tokens=11), h["token_ids"].pop()],
+            "num_tokens 11 is not a multiple of block_size 4: a snapshot covers whole blocks only",
+        ),
+        (
+            lambda h: h.update(num_tokens=0, token_ids=[]),
+            "snapshot covers no block (num_tokens is 0)",
+        ),
+        (
+            lambda h: h.update(payload_bytes=191),
+            "header field 'payload_bytes' is 191, expected num_blocks * block_bytes = 3 * 64 = 192",
+        ),
+        (
+            lambda h: h["block_hashes"].pop(),
+            "'block_hashes' has 2 entries, expected one per block (3)",
+        ),
+        (
+            lambda h: h["block_hashes"].__setitem__(1, "AB" * 32),
+            "block_hashes[1] must be 64 lowercase hex chars, got 'ABABABABABABABABABABABABABABABABABABABABABABABABABABABAB...",
+        ),
+        (
+            lambda h: h["chunk_crc32c"].append("00000000"),
+            "'chunk_crc32c' has 3 entries, expected ceil(3 / 2) = 2",
+        ),
+        (
+            lambda h: h["chunk_crc32c"].__setitem__(0, "30d9c5"),
+            "chunk_crc32c[0] must be 8 lowercase hex chars, got '30d9c5'",
+        ),
+        (
+            lambda h: h["token_ids"].__setitem__(5, 7),
+            "block_hashes[1] does not match the hash of token_ids (block 1 of 3): the header is corrupt",
+        ),
+        (
+            lambda h: h.update(hash_salt="00"),
+            "block_hashes[0] does not match the hash of token_ids (block 0 of 3): the header is corrupt",
+        ),
     ],
 )
 def test_bad_header_fields(edit, message):
@@ -304,7 +425,9 @@ def test_chunk_ranges():
 
 
 def test_namespace_mismatch_names_every_field():
-    engine = Namespace("tiny-model", "w2", "float32", "auto", "flash", 16, 2, (2, 16, 1, 8), "0.32.0")
+    engine = Namespace(
+        "tiny-model", "w2", "float32", "auto", "flash", 16, 2, (2, 16, 1, 8), "0.32.0"
+    )
     assert error(tiny(), expect_namespace=engine) == (
         "snapshot namespace does not match this engine:\n"
         "  weights_version: snapshot has 'w1', this engine has 'w2'\n"

@@ -33,7 +33,11 @@ from thaw_agents_core.store.url import open_store, parse_size
 
 @pytest.fixture(params=["file", "shm"])
 def store(request, tmp_path):
-    s = FileStore(tmp_path / "store") if request.param == "file" else ShmStore(shm_name(), CAPACITY, create=True)
+    s = (
+        FileStore(tmp_path / "store")
+        if request.param == "file"
+        else ShmStore(shm_name(), CAPACITY, create=True)
+    )
     yield s
     s.close()
 
@@ -110,7 +114,10 @@ def test_commit_checks_namespace_and_validity(store):
     data = snapshot(BASE)
     with store.reserve(len(data)) as r:
         r.buffer[: len(data)] = data
-        with pytest.raises(ValueError, match=f"commit\\('{OTHER_KEY}'\\) but the snapshot's namespace key is '{KEY}'"):
+        with pytest.raises(
+            ValueError,
+            match=f"commit\\('{OTHER_KEY}'\\) but the snapshot's namespace key is '{KEY}'",
+        ):
             r.commit(OTHER_KEY)
     assert store.list(KEY) == []
 
@@ -228,7 +235,9 @@ def test_shm_regions_never_overlap_and_evict_lru():
         assert sorted(s.region_of(r)[0] for r in refs) == [0, 8192, 16384]
         s.open(refs[0]).close()  # refs[1] becomes least recently used
         new = s.publish_bytes(KEY, data[3])
-        assert s.region_of(new)[0] == s.region_of(refs[0])[0] + 8192 == 8192  # took refs[1]'s region
+        assert (
+            s.region_of(new)[0] == s.region_of(refs[0])[0] + 8192 == 8192
+        )  # took refs[1]'s region
         assert {i.ref for i in s.list(KEY)} == {refs[0], refs[2], new}
         with pytest.raises(SnapshotNotFoundError):
             s.open(refs[1])
@@ -290,5 +299,10 @@ def test_open_store_urls(tmp_path):
         open_store("redis://x")
     with pytest.raises(ValueError, match="bad create='maybe'"):
         open_store("shm://x?capacity=1&create=maybe")
-    assert [parse_size(x) for x in ("4096", "64MiB", "2g", "1 KiB")] == [4096, 64 << 20, 2 << 30, 1024]
+    assert [parse_size(x) for x in ("4096", "64MiB", "2g", "1 KiB")] == [
+        4096,
+        64 << 20,
+        2 << 30,
+        1024,
+    ]
     assert SnapshotRef(KEY, "ab" * 8) == SnapshotRef(KEY, "ab" * 8)

@@ -26,8 +26,12 @@ def _kv(path, tokens, namespace=NS, salt=b""):
 def weights_file(tmp_path):
     ns = WeightsNamespace("f" * 32, "LlamaForCausalLM", "float32", "engine", 0, 1, "step-3")
     path = tmp_path / "w.thaw"
-    write_weights(path, [("a.weight", torch.arange(600.0)), ("b.bias", torch.ones(3))], ns,
-                  crc_chunk_bytes=1024)
+    write_weights(
+        path,
+        [("a.weight", torch.arange(600.0)), ("b.bias", torch.ones(3))],
+        ns,
+        crc_chunk_bytes=1024,
+    )
     return path
 
 
@@ -74,14 +78,20 @@ def test_freeze_safetensors_folder(tmp_path, capsys):
     from safetensors.torch import save_file
 
     (tmp_path / "m").mkdir()
-    save_file({"x": torch.ones(4, 4), "y": torch.zeros(2)}, str(tmp_path / "m" / "model.safetensors"))
+    save_file(
+        {"x": torch.ones(4, 4), "y": torch.zeros(2)}, str(tmp_path / "m" / "model.safetensors")
+    )
     (tmp_path / "m" / "config.json").write_text(json.dumps({"architectures": ["TinyForCausalLM"]}))
     out = tmp_path / "m.thaw"
     assert main(["freeze", str(tmp_path / "m"), str(out), "--weights-version", "v0"]) == 0
     assert "froze 2 tensors" in capsys.readouterr().out
     assert main(["info", str(out), "--json"]) == 0
     ns = json.loads(capsys.readouterr().out)["namespace"]
-    assert (ns["architecture"], ns["layout"], ns["weights_version"]) == ("TinyForCausalLM", "checkpoint", "v0")
+    assert (ns["architecture"], ns["layout"], ns["weights_version"]) == (
+        "TinyForCausalLM",
+        "checkpoint",
+        "v0",
+    )
 
 
 def test_not_a_snapshot(tmp_path):

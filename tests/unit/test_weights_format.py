@@ -29,12 +29,8 @@ from thaw_agents_core.weights.format import (
     WeightsFormatError,
     WeightsMismatchError,
     WeightsNamespace,
-    check_rank_set,
     parse_header,
     parse_weights,
-    rank_path,
-    rank_paths,
-    split_rank_path,
 )
 from thaw_agents_core.weights.io import (
     build_header,
@@ -44,19 +40,29 @@ from thaw_agents_core.weights.io import (
     open_weights,
     write_weights,
 )
+from thaw_agents_core.weights.ranks import check_rank_set, rank_path, rank_paths, split_rank_path
 from thaw_agents_core.weights.restore import restore_into, table_mismatches
 
-NS = WeightsNamespace(model_fingerprint="f" * 32, architecture="LlamaForCausalLM", dtype="float32",
-                      layout="engine", tp_rank=0, tp_size=1, weights_version="step-1")
+NS = WeightsNamespace(
+    model_fingerprint="f" * 32,
+    architecture="LlamaForCausalLM",
+    dtype="float32",
+    layout="engine",
+    tp_rank=0,
+    tp_size=1,
+    weights_version="step-1",
+)
 
 
 def _tensors(seed: int = 0) -> list[tuple[str, torch.Tensor]]:
     g = torch.Generator().manual_seed(seed)
-    return [("model.embed_tokens.weight", torch.randn(7, 5, generator=g)),
-            ("model.layers.0.self_attn.qkv_proj.weight", torch.randn(12, 5, generator=g)),
-            ("model.norm.weight", torch.randn(5, generator=g).to(torch.bfloat16)),
-            ("empty", torch.empty(0)),
-            ("model.ids", torch.arange(9, dtype=torch.int64))]
+    return [
+        ("model.embed_tokens.weight", torch.randn(7, 5, generator=g)),
+        ("model.layers.0.self_attn.qkv_proj.weight", torch.randn(12, 5, generator=g)),
+        ("model.norm.weight", torch.randn(5, generator=g).to(torch.bfloat16)),
+        ("empty", torch.empty(0)),
+        ("model.ids", torch.arange(9, dtype=torch.int64)),
+    ]
 
 
 def _image(named=None, chunk: int = 256, ns: WeightsNamespace = NS) -> bytearray:
@@ -95,7 +101,9 @@ def test_golden_layout_is_readable_in_ten_lines():
     assert header["payload_bytes"] == 1024 and len(buf) == base + 1024  # 768 + 72, aligned
     t = header["tensors"][1]
     raw = buf[base + t["offset"] : base + t["offset"] + t["nbytes"]]
-    assert torch.equal(torch.frombuffer(bytearray(raw), dtype=torch.float32).view(12, 5), _tensors()[1][1])
+    assert torch.equal(
+        torch.frombuffer(bytearray(raw), dtype=torch.float32).view(12, 5), _tensors()[1][1]
+    )
     assert header["tensors"][3]["crc32c"] == [] and len(header["tensors"][1]["crc32c"]) == 1
     assert all(len(c) == 8 for t in header["tensors"] for c in t["crc32c"])
 
@@ -132,12 +140,16 @@ def test_restore_refuses_a_table_that_does_not_fit_before_writing():
         restore_into(open_image(_image()), targets, StreamScheduler(torch.device("cpu")))
     assert info.value.mismatches == [
         "model.norm.weight: snapshot has bfloat16[5], this engine has bfloat16[6]",
-        "extra.bias: a parameter of this engine, missing from the snapshot"]
+        "extra.bias: a parameter of this engine, missing from the snapshot",
+    ]
     assert torch.count_nonzero(targets["model.embed_tokens.weight"]) == 0
 
 
 def test_multi_chunk_tensors_and_chunk_size_boundaries():
-    named = [("a", torch.arange(256, dtype=torch.float32)), ("b", torch.arange(65, dtype=torch.float32))]
+    named = [
+        ("a", torch.arange(256, dtype=torch.float32)),
+        ("b", torch.arange(65, dtype=torch.float32)),
+    ]
     header, _ = parse_header(_image(named, chunk=256))
     assert [len(t.crc32c) for t in header.tensors] == [4, 2]  # 1024 B / 256, 260 B / 256
 
@@ -147,7 +159,9 @@ def test_namespace_mismatches_name_each_field():
     assert NS.mismatches(other) == [
         "architecture: snapshot has 'LlamaForCausalLM', this engine has 'MistralForCausalLM'",
         "dtype: snapshot has 'float32', this engine has 'bfloat16'",
-        "tp_rank: snapshot has 0, this engine has 1", "tp_size: snapshot has 1, this engine has 2"]
+        "tp_rank: snapshot has 0, this engine has 1",
+        "tp_size: snapshot has 1, this engine has 2",
+    ]
     loose = WeightsNamespace("", "", "float16", "checkpoint", 0, 1, "")
     assert loose.mismatches(NS) == []  # state dicts: any architecture; checkpoint: cast on load
 
@@ -170,24 +184,54 @@ def test_weights_buffer_round_trip_and_unlink():
 # ---------------------------------------------------------------------- exact errors
 
 
-@pytest.mark.parametrize("mutate, message", [
-    (lambda h: h.update(format="thawkv"), "header field 'format' is 'thawkv', expected 'thaw'"),
-    (lambda h: h.update(version=2), "unsupported .thaw version 2"),
-    (lambda h: h.pop("tensors"), "missing required field(s): tensors"),
-    (lambda h: h.update(bonus=1), "unknown field(s): bonus"),
-    (lambda h: h.update(crc_chunk_bytes=100), "'crc_chunk_bytes' must be a positive multiple of 256"),
-    (lambda h: h["tensors"][1].update(offset=128), "offset must be a non-negative multiple of 256, got 128"),
-    (lambda h: h["tensors"][1].update(offset=0), "offset 0 overlaps the previous tensor"),
-    (lambda h: h["tensors"][1].update(dtype="complex64"), "dtype 'complex64' is not one of"),
-    (lambda h: h["tensors"][1].update(nbytes=1), "nbytes is 1, expected prod([12, 5]) * 4 = 240"),
-    (lambda h: h["tensors"][1].update(crc32c=["0" * 8] * 2), "must list ceil(240 / 256) = 1 chunk CRCs"),
-    (lambda h: h["tensors"][1].update(crc32c=["XYZ00000"]), "8 lowercase hex chars, got 'XYZ00000'"),
-    (lambda h: h["tensors"][2].update(name="model.embed_tokens.weight"), "duplicate tensor name"),
-    (lambda h: h.update(payload_bytes=4096), "expected the aligned end of the last tensor, 1024"),
-    (lambda h: h["namespace"].update(layout="fused"), "'layout' must be one of ('engine', 'checkpoint')"),
-    (lambda h: h["namespace"].update(tp_rank=2), "'tp_rank' must be an int in [0, tp_size=1), got 2"),
-    (lambda h: h["namespace"].pop("architecture"), "missing ['architecture']"),
-])
+@pytest.mark.parametrize(
+    "mutate, message",
+    [
+        (lambda h: h.update(format="thawkv"), "header field 'format' is 'thawkv', expected 'thaw'"),
+        (lambda h: h.update(version=2), "unsupported .thaw version 2"),
+        (lambda h: h.pop("tensors"), "missing required field(s): tensors"),
+        (lambda h: h.update(bonus=1), "unknown field(s): bonus"),
+        (
+            lambda h: h.update(crc_chunk_bytes=100),
+            "'crc_chunk_bytes' must be a positive multiple of 256",
+        ),
+        (
+            lambda h: h["tensors"][1].update(offset=128),
+            "offset must be a non-negative multiple of 256, got 128",
+        ),
+        (lambda h: h["tensors"][1].update(offset=0), "offset 0 overlaps the previous tensor"),
+        (lambda h: h["tensors"][1].update(dtype="complex64"), "dtype 'complex64' is not one of"),
+        (
+            lambda h: h["tensors"][1].update(nbytes=1),
+            "nbytes is 1, expected prod([12, 5]) * 4 = 240",
+        ),
+        (
+            lambda h: h["tensors"][1].update(crc32c=["0" * 8] * 2),
+            "must list ceil(240 / 256) = 1 chunk CRCs",
+        ),
+        (
+            lambda h: h["tensors"][1].update(crc32c=["XYZ00000"]),
+            "8 lowercase hex chars, got 'XYZ00000'",
+        ),
+        (
+            lambda h: h["tensors"][2].update(name="model.embed_tokens.weight"),
+            "duplicate tensor name",
+        ),
+        (
+            lambda h: h.update(payload_bytes=4096),
+            "expected the aligned end of the last tensor, 1024",
+        ),
+        (
+            lambda h: h["namespace"].update(layout="fused"),
+            "'layout' must be one of ('engine', 'checkpoint')",
+        ),
+        (
+            lambda h: h["namespace"].update(tp_rank=2),
+            "'tp_rank' must be an int in [0, tp_size=1), got 2",
+        ),
+        (lambda h: h["namespace"].pop("architecture"), "missing ['architecture']"),
+    ],
+)
 def test_header_errors_are_exact(mutate, message):
     buf = bytes(_image())
     obj = _header_obj(buf)
@@ -253,7 +297,11 @@ def _outcome(data: bytes) -> str:
     for entry in view.header.tensors:
         if entry.name in original:
             want = original[entry.name].contiguous().view(-1).view(torch.uint8)
-            got = torch.frombuffer(bytearray(view.raw(entry)), dtype=torch.uint8) if entry.nbytes else want[:0]
+            got = (
+                torch.frombuffer(bytearray(view.raw(entry)), dtype=torch.uint8)
+                if entry.nbytes
+                else want[:0]
+            )
             if entry.nbytes != want.numel() or not torch.equal(got, want):
                 return "WRONG"
         else:  # a flipped name: the restore's table check refuses it before any write
@@ -272,8 +320,10 @@ def test_fuzz_bit_flips(position, bit):
     assert result in ("rejected", "detected", "refused", "harmless")
     header, _ = parse_header(_VALID)
     if position >= len(_VALID) - header.payload_bytes:  # inside the payload
-        entry_hit = any(t.offset <= position - (len(_VALID) - header.payload_bytes) < t.offset + t.nbytes
-                        for t in header.tensors)
+        entry_hit = any(
+            t.offset <= position - (len(_VALID) - header.payload_bytes) < t.offset + t.nbytes
+            for t in header.tensors
+        )
         assert result == ("detected" if entry_hit else "harmless")
 
 
@@ -286,9 +336,17 @@ def test_fuzz_truncation_and_splices(cut, junk):
 
 @FUZZ_TIMEOUT
 @fuzz(200)
-@given(st.lists(st.tuples(st.sampled_from(["float32", "bfloat16", "int8", "int64"]),
-                          st.lists(st.integers(0, 9), max_size=3)), min_size=1, max_size=6),
-       st.sampled_from([256, 512, 4096]))
+@given(
+    st.lists(
+        st.tuples(
+            st.sampled_from(["float32", "bfloat16", "int8", "int64"]),
+            st.lists(st.integers(0, 9), max_size=3),
+        ),
+        min_size=1,
+        max_size=6,
+    ),
+    st.sampled_from([256, 512, 4096]),
+)
 def test_fuzz_layouts_round_trip(specs, chunk):
     g = torch.Generator().manual_seed(len(specs))
     named = []
@@ -301,7 +359,9 @@ def test_fuzz_layouts_round_trip(specs, chunk):
     view.verify()
     assert all(t.offset % TENSOR_ALIGNMENT == 0 for t in view.header.tensors)
     for name, tensor in named:  # bytes, not values: random bits include NaNs
-        assert torch.equal(view.tensor(name).reshape(-1).view(torch.uint8), tensor.reshape(-1).view(torch.uint8))
+        assert torch.equal(
+            view.tensor(name).reshape(-1).view(torch.uint8), tensor.reshape(-1).view(torch.uint8)
+        )
 
 
 # ---------------------------------------------------------------------- CUDA (run by scripts/gpu_run.sh weights-tests)
@@ -336,7 +396,7 @@ def test_restore_on_cuda_verifies_on_the_device(registered):
 
 def test_each_rank_finds_its_file(tmp_path):
     base = tmp_path / "x.thaw"
-    from thaw_agents_core.weights.format import resolve_rank_file
+    from thaw_agents_core.weights.ranks import resolve_rank_file
 
     with pytest.raises(FileNotFoundError, match="rank 1 of 2"):
         resolve_rank_file(base, 1, 2)

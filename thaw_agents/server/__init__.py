@@ -39,9 +39,11 @@ KEY_ENV = "THAW_AGENTS_API_KEY"
 def _pair(text: str) -> tuple[str, str]:
     name, sep, path = text.partition("=")
     if not sep or not name or not path:
-        raise argparse.ArgumentTypeError(f"--register wants NAME=PATH, got {text!r} (PATH: a "
-                                         "model folder, hub id, 'embedded', 'tiny', or a "
-                                         ".thawkv snapshot file / s3:// URL)")
+        raise argparse.ArgumentTypeError(
+            f"--register wants NAME=PATH, got {text!r} (PATH: a "
+            "model folder, hub id, 'embedded', 'tiny', or a "
+            ".thawkv snapshot file / s3:// URL)"
+        )
     return name, path
 
 
@@ -67,35 +69,76 @@ def _json_object(text: str) -> dict[str, Any]:
 def register(subparsers: Any) -> None:
     """Add the ``serve`` command to the ``thaw-agents`` parser."""
     p = subparsers.add_parser(
-        "serve", help="OpenAI-compatible server with fork, snapshot and weight endpoints",
+        "serve",
+        help="OpenAI-compatible server with fork, snapshot and weight endpoints",
         description="Serve models over an OpenAI-compatible HTTP API, plus /v1/fork, "
-                    "/v1/snapshots and admin endpoints. With no --register: the embedded "
-                    "SmolLM2-135M-Instruct.")
-    p.add_argument("--host", default="127.0.0.1",
-                   help="bind address (default 127.0.0.1; anything else needs --api-key)")
+        "/v1/snapshots and admin endpoints. With no --register: the embedded "
+        "SmolLM2-135M-Instruct.",
+    )
+    p.add_argument(
+        "--host",
+        default="127.0.0.1",
+        help="bind address (default 127.0.0.1; anything else needs --api-key)",
+    )
     p.add_argument("--port", type=int, default=DEFAULT_PORT, help="default %(default)s")
-    p.add_argument("--api-key", default=None,
-                   help=f"bearer token required on every endpoint (env {KEY_ENV}); admin "
-                        "endpoints are disabled without one")
-    p.add_argument("--register", type=_pair, action="append", default=[],
-                   metavar="NAME=PATH", help="serve a model (folder, hub id, 'embedded', "
-                   "'tiny') or a .thawkv snapshot under NAME; repeatable")
-    p.add_argument("--max-concurrency", type=int, default=16,
-                   help="requests generating at once; more get 429 (default %(default)s)")
-    p.add_argument("--max-body-bytes", type=_size, default=4 << 20,
-                   help="largest request body, e.g. 4MiB (default 4 MiB)")
-    p.add_argument("--max-prompt-tokens", type=int, default=None,
-                   help="longest prompt accepted (default: the model's context)")
-    p.add_argument("--max-branches", type=int, default=64,
-                   help="most choices / fork branches per request (default %(default)s)")
-    p.add_argument("--kv-store", default=None,
-                   help="KV snapshot store for /v1/snapshots and forks: 'auto', "
-                        "'shm://NAME?capacity=2GiB' or a directory (default: none)")
+    p.add_argument(
+        "--api-key",
+        default=None,
+        help=f"bearer token required on every endpoint (env {KEY_ENV}); admin "
+        "endpoints are disabled without one",
+    )
+    p.add_argument(
+        "--register",
+        type=_pair,
+        action="append",
+        default=[],
+        metavar="NAME=PATH",
+        help="serve a model (folder, hub id, 'embedded', "
+        "'tiny') or a .thawkv snapshot under NAME; repeatable",
+    )
+    p.add_argument(
+        "--max-concurrency",
+        type=int,
+        default=16,
+        help="requests generating at once; more get 429 (default %(default)s)",
+    )
+    p.add_argument(
+        "--max-body-bytes",
+        type=_size,
+        default=4 << 20,
+        help="largest request body, e.g. 4MiB (default 4 MiB)",
+    )
+    p.add_argument(
+        "--max-prompt-tokens",
+        type=int,
+        default=None,
+        help="longest prompt accepted (default: the model's context)",
+    )
+    p.add_argument(
+        "--max-branches",
+        type=int,
+        default=64,
+        help="most choices / fork branches per request (default %(default)s)",
+    )
+    p.add_argument(
+        "--kv-store",
+        default=None,
+        help="KV snapshot store for /v1/snapshots and forks: 'auto', "
+        "'shm://NAME?capacity=2GiB' or a directory (default: none)",
+    )
     p.add_argument("--max-model-len", type=int, default=None, help="context length of engines")
-    p.add_argument("--engine-kwargs", type=_json_object, default={},
-                   help="extra vLLM engine arguments as a JSON object")
-    p.add_argument("--shutdown-timeout", type=float, default=30.0,
-                   help="seconds in-flight requests get to finish on SIGTERM (default 30)")
+    p.add_argument(
+        "--engine-kwargs",
+        type=_json_object,
+        default={},
+        help="extra vLLM engine arguments as a JSON object",
+    )
+    p.add_argument(
+        "--shutdown-timeout",
+        type=float,
+        default=30.0,
+        help="seconds in-flight requests get to finish on SIGTERM (default 30)",
+    )
     p.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"])
     p.set_defaults(func=serve)
 
@@ -106,28 +149,36 @@ def build(args: argparse.Namespace) -> tuple[Any, Any]:
     try:
         from thaw_agents.server.app import create_app
     except ImportError as exc:
-        raise SystemExit(f"thaw-agents serve needs FastAPI and uvicorn ({exc}): "
-                         "pip install 'fastapi>=0.110' 'uvicorn>=0.29'") from None
+        raise SystemExit(
+            f"thaw-agents serve needs FastAPI and uvicorn ({exc}): "
+            "pip install 'fastapi>=0.110' 'uvicorn>=0.29'"
+        ) from None
     from thaw_agents.server.limits import ServerSettings, check_bind
     from thaw_agents.server.registry import EMBEDDED, Registry, is_snapshot_source
     from thaw_agents_core.engine.models import EMBEDDED_MODEL_NAME
 
     api_key = args.api_key or os.environ.get(KEY_ENV) or None
     check_bind(args.host, api_key)  # before any engine starts
-    for name, value in (("--max-concurrency", args.max_concurrency),
-                        ("--max-branches", args.max_branches)):
+    for name, value in (
+        ("--max-concurrency", args.max_concurrency),
+        ("--max-branches", args.max_branches),
+    ):
         if value < 1:
             raise SystemExit(f"{name} must be >= 1, got {value}")
-    registry = Registry(kv_store=args.kv_store, max_model_len=args.max_model_len,
-                        engine_kwargs=args.engine_kwargs)
+    registry = Registry(
+        kv_store=args.kv_store, max_model_len=args.max_model_len, engine_kwargs=args.engine_kwargs
+    )
     models = [(n, p) for n, p in args.register if not is_snapshot_source(p)]
     snapshots = [(n, p) for n, p in args.register if is_snapshot_source(p)]
     for name, source in models or [(EMBEDDED_MODEL_NAME, EMBEDDED)]:
         registry.new_model(name, source)
-    settings = ServerSettings(api_key=api_key, max_concurrency=args.max_concurrency,
-                              max_body_bytes=args.max_body_bytes,
-                              max_prompt_tokens=args.max_prompt_tokens,
-                              max_branches=args.max_branches)
+    settings = ServerSettings(
+        api_key=api_key,
+        max_concurrency=args.max_concurrency,
+        max_body_bytes=args.max_body_bytes,
+        max_prompt_tokens=args.max_prompt_tokens,
+        max_branches=args.max_branches,
+    )
     return create_app(registry, settings, snapshots), registry
 
 
@@ -138,8 +189,14 @@ def serve(args: argparse.Namespace) -> int:
     import uvicorn
 
     logging.basicConfig(level=logging.WARNING, format="%(asctime)s %(name)s: %(message)s")
-    uvicorn.run(app, host=args.host, port=args.port, log_level=args.log_level,
-                timeout_graceful_shutdown=args.shutdown_timeout, access_log=False)
+    uvicorn.run(
+        app,
+        host=args.host,
+        port=args.port,
+        log_level=args.log_level,
+        timeout_graceful_shutdown=args.shutdown_timeout,
+        access_log=False,
+    )
     return 0
 
 

@@ -50,8 +50,11 @@ IGNORED_HEADER = "x-thaw-ignored-fields"
 
 
 def is_admin_path(path: str) -> bool:
-    return path.startswith("/admin/") or path == "/v1/snapshots/load" or \
-        (path.startswith("/v1/snapshots/") and path.endswith("/save"))
+    return (
+        path.startswith("/admin/")
+        or path == "/v1/snapshots/load"
+        or (path.startswith("/v1/snapshots/") and path.endswith("/save"))
+    )
 
 
 class LeasedStream(StreamingResponse):
@@ -75,8 +78,11 @@ def _validation_error(exc: RequestValidationError) -> ApiError:
     error = exc.errors()[0] if exc.errors() else {}
     loc = [p for p in error.get("loc", ()) if p != "body"]
     if error.get("type") == "json_invalid":
-        return ApiError(400, f"the body is not valid JSON: {error.get('ctx', {}).get('error')}",
-                        code="invalid_json")
+        return ApiError(
+            400,
+            f"the body is not valid JSON: {error.get('ctx', {}).get('error')}",
+            code="invalid_json",
+        )
     if not loc:
         return ApiError(400, f"bad request body: {error.get('msg', 'invalid')}; send a JSON object")
     param = "".join(f"[{p}]" if isinstance(p, int) else f".{p}" for p in loc).lstrip(".")
@@ -84,17 +90,20 @@ def _validation_error(exc: RequestValidationError) -> ApiError:
     param = ".".join(p for p in param.split(".") if not _is_type_name(p)) or param
     got = repr(error.get("input"))
     got = got if len(got) <= 200 else got[:200] + "..."
-    return ApiError(400, f"{param}: {error.get('msg', 'invalid value')} (got {got})",
-                    param=param)
+    return ApiError(400, f"{param}: {error.get('msg', 'invalid value')} (got {got})", param=param)
 
 
 def _is_type_name(part: str) -> bool:
-    return part in ("str", "int", "float", "bool", "dict", "list") or \
-        part.startswith(("list[", "dict[", "function-", "ChatMessage"))
+    return part in ("str", "int", "float", "bool", "dict", "list") or part.startswith(
+        ("list[", "dict[", "function-", "ChatMessage")
+    )
 
 
-def create_app(registry: Registry, settings: ServerSettings,
-               snapshot_sources: list[tuple[str, str]] | None = None) -> FastAPI:
+def create_app(
+    registry: Registry,
+    settings: ServerSettings,
+    snapshot_sources: list[tuple[str, str]] | None = None,
+) -> FastAPI:
     """The app serving ``registry``'s models (engines start in the app's lifespan)."""
     limiter = Limiter(settings.max_concurrency, settings.retry_after_s)
     limit = settings.max_prompt_tokens
@@ -131,8 +140,11 @@ def create_app(registry: Registry, settings: ServerSettings,
     async def _http(_: Request, exc: StarletteHTTPException) -> JSONResponse:
         kind = "invalid_request_error" if exc.status_code < 500 else "server_error"
         code = {404: "not_found", 405: "method_not_allowed"}.get(exc.status_code)
-        return JSONResponse(error_body(str(exc.detail), kind, None, code),
-                            status_code=exc.status_code, headers=exc.headers)
+        return JSONResponse(
+            error_body(str(exc.detail), kind, None, code),
+            status_code=exc.status_code,
+            headers=exc.headers,
+        )
 
     @app.exception_handler(Exception)
     async def _crash(_: Request, exc: Exception) -> JSONResponse:
@@ -159,9 +171,13 @@ def create_app(registry: Registry, settings: ServerSettings,
             out[IGNORED_HEADER] = ",".join(ignored)
         return out
 
-    async def generate(body: Any, id_prefix: str, make_json: Callable[[Served], Awaitable[Any]],
-                       make_events: Callable[[Served], AsyncIterator[str]],
-                       prompt_field: str = "messages") -> Any:
+    async def generate(
+        body: Any,
+        id_prefix: str,
+        make_json: Callable[[Served], Awaitable[Any]],
+        make_events: Callable[[Served], AsyncIterator[str]],
+        prompt_field: str = "messages",
+    ) -> Any:
         served, lease = await admit(body.model, id_prefix)
         streaming = False
         try:
@@ -178,16 +194,24 @@ def create_app(registry: Registry, settings: ServerSettings,
 
     def check_n(n: int) -> None:
         if n > settings.max_branches:
-            raise ApiError(400, f"n={n} is more than this server's limit of "
-                                f"{settings.max_branches} (--max-branches)", param="n")
+            raise ApiError(
+                400,
+                f"n={n} is more than this server's limit of "
+                f"{settings.max_branches} (--max-branches)",
+                param="n",
+            )
 
     # ------------------------------------------------------------------ OpenAI routes
 
     @app.get("/health")
     async def health() -> dict[str, Any]:
-        models = {name: {"weights_version": e.weights_version,
-                         "engine_requests": registry.engine_requests(e)}
-                  for name, e in registry.models.items()}
+        models = {
+            name: {
+                "weights_version": e.weights_version,
+                "engine_requests": registry.engine_requests(e),
+            }
+            for name, e in registry.models.items()
+        }
         return {"status": "ok", "models": models, "limiter": limiter.stats()}
 
     @app.get("/v1/models")
@@ -202,9 +226,12 @@ def create_app(registry: Registry, settings: ServerSettings,
     @app.post("/v1/chat/completions")
     async def chat_completions(body: ChatCompletionRequest) -> Any:
         check_n(body.n)
-        return await generate(body, "chatcmpl",
-                              lambda s: chat.chat_completion(s, body, limit),
-                              lambda s: chat.chat_events(s, body, limit))
+        return await generate(
+            body,
+            "chatcmpl",
+            lambda s: chat.chat_completion(s, body, limit),
+            lambda s: chat.chat_events(s, body, limit),
+        )
 
     @app.post("/v1/completions")
     async def completions(body: CompletionRequest) -> Any:
@@ -212,9 +239,13 @@ def create_app(registry: Registry, settings: ServerSettings,
         unsupported = body.unsupported()
         if unsupported is not None:
             raise ApiError(400, unsupported[1], param=unsupported[0])
-        return await generate(body, "cmpl", lambda s: chat.completion(s, body, limit),
-                              lambda s: chat.completion_events(s, body, limit),
-                              prompt_field="prompt")
+        return await generate(
+            body,
+            "cmpl",
+            lambda s: chat.completion(s, body, limit),
+            lambda s: chat.completion_events(s, body, limit),
+            prompt_field="prompt",
+        )
 
     # ------------------------------------------------------------------ fork and snapshots
 
@@ -224,8 +255,7 @@ def create_app(registry: Registry, settings: ServerSettings,
 
         def call(served: Served) -> forks.ForkCall:
             if "call" not in calls:
-                calls["call"] = forks.ForkCall(served, registry, body, limit,
-                                               settings.max_branches)
+                calls["call"] = forks.ForkCall(served, registry, body, limit, settings.max_branches)
             return calls["call"]
 
         async def as_json(served: Served) -> Any:
@@ -238,8 +268,7 @@ def create_app(registry: Registry, settings: ServerSettings,
     async def create_snapshot(body: SnapshotCreateRequest) -> Any:
         served, lease = await admit(body.model, "snap")
         try:
-            entry = await forks.create_snapshot(served, registry, body.messages, body.name,
-                                                limit)
+            entry = await forks.create_snapshot(served, registry, body.messages, body.name, limit)
         except Exception as exc:
             raise to_api_error(exc) from exc
         finally:

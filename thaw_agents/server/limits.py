@@ -61,17 +61,26 @@ def check_key(authorization: str | None, api_key: str | None, *, admin: bool) ->
     """Bearer-token check: every route when a key is set; admin routes always need one."""
     if api_key is None:
         if admin:
-            raise ApiError(401, "admin endpoints need an API key: start the server with "
-                                "--api-key KEY (or THAW_AGENTS_API_KEY) and send "
-                                "'Authorization: Bearer KEY'", type="authentication_error",
-                           code="admin_disabled")
+            raise ApiError(
+                401,
+                "admin endpoints need an API key: start the server with "
+                "--api-key KEY (or THAW_AGENTS_API_KEY) and send "
+                "'Authorization: Bearer KEY'",
+                type="authentication_error",
+                code="admin_disabled",
+            )
         return
     scheme, _, token = (authorization or "").partition(" ")
-    if scheme.lower() != "bearer" or not hmac.compare_digest(token.strip().encode(),
-                                                             api_key.encode()):
-        raise ApiError(401, "missing or invalid API key: send 'Authorization: Bearer KEY'",
-                       type="authentication_error", code="invalid_api_key",
-                       headers={"WWW-Authenticate": "Bearer"})
+    if scheme.lower() != "bearer" or not hmac.compare_digest(
+        token.strip().encode(), api_key.encode()
+    ):
+        raise ApiError(
+            401,
+            "missing or invalid API key: send 'Authorization: Bearer KEY'",
+            type="authentication_error",
+            code="invalid_api_key",
+            headers={"WWW-Authenticate": "Bearer"},
+        )
 
 
 @dataclass
@@ -95,11 +104,15 @@ class Limiter:
     def acquire(self) -> None:
         if self.in_flight >= self.max_in_flight:
             self.num_refused += 1
-            raise ApiError(429, f"the server is at its concurrency limit "
-                                f"({self.max_in_flight} requests in flight); retry after "
-                                f"{self.retry_after_s} s", type="rate_limit_error",
-                           code="rate_limit_exceeded",
-                           headers={"Retry-After": str(self.retry_after_s)})
+            raise ApiError(
+                429,
+                f"the server is at its concurrency limit "
+                f"({self.max_in_flight} requests in flight); retry after "
+                f"{self.retry_after_s} s",
+                type="rate_limit_error",
+                code="rate_limit_exceeded",
+                headers={"Retry-After": str(self.retry_after_s)},
+            )
         self.in_flight += 1
         self.num_admitted += 1
         self.peak = max(self.peak, self.in_flight)
@@ -108,9 +121,13 @@ class Limiter:
         self.in_flight -= 1
 
     def stats(self) -> dict[str, int]:
-        return {"in_flight": self.in_flight, "peak_in_flight": self.peak,
-                "max_concurrency": self.max_in_flight, "admitted": self.num_admitted,
-                "refused": self.num_refused}
+        return {
+            "in_flight": self.in_flight,
+            "peak_in_flight": self.peak,
+            "max_concurrency": self.max_in_flight,
+            "admitted": self.num_admitted,
+            "refused": self.num_refused,
+        }
 
 
 class WeightsGate:
@@ -207,16 +224,27 @@ class BodyLimit:
 
 
 async def _send_413(send: Callable, size: int, limit: int) -> None:
-    await send_error(send, ApiError(
-        413, f"request body of at least {size} bytes exceeds the limit of {limit} bytes "
-             "(--max-body-bytes)", code="request_too_large"))
+    await send_error(
+        send,
+        ApiError(
+            413,
+            f"request body of at least {size} bytes exceeds the limit of {limit} bytes "
+            "(--max-body-bytes)",
+            code="request_too_large",
+        ),
+    )
 
 
 class Auth:
     """ASGI middleware: the bearer-token check (``check_key``) before anything is parsed."""
 
-    def __init__(self, app: Any, api_key: str | None, is_admin: Callable[[str], bool],
-                 open_paths: tuple[str, ...] = ("/health",)) -> None:
+    def __init__(
+        self,
+        app: Any,
+        api_key: str | None,
+        is_admin: Callable[[str], bool],
+        open_paths: tuple[str, ...] = ("/health",),
+    ) -> None:
         self.app, self.api_key, self.is_admin, self.open_paths = app, api_key, is_admin, open_paths
 
     async def __call__(self, scope: dict, receive: Callable, send: Callable) -> None:
@@ -235,8 +263,7 @@ class Auth:
 async def send_error(send: Callable, error: ApiError) -> None:
     """Send ``error`` as a complete JSON response (for ASGI middleware)."""
     body = json.dumps(error.body()).encode()
-    headers = [(b"content-type", b"application/json"),
-               (b"content-length", str(len(body)).encode())]
+    headers = [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode())]
     headers += [(k.lower().encode(), v.encode()) for k, v in error.headers.items()]
     await send({"type": "http.response.start", "status": error.status, "headers": headers})
     await send({"type": "http.response.body", "body": body})

@@ -67,8 +67,12 @@ class ModelEntry:
         return version_label(version if isinstance(version, str) else self.llm.weights_version)
 
     def card(self) -> ModelCard:
-        return ModelCard(id=self.name, created=self.created, root=self.source,
-                         weights_version=self.weights_version)
+        return ModelCard(
+            id=self.name,
+            created=self.created,
+            root=self.source,
+            weights_version=self.weights_version,
+        )
 
 
 @dataclass
@@ -86,8 +90,12 @@ class SnapshotEntry:
 
     def to_json(self, *, full: bool = False) -> dict[str, Any]:
         data: dict[str, Any] = {
-            "id": self.id, "object": "snapshot", "name": self.name, "model": self.model,
-            "created": self.created, "num_tokens": self.handle.num_tokens,
+            "id": self.id,
+            "object": "snapshot",
+            "name": self.name,
+            "model": self.model,
+            "created": self.created,
+            "num_tokens": self.handle.num_tokens,
             "num_snapshot_tokens": self.handle.num_snapshot_tokens,
             "weights_version": version_label(self.handle.namespace.get("weights_version", "")),
         }
@@ -96,16 +104,26 @@ class SnapshotEntry:
         return data
 
     def card(self) -> ModelCard:
-        return ModelCard(id=self.name or self.id, created=self.created, root=self.id,
-                         kind="snapshot", parent=self.model)
+        return ModelCard(
+            id=self.name or self.id,
+            created=self.created,
+            root=self.id,
+            kind="snapshot",
+            parent=self.model,
+        )
 
 
 class Registry:
     """The server's models and snapshots (mutated on the event loop only)."""
 
-    def __init__(self, *, kv_store: str | None = None, max_model_len: int | None = None,
-                 engine_kwargs: dict[str, Any] | None = None,
-                 model_defaults: dict[str, Any] | None = None) -> None:
+    def __init__(
+        self,
+        *,
+        kv_store: str | None = None,
+        max_model_len: int | None = None,
+        engine_kwargs: dict[str, Any] | None = None,
+        model_defaults: dict[str, Any] | None = None,
+    ) -> None:
         self.kv_store = kv_store
         self.max_model_len = max_model_len
         self.engine_kwargs = dict(engine_kwargs or {})
@@ -122,8 +140,13 @@ class Registry:
         """Register a model (its engine is not started yet: ``start``)."""
         self._check_free(name)
         model = None if source in (EMBEDDED, "") else source
-        llm = ChatThaw(model=model, kv_store=self.kv_store, max_model_len=self.max_model_len,
-                       engine_kwargs=self.engine_kwargs, **self.model_defaults)
+        llm = ChatThaw(
+            model=model,
+            kv_store=self.kv_store,
+            max_model_len=self.max_model_len,
+            engine_kwargs=self.engine_kwargs,
+            **self.model_defaults,
+        )
         gate = self._gates.setdefault(_engine_key(source), WeightsGate())
         entry = ModelEntry(name=name, source=source or EMBEDDED, llm=llm, gate=gate)
         self.models[name] = entry
@@ -194,8 +217,9 @@ class Registry:
         return self.model(snapshot.model), snapshot
 
     def cards(self) -> list[ModelCard]:
-        return [e.card() for e in self.models.values()] + \
-               [s.card() for s in self.snapshots.values()]
+        return [e.card() for e in self.models.values()] + [
+            s.card() for s in self.snapshots.values()
+        ]
 
     # ------------------------------------------------------------------ snapshots
 
@@ -211,9 +235,12 @@ class Registry:
     def snapshot(self, key: str) -> SnapshotEntry:
         entry = self._find_snapshot(key)
         if entry is None:
-            raise ApiError(404, f"no snapshot {key!r}; known: "
-                                f"{sorted(self.snapshots) or 'none'}", param="snapshot",
-                           code="snapshot_not_found")
+            raise ApiError(
+                404,
+                f"no snapshot {key!r}; known: {sorted(self.snapshots) or 'none'}",
+                param="snapshot",
+                code="snapshot_not_found",
+            )
         return entry
 
     def remove_snapshot(self, key: str) -> SnapshotEntry:
@@ -230,13 +257,21 @@ class Registry:
 
     def _check_free(self, name: str) -> None:
         if name in self.models or self._find_snapshot(name) is not None:
-            raise ApiError(409, f"the name {name!r} is already served; pick another or "
-                                "remove it first", param="name", code="name_taken")
+            raise ApiError(
+                409,
+                f"the name {name!r} is already served; pick another or remove it first",
+                param="name",
+                code="name_taken",
+            )
 
     def _unknown(self, name: str) -> ApiError:
         known = sorted(self.models) + sorted(s.name or s.id for s in self.snapshots.values())
-        return ApiError(404, f"the model {name!r} does not exist; served: {known}",
-                        param="model", code="model_not_found")
+        return ApiError(
+            404,
+            f"the model {name!r} does not exist; served: {known}",
+            param="model",
+            code="model_not_found",
+        )
 
     async def close(self) -> None:
         """Close every model's engine (the last user of an engine shuts it down)."""

@@ -24,9 +24,16 @@ from pydantic import BaseModel, ConfigDict, Field
 class ApiError(Exception):
     """An HTTP error with OpenAI's body; raised anywhere in a request, rendered by the app."""
 
-    def __init__(self, status: int, message: str, *, type: str = "invalid_request_error",
-                 param: str | None = None, code: str | None = None,
-                 headers: dict[str, str] | None = None) -> None:
+    def __init__(
+        self,
+        status: int,
+        message: str,
+        *,
+        type: str = "invalid_request_error",
+        param: str | None = None,
+        code: str | None = None,
+        headers: dict[str, str] | None = None,
+    ) -> None:
         super().__init__(message)
         self.status, self.message, self.type = status, message, type
         self.param, self.code, self.headers = param, code, dict(headers or {})
@@ -48,18 +55,43 @@ class ErrorResponse(BaseModel):
     error: ErrorDetail
 
 
-def error_body(message: str, type: str = "invalid_request_error", param: str | None = None,
-               code: str | None = None) -> dict[str, Any]:
-    return ErrorResponse(error=ErrorDetail(message=message, type=type, param=param,
-                                           code=code)).model_dump()
+def error_body(
+    message: str,
+    type: str = "invalid_request_error",
+    param: str | None = None,
+    code: str | None = None,
+) -> dict[str, Any]:
+    return ErrorResponse(
+        error=ErrorDetail(message=message, type=type, param=param, code=code)
+    ).model_dump()
 
 
 # Names a ValueError from ChatThaw / GenerationOptions may start with or quote.
 _PARAM_NAMES = (
-    "max_completion_tokens", "max_tokens", "temperature", "top_p", "top_k", "min_p", "seed",
-    "stop_token_ids", "stop", "presence_penalty", "frequency_penalty", "repetition_penalty",
-    "logit_bias", "top_logprobs", "logprobs", "min_tokens", "ignore_eos", "tool_choice",
-    "tools", "response_format", "json_schema", "json_object", "prompt", "messages",
+    "max_completion_tokens",
+    "max_tokens",
+    "temperature",
+    "top_p",
+    "top_k",
+    "min_p",
+    "seed",
+    "stop_token_ids",
+    "stop",
+    "presence_penalty",
+    "frequency_penalty",
+    "repetition_penalty",
+    "logit_bias",
+    "top_logprobs",
+    "logprobs",
+    "min_tokens",
+    "ignore_eos",
+    "tool_choice",
+    "tools",
+    "response_format",
+    "json_schema",
+    "json_object",
+    "prompt",
+    "messages",
 )
 _PARAM_RE = re.compile(r"\b(" + "|".join(_PARAM_NAMES) + r")\b")
 _ALIASES = {"json_schema": "response_format", "json_object": "response_format"}
@@ -188,8 +220,10 @@ class ChatCompletionRequest(SamplingFields):
         """The tools as OpenAI dicts (what ChatThaw's ``tools`` kwarg takes)."""
         if not self.tools:
             return None
-        return [{"type": "function", "function": t.function.model_dump(exclude_none=True)}
-                for t in self.tools]
+        return [
+            {"type": "function", "function": t.function.model_dump(exclude_none=True)}
+            for t in self.tools
+        ]
 
 
 class CompletionRequest(SamplingFields):
@@ -306,22 +340,29 @@ class Usage(BaseModel):
 
     @classmethod
     def of(cls, prompt_tokens: int, completion_tokens: int, cached_tokens: int) -> Usage:
-        return cls(prompt_tokens=prompt_tokens, completion_tokens=completion_tokens,
-                   total_tokens=prompt_tokens + completion_tokens,
-                   prompt_tokens_details=PromptTokensDetails(cached_tokens=cached_tokens))
+        return cls(
+            prompt_tokens=prompt_tokens,
+            completion_tokens=completion_tokens,
+            total_tokens=prompt_tokens + completion_tokens,
+            prompt_tokens_details=PromptTokensDetails(cached_tokens=cached_tokens),
+        )
 
     @classmethod
     def from_langchain(cls, usage: dict[str, Any] | None) -> Usage:
         usage = usage or {}
         details = usage.get("input_token_details") or {}
-        return cls.of(int(usage.get("input_tokens", 0)), int(usage.get("output_tokens", 0)),
-                      int(details.get("cache_read", 0) or 0))
+        return cls.of(
+            int(usage.get("input_tokens", 0)),
+            int(usage.get("output_tokens", 0)),
+            int(details.get("cache_read", 0) or 0),
+        )
 
     def __add__(self, other: Usage) -> Usage:
-        return Usage.of(self.prompt_tokens + other.prompt_tokens,
-                        self.completion_tokens + other.completion_tokens,
-                        self.prompt_tokens_details.cached_tokens
-                        + other.prompt_tokens_details.cached_tokens)
+        return Usage.of(
+            self.prompt_tokens + other.prompt_tokens,
+            self.completion_tokens + other.completion_tokens,
+            self.prompt_tokens_details.cached_tokens + other.prompt_tokens_details.cached_tokens,
+        )
 
 
 class ModelCard(BaseModel):
@@ -350,12 +391,23 @@ def fingerprint(weights_version: str) -> str:
     return f"thaw-weights-{weights_version}"
 
 
-def chat_chunk(request_id: str, created: int, model: str, system_fingerprint: str,
-               choices: list[dict[str, Any]], usage: Usage | None = None) -> dict[str, Any]:
+def chat_chunk(
+    request_id: str,
+    created: int,
+    model: str,
+    system_fingerprint: str,
+    choices: list[dict[str, Any]],
+    usage: Usage | None = None,
+) -> dict[str, Any]:
     """One ``chat.completion.chunk`` (``choices`` empty for the closing usage chunk)."""
-    chunk: dict[str, Any] = {"id": request_id, "object": "chat.completion.chunk",
-                             "created": created, "model": model,
-                             "system_fingerprint": system_fingerprint, "choices": choices}
+    chunk: dict[str, Any] = {
+        "id": request_id,
+        "object": "chat.completion.chunk",
+        "created": created,
+        "model": model,
+        "system_fingerprint": system_fingerprint,
+        "choices": choices,
+    }
     if usage is not None:
         chunk["usage"] = usage.model_dump()
     return chunk
@@ -367,8 +419,9 @@ def completion_logprobs(entries: list[dict[str, Any]]) -> dict[str, Any]:
     for entry in entries:
         offsets.append(position)
         position += len(entry["token"])
-    return {"tokens": [e["token"] for e in entries],
-            "token_logprobs": [e["logprob"] for e in entries],
-            "top_logprobs": [{t["token"]: t["logprob"] for t in e["top_logprobs"]}
-                             for e in entries],
-            "text_offset": offsets}
+    return {
+        "tokens": [e["token"] for e in entries],
+        "token_logprobs": [e["logprob"] for e in entries],
+        "top_logprobs": [{t["token"]: t["logprob"] for t in e["top_logprobs"]} for e in entries],
+        "text_offset": offsets,
+    }

@@ -70,25 +70,41 @@ class Served:
         except (ValueError, TypeError, KeyError) as exc:
             raise ApiError(400, f"bad messages: {exc}", param="messages") from exc
 
-    def count_prompt(self, messages: Sequence[BaseMessage], limit: int | None, *,
-                     tools: list[dict[str, Any]] | None = None,
-                     add_generation_prompt: bool = True) -> int:
+    def count_prompt(
+        self,
+        messages: Sequence[BaseMessage],
+        limit: int | None,
+        *,
+        tools: list[dict[str, Any]] | None = None,
+        add_generation_prompt: bool = True,
+    ) -> int:
         """Tokens of the rendered prompt; 400 when over ``limit`` or the context."""
-        rendered = msg.render(self.llm.engine.tokenizer, messages, tools=tools,
-                              add_generation_prompt=add_generation_prompt)
+        rendered = msg.render(
+            self.llm.engine.tokenizer,
+            messages,
+            tools=tools,
+            add_generation_prompt=add_generation_prompt,
+        )
         return self.check_length(len(rendered.token_ids), limit)
 
-    def check_length(self, num_tokens: int, limit: int | None, field_name: str = "messages"
-                     ) -> int:
+    def check_length(self, num_tokens: int, limit: int | None, field_name: str = "messages") -> int:
         context = self.llm.engine.max_model_len
         if limit is not None and num_tokens > limit:
-            raise ApiError(400, f"the prompt has {num_tokens} tokens; this server accepts at "
-                                f"most {limit} (--max-prompt-tokens)", param=field_name,
-                           code="context_length_exceeded")
+            raise ApiError(
+                400,
+                f"the prompt has {num_tokens} tokens; this server accepts at "
+                f"most {limit} (--max-prompt-tokens)",
+                param=field_name,
+                code="context_length_exceeded",
+            )
         if num_tokens >= context:
-            raise ApiError(400, f"the prompt has {num_tokens} tokens; the model's context "
-                                f"holds {context} (prompt + output)", param=field_name,
-                           code="context_length_exceeded")
+            raise ApiError(
+                400,
+                f"the prompt has {num_tokens} tokens; the model's context "
+                f"holds {context} (prompt + output)",
+                param=field_name,
+                code="context_length_exceeded",
+            )
         return num_tokens
 
 
@@ -110,11 +126,20 @@ def to_api_error(exc: BaseException, *, prompt_field: str = "messages") -> ApiEr
     if isinstance(exc, TimeoutError):
         return ApiError(504, text, type="timeout", code="timeout")
     if isinstance(exc, EngineError):
-        return ApiError(503, f"the engine is unavailable: {text}", type="server_error",
-                        code="engine_unavailable", headers={"Retry-After": "5"})
+        return ApiError(
+            503,
+            f"the engine is unavailable: {text}",
+            type="server_error",
+            code="engine_unavailable",
+            headers={"Retry-After": "5"},
+        )
     logger.error("request failed", exc_info=exc)
-    return ApiError(500, f"internal error: {type(exc).__name__}: {text}", type="server_error",
-                    code="internal_error")
+    return ApiError(
+        500,
+        f"internal error: {type(exc).__name__}: {text}",
+        type="server_error",
+        code="internal_error",
+    )
 
 
 def sse(data: dict[str, Any]) -> str:
@@ -175,8 +200,7 @@ async def primed(events: AsyncIterator[str]) -> AsyncIterator[str]:
     return rest()
 
 
-async def guarded(events: AsyncIterator[str], prompt_field: str = "messages"
-                  ) -> AsyncIterator[str]:
+async def guarded(events: AsyncIterator[str], prompt_field: str = "messages") -> AsyncIterator[str]:
     """An SSE stream whose mid-stream errors become one error event and ``[DONE]``."""
     started = False
     try:

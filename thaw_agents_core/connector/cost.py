@@ -70,8 +70,9 @@ class CostModel:
             if self._last_step is not None:
                 began, tokens = self._last_step
                 if tokens >= _MIN_PREFILL_TOKENS and now > began:
-                    self.prefill_tokens_per_s = self._ewma(self.prefill_tokens_per_s,
-                                                           tokens / (now - began))
+                    self.prefill_tokens_per_s = self._ewma(
+                        self.prefill_tokens_per_s, tokens / (now - began)
+                    )
             self._last_step = (now, num_new_tokens)
 
     def on_load(self, num_bytes: int, seconds: float) -> None:
@@ -97,8 +98,9 @@ class CostModel:
             return LoadDecision(True, num_tokens, num_bytes, None, None)
         load_s = num_bytes / load + overhead
         recompute_s = num_tokens / prefill
-        return LoadDecision(load_s < recompute_s, num_tokens, num_bytes, round(load_s, 6),
-                            round(recompute_s, 6))
+        return LoadDecision(
+            load_s < recompute_s, num_tokens, num_bytes, round(load_s, 6), round(recompute_s, 6)
+        )
 
 
 _models: dict[str, CostModel] = {}

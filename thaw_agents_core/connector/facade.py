@@ -41,8 +41,9 @@ __all__ = ["ThawConnector", "kv_transfer_config"]
 class ThawConnector(KVConnectorBase_V1):
     """KV connector: snapshot prompt prefixes into a store; load them into later requests."""
 
-    def __init__(self, vllm_config: Any, role: KVConnectorRole,
-                 kv_cache_config: Any = None) -> None:
+    def __init__(
+        self, vllm_config: Any, role: KVConnectorRole, kv_cache_config: Any = None
+    ) -> None:
         super().__init__(vllm_config=vllm_config, role=role, kv_cache_config=kv_cache_config)
         extra = self._kv_transfer_config.kv_connector_extra_config
         self.settings = ConnectorSettings.from_extra_config(extra)
@@ -76,8 +77,9 @@ class ThawConnector(KVConnectorBase_V1):
         """vLLM worker hook, before each attention layer: nothing to wait for."""
         return  # loads are synchronous in start_load_kv
 
-    def save_kv_layer(self, layer_name: str, kv_layer: Any, attn_metadata: Any,
-                      **kwargs: Any) -> None:
+    def save_kv_layer(
+        self, layer_name: str, kv_layer: Any, attn_metadata: Any, **kwargs: Any
+    ) -> None:
         """vLLM worker hook, after each attention layer: nothing (saves happen in
         wait_for_save)."""
         return  # saves gather every layer at once in wait_for_save
@@ -118,15 +120,15 @@ class ThawConnector(KVConnectorBase_V1):
 
     # ------------------------------------------------------------------ scheduler side
 
-    def get_num_new_matched_tokens(self, request: Any, num_computed_tokens: int
-                                   ) -> tuple[int | None, bool]:
+    def get_num_new_matched_tokens(
+        self, request: Any, num_computed_tokens: int
+    ) -> tuple[int | None, bool]:
         """vLLM scheduler hook, for a waiting request: how many prompt tokens beyond
         ``num_computed_tokens`` a snapshot provides (None: ask again next step); never async."""
         assert self._scheduler is not None
         return self._scheduler.get_num_new_matched_tokens(request, num_computed_tokens)
 
-    def update_state_after_alloc(self, request: Any, blocks: Any,
-                                 num_external_tokens: int) -> None:
+    def update_state_after_alloc(self, request: Any, blocks: Any, num_external_tokens: int) -> None:
         """vLLM scheduler hook, after the request's blocks are allocated: plan its load into
         them."""
         assert self._scheduler is not None

@@ -68,8 +68,9 @@ def kv_bytes_per_token(kv_cache_config: Any, block_size: int) -> int:
 class SchedulerSide:
     """Everything the ThawConnector does inside vLLM's scheduler (see the module docstring)."""
 
-    def __init__(self, vllm_config: Any, kv_cache_config: Any, settings: ConnectorSettings,
-                 open_store: Any) -> None:
+    def __init__(
+        self, vllm_config: Any, kv_cache_config: Any, settings: ConnectorSettings, open_store: Any
+    ) -> None:
         self.settings = settings
         self.block_size = int(vllm_config.cache_config.block_size)
         self._vllm_config = vllm_config
@@ -92,8 +93,9 @@ class SchedulerSide:
     def _new_verifier(self) -> SnapshotVerifier:
         verify = self.settings.verify_payload
         check_payload = verify if verify is not None else not compat.is_cpu_platform()
-        return SnapshotVerifier(lambda: self.store, self.namespace, self._refused,
-                                check_payload=check_payload)  # why: connector/verifier.py
+        return SnapshotVerifier(
+            lambda: self.store, self.namespace, self._refused, check_payload=check_payload
+        )  # why: connector/verifier.py
 
     def _refused(self, ref: Any, reason: str) -> None:
         self.events.write(event="load_refused", snapshot_id=ref.snapshot_id, error=reason)
@@ -118,8 +120,9 @@ class SchedulerSide:
 
     # ------------------------------------------------------------------ lookups
 
-    def get_num_new_matched_tokens(self, request: Any, num_computed_tokens: int
-                                   ) -> tuple[int | None, bool]:
+    def get_num_new_matched_tokens(
+        self, request: Any, num_computed_tokens: int
+    ) -> tuple[int | None, bool]:
         """vLLM scheduler hook, for a waiting request: register a requested save, then look up
         the longest published prefix of its full blocks (never the last token) and return
         (tokens it loads beyond ``num_computed_tokens``, False); None while its payload is being
@@ -155,13 +158,20 @@ class SchedulerSide:
         decision = self.cost.decide(num_tokens, num_tokens * self.bytes_per_token)
         self._decisions[request.request_id] = decision.to_json()
         if not decision.load:  # this engine recomputes these tokens faster than it loads them
-            self.events.write(event="load_skipped", req_id=request.request_id,
-                              snapshot_id=match.ref.snapshot_id, decision=decision.to_json())
+            self.events.write(
+                event="load_skipped",
+                req_id=request.request_id,
+                snapshot_id=match.ref.snapshot_id,
+                decision=decision.to_json(),
+            )
             self._pending.pop(request.request_id, None)
             return 0, False
         self._pending[request.request_id] = _PendingLoad(
-            snapshot_id=match.ref.snapshot_id, first_block=num_computed_tokens // self.block_size,
-            end_block=match.num_blocks, last_hash=last_hash)
+            snapshot_id=match.ref.snapshot_id,
+            first_block=num_computed_tokens // self.block_size,
+            end_block=match.num_blocks,
+            last_hash=last_hash,
+        )
         return match.num_blocks * self.block_size - num_computed_tokens, False
 
     def _chain(self, req_id: str, prompt: list[int], max_blocks: int) -> list[bytes]:
@@ -173,9 +183,12 @@ class SchedulerSide:
 
     def _register_save(self, req_id: str, prompt: list[int], params: dict[str, Any]) -> None:
         num_blocks = len(prompt) // self.block_size
-        state = _SaveState(snapshot_id=params.get("snapshot_id") or secrets.token_hex(16),
-                           token_ids=prompt[: num_blocks * self.block_size],
-                           num_blocks=num_blocks, extra=dict(params.get("extra") or {}))
+        state = _SaveState(
+            snapshot_id=params.get("snapshot_id") or secrets.token_hex(16),
+            token_ids=prompt[: num_blocks * self.block_size],
+            num_blocks=num_blocks,
+            extra=dict(params.get("extra") or {}),
+        )
         if num_blocks == 0:
             state.emitted = True  # nothing to save: request_finished reports why
         else:
@@ -183,10 +196,16 @@ class SchedulerSide:
             match = self.store.lookup(self.namespace_key, chain)
             # Reuse only a snapshot of exactly these blocks: a longer one that starts with them
             # would make the handle's durable copy (PrefixHandle.save) another, longer prefix.
-            if match is not None and match.num_blocks == num_blocks and \
-                    self._num_blocks_of(match.ref) == num_blocks:
-                state.snapshot_id, state.emitted, state.existing = (match.ref.snapshot_id,
-                                                                    True, True)
+            if (
+                match is not None
+                and match.num_blocks == num_blocks
+                and self._num_blocks_of(match.ref) == num_blocks
+            ):
+                state.snapshot_id, state.emitted, state.existing = (
+                    match.ref.snapshot_id,
+                    True,
+                    True,
+                )
         self._saves[req_id] = state
 
     def _num_blocks_of(self, ref: SnapshotRef) -> int | None:
@@ -195,20 +214,24 @@ class SchedulerSide:
         except (SnapshotNotFoundError, OSError):  # evicted meanwhile: save a new one
             return None
 
-    def update_state_after_alloc(self, request: Any, blocks: Any,
-                                 num_external_tokens: int) -> None:
+    def update_state_after_alloc(self, request: Any, blocks: Any, num_external_tokens: int) -> None:
         """vLLM scheduler hook, after allocation: turn the request's pending match into a LoadOp
         on its newly allocated block ids."""
         pending = self._pending.pop(request.request_id, None)
         if pending is None or num_external_tokens == 0:
             return
         block_ids = list(blocks.get_block_ids()[0])
-        self._loads.append(LoadOp(
-            req_id=request.request_id, namespace_key=self.namespace_key,
-            snapshot_id=pending.snapshot_id, first_block=pending.first_block,
-            end_block=pending.end_block,
-            block_ids=block_ids[pending.first_block:pending.end_block],
-            expected_last_hash=pending.last_hash))
+        self._loads.append(
+            LoadOp(
+                req_id=request.request_id,
+                namespace_key=self.namespace_key,
+                snapshot_id=pending.snapshot_id,
+                first_block=pending.first_block,
+                end_block=pending.end_block,
+                block_ids=block_ids[pending.first_block : pending.end_block],
+                expected_last_hash=pending.last_hash,
+            )
+        )
 
     # ------------------------------------------------------------------ per-step metadata
 
@@ -225,8 +248,9 @@ class SchedulerSide:
             state = self._saves.get(new.req_id)
             if state is not None:
                 state.block_ids = list(new.block_ids[0])
-                done_tokens[new.req_id] = (new.num_computed_tokens
-                                           + scheduler_output.num_scheduled_tokens[new.req_id])
+                done_tokens[new.req_id] = (
+                    new.num_computed_tokens + scheduler_output.num_scheduled_tokens[new.req_id]
+                )
         cached = scheduler_output.scheduled_cached_reqs
         for i, req_id in enumerate(cached.req_ids):
             state = self._saves.get(req_id)
@@ -238,16 +262,26 @@ class SchedulerSide:
                     state.block_ids = list(new_ids[0])
                 else:
                     state.block_ids.extend(new_ids[0])
-            done_tokens[req_id] = (cached.num_computed_tokens[i]
-                                   + scheduler_output.num_scheduled_tokens[req_id])
+            done_tokens[req_id] = (
+                cached.num_computed_tokens[i] + scheduler_output.num_scheduled_tokens[req_id]
+            )
         for req_id, computed in done_tokens.items():
             state = self._saves[req_id]
             needed = state.num_blocks * self.block_size
-            if not state.emitted and computed >= needed and len(state.block_ids) >= state.num_blocks:
-                meta.saves.append(SaveOp(req_id=req_id, snapshot_id=state.snapshot_id,
-                                         token_ids=state.token_ids,
-                                         block_ids=state.block_ids[: state.num_blocks],
-                                         extra=state.extra))
+            if (
+                not state.emitted
+                and computed >= needed
+                and len(state.block_ids) >= state.num_blocks
+            ):
+                meta.saves.append(
+                    SaveOp(
+                        req_id=req_id,
+                        snapshot_id=state.snapshot_id,
+                        token_ids=state.token_ids,
+                        block_ids=state.block_ids[: state.num_blocks],
+                        extra=state.extra,
+                    )
+                )
                 state.emitted = True
         return meta
 
@@ -270,18 +304,28 @@ class SchedulerSide:
 
     def _save_result(self, state: _SaveState) -> dict[str, Any]:
         result: dict[str, Any] = {
-            "snapshot_id": state.snapshot_id, "namespace_key": self.namespace_key,
-            "namespace": self.namespace.to_json(), "num_tokens": state.num_blocks * self.block_size,
-            "block_size": self.block_size, "store": self.settings.store, "existing": state.existing,
+            "snapshot_id": state.snapshot_id,
+            "namespace_key": self.namespace_key,
+            "namespace": self.namespace.to_json(),
+            "num_tokens": state.num_blocks * self.block_size,
+            "block_size": self.block_size,
+            "store": self.settings.store,
+            "existing": state.existing,
         }
         if state.num_blocks == 0:
-            result.update(ok=False, error=f"the prefix is shorter than one KV block "
-                                          f"({self.block_size} tokens): nothing to snapshot")
+            result.update(
+                ok=False,
+                error=f"the prefix is shorter than one KV block "
+                f"({self.block_size} tokens): nothing to snapshot",
+            )
             return result
         try:
             self.store.info(SnapshotRef(self.namespace_key, state.snapshot_id))
             result["ok"] = True
         except (SnapshotNotFoundError, OSError) as exc:
-            result.update(ok=False, error=f"snapshot was not published ({exc}); see the engine "
-                                          "log for the worker's error")
+            result.update(
+                ok=False,
+                error=f"snapshot was not published ({exc}); see the engine "
+                "log for the worker's error",
+            )
         return result

@@ -68,8 +68,11 @@ class ConnectorSettings:
 
     def to_extra_config(self) -> dict[str, Any]:
         """The ``kv_connector_extra_config`` dict these settings parse from."""
-        extra: dict[str, Any] = {"store": self.store, "weights_version": self.weights_version,
-                                 "load": self.load}
+        extra: dict[str, Any] = {
+            "store": self.store,
+            "weights_version": self.weights_version,
+            "load": self.load,
+        }
         if self.events_path:
             extra["events_path"] = self.events_path
         if not self.pin_host:
@@ -79,15 +82,17 @@ class ConnectorSettings:
         return extra
 
 
-def kv_transfer_config(store: str, *, weights_version: str = "", events_path: str | None = None,
-                       load: bool = True) -> dict[str, Any]:
+def kv_transfer_config(
+    store: str, *, weights_version: str = "", events_path: str | None = None, load: bool = True
+) -> dict[str, Any]:
     """Fields of vLLM's ``KVTransferConfig`` that plug ThawConnector into an engine.
 
     Pass as ``LLM(..., kv_transfer_config=KVTransferConfig(**kv_transfer_config(url)))`` (or the
     dict itself where vLLM accepts one). A failed or refused load is recomputed, never used.
     """
-    settings = ConnectorSettings(store=store, weights_version=weights_version,
-                                 events_path=events_path, load=load)
+    settings = ConnectorSettings(
+        store=store, weights_version=weights_version, events_path=events_path, load=load
+    )
     return {
         "kv_connector": "ThawConnector",
         "kv_connector_module_path": CONNECTOR_MODULE,

@@ -53,17 +53,23 @@ class SnapshotVerifier:
     """Verdicts per snapshot id: header facts (None: refused), and with ``check_payload`` the
     background payload check (True good / False bad / None being checked)."""
 
-    def __init__(self, store: Callable[[], SnapshotStore], namespace: Namespace,
-                 on_bad: Callable[[SnapshotRef, str], None] | None = None, *,
-                 check_payload: bool = False) -> None:
+    def __init__(
+        self,
+        store: Callable[[], SnapshotStore],
+        namespace: Namespace,
+        on_bad: Callable[[SnapshotRef, str], None] | None = None,
+        *,
+        check_payload: bool = False,
+    ) -> None:
         self._store = store
         self._namespace = namespace
         self._on_bad = on_bad
         self.check_payload = check_payload
         self._facts: dict[str, _HeaderFacts | None] = {}
         self._payload: dict[str, bool | None] = {}
-        self._pool = (ThreadPoolExecutor(1, thread_name_prefix="thaw-verify")
-                      if check_payload else None)
+        self._pool = (
+            ThreadPoolExecutor(1, thread_name_prefix="thaw-verify") if check_payload else None
+        )
 
     def verdict(self, ref: SnapshotRef, num_blocks: int, last_hash_hex: str) -> bool | None:
         """Whether the snapshot may be loaded for its first ``num_blocks`` blocks by a request
@@ -72,8 +78,11 @@ class SnapshotVerifier:
         if ref.snapshot_id not in self._facts:
             self._facts[ref.snapshot_id] = self._read_header(ref)
         facts = self._facts[ref.snapshot_id]
-        if facts is None or not 0 < num_blocks <= facts.num_blocks \
-                or facts.block_hashes_hex[num_blocks - 1] != last_hash_hex:
+        if (
+            facts is None
+            or not 0 < num_blocks <= facts.num_blocks
+            or facts.block_hashes_hex[num_blocks - 1] != last_hash_hex
+        ):
             return False
         if self._pool is None:
             return True
@@ -84,8 +93,12 @@ class SnapshotVerifier:
 
     def _refuse(self, ref: SnapshotRef, exc: BaseException) -> None:
         reason = f"{type(exc).__name__}: {exc}"
-        logger.warning("thaw: snapshot %s is not loadable (%s); requests that start with its "
-                       "prefix compute it instead", ref.snapshot_id, reason)
+        logger.warning(
+            "thaw: snapshot %s is not loadable (%s); requests that start with its "
+            "prefix compute it instead",
+            ref.snapshot_id,
+            reason,
+        )
         if self._on_bad is not None:
             self._on_bad(ref, reason)
 
@@ -93,8 +106,7 @@ class SnapshotVerifier:
         try:
             with self._store().open(ref, expect_namespace=self._namespace) as view:
                 header = view.header
-                return _HeaderFacts(header.num_blocks,
-                                    tuple(h.hex() for h in header.block_hashes))
+                return _HeaderFacts(header.num_blocks, tuple(h.hex() for h in header.block_hashes))
         except (SnapshotError, LookupError, OSError, ValueError) as exc:
             self._refuse(ref, exc)
             return None

@@ -34,14 +34,17 @@ logger = logging.getLogger("thaw_agents.connector")
 class WorkerSide:
     """Everything the ThawConnector does inside a vLLM worker (see the module docstring)."""
 
-    def __init__(self, vllm_config: Any, kv_cache_config: Any, settings: ConnectorSettings,
-                 open_store: Any) -> None:
+    def __init__(
+        self, vllm_config: Any, kv_cache_config: Any, settings: ConnectorSettings, open_store: Any
+    ) -> None:
         self.settings = settings
         self._vllm_config = vllm_config
         self._engine_id = fence.engine_id_of(vllm_config)
         self.namespace = namespace_for(vllm_config, settings.weights_version)
-        self.cost = cost_model_for(self.namespace.key(), synchronous_steps=not getattr(
-            vllm_config.scheduler_config, "async_scheduling", False))
+        self.cost = cost_model_for(
+            self.namespace.key(),
+            synchronous_steps=not getattr(vllm_config.scheduler_config, "async_scheduling", False),
+        )
         groups = kv_cache_config.kv_cache_groups if kv_cache_config is not None else []
         self.layer_names: list[str] = list(groups[0].layer_names) if len(groups) == 1 else []
         self._open_store = open_store
@@ -49,8 +52,9 @@ class WorkerSide:
         self._load_errors: set[int] = set()
         self.transport: KVTransport | None = None
         if len(groups) != 1:
-            logger.warning("thaw: %d KV-cache groups (hybrid model); snapshots disabled",
-                           len(groups))
+            logger.warning(
+                "thaw: %d KV-cache groups (hybrid model); snapshots disabled", len(groups)
+            )
 
     def register_kv_caches(self, kv_caches: dict[str, torch.Tensor]) -> None:
         """vLLM worker hook, once at startup: build the KVTransport over the layers' KV tensors
@@ -99,21 +103,40 @@ class WorkerSide:
         try:
             if self.transport is None:
                 raise RuntimeError("snapshots are disabled in this engine")
-            stats = self.transport.load(SnapshotRef(op.namespace_key, op.snapshot_id),
-                                        op.first_block, op.end_block, op.block_ids,
-                                        op.expected_last_hash)
+            stats = self.transport.load(
+                SnapshotRef(op.namespace_key, op.snapshot_id),
+                op.first_block,
+                op.end_block,
+                op.block_ids,
+                op.expected_last_hash,
+            )
             seconds = time.perf_counter() - began
             self.cost.on_load(stats.num_bytes, seconds)
-            self.events.write(event="load", req_id=op.req_id, snapshot_id=op.snapshot_id,
-                              num_blocks=stats.num_blocks, bytes=stats.num_bytes,
-                              seconds=round(seconds, 6))
+            self.events.write(
+                event="load",
+                req_id=op.req_id,
+                snapshot_id=op.snapshot_id,
+                num_blocks=stats.num_blocks,
+                bytes=stats.num_bytes,
+                seconds=round(seconds, 6),
+            )
         except Exception as exc:  # noqa: BLE001 - any failure means: recompute these blocks
             self._load_errors.update(op.block_ids)
             reason = f"{type(exc).__name__}: {exc}"
-            self.events.write(event="load_failed", req_id=op.req_id, snapshot_id=op.snapshot_id,
-                              num_blocks=len(op.block_ids), error=reason)
-            logger.warning("thaw: not loading snapshot %s for %s (%s); vLLM recomputes %d "
-                           "block(s)", op.snapshot_id, op.req_id, reason, len(op.block_ids))
+            self.events.write(
+                event="load_failed",
+                req_id=op.req_id,
+                snapshot_id=op.snapshot_id,
+                num_blocks=len(op.block_ids),
+                error=reason,
+            )
+            logger.warning(
+                "thaw: not loading snapshot %s for %s (%s); vLLM recomputes %d block(s)",
+                op.snapshot_id,
+                op.req_id,
+                reason,
+                len(op.block_ids),
+            )
 
     def get_block_ids_with_load_errors(self) -> set[int]:
         """vLLM worker hook: the block ids whose loads failed since the last call (then
@@ -134,17 +157,23 @@ class WorkerSide:
         try:
             if self.transport is None:
                 raise RuntimeError("snapshots are disabled in this engine")
-            _, stats = self.transport.save(op.token_ids, op.block_ids,
-                                           snapshot_id=op.snapshot_id, extra=op.extra)
-            self.events.write(event="save", req_id=op.req_id, snapshot_id=op.snapshot_id,
-                              num_blocks=stats.num_blocks, bytes=stats.num_bytes,
-                              seconds=round(time.perf_counter() - began, 6))
+            _, stats = self.transport.save(
+                op.token_ids, op.block_ids, snapshot_id=op.snapshot_id, extra=op.extra
+            )
+            self.events.write(
+                event="save",
+                req_id=op.req_id,
+                snapshot_id=op.snapshot_id,
+                num_blocks=stats.num_blocks,
+                bytes=stats.num_bytes,
+                seconds=round(time.perf_counter() - began, 6),
+            )
         except Exception as exc:  # noqa: BLE001 - a failed save must not fail the request
             reason = f"{type(exc).__name__}: {exc}"
-            self.events.write(event="save_failed", req_id=op.req_id,
-                              snapshot_id=op.snapshot_id, error=reason)
-            logger.warning("thaw: snapshot %s of %s failed: %s", op.snapshot_id, op.req_id,
-                           reason)
+            self.events.write(
+                event="save_failed", req_id=op.req_id, snapshot_id=op.snapshot_id, error=reason
+            )
+            logger.warning("thaw: snapshot %s of %s failed: %s", op.snapshot_id, op.req_id, reason)
 
     def close(self) -> None:
         """Close the transport's copier and store (idempotent)."""

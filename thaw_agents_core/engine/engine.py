@@ -120,8 +120,11 @@ class Engine:
             began = time.perf_counter()
             try:
                 self._llm = future.result(self.start_timeout_s)
-                logger.info("thaw: vLLM engine for %s started in %.1f s", self.spec.model,
-                            time.perf_counter() - began)
+                logger.info(
+                    "thaw: vLLM engine for %s started in %.1f s",
+                    self.spec.model,
+                    time.perf_counter() - began,
+                )
                 # vLLM's engine core outlives a SIGKILLed parent: a reaper ends it (reaper.py).
                 self._reaper = reaper.watch(compat.engine_core_pids(self._llm))
                 # Run our shutdown before the exit hooks vLLM just registered (its weakref
@@ -139,8 +142,9 @@ class Engine:
                 self._loop.stop(5.0)
                 self._loop = None
                 self._close_store()
-                raise EngineError(f"vLLM engine for {self.spec.model} failed to start: {exc}") \
-                    from exc
+                raise EngineError(
+                    f"vLLM engine for {self.spec.model} failed to start: {exc}"
+                ) from exc
 
     @property
     def store_url(self) -> str | None:
@@ -184,12 +188,18 @@ class Engine:
         stays open: snapshots outlive engine restarts."""
         dead_error = getattr(self._llm, "dead_error", None)
         if self.num_restarts >= self.max_restarts:
-            raise EngineError(f"the vLLM engine for {self.spec.model} died again after "
-                              f"{self.num_restarts} restarts; not restarting: {dead_error}")
+            raise EngineError(
+                f"the vLLM engine for {self.spec.model} died again after "
+                f"{self.num_restarts} restarts; not restarting: {dead_error}"
+            )
         self.num_restarts += 1
-        logger.warning("thaw: the vLLM engine for %s died (%s); starting a new one (restart %d "
-                       "of at most %d)", self.spec.model, dead_error, self.num_restarts,
-                       self.max_restarts)
+        logger.warning(
+            "thaw: the vLLM engine for %s died (%s); starting a new one (restart %d of at most %d)",
+            self.spec.model,
+            dead_error,
+            self.num_restarts,
+            self.max_restarts,
+        )
         llm, loop = self._llm, self._loop
         self._llm = None
         self._loop = None
@@ -207,6 +217,7 @@ class Engine:
 
     def _stop(self, llm: Any, loop: LoopThread | None, timeout_s: float) -> None:
         if llm is not None and loop is not None:
+
             async def _shutdown() -> None:
                 # Stop reading outputs first: otherwise the handler sees the engine core go
                 # away and logs an EngineDeadError traceback for an orderly shutdown.
@@ -229,9 +240,13 @@ class Engine:
         that matter for forks (cascade attention for shared prefixes, model runner, async
         scheduling; see ``compat.shared_prefix_engine_defaults``)."""
         llm = self.llm
-        return {"model": self.spec.model, "max_model_len": self.max_model_len,
-                "num_restarts": self.num_restarts, "has_connector": self.store_url is not None,
-                **compat.engine_features(llm.vllm_config)}
+        return {
+            "model": self.spec.model,
+            "max_model_len": self.max_model_len,
+            "num_restarts": self.num_restarts,
+            "has_connector": self.store_url is not None,
+            **compat.engine_features(llm.vllm_config),
+        }
 
     @property
     def max_model_len(self) -> int:
@@ -250,8 +265,13 @@ class Engine:
         """A fresh unique vLLM request id (``thaw-<32 hex>``)."""
         return f"thaw-{uuid.uuid4().hex}"
 
-    def _start_request(self, prompt_ids: list[int], params: Any, request_id: str | None,
-                       push: Callable[[Any], None]) -> concurrent.futures.Future:
+    def _start_request(
+        self,
+        prompt_ids: list[int],
+        params: Any,
+        request_id: str | None,
+        push: Callable[[Any], None],
+    ) -> concurrent.futures.Future:
         """Run one request on the engine loop; ``push`` gets each output, then ``_DONE`` or the
         exception. Cancelling the returned future aborts the request in vLLM."""
         llm = self.llm
@@ -260,8 +280,7 @@ class Engine:
 
         async def produce() -> None:
             try:
-                async for out in llm.generate(compat.tokens_prompt(prompt_ids), params,
-                                              request_id):
+                async for out in llm.generate(compat.tokens_prompt(prompt_ids), params, request_id):
                     push(out)
                 push(_DONE)
             except BaseException as exc:  # noqa: BLE001 - handed to the consumer
@@ -271,8 +290,13 @@ class Engine:
 
         return self._loop.submit(produce())
 
-    async def stream(self, prompt_ids: list[int], params: Any, request_id: str | None = None,
-                     timeout_s: float | None = None) -> AsyncIterator[Any]:
+    async def stream(
+        self,
+        prompt_ids: list[int],
+        params: Any,
+        request_id: str | None = None,
+        timeout_s: float | None = None,
+    ) -> AsyncIterator[Any]:
         """Yield vLLM ``RequestOutput``s for one request; usable from any event loop.
 
         ``timeout_s`` bounds the whole request; on expiry the request is aborted in the engine
@@ -293,8 +317,9 @@ class Engine:
                     item = await outputs.get()
                 else:
                     try:
-                        item = await asyncio.wait_for(outputs.get(),
-                                                      max(0.0, deadline - time.monotonic()))
+                        item = await asyncio.wait_for(
+                            outputs.get(), max(0.0, deadline - time.monotonic())
+                        )
                     except asyncio.TimeoutError:
                         raise TimeoutError(_timeout_message(timeout_s)) from None
                 if item is _DONE:
@@ -306,8 +331,13 @@ class Engine:
             if not producer.done():
                 producer.cancel()  # -> CancelledError in generate() -> vLLM aborts the request
 
-    def stream_sync(self, prompt_ids: list[int], params: Any, request_id: str | None = None,
-                    timeout_s: float | None = None) -> Iterator[Any]:
+    def stream_sync(
+        self,
+        prompt_ids: list[int],
+        params: Any,
+        request_id: str | None = None,
+        timeout_s: float | None = None,
+    ) -> Iterator[Any]:
         """Blocking twin of ``stream`` for plain code (works inside a running event loop)."""
         outputs: queue.SimpleQueue = queue.SimpleQueue()
         producer = self._start_request(prompt_ids, params, request_id, outputs.put)
@@ -339,8 +369,7 @@ class Engine:
         """Compute a prompt once (one token out), so later prompts sharing it hit the cache."""
         from thaw_agents_core.engine.sampling import GenerationOptions, to_sampling_params
 
-        params = to_sampling_params(GenerationOptions(max_tokens=1, temperature=0.0),
-                                    stream=False)
+        params = to_sampling_params(GenerationOptions(max_tokens=1, temperature=0.0), stream=False)
         async for _ in self.stream(list(prompt_ids), params):
             pass
 
@@ -349,7 +378,6 @@ class Engine:
         assert self._loop is not None or self.llm is not None
         assert self._loop is not None
         return self._loop.submit(coro).result(timeout_s)
-
 
     # ------------------------------------------------------------------ weights (weights/)
 
@@ -362,8 +390,14 @@ class Engine:
         settings = self.spec.connector_settings
         return settings.weights_version if settings is not None else ""
 
-    def load_weights(self, src: Any, weights_version: str | None = None, *, layout: str = "auto",
-                     timeout_s: float | None = 600.0) -> dict[str, Any]:
+    def load_weights(
+        self,
+        src: Any,
+        weights_version: str | None = None,
+        *,
+        layout: str = "auto",
+        timeout_s: float | None = 600.0,
+    ) -> dict[str, Any]:
         """Hot-swap the weights of the running engine, no restart; returns rank 0's stats.
 
         ``src``: a ``.thaw`` path, a ``WeightsBuffer`` (registered once per worker, reused: the
@@ -381,8 +415,9 @@ class Engine:
         desc, cleanup = describe(src, version, layout)
 
         async def swap() -> list[dict[str, Any]]:
-            stats = await llm.collective_rpc("thaw_load_weights", timeout=timeout_s,
-                                             args=(desc, version))
+            stats = await llm.collective_rpc(
+                "thaw_load_weights", timeout=timeout_s, args=(desc, version)
+            )
             reset = llm.reset_prefix_cache
             await reset(**compat.reset_prefix_cache_kwargs(reset))
             fence.clear_published(llm.vllm_config)  # the scheduler has the version now
@@ -396,22 +431,36 @@ class Engine:
         self.last_weights_file = desc["path"] if desc["kind"] == "file" else None
         return {**stats[0], "ranks": len(stats)}
 
-    def freeze_weights(self, path: str | Path, *, timeout_s: float | None = 600.0) -> list[dict[str, Any]]:
+    def freeze_weights(
+        self, path: str | Path, *, timeout_s: float | None = 600.0
+    ) -> list[dict[str, Any]]:
         """Write the engine's parameters (engine layout, one file per tensor-parallel rank)."""
         llm = self.llm
-        return self.run_sync(llm.collective_rpc("thaw_freeze", timeout=timeout_s,
-                                                args=(str(path), self.weights_version)), timeout_s)
+        return self.run_sync(
+            llm.collective_rpc(
+                "thaw_freeze", timeout=timeout_s, args=(str(path), self.weights_version)
+            ),
+            timeout_s,
+        )
 
-    def register_weights_buffer(self, buffer: Any, *, timeout_s: float | None = 600.0) -> list[dict[str, Any]]:
+    def register_weights_buffer(
+        self, buffer: Any, *, timeout_s: float | None = 600.0
+    ) -> list[dict[str, Any]]:
         """Pin a ``WeightsBuffer`` in every worker now (CUDA: cudaHostRegister, once)."""
         llm = self.llm
-        return self.run_sync(llm.collective_rpc("thaw_register_buffer", timeout=timeout_s,
-                                                args=(buffer.descriptor(),)), timeout_s)
+        return self.run_sync(
+            llm.collective_rpc(
+                "thaw_register_buffer", timeout=timeout_s, args=(buffer.descriptor(),)
+            ),
+            timeout_s,
+        )
 
 
 def _timeout_message(timeout_s: float | None) -> str:
-    return (f"the request did not finish within timeout={timeout_s} s and was aborted; raise "
-            "the timeout or lower max_tokens")
+    return (
+        f"the request did not finish within timeout={timeout_s} s and was aborted; raise "
+        "the timeout or lower max_tokens"
+    )
 
 
 def _translate(exc: BaseException) -> BaseException:

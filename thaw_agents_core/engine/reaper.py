@@ -29,9 +29,12 @@ def watch(pids: list[int]) -> subprocess.Popen | None:
     targets = [f"{pid}:{ticks}" for pid in pids if (ticks := process_start_ticks(pid)) is not None]
     if not targets:
         return None
-    return subprocess.Popen([sys.executable, "-m", "thaw_agents_core.engine.reaper", *targets],
-                            stdin=subprocess.PIPE, stdout=subprocess.DEVNULL,
-                            stderr=subprocess.DEVNULL)
+    return subprocess.Popen(
+        [sys.executable, "-m", "thaw_agents_core.engine.reaper", *targets],
+        stdin=subprocess.PIPE,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
 
 
 def stop(reaper: subprocess.Popen | None) -> None:

@@ -20,13 +20,18 @@ def logprob_entries(completion: Any) -> list[dict[str, Any]]:
     for token_id, candidates in zip(completion.token_ids, completion.logprobs or []):
         chosen = candidates.get(token_id)
         top = sorted(candidates.items(), key=lambda kv: kv[1].rank or 0)
-        entries.append({
-            "token": chosen.decoded_token if chosen else str(token_id),
-            "token_id": token_id,
-            "logprob": chosen.logprob if chosen else None,
-            "top_logprobs": [{"token": lp.decoded_token, "token_id": tid, "logprob": lp.logprob}
-                             for tid, lp in top if tid != token_id or lp.rank is not None],
-        })
+        entries.append(
+            {
+                "token": chosen.decoded_token if chosen else str(token_id),
+                "token_id": token_id,
+                "logprob": chosen.logprob if chosen else None,
+                "top_logprobs": [
+                    {"token": lp.decoded_token, "token_id": tid, "logprob": lp.logprob}
+                    for tid, lp in top
+                    if tid != token_id or lp.rank is not None
+                ],
+            }
+        )
     return entries
 
 

@@ -58,8 +58,9 @@ class GenerationOptions:
             try:
                 values = {**values, "logit_bias": {int(t): float(b) for t, b in bias.items()}}
             except (TypeError, ValueError):
-                raise ValueError(f"logit_bias must map token ids (integers) to biases, got "
-                                 f"{bias!r}") from None
+                raise ValueError(
+                    f"logit_bias must map token ids (integers) to biases, got {bias!r}"
+                ) from None
         return cls(**values)
 
 
@@ -72,18 +73,24 @@ def validate(options: GenerationOptions, *, max_model_len: int | None = None) ->
     """Raise ValueError naming the parameter, its value and the valid range."""
     o = options
     if o.max_tokens is not None:
-        _check(isinstance(o.max_tokens, int) and o.max_tokens >= 1,
-               f"max_tokens must be an integer >= 1, got {o.max_tokens!r}")
+        _check(
+            isinstance(o.max_tokens, int) and o.max_tokens >= 1,
+            f"max_tokens must be an integer >= 1, got {o.max_tokens!r}",
+        )
         if max_model_len is not None:
-            _check(o.max_tokens < max_model_len,
-                   f"max_tokens={o.max_tokens} does not fit the context of {max_model_len} tokens")
+            _check(
+                o.max_tokens < max_model_len,
+                f"max_tokens={o.max_tokens} does not fit the context of {max_model_len} tokens",
+            )
     if o.temperature is not None:
         _check(0.0 <= o.temperature, f"temperature must be >= 0, got {o.temperature!r}")
     if o.top_p is not None:
         _check(0.0 < o.top_p <= 1.0, f"top_p must be in (0, 1], got {o.top_p!r}")
     if o.top_k is not None:
-        _check(isinstance(o.top_k, int) and (o.top_k == -1 or o.top_k >= 0),
-               f"top_k must be -1, 0 (disabled) or a positive integer, got {o.top_k!r}")
+        _check(
+            isinstance(o.top_k, int) and (o.top_k == -1 or o.top_k >= 0),
+            f"top_k must be -1, 0 (disabled) or a positive integer, got {o.top_k!r}",
+        )
     if o.min_p is not None:
         _check(0.0 <= o.min_p <= 1.0, f"min_p must be in [0, 1], got {o.min_p!r}")
     for name in ("presence_penalty", "frequency_penalty"):
@@ -91,32 +98,54 @@ def validate(options: GenerationOptions, *, max_model_len: int | None = None) ->
         if value is not None:
             _check(-2.0 <= value <= 2.0, f"{name} must be in [-2, 2], got {value!r}")
     if o.repetition_penalty is not None:
-        _check(o.repetition_penalty > 0.0,
-               f"repetition_penalty must be > 0, got {o.repetition_penalty!r}")
+        _check(
+            o.repetition_penalty > 0.0,
+            f"repetition_penalty must be > 0, got {o.repetition_penalty!r}",
+        )
     if o.logprobs is not None:
-        _check(isinstance(o.logprobs, int) and 0 <= o.logprobs <= 20,
-               f"logprobs (top log-probabilities per token) must be in [0, 20], got "
-               f"{o.logprobs!r}")
+        _check(
+            isinstance(o.logprobs, int) and 0 <= o.logprobs <= 20,
+            f"logprobs (top log-probabilities per token) must be in [0, 20], got {o.logprobs!r}",
+        )
     if o.stop is not None:
-        _check(isinstance(o.stop, list) and all(isinstance(s, str) and s for s in o.stop),
-               f"stop must be a list of non-empty strings, got {o.stop!r}")
+        _check(
+            isinstance(o.stop, list) and all(isinstance(s, str) and s for s in o.stop),
+            f"stop must be a list of non-empty strings, got {o.stop!r}",
+        )
     if o.seed is not None:
         _check(isinstance(o.seed, int), f"seed must be an integer, got {o.seed!r}")
-    _check(not (o.json_schema is not None and o.json_object),
-           "json_schema and json_object are exclusive; pass one")
+    _check(
+        not (o.json_schema is not None and o.json_object),
+        "json_schema and json_object are exclusive; pass one",
+    )
 
 
-def to_sampling_params(options: GenerationOptions, *, stream: bool,
-                       max_model_len: int | None = None) -> Any:
+def to_sampling_params(
+    options: GenerationOptions, *, stream: bool, max_model_len: int | None = None
+) -> Any:
     """Build vLLM ``SamplingParams`` (DELTA outputs when streaming, else FINAL_ONLY)."""
     from vllm import SamplingParams
     from vllm.sampling_params import RequestOutputKind
 
     validate(options, max_model_len=max_model_len)
     kwargs: dict[str, Any] = {}
-    for name in ("max_tokens", "temperature", "top_p", "top_k", "min_p", "seed", "stop",
-                 "stop_token_ids", "presence_penalty", "frequency_penalty",
-                 "repetition_penalty", "logprobs", "logit_bias", "min_tokens", "ignore_eos"):
+    for name in (
+        "max_tokens",
+        "temperature",
+        "top_p",
+        "top_k",
+        "min_p",
+        "seed",
+        "stop",
+        "stop_token_ids",
+        "presence_penalty",
+        "frequency_penalty",
+        "repetition_penalty",
+        "logprobs",
+        "logit_bias",
+        "min_tokens",
+        "ignore_eos",
+    ):
         value = getattr(options, name)
         if value is not None:
             kwargs[name] = value

@@ -30,12 +30,20 @@ class EngineSpec:
     """``KVTransferConfig`` fields as canonical JSON, or None for no connector."""
 
     @staticmethod
-    def create(model: str, *, dtype: str = "auto", max_model_len: int | None = None,
-               enable_prefix_caching: bool = True, engine_kwargs: dict[str, Any] | None = None,
-               kv_transfer: dict[str, Any] | None = None) -> EngineSpec:
+    def create(
+        model: str,
+        *,
+        dtype: str = "auto",
+        max_model_len: int | None = None,
+        enable_prefix_caching: bool = True,
+        engine_kwargs: dict[str, Any] | None = None,
+        kv_transfer: dict[str, Any] | None = None,
+    ) -> EngineSpec:
         """A spec from Python values (the dicts become canonical JSON)."""
         return EngineSpec(
-            model=model, dtype=dtype, max_model_len=max_model_len,
+            model=model,
+            dtype=dtype,
+            max_model_len=max_model_len,
             enable_prefix_caching=enable_prefix_caching,
             engine_kwargs_json=json.dumps(engine_kwargs or {}, sort_keys=True),
             kv_transfer_json=json.dumps(kv_transfer, sort_keys=True) if kv_transfer else None,
@@ -78,8 +86,10 @@ class EngineSpec:
 
             kwargs["kv_transfer_config"] = KVTransferConfig(**json.loads(self.kv_transfer_json))
         return AsyncEngineArgs(
-            model=self.model, tokenizer=self.model,
+            model=self.model,
+            tokenizer=self.model,
             dtype=compat.resolve_dtype(self.dtype, self.model_dtype()),
             max_model_len=self.max_model_len,
-            enable_prefix_caching=self.enable_prefix_caching, **kwargs,
+            enable_prefix_caching=self.enable_prefix_caching,
+            **kwargs,
         )

@@ -33,8 +33,11 @@ DeltaCallback = Callable[[int, str], None]
 
 
 def _snapshot_params(extra: dict[str, Any] | None) -> Any:
-    options = GenerationOptions(max_tokens=1, temperature=0.0, kv_transfer_params={
-        PARAMS_KEY: {"save": True, "extra": dict(extra or {})}})
+    options = GenerationOptions(
+        max_tokens=1,
+        temperature=0.0,
+        kv_transfer_params={PARAMS_KEY: {"save": True, "extra": dict(extra or {})}},
+    )
     return to_sampling_params(options, stream=False)
 
 
@@ -42,24 +45,33 @@ def _handle(engine: Engine, prefix_ids: Sequence[int], output: Any) -> PrefixHan
     params = (getattr(output, "kv_transfer_params", None) or {}).get(PARAMS_KEY) or {}
     result = params.get("snapshot")
     if not result:
-        raise SnapshotError("the engine returned no snapshot result: is ThawConnector loaded "
-                            "(a kv_store / kv_transfer config)?")
+        raise SnapshotError(
+            "the engine returned no snapshot result: is ThawConnector loaded "
+            "(a kv_store / kv_transfer config)?"
+        )
     if not result.get("ok"):
         raise SnapshotError(f"snapshot failed: {result.get('error')}")
     return PrefixHandle(
-        snapshot_id=result["snapshot_id"], namespace_key=result["namespace_key"],
-        namespace=result["namespace"], store=engine.store_url or result["store"],
-        prefix_token_ids=list(prefix_ids), num_snapshot_tokens=result["num_tokens"])
+        snapshot_id=result["snapshot_id"],
+        namespace_key=result["namespace_key"],
+        namespace=result["namespace"],
+        store=engine.store_url or result["store"],
+        prefix_token_ids=list(prefix_ids),
+        num_snapshot_tokens=result["num_tokens"],
+    )
 
 
 def _check_length(engine: Engine, prefix_ids: Sequence[int]) -> None:
     if len(prefix_ids) >= engine.max_model_len:
-        raise ValueError(f"the prefix has {len(prefix_ids)} tokens; the engine's context holds "
-                         f"max_model_len={engine.max_model_len}")
+        raise ValueError(
+            f"the prefix has {len(prefix_ids)} tokens; the engine's context holds "
+            f"max_model_len={engine.max_model_len}"
+        )
 
 
-async def asnapshot_ids(engine: Engine, prefix_ids: Sequence[int],
-                        extra: dict[str, Any] | None = None) -> PrefixHandle:
+async def asnapshot_ids(
+    engine: Engine, prefix_ids: Sequence[int], extra: dict[str, Any] | None = None
+) -> PrefixHandle:
     """Compute ``prefix_ids`` in ``engine`` (reusing its prefix cache) and snapshot them."""
     if not engine.is_started:
         await asyncio.to_thread(engine.start)
@@ -70,8 +82,9 @@ async def asnapshot_ids(engine: Engine, prefix_ids: Sequence[int],
     return _handle(engine, prefix_ids, final)
 
 
-def snapshot_ids(engine: Engine, prefix_ids: Sequence[int],
-                 extra: dict[str, Any] | None = None) -> PrefixHandle:
+def snapshot_ids(
+    engine: Engine, prefix_ids: Sequence[int], extra: dict[str, Any] | None = None
+) -> PrefixHandle:
     """Blocking twin of ``asnapshot_ids``."""
     _check_length(engine, prefix_ids)
     final = None
@@ -93,9 +106,13 @@ class Branch:
     sample_index: int = 0
 
 
-async def _run_in_parent(engine: Engine, index: int, branch: Branch,
-                         on_delta: DeltaCallback | None,
-                         timeout_s: float | None) -> GenerationResult:
+async def _run_in_parent(
+    engine: Engine,
+    index: int,
+    branch: Branch,
+    on_delta: DeltaCallback | None,
+    timeout_s: float | None,
+) -> GenerationResult:
     began = time.perf_counter()
     result = _new_result(index, branch, "parent")
     params = to_sampling_params(branch.options, stream=True)
@@ -108,29 +125,46 @@ async def _run_in_parent(engine: Engine, index: int, branch: Branch,
 
 
 def _new_result(index: int, branch: Branch, engine: str, **values: Any) -> GenerationResult:
-    return GenerationResult(index=index, suffix_index=branch.suffix_index,
-                            sample_index=branch.sample_index, engine=engine,
-                            prompt_tokens=len(branch.prompt_ids), **values)
+    return GenerationResult(
+        index=index,
+        suffix_index=branch.suffix_index,
+        sample_index=branch.sample_index,
+        engine=engine,
+        prompt_tokens=len(branch.prompt_ids),
+        **values,
+    )
 
 
-async def _run_in_pool(pool: ForkPool, index: int, branch: Branch,
-                       on_delta: DeltaCallback | None,
-                       timeout_s: float | None) -> GenerationResult:
+async def _run_in_pool(
+    pool: ForkPool,
+    index: int,
+    branch: Branch,
+    on_delta: DeltaCallback | None,
+    timeout_s: float | None,
+) -> GenerationResult:
     callback = None if on_delta is None else (lambda text: on_delta(index, text))
-    result = await pool.generate(branch.prompt_ids, branch.options, on_delta=callback,
-                                 timeout_s=timeout_s)
+    result = await pool.generate(
+        branch.prompt_ids, branch.options, on_delta=callback, timeout_s=timeout_s
+    )
     result.index, result.suffix_index, result.sample_index = (
-        index, branch.suffix_index, branch.sample_index)
+        index,
+        branch.suffix_index,
+        branch.sample_index,
+    )
     return result
 
 
-async def run_branches(engine: Engine, branches: Sequence[Branch], *,
-                       pool: ForkPool | None = None, route: Route = "auto",
-                       on_delta: DeltaCallback | None = None,
-                       timeout_s: float | None = None) -> list[GenerationResult]:
+async def run_branches(
+    engine: Engine,
+    branches: Sequence[Branch],
+    *,
+    pool: ForkPool | None = None,
+    route: Route = "auto",
+    on_delta: DeltaCallback | None = None,
+    timeout_s: float | None = None,
+) -> list[GenerationResult]:
     """Run every branch concurrently; a failed branch is reported, the others are kept."""
-    parent_in_flight = (compat.num_unfinished_requests(engine.llm) if engine.is_started
-                        else 0)
+    parent_in_flight = compat.num_unfinished_requests(engine.llm) if engine.is_started else 0
     routes = plan_routes(len(branches), pool, route, parent_in_flight)
     rule = routing_rule(pool, route)
     tasks = []
@@ -146,8 +180,7 @@ async def run_branches(engine: Engine, branches: Sequence[Branch], *,
         if isinstance(result, BaseException):
             if isinstance(result, asyncio.CancelledError):
                 raise result
-            result = _new_result(index, branch, where,
-                                 error=f"{type(result).__name__}: {result}")
+            result = _new_result(index, branch, where, error=f"{type(result).__name__}: {result}")
         result.route["rule"] = rule
         outcomes.append(result)
     return outcomes

@@ -73,17 +73,25 @@ class PrefixHandle:
         if not isinstance(obj, dict):
             raise ValueError(f"a PrefixHandle is a JSON object, got {type(obj).__name__}")
         names = [f.name for f in fields(cls)]
-        missing = [f.name for f in fields(cls) if f.name not in obj
-                   and f.default is MISSING and f.default_factory is MISSING]
+        missing = [
+            f.name
+            for f in fields(cls)
+            if f.name not in obj and f.default is MISSING and f.default_factory is MISSING
+        ]
         unknown = sorted(repr(k) for k in obj if k not in names)
         if missing or unknown:
             raise ValueError(f"not a PrefixHandle: missing {missing}, unknown {unknown}")
         handle = cls(**obj)
         tokens, n = handle.prefix_token_ids, handle.num_snapshot_tokens
-        bad = [k for k in ("snapshot_id", "namespace_key", "store", "model_name", "prefix_text")
-               if not isinstance(getattr(handle, k), str)]
+        bad = [
+            k
+            for k in ("snapshot_id", "namespace_key", "store", "model_name", "prefix_text")
+            if not isinstance(getattr(handle, k), str)
+        ]
         bad += [k for k in ("namespace", "extra") if not isinstance(getattr(handle, k), dict)]
-        if not (isinstance(tokens, list) and all(type(t) is int and 0 <= t < 2**31 for t in tokens)):
+        if not (
+            isinstance(tokens, list) and all(type(t) is int and 0 <= t < 2**31 for t in tokens)
+        ):
             bad.append("prefix_token_ids (ints in [0, 2**31))")
         elif not (type(n) is int and 0 <= n <= len(tokens)):
             bad.append("num_snapshot_tokens (an int in [0, len(prefix_token_ids)])")
@@ -124,8 +132,15 @@ class PrefixHandle:
         return str(path)
 
     @classmethod
-    def load(cls, src: str | os.PathLike[str], store: SnapshotStore, *, store_url: str,
-             expect_namespace: Namespace | None = None, model_name: str = "") -> PrefixHandle:
+    def load(
+        cls,
+        src: str | os.PathLike[str],
+        store: SnapshotStore,
+        *,
+        store_url: str,
+        expect_namespace: Namespace | None = None,
+        model_name: str = "",
+    ) -> PrefixHandle:
         """Validate a saved snapshot (file or ``s3://``) and publish it into ``store``.
 
         Raises ``SnapshotMismatchError`` naming every differing namespace field when the
@@ -143,11 +158,16 @@ class PrefixHandle:
             store.info(ref)  # already published (e.g. loaded twice): reuse it
         except SnapshotNotFoundError:
             ref = store.publish_bytes(header.namespace.key(), data)
-        return cls(snapshot_id=ref.snapshot_id, namespace_key=ref.namespace_key,
-                   namespace=header.namespace.to_json(), store=store_url,
-                   prefix_token_ids=list(header.token_ids),
-                   num_snapshot_tokens=header.num_tokens, model_name=model_name,
-                   extra=dict(header.extra))
+        return cls(
+            snapshot_id=ref.snapshot_id,
+            namespace_key=ref.namespace_key,
+            namespace=header.namespace.to_json(),
+            store=store_url,
+            prefix_token_ids=list(header.token_ids),
+            num_snapshot_tokens=header.num_tokens,
+            model_name=model_name,
+            extra=dict(header.extra),
+        )
 
 
 def _read_source(src: str) -> bytes:
@@ -162,5 +182,3 @@ def _read_source(src: str) -> bytes:
     if not path.is_file():
         raise FileNotFoundError(f"no snapshot file at {path}")
     return path.read_bytes()
-
-

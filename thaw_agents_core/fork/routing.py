@@ -26,8 +26,10 @@ def _pool_shares_parent_gpu(pool: ForkPool) -> bool:
 
     if compat.is_cpu_platform():
         return False
-    return all(p.cuda_device is not None for p in pool.placements) and len(
-        {p.cuda_device for p in pool.placements}) <= 1
+    return (
+        all(p.cuda_device is not None for p in pool.placements)
+        and len({p.cuda_device for p in pool.placements}) <= 1
+    )
 
 
 def routing_rule(pool: ForkPool | None, route: Route) -> str:
@@ -47,9 +49,10 @@ def routing_rule(pool: ForkPool | None, route: Route) -> str:
     return "least loaded"
 
 
-def plan_routes(num_branches: int, pool: ForkPool | None, route: Route,
-                parent_in_flight: int = 0) -> list[str]:
-    """"parent" or "pool" for each branch (see the module docstring for the rule)."""
+def plan_routes(
+    num_branches: int, pool: ForkPool | None, route: Route, parent_in_flight: int = 0
+) -> list[str]:
+    """ "parent" or "pool" for each branch (see the module docstring for the rule)."""
     rule = routing_rule(pool, route)
     if route == "pool":
         return ["pool"] * num_branches

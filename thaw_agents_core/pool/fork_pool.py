@@ -84,16 +84,27 @@ class _Worker:
 class ForkPool:
     """N warm vLLM worker processes sharing a snapshot store with their parent."""
 
-    def __init__(self, spec: EngineSpec, num_workers: int = 2, *,
-                 placements: list[Placement] | None = None, gpu_memory_fraction: float = 0.25,
-                 start_timeout_s: float = 900.0, request_timeout_s: float | None = None,
-                 ping_interval_s: float = 5.0, ping_timeout_s: float = 60.0,
-                 max_retries: int = 2, expected_namespace_key: str | None = None) -> None:
+    def __init__(
+        self,
+        spec: EngineSpec,
+        num_workers: int = 2,
+        *,
+        placements: list[Placement] | None = None,
+        gpu_memory_fraction: float = 0.25,
+        start_timeout_s: float = 900.0,
+        request_timeout_s: float | None = None,
+        ping_interval_s: float = 5.0,
+        ping_timeout_s: float = 60.0,
+        max_retries: int = 2,
+        expected_namespace_key: str | None = None,
+    ) -> None:
         if num_workers < 1:
             raise ValueError(f"num_workers must be >= 1, got {num_workers}")
         if spec.kv_transfer_json is None:
-            raise ValueError("pool workers load prefixes through ThawConnector: the spec needs "
-                             "a KV store (ChatThaw(kv_store=...) or kv_transfer=...)")
+            raise ValueError(
+                "pool workers load prefixes through ThawConnector: the spec needs "
+                "a KV store (ChatThaw(kv_store=...) or kv_transfer=...)"
+            )
         self.spec = spec
         self.placements = placements or default_placements(num_workers, gpu_memory_fraction)
         if len(self.placements) != num_workers:
@@ -156,16 +167,28 @@ class ForkPool:
 
     async def _spawn(self, worker: _Worker) -> None:
         parent_sock, child_sock = socket.socketpair()
-        config = {"spec": asdict(self.spec), "cpu_cores": worker.placement.cpu_cores,
-                  "engine_overrides": worker.placement.engine_overrides,
-                  "parent_pid": os.getpid()}
+        config = {
+            "spec": asdict(self.spec),
+            "cpu_cores": worker.placement.cpu_cores,
+            "engine_overrides": worker.placement.engine_overrides,
+            "parent_pid": os.getpid(),
+        }
         worker.log_path = os.path.join(self.log_dir, f"worker-{worker.index}.log")
         with open(worker.log_path, "ab") as log:
             worker.proc = subprocess.Popen(
-                [sys.executable, "-m", "thaw_agents_core.pool.worker", str(child_sock.fileno()),
-                 json.dumps(config)],
-                pass_fds=[child_sock.fileno()], stdin=subprocess.DEVNULL, stdout=log,
-                stderr=subprocess.STDOUT, env={**os.environ, **worker.placement.environment()})
+                [
+                    sys.executable,
+                    "-m",
+                    "thaw_agents_core.pool.worker",
+                    str(child_sock.fileno()),
+                    json.dumps(config),
+                ],
+                pass_fds=[child_sock.fileno()],
+                stdin=subprocess.DEVNULL,
+                stdout=log,
+                stderr=subprocess.STDOUT,
+                env={**os.environ, **worker.placement.environment()},
+            )
         child_sock.close()
         reader, worker.writer = await asyncio.open_unix_connection(sock=parent_sock)
         worker.ready = asyncio.get_running_loop().create_future()
@@ -175,26 +198,38 @@ class ForkPool:
             message = await asyncio.wait_for(asyncio.shield(worker.ready), self.start_timeout_s)
         except asyncio.TimeoutError:
             self._kill(worker)
-            raise PoolError(f"worker {worker.index} was not ready within {self.start_timeout_s}"
-                            f" s; its log: {self._log_tail(worker)}") from None
+            raise PoolError(
+                f"worker {worker.index} was not ready within {self.start_timeout_s}"
+                f" s; its log: {self._log_tail(worker)}"
+            ) from None
         worker.weights_version = self.weights_version
         if self._last_weights is not None:  # a replacement after a swap: same weights first
             try:
-                message = {**message, **await self._swap_worker(worker, self._last_weights,
-                                                                self.start_timeout_s)}
+                message = {
+                    **message,
+                    **await self._swap_worker(worker, self._last_weights, self.start_timeout_s),
+                }
             except Exception as exc:  # noqa: BLE001 - never serve the boot weights after a swap
                 self._kill(worker)
-                raise PoolError(f"worker {worker.index} could not load weights version "
-                                f"{self.weights_version!r}: {exc}") from None
+                raise PoolError(
+                    f"worker {worker.index} could not load weights version "
+                    f"{self.weights_version!r}: {exc}"
+                ) from None
         if self.expected_namespace_key and message["namespace_key"] != self.expected_namespace_key:
             self._kill(worker)
-            raise PoolError(f"worker {worker.index} has KV namespace {message['namespace_key']}, "
-                            f"the parent {self.expected_namespace_key}: same model, dtype and "
-                            "block size are needed to share snapshots")
+            raise PoolError(
+                f"worker {worker.index} has KV namespace {message['namespace_key']}, "
+                f"the parent {self.expected_namespace_key}: same model, dtype and "
+                "block size are needed to share snapshots"
+            )
         worker.namespace_key = message["namespace_key"]
         worker.alive, worker.last_pong = True, time.monotonic()
-        logger.info("thaw: pool worker %d ready (pid %d, %.1f s)", worker.index,
-                    worker.proc.pid, message["startup_s"])
+        logger.info(
+            "thaw: pool worker %d ready (pid %d, %.1f s)",
+            worker.index,
+            worker.proc.pid,
+            message["startup_s"],
+        )
 
     def close(self, timeout_s: float = 30.0) -> None:
         """Stop every worker (politely, then by force); safe to call twice."""
@@ -224,8 +259,11 @@ class ForkPool:
                     pass
         deadline = time.monotonic() + timeout_s
         for worker in self._workers:
-            while worker.proc is not None and worker.proc.poll() is None \
-                    and time.monotonic() < deadline:
+            while (
+                worker.proc is not None
+                and worker.proc.poll() is None
+                and time.monotonic() < deadline
+            ):
                 await asyncio.sleep(0.05)
             for request in worker.pending.values():
                 if not request.future.done():
@@ -263,9 +301,15 @@ class ForkPool:
 
     # ------------------------------------------------------------------ requests
 
-    async def generate(self, prompt_ids: list[int], options: GenerationOptions, *,
-                       on_delta: DeltaCallback | None = None, worker: int | None = None,
-                       timeout_s: float | None = None) -> GenerationResult:
+    async def generate(
+        self,
+        prompt_ids: list[int],
+        options: GenerationOptions,
+        *,
+        on_delta: DeltaCallback | None = None,
+        worker: int | None = None,
+        timeout_s: float | None = None,
+    ) -> GenerationResult:
         """Run one request on a worker (the least loaded, or ``worker``); usable from any loop.
 
         ``on_delta`` gets each new piece of text, called on the caller's loop and in its
@@ -280,19 +324,29 @@ class ForkPool:
             callback = on_delta
             context = contextvars.copy_context()  # the pool's thread has none of the caller's
             on_delta = lambda text: caller.call_soon_threadsafe(  # noqa: E731
-                callback, text, context=context)
+                callback, text, context=context
+            )
         payload = {k: v for k, v in asdict(options).items() if v is not None}
         timeout = timeout_s if timeout_s is not None else self.request_timeout_s
-        return await self._loop.call(self._generate(prompt_ids, payload, on_delta, worker,
-                                                    timeout))
+        return await self._loop.call(self._generate(prompt_ids, payload, on_delta, worker, timeout))
 
-    async def _generate(self, prompt_ids: list[int], options: dict[str, Any],
-                        on_delta: DeltaCallback | None, worker: int | None,
-                        timeout_s: float | None) -> GenerationResult:
-        request = _Request(id=f"fork-{next(self._ids)}", prompt_ids=list(prompt_ids),
-                           options=options, stream=on_delta is not None, on_delta=on_delta,
-                           future=asyncio.get_running_loop().create_future(),
-                           deadline=None if timeout_s is None else time.monotonic() + timeout_s)
+    async def _generate(
+        self,
+        prompt_ids: list[int],
+        options: dict[str, Any],
+        on_delta: DeltaCallback | None,
+        worker: int | None,
+        timeout_s: float | None,
+    ) -> GenerationResult:
+        request = _Request(
+            id=f"fork-{next(self._ids)}",
+            prompt_ids=list(prompt_ids),
+            options=options,
+            stream=on_delta is not None,
+            on_delta=on_delta,
+            future=asyncio.get_running_loop().create_future(),
+            deadline=None if timeout_s is None else time.monotonic() + timeout_s,
+        )
         await self._send(request, preferred=worker)
         try:
             return await request.future
@@ -323,9 +377,17 @@ class ForkPool:
         request.worker = worker.index
         worker.pending[request.id] = request
         assert worker.writer is not None
-        worker.writer.write(wire.encode({"type": "generate", "id": request.id,
-                                         "prompt_ids": request.prompt_ids,
-                                         "options": request.options, "stream": request.stream}))
+        worker.writer.write(
+            wire.encode(
+                {
+                    "type": "generate",
+                    "id": request.id,
+                    "prompt_ids": request.prompt_ids,
+                    "options": request.options,
+                    "stream": request.stream,
+                }
+            )
+        )
         try:
             await worker.writer.drain()
         except ConnectionError:
@@ -382,8 +444,9 @@ class ForkPool:
         if message["type"] == "error":
             request.future.set_exception(ValueError(message["message"]))
             return
-        result = GenerationResult.from_wire(message["result"], engine=f"worker-{worker.index}",
-                                            retries=request.retries)
+        result = GenerationResult.from_wire(
+            message["result"], engine=f"worker-{worker.index}", retries=request.retries
+        )
         result.route["weights_version"] = worker.weights_version
         request.future.set_result(result)
 
@@ -391,15 +454,19 @@ class ForkPool:
         was_ready = worker.ready is not None and worker.ready.done()
         worker.alive = False
         if worker.ready is not None and not worker.ready.done():
-            worker.ready.set_exception(PoolError(
-                f"worker {worker.index} exited while starting: {self._log_tail(worker)}"))
+            worker.ready.set_exception(
+                PoolError(f"worker {worker.index} exited while starting: {self._log_tail(worker)}")
+            )
         self._kill(worker)
         orphans, worker.pending = list(worker.pending.values()), {}
         if self._closed:
             return
-        logger.warning("thaw: pool worker %d died (exit %s); replacing it, re-sending %d "
-                       "request(s)", worker.index, worker.proc.poll() if worker.proc else None,
-                       len(orphans))
+        logger.warning(
+            "thaw: pool worker %d died (exit %s); replacing it, re-sending %d request(s)",
+            worker.index,
+            worker.proc.poll() if worker.proc else None,
+            len(orphans),
+        )
         if was_ready:
             self.replacements += 1
             asyncio.get_running_loop().create_task(self._replace(worker))
@@ -407,8 +474,11 @@ class ForkPool:
             if request.future.done():
                 continue
             if request.retries >= self.max_retries:
-                request.future.set_exception(PoolError(
-                    f"request {request.id} failed: its worker died {request.retries + 1} times"))
+                request.future.set_exception(
+                    PoolError(
+                        f"request {request.id} failed: its worker died {request.retries + 1} times"
+                    )
+                )
                 continue
             request.retries += 1
             await self._send(request)
@@ -421,8 +491,14 @@ class ForkPool:
 
     # ------------------------------------------------------------------ weights
 
-    def load_weights(self, src: Any, weights_version: str | None = None, *, layout: str = "auto",
-                     timeout_s: float = 600.0) -> str:
+    def load_weights(
+        self,
+        src: Any,
+        weights_version: str | None = None,
+        *,
+        layout: str = "auto",
+        timeout_s: float = 600.0,
+    ) -> str:
         """Hot-swap every worker to new weights, no restart; returns the new weights_version.
 
         Fence: new requests are held, in-flight ones finish (under the old weights), then all
@@ -452,12 +528,19 @@ class ForkPool:
         try:
             while any(w.pending for w in self._workers):  # drain: in-flight ones finish first
                 if time.monotonic() > deadline:
-                    raise PoolError(f"requests still in flight after {timeout_s} s; weights not swapped")
+                    raise PoolError(
+                        f"requests still in flight after {timeout_s} s; weights not swapped"
+                    )
                 await asyncio.sleep(0.02)
             source = {"source": desc, "weights_version": version}
             live = [w for w in self._workers if w.alive]
-            replies = await asyncio.gather(*(self._swap_worker(w, source, max(1.0, deadline - time.monotonic()))
-                                             for w in live), return_exceptions=True)
+            replies = await asyncio.gather(
+                *(
+                    self._swap_worker(w, source, max(1.0, deadline - time.monotonic()))
+                    for w in live
+                ),
+                return_exceptions=True,
+            )
             failed = [(w.index, r) for w, r in zip(live, replies) if isinstance(r, BaseException)]
             for worker, reply in zip(live, replies):
                 if isinstance(reply, BaseException):
@@ -473,8 +556,9 @@ class ForkPool:
             swap, self._swap = self._swap, None
             swap.set_result(None)
 
-    async def _swap_worker(self, worker: _Worker, source: dict[str, Any],
-                           timeout_s: float) -> dict[str, Any]:
+    async def _swap_worker(
+        self, worker: _Worker, source: dict[str, Any], timeout_s: float
+    ) -> dict[str, Any]:
         """Send one load_weights message and await its reply (namespace_key, stats)."""
         message_id = f"weights-{next(self._ids)}"
         future = asyncio.get_running_loop().create_future()
@@ -503,15 +587,22 @@ class ForkPool:
                 for request in list(worker.pending.values()):
                     if request.deadline is not None and now > request.deadline:
                         self._abort(request)
-                        request.future.set_exception(TimeoutError(
-                            f"branch request {request.id} exceeded its timeout on worker "
-                            f"{worker.index}; aborted"))
+                        request.future.set_exception(
+                            TimeoutError(
+                                f"branch request {request.id} exceeded its timeout on worker "
+                                f"{worker.index}; aborted"
+                            )
+                        )
                 if now - worker.last_pong > self.ping_timeout_s:
-                    logger.warning("thaw: pool worker %d stopped answering; killing it",
-                                   worker.index)
+                    logger.warning(
+                        "thaw: pool worker %d stopped answering; killing it", worker.index
+                    )
                     self._kill(worker)
-                elif (now - worker.last_ping > self.ping_interval_s and worker.writer is not None
-                      and not worker.writer.is_closing()):
+                elif (
+                    now - worker.last_ping > self.ping_interval_s
+                    and worker.writer is not None
+                    and not worker.writer.is_closing()
+                ):
                     worker.last_ping = now
                     worker.writer.write(wire.encode({"type": "ping", "id": int(now)}))
 

@@ -46,6 +46,10 @@ def default_placements(num_workers: int, gpu_memory_fraction: float) -> list[Pla
     count = max(1, torch.cuda.device_count())
     visible = os.environ.get("CUDA_VISIBLE_DEVICES")
     ids = [int(d) for d in visible.split(",")] if visible else list(range(count))
-    return [Placement(cuda_device=ids[i % len(ids)],
-                      engine_overrides={"gpu_memory_utilization": gpu_memory_fraction})
-            for i in range(num_workers)]
+    return [
+        Placement(
+            cuda_device=ids[i % len(ids)],
+            engine_overrides={"gpu_memory_utilization": gpu_memory_fraction},
+        )
+        for i in range(num_workers)
+    ]

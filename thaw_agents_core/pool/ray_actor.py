@@ -20,8 +20,10 @@ import asyncio
 import json
 import os
 import queue
+import sys
 import threading
 import time
+import traceback
 from dataclasses import dataclass
 from typing import Any
 
@@ -38,8 +40,9 @@ class _Running:
 class _EngineThread:
     """One vLLM ``LLMEngine`` driven by a thread; outputs go to ``deliver`` on ``loop``."""
 
-    def __init__(self, config: dict[str, Any], loop: asyncio.AbstractEventLoop,
-                 deliver: Any) -> None:
+    def __init__(
+        self, config: dict[str, Any], loop: asyncio.AbstractEventLoop, deliver: Any
+    ) -> None:
         self.config, self.loop, self.deliver = config, loop, deliver
         self.inbox: queue.SimpleQueue = queue.SimpleQueue()
         self.requests: dict[str, _Running] = {}
@@ -61,15 +64,22 @@ class _EngineThread:
             setattr(args, name, value)
         self.engine = LLMEngine.from_engine_args(args)
         settings = spec.connector_settings
-        namespace = namespace_for(self.engine.vllm_config,
-                                  settings.weights_version if settings else "")
-        return {"type": "ready", "pid": os.getpid(), "namespace_key": namespace.key(),
-                "block_size": namespace.block_size, "startup_s": round(time.perf_counter() - began, 3)}
+        namespace = namespace_for(
+            self.engine.vllm_config, settings.weights_version if settings else ""
+        )
+        return {
+            "type": "ready",
+            "pid": os.getpid(),
+            "namespace_key": namespace.key(),
+            "block_size": namespace.block_size,
+            "startup_s": round(time.perf_counter() - began, 3),
+        }
 
     def _resolve(self, future: asyncio.Future, value: Any, error: bool = False) -> None:
         def settle() -> None:
             if not future.done():
                 (future.set_exception if error else future.set_result)(value)
+
         self.loop.call_soon_threadsafe(settle)
 
     def _run(self) -> None:
@@ -78,6 +88,14 @@ class _EngineThread:
         except BaseException as exc:  # noqa: BLE001 - reported to the pool by start_engine
             self._resolve(self.ready, RuntimeError(f"{type(exc).__name__}: {exc}"), error=True)
             return
+        try:
+            self._serve()
+        except BaseException:  # noqa: BLE001 - a dead engine must not look alive: end the actor
+            traceback.print_exc()  # (Ray keeps the actor's log) -> the pool sees ActorDiedError,
+            sys.stderr.flush()  # replaces the actor and re-sends its branches
+            os._exit(1)
+
+    def _serve(self) -> None:
         while True:
             # Busy: take what arrived and step. Idle: sleep until the next command.
             command = self._next() if self.engine.has_unfinished_requests() else self.inbox.get()
@@ -116,15 +134,18 @@ class _EngineThread:
         try:
             options = GenerationOptions.from_mapping(message.get("options") or {})
             params = to_sampling_params(options, stream=bool(message.get("stream")))
-            self.engine.add_request(request_id, compat.tokens_prompt(message["prompt_ids"]),
-                                    params)
+            self.engine.add_request(request_id, compat.tokens_prompt(message["prompt_ids"]), params)
         except Exception as exc:  # noqa: BLE001 - reported to the caller, the actor keeps serving
-            self.deliver(request_id, {"type": "error", "id": request_id,
-                                      "message": f"{type(exc).__name__}: {exc}"})
+            self.deliver(
+                request_id,
+                {"type": "error", "id": request_id, "message": f"{type(exc).__name__}: {exc}"},
+            )
             return
         self.requests[request_id] = _Running(
-            time.perf_counter(), bool(message.get("stream")),
-            GenerationResult(prompt_tokens=len(message["prompt_ids"])))
+            time.perf_counter(),
+            bool(message.get("stream")),
+            GenerationResult(prompt_tokens=len(message["prompt_ids"])),
+        )
 
     def _step(self) -> None:
         for out in self.engine.step():
@@ -133,12 +154,13 @@ class _EngineThread:
                 continue
             text = running.result.absorb(out, running.began, time.perf_counter())
             if running.stream and text:
-                self.deliver(out.request_id, {"type": "delta", "id": out.request_id,
-                                              "text": text})
+                self.deliver(out.request_id, {"type": "delta", "id": out.request_id, "text": text})
             if out.finished:
                 del self.requests[out.request_id]
-                self.deliver(out.request_id, {"type": "done", "id": out.request_id,
-                                              "result": running.result.to_wire()})
+                self.deliver(
+                    out.request_id,
+                    {"type": "done", "id": out.request_id, "result": running.result.to_wire()},
+                )
 
 
 class EngineActor:
@@ -154,8 +176,13 @@ class EngineActor:
         import ray
 
         context = ray.get_runtime_context()
-        return json.dumps({"node_id": context.get_node_id(), "pid": os.getpid(),
-                           "accelerators": context.get_accelerator_ids()})
+        return json.dumps(
+            {
+                "node_id": context.get_node_id(),
+                "pid": os.getpid(),
+                "accelerators": context.get_accelerator_ids(),
+            }
+        )
 
     async def start_engine(self, config_json: str) -> str:
         """Start the engine on its own thread from the pool's config JSON and wait until it is
@@ -238,8 +265,7 @@ class EngineActor:
             reset = engine.reset_prefix_cache
             reset(**compat.reset_prefix_cache_kwargs(reset))
             namespace = namespace_for(engine.vllm_config, version)
-            return {"weights_version": version, "namespace_key": namespace.key(),
-                    "stats": stats[0]}
+            return {"weights_version": version, "namespace_key": namespace.key(), "stats": stats[0]}
 
         return json.dumps(await self._call(swap))
 
@@ -261,24 +287,36 @@ def import_ray() -> Any:
     try:
         import ray
     except ImportError as exc:
-        raise ImportError("RayForkPool needs Ray: pip install 'thaw-agents[ray]' (or ray)") \
-            from exc
+        raise ImportError("RayForkPool needs Ray: pip install 'thaw-agents[ray]' (or ray)") from exc
     return ray
 
 
-def create_engine_actor(name: str, placement_group: Any, bundle_index: int,
-                        resources: dict[str, float], environment: dict[str, str]) -> Any:
+def create_engine_actor(
+    name: str,
+    placement_group: Any,
+    bundle_index: int,
+    resources: dict[str, float],
+    environment: dict[str, str],
+) -> Any:
     """A new EngineActor (no engine yet) in bundle ``bundle_index`` of ``placement_group``."""
     from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
 
     ray = import_ray()
     custom = dict(resources)
     cpus, gpus = custom.pop("CPU", 0.0), custom.pop("GPU", 0.0)
-    return ray.remote(EngineActor).options(
-        name=name, num_cpus=cpus, num_gpus=gpus, resources=custom, max_restarts=0,
-        max_concurrency=1000,
-        scheduling_strategy=PlacementGroupSchedulingStrategy(placement_group, bundle_index),
-    ).remote(environment)
+    return (
+        ray.remote(EngineActor)
+        .options(
+            name=name,
+            num_cpus=cpus,
+            num_gpus=gpus,
+            resources=custom,
+            max_restarts=0,
+            max_concurrency=1000,
+            scheduling_strategy=PlacementGroupSchedulingStrategy(placement_group, bundle_index),
+        )
+        .remote(environment)
+    )
 
 
 def spec_on_store(spec: Any, store_url: str) -> Any:
@@ -286,8 +324,10 @@ def spec_on_store(spec: Any, store_url: str) -> Any:
     import dataclasses
 
     config = json.loads(spec.kv_transfer_json or "{}")
-    config["kv_connector_extra_config"] = {**config["kv_connector_extra_config"],
-                                           "store": store_url}
+    config["kv_connector_extra_config"] = {
+        **config["kv_connector_extra_config"],
+        "store": store_url,
+    }
     return dataclasses.replace(spec, kv_transfer_json=json.dumps(config, sort_keys=True))
 
 

@@ -25,12 +25,14 @@ until Ray lists none of its actors. Non-detached actors also die with the driver
 from __future__ import annotations
 
 import asyncio
+import atexit
 import contextvars
 import itertools
 import json
 import logging
 import secrets
 import time
+import weakref
 from dataclasses import asdict, dataclass, field
 from typing import Any, Callable
 
@@ -94,41 +96,65 @@ class _WorkerLost(Exception):
 class RayForkPool(WeightSwaps):
     """N warm vLLM engines as Ray actors; branches load the prefix from their node's store."""
 
-    def __init__(self, spec: EngineSpec, num_workers: int = 2, *, address: str | None = None,
-                 snapshot_transport: str = OBJECT_STORE, num_cpus_per_worker: float = 1.0,
-                 num_gpus_per_worker: float | None = None,
-                 resources_per_worker: dict[str, float] | None = None,
-                 placement_strategy: str = "SPREAD", node_store_bytes: int = 1 << 30,
-                 engine_overrides: dict[str, Any] | None = None,
-                 worker_env: dict[str, str] | None = None, start_timeout_s: float = 900.0,
-                 request_timeout_s: float | None = None, ping_interval_s: float = 5.0,
-                 ping_timeout_s: float = 60.0, max_retries: int = 2,
-                 expected_namespace_key: str | None = None,
-                 ray_init_kwargs: dict[str, Any] | None = None) -> None:
+    def __init__(
+        self,
+        spec: EngineSpec,
+        num_workers: int = 2,
+        *,
+        address: str | None = None,
+        snapshot_transport: str = OBJECT_STORE,
+        num_cpus_per_worker: float = 1.0,
+        num_gpus_per_worker: float | None = None,
+        resources_per_worker: dict[str, float] | None = None,
+        placement_strategy: str = "SPREAD",
+        node_store_bytes: int = 1 << 30,
+        engine_overrides: dict[str, Any] | None = None,
+        worker_env: dict[str, str] | None = None,
+        start_timeout_s: float = 900.0,
+        request_timeout_s: float | None = None,
+        ping_interval_s: float = 5.0,
+        ping_timeout_s: float = 60.0,
+        max_retries: int = 2,
+        expected_namespace_key: str | None = None,
+        ray_init_kwargs: dict[str, Any] | None = None,
+    ) -> None:
         if num_workers < 1:
             raise ValueError(f"num_workers must be >= 1, got {num_workers}")
         settings = spec.connector_settings
         if settings is None:
-            raise ValueError("pool workers load prefixes through ThawConnector: the spec needs "
-                             "a KV store (ChatThaw(kv_store=...) or kv_transfer=...)")
+            raise ValueError(
+                "pool workers load prefixes through ThawConnector: the spec needs "
+                "a KV store (ChatThaw(kv_store=...) or kv_transfer=...)"
+            )
         if placement_strategy not in ("PACK", "SPREAD", "STRICT_PACK", "STRICT_SPREAD"):
-            raise ValueError(f"placement_strategy must be PACK, SPREAD, STRICT_PACK or "
-                             f"STRICT_SPREAD, got {placement_strategy!r}")
+            raise ValueError(
+                f"placement_strategy must be PACK, SPREAD, STRICT_PACK or "
+                f"STRICT_SPREAD, got {placement_strategy!r}"
+            )
         self.spec = spec
         self.address = address
         self._transport = check_transport(snapshot_transport)
-        gpus = num_gpus_per_worker if num_gpus_per_worker is not None else (
-            0.0 if compat.is_cpu_platform() else 1.0)
-        bundle = {"CPU": float(num_cpus_per_worker), **({"GPU": float(gpus)} if gpus else {}),
-                  **{k: float(v) for k, v in (resources_per_worker or {}).items()}}
-        self.placements = [RayPlacement(bundle_index=i, resources=dict(bundle))
-                           for i in range(num_workers)]
+        gpus = (
+            num_gpus_per_worker
+            if num_gpus_per_worker is not None
+            else (0.0 if compat.is_cpu_platform() else 1.0)
+        )
+        bundle = {
+            "CPU": float(num_cpus_per_worker),
+            **({"GPU": float(gpus)} if gpus else {}),
+            **{k: float(v) for k, v in (resources_per_worker or {}).items()},
+        }
+        self.placements = [
+            RayPlacement(bundle_index=i, resources=dict(bundle)) for i in range(num_workers)
+        ]
         self.placement_strategy = placement_strategy
         self.node_store_bytes = node_store_bytes
         self.engine_overrides = dict(engine_overrides or {})
-        self.environment = {"VLLM_ENABLE_V1_MULTIPROCESSING": "0", **(
-            {"OMP_NUM_THREADS": str(max(1, int(num_cpus_per_worker)))} if not gpus else {}),
-            **(worker_env or {})}
+        self.environment = {
+            "VLLM_ENABLE_V1_MULTIPROCESSING": "0",
+            **({"OMP_NUM_THREADS": str(max(1, int(num_cpus_per_worker)))} if not gpus else {}),
+            **(worker_env or {}),
+        }
         self.start_timeout_s = start_timeout_s
         self.request_timeout_s = request_timeout_s
         self.ping_interval_s = ping_interval_s
@@ -205,12 +231,19 @@ class RayForkPool(WeightSwaps):
         if not ray.is_initialized():
             ray.init(address=self.address, **{"log_to_driver": False, **self.ray_init_kwargs})
             self._owns_ray = True
+        _live_pools.add(self)
+        atexit.unregister(_close_pools)
+        atexit.register(_close_pools)  # after Ray's own exit hook: runs before it (LIFO)
         from thaw_agents_core.store.url import attach_url, open_store
 
         self._parent_store = open_store(attach_url(self.spec.connector_settings.store))
-        self._copies = NodeCopies(self._parent_store, self._transport, name=self.name,
-                                  capacity_bytes=self.node_store_bytes,
-                                  timeout_s=self.start_timeout_s)
+        self._copies = NodeCopies(
+            self._parent_store,
+            self._transport,
+            name=self.name,
+            capacity_bytes=self.node_store_bytes,
+            timeout_s=self.start_timeout_s,
+        )
         self._loop = LoopThread("thaw-ray-pool")
         try:
             self._loop.submit(self._start_all()).result()
@@ -240,15 +273,19 @@ class RayForkPool(WeightSwaps):
         ray = import_ray()
         from ray.util.placement_group import placement_group
 
-        self._pg = placement_group([p.resources for p in self.placements],
-                                   strategy=self.placement_strategy, name=f"{self.name}-pg")
+        self._pg = placement_group(
+            [p.resources for p in self.placements],
+            strategy=self.placement_strategy,
+            name=f"{self.name}-pg",
+        )
         try:
             await asyncio.wait_for(self._pg.ready(), self.start_timeout_s)
         except asyncio.TimeoutError:
             raise PoolError(
                 f"Ray could not place {self.num_workers} worker(s) of {self.placements[0].resources}"
                 f" ({self.placement_strategy}) within {self.start_timeout_s} s; the cluster has "
-                f"{ray.cluster_resources()}, free {ray.available_resources()}") from None
+                f"{ray.cluster_resources()}, free {ray.available_resources()}"
+            ) from None
         await asyncio.gather(*(self._spawn(s) for s in self._slots))
         self._spawn_task(self._watch())
 
@@ -261,8 +298,12 @@ class RayForkPool(WeightSwaps):
         ray = import_ray()
         slot.generation += 1
         actor = slot.actor = create_engine_actor(  # close() kills it while it waits for a node
-            f"{self.name}-w{slot.index}.{slot.generation}", self._pg, slot.index,
-            slot.placement.resources, self.environment)
+            f"{self.name}-w{slot.index}.{slot.generation}",
+            self._pg,
+            slot.index,
+            slot.placement.resources,
+            self.environment,
+        )
         step = "placed"
         try:
             info = json.loads(await asyncio.wait_for(actor.info.remote(), self.start_timeout_s))
@@ -271,32 +312,46 @@ class RayForkPool(WeightSwaps):
             store = await self._copies.store_of(info["node_id"])
             spec = spec_on_store(self.spec, await store.url.remote())
             config = {"spec": asdict(spec), "engine_overrides": self.engine_overrides}
-            ready = json.loads(await asyncio.wait_for(
-                actor.start_engine.remote(json.dumps(config)), self.start_timeout_s))
+            ready = json.loads(
+                await asyncio.wait_for(
+                    actor.start_engine.remote(json.dumps(config)), self.start_timeout_s
+                )
+            )
             if self._last_weights is not None:  # a replacement after a swap: same weights first
                 step = f"on weights {self.weights_version!r}"
-                ready.update(await self._swap_worker(actor, self._last_weights,
-                                                     self.start_timeout_s))
+                ready.update(
+                    await self._swap_worker(actor, self._last_weights, self.start_timeout_s)
+                )
         except (asyncio.TimeoutError, ray.exceptions.RayError) as exc:
             kill_actor(actor)
-            raise PoolError(f"Ray worker {slot.index} was not {step} within "
-                            f"{self.start_timeout_s} s: {type(exc).__name__}: {exc}") from None
+            raise PoolError(
+                f"Ray worker {slot.index} was not {step} within "
+                f"{self.start_timeout_s} s: {type(exc).__name__}: {exc}"
+            ) from None
         if self.expected_namespace_key and ready["namespace_key"] != self.expected_namespace_key:
             kill_actor(actor)
-            raise PoolError(f"Ray worker {slot.index} has KV namespace {ready['namespace_key']}, "
-                            f"the parent {self.expected_namespace_key}: same model (at the same "
-                            "path on every node), dtype and block size are needed")
+            raise PoolError(
+                f"Ray worker {slot.index} has KV namespace {ready['namespace_key']}, "
+                f"the parent {self.expected_namespace_key}: same model (at the same "
+                "path on every node), dtype and block size are needed"
+            )
         self._block_size = ready["block_size"]
         slot.placement.node_id, slot.pid = info["node_id"], ready["pid"]
         slot.namespace_key, slot.pending, slot.alive = ready["namespace_key"], {}, True
-        logger.info("thaw: Ray worker %d ready on node %s (pid %d, %.1f s)", slot.index,
-                    info["node_id"][:12], ready["pid"], ready["startup_s"])
+        logger.info(
+            "thaw: Ray worker %d ready on node %s (pid %d, %.1f s)",
+            slot.index,
+            info["node_id"][:12],
+            ready["pid"],
+            ready["startup_s"],
+        )
 
     def close(self, timeout_s: float = 30.0) -> None:
         """Stop every engine, kill every actor of the pool; safe to call twice."""
         if self._closed:
             return
         self._closed = True
+        _live_pools.discard(self)
         if self._loop is not None:
             try:
                 self._loop.submit(self._shutdown(timeout_s)).result(timeout_s + 10)
@@ -325,8 +380,10 @@ class RayForkPool(WeightSwaps):
         calls = [s.actor.shutdown.remote() for s in self._slots if s.actor is not None]
         calls += [store.close.remote() for store in stores]
         if calls:
-            await asyncio.wait([asyncio.ensure_future(settle(c)) for c in calls],
-                               timeout=max(1.0, deadline - time.monotonic()) / 2)
+            await asyncio.wait(
+                [asyncio.ensure_future(settle(c)) for c in calls],
+                timeout=max(1.0, deadline - time.monotonic()) / 2,
+            )
         for actor in [s.actor for s in self._slots] + stores:
             kill_actor(actor)
         if self._copies is not None:
@@ -338,9 +395,15 @@ class RayForkPool(WeightSwaps):
 
     # ------------------------------------------------------------------ requests
 
-    async def generate(self, prompt_ids: list[int], options: GenerationOptions, *,
-                       on_delta: DeltaCallback | None = None, worker: int | None = None,
-                       timeout_s: float | None = None) -> GenerationResult:
+    async def generate(
+        self,
+        prompt_ids: list[int],
+        options: GenerationOptions,
+        *,
+        on_delta: DeltaCallback | None = None,
+        worker: int | None = None,
+        timeout_s: float | None = None,
+    ) -> GenerationResult:
         """Run one request on a worker (the least loaded, or ``worker``); usable from any loop.
 
         ``on_delta`` gets each new piece of text, on the caller's loop and in its context.
@@ -353,20 +416,29 @@ class RayForkPool(WeightSwaps):
             caller, callback = asyncio.get_running_loop(), on_delta
             context = contextvars.copy_context()
             on_delta = lambda text: caller.call_soon_threadsafe(  # noqa: E731
-                callback, text, context=context)
-        payload = {"prompt_ids": list(prompt_ids), "stream": on_delta is not None,
-                   "options": {k: v for k, v in asdict(options).items() if v is not None}}
+                callback, text, context=context
+            )
+        payload = {
+            "prompt_ids": list(prompt_ids),
+            "stream": on_delta is not None,
+            "options": {k: v for k, v in asdict(options).items() if v is not None},
+        }
         timeout = timeout_s if timeout_s is not None else self.request_timeout_s
         return await self._loop.call(self._generate(payload, on_delta, worker, timeout))
 
-    async def _generate(self, payload: dict[str, Any], on_delta: DeltaCallback | None,
-                        preferred: int | None, timeout_s: float | None) -> GenerationResult:
-        request = _Request(f"fork-{next(self._ids)}", payload, on_delta,
-                           self._lookup(payload["prompt_ids"]))
+    async def _generate(
+        self,
+        payload: dict[str, Any],
+        on_delta: DeltaCallback | None,
+        preferred: int | None,
+        timeout_s: float | None,
+    ) -> GenerationResult:
+        request = _Request(f"fork-{next(self._ids)}", payload, on_delta, None)
         deadline = None if timeout_s is None else time.monotonic() + timeout_s
         while True:
             while self._swap is not None:  # hold new requests while weights are swapped
                 await asyncio.shield(self._swap)
+            request.snapshot = self._lookup(payload["prompt_ids"])  # in the current namespace
             slot = await self._pick(preferred)
             generation = slot.generation
             slot.pending[request.id] = request
@@ -375,8 +447,10 @@ class RayForkPool(WeightSwaps):
                 return await asyncio.wait_for(self._run_on(slot, request), remaining)
             except asyncio.TimeoutError:
                 slot.actor.abort.remote(request.id)
-                raise TimeoutError(f"branch request {request.id} exceeded its timeout on worker "
-                                   f"{slot.index}; aborted") from None
+                raise TimeoutError(
+                    f"branch request {request.id} exceeded its timeout on worker "
+                    f"{slot.index}; aborted"
+                ) from None
             except asyncio.CancelledError:
                 if slot.alive:
                     slot.actor.abort.remote(request.id)
@@ -384,8 +458,10 @@ class RayForkPool(WeightSwaps):
             except _WorkerLost as lost:
                 self._on_death(slot, generation, str(lost))
                 if request.retries >= self.max_retries:
-                    raise PoolError(f"request {request.id} failed: its worker died "
-                                    f"{request.retries + 1} times ({lost})") from None
+                    raise PoolError(
+                        f"request {request.id} failed: its worker died "
+                        f"{request.retries + 1} times ({lost})"
+                    ) from None
                 request.retries += 1
                 preferred = None
             finally:
@@ -400,8 +476,11 @@ class RayForkPool(WeightSwaps):
             if live:
                 return min(live, key=lambda s: (len(s.pending), s.index))
             if self._closed or time.monotonic() > deadline:
-                raise PoolError("the pool was closed" if self._closed else
-                                "no live Ray worker (all died and none came back)")
+                raise PoolError(
+                    "the pool was closed"
+                    if self._closed
+                    else "no live Ray worker (all died and none came back)"
+                )
             await asyncio.sleep(0.1)  # replacements are starting
 
     async def _run_on(self, slot: _Slot, request: _Request) -> GenerationResult:
@@ -420,19 +499,22 @@ class RayForkPool(WeightSwaps):
                     raise ValueError(frame["message"])
                 elif frame["type"] == "done":
                     return self._finished(slot, request, frame["result"])
-        except (ray.exceptions.RayActorError, ray.exceptions.ObjectLostError,
-                ray.exceptions.WorkerCrashedError, ray.exceptions.NodeDiedError) as exc:
+        except (
+            ray.exceptions.RayActorError,
+            ray.exceptions.ObjectLostError,
+            ray.exceptions.WorkerCrashedError,
+            ray.exceptions.NodeDiedError,
+        ) as exc:
             raise _WorkerLost(f"{type(exc).__name__}: {str(exc)[:300]}") from None
         except ray.exceptions.RayTaskError as exc:
-            raise PoolError(f"Ray worker {slot.index} failed request {request.id}: {exc}") \
-                from None
+            raise PoolError(f"Ray worker {slot.index} failed request {request.id}: {exc}") from None
         raise _WorkerLost("its stream ended without a result")
 
     def _finished(self, slot: _Slot, request: _Request, wire: dict[str, Any]) -> GenerationResult:
-        result = GenerationResult.from_wire(wire, engine=f"worker-{slot.index}",
-                                            retries=request.retries)
-        result.route.update(weights_version=self.weights_version,
-                            node_id=slot.placement.node_id)
+        result = GenerationResult.from_wire(
+            wire, engine=f"worker-{slot.index}", retries=request.retries
+        )
+        result.route.update(weights_version=self.weights_version, node_id=slot.placement.node_id)
         match = request.snapshot
         if match is not None and result.cached_tokens < match.num_blocks * self._block_size:
             # the node's copy was evicted (or never arrived): the next branch re-sends it
@@ -447,8 +529,12 @@ class RayForkPool(WeightSwaps):
         kill_actor(slot.actor)
         if self._closed:
             return
-        logger.warning("thaw: Ray worker %d died (%s); replacing it, re-sending %d request(s)",
-                       slot.index, reason, len(slot.pending))
+        logger.warning(
+            "thaw: Ray worker %d died (%s); replacing it, re-sending %d request(s)",
+            slot.index,
+            reason,
+            len(slot.pending),
+        )
         self.replacements += 1
         self._spawn_task(self._replace(slot))
 
@@ -466,7 +552,8 @@ class RayForkPool(WeightSwaps):
             live = [(s, s.generation) for s in self._slots if s.alive]
             answers = await asyncio.gather(
                 *(asyncio.wait_for(s.actor.ping.remote(), self.ping_timeout_s) for s, _ in live),
-                return_exceptions=True)
+                return_exceptions=True,
+            )
             for (slot, generation), answer in zip(live, answers):
                 if isinstance(answer, (asyncio.TimeoutError, ray.exceptions.RayError)):
                     self._on_death(slot, generation, f"ping: {type(answer).__name__}")
@@ -491,7 +578,17 @@ class RayForkPool(WeightSwaps):
 
     def _lookup(self, prompt_ids: list[int]) -> Any:
         key = self.expected_namespace_key or next(
-            (s.namespace_key for s in self._slots if s.namespace_key), "")
+            (s.namespace_key for s in self._slots if s.namespace_key), ""
+        )
         if not key or not self._block_size or self._copies is None:
             return None
         return self._copies.lookup(prompt_ids, key, self._block_size)
+
+
+_live_pools: weakref.WeakSet[RayForkPool] = weakref.WeakSet()
+
+
+def _close_pools() -> None:
+    """At interpreter exit: close every started pool (its node arenas, its actors)."""
+    for pool in list(_live_pools):
+        pool.close(timeout_s=10.0)

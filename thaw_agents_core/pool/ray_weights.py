@@ -1,10 +1,10 @@
 """RayForkPool's weight updates: ``load_weights`` fenced by ``weights_version``, through Ray.
 
-    load_weights(src, version)          (any thread)
-      -> new requests wait (``_swap``), in-flight ones finish
-      -> every live EngineActor: load_weights.remote(JSON descriptor) (weights.sources.describe)
-      -> pool.weights_version, expected_namespace_key = the new ones; a failed actor is replaced
-         (its replacement re-loads a ``.thaw`` file source before it serves)
+load_weights(src, version)          (any thread)
+  -> new requests wait (``_swap``), in-flight ones finish
+  -> every live EngineActor: load_weights.remote(JSON descriptor) (weights.sources.describe)
+  -> pool.weights_version, expected_namespace_key = the new ones; a failed actor is replaced
+     (its replacement re-loads a ``.thaw`` file source before it serves)
 """
 
 from __future__ import annotations
@@ -31,8 +31,14 @@ class WeightSwaps:
     def _on_death(self, slot: Any, generation: int, reason: str) -> None:
         raise NotImplementedError
 
-    def load_weights(self, src: Any, weights_version: str | None = None, *, layout: str = "auto",
-                     timeout_s: float = 600.0) -> str:
+    def load_weights(
+        self,
+        src: Any,
+        weights_version: str | None = None,
+        *,
+        layout: str = "auto",
+        timeout_s: float = 600.0,
+    ) -> str:
         """Hot-swap every actor to new weights, no restart; returns the new weights_version.
 
         The fence of ``ForkPool.load_weights``: new requests wait, in-flight ones finish, every
@@ -63,21 +69,29 @@ class WeightSwaps:
         try:
             while any(s.pending for s in self._slots):  # drain: in-flight ones finish first
                 if time.monotonic() > deadline:
-                    raise PoolError(f"requests still in flight after {timeout_s} s; weights "
-                                    "not swapped")
+                    raise PoolError(
+                        f"requests still in flight after {timeout_s} s; weights not swapped"
+                    )
                 await asyncio.sleep(0.02)
             source = {"source": desc, "weights_version": version}
             live = [(s, s.generation) for s in self._slots if s.alive]
-            replies = await asyncio.gather(*(self._swap_worker(
-                s.actor, source, max(1.0, deadline - time.monotonic())) for s, _ in live),
-                return_exceptions=True)
+            replies = await asyncio.gather(
+                *(
+                    self._swap_worker(s.actor, source, max(1.0, deadline - time.monotonic()))
+                    for s, _ in live
+                ),
+                return_exceptions=True,
+            )
             self.weights_version = version
             self._last_weights = source if desc.get("kind") == "file" else None
             keys = {r["namespace_key"] for r in replies if not isinstance(r, BaseException)}
             if len(keys) == 1:
                 self.expected_namespace_key = keys.pop()
-            failed = [(s.index, f"{type(r).__name__}: {r}") for (s, _), r in zip(live, replies)
-                      if isinstance(r, BaseException)]
+            failed = [
+                (s.index, f"{type(r).__name__}: {r}")
+                for (s, _), r in zip(live, replies)
+                if isinstance(r, BaseException)
+            ]
             for (slot, generation), reply in zip(live, replies):
                 if isinstance(reply, BaseException):  # never serve old or unverified weights
                     self._on_death(slot, generation, "load_weights failed")
@@ -89,7 +103,8 @@ class WeightSwaps:
             swap, self._swap = self._swap, None
             swap.set_result(None)
 
-    async def _swap_worker(self, actor: Any, source: dict[str, Any],
-                           timeout_s: float) -> dict[str, Any]:
+    async def _swap_worker(
+        self, actor: Any, source: dict[str, Any], timeout_s: float
+    ) -> dict[str, Any]:
         reply = await asyncio.wait_for(actor.load_weights.remote(json.dumps(source)), timeout_s)
         return json.loads(reply)

@@ -66,8 +66,8 @@ class FrameBuffer:
                 raise WireError(f"frame length {length} exceeds {MAX_FRAME_BYTES}")
             if len(self._data) < _HEADER.size + length:
                 break
-            body = bytes(self._data[_HEADER.size:_HEADER.size + length])
-            del self._data[:_HEADER.size + length]
+            body = bytes(self._data[_HEADER.size : _HEADER.size + length])
+            del self._data[: _HEADER.size + length]
             messages.append(_decode(body))
         return messages
 

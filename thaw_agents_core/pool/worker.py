@@ -74,10 +74,15 @@ class Worker:
             setattr(args, name, value)
         self.engine = LLMEngine.from_engine_args(args)
         settings = spec.connector_settings
-        namespace = namespace_for(self.engine.vllm_config,
-                                  settings.weights_version if settings else "")
-        self.send(type="ready", pid=os.getpid(), namespace_key=namespace.key(),
-                  startup_s=round(time.perf_counter() - began, 3))
+        namespace = namespace_for(
+            self.engine.vllm_config, settings.weights_version if settings else ""
+        )
+        self.send(
+            type="ready",
+            pid=os.getpid(),
+            namespace_key=namespace.key(),
+            startup_s=round(time.perf_counter() - began, 3),
+        )
 
     # ------------------------------------------------------------------ requests
 
@@ -107,8 +112,9 @@ class Worker:
 
         try:
             version = message["weights_version"]
-            stats = self.engine.collective_rpc("thaw_load_weights",
-                                               args=(message["source"], version))[0]
+            stats = self.engine.collective_rpc(
+                "thaw_load_weights", args=(message["source"], version)
+            )[0]
             reset = self.engine.reset_prefix_cache
             reset(**compat.reset_prefix_cache_kwargs(reset))
             fence.clear_published(self.engine.vllm_config)
@@ -116,8 +122,13 @@ class Worker:
         except Exception as exc:  # noqa: BLE001 - reported; the parent kills this worker
             self.send(type="error", id=message["id"], message=f"{type(exc).__name__}: {exc}")
             return
-        self.send(type="weights_loaded", id=message["id"], weights_version=version,
-                  namespace_key=namespace.key(), stats=stats)
+        self.send(
+            type="weights_loaded",
+            id=message["id"],
+            weights_version=version,
+            namespace_key=namespace.key(),
+            stats=stats,
+        )
 
     def add(self, message: dict[str, Any]) -> None:
         """Add a "generate" request to the engine; any failure (bad options, vLLM refusing the
@@ -129,14 +140,15 @@ class Worker:
         try:
             options = GenerationOptions.from_mapping(message.get("options") or {})
             params = to_sampling_params(options, stream=bool(message.get("stream")))
-            self.engine.add_request(request_id, compat.tokens_prompt(message["prompt_ids"]),
-                                    params)
+            self.engine.add_request(request_id, compat.tokens_prompt(message["prompt_ids"]), params)
         except Exception as exc:  # noqa: BLE001 - reported to the caller, worker keeps serving
             self.send(type="error", id=request_id, message=f"{type(exc).__name__}: {exc}")
             return
         self.requests[request_id] = _Running(
-            began=time.perf_counter(), stream=bool(message.get("stream")),
-            result=GenerationResult(prompt_tokens=len(message["prompt_ids"])))
+            began=time.perf_counter(),
+            stream=bool(message.get("stream")),
+            result=GenerationResult(prompt_tokens=len(message["prompt_ids"])),
+        )
 
     def step(self) -> None:
         """One engine step: stream deltas, send each finished request's result."""
@@ -146,8 +158,12 @@ class Worker:
                 continue
             text = running.result.absorb(out, running.began, time.perf_counter())
             if running.stream and text:
-                self.send(type="delta", id=out.request_id, text=text,
-                          num_tokens=len(out.outputs[0].token_ids))
+                self.send(
+                    type="delta",
+                    id=out.request_id,
+                    text=text,
+                    num_tokens=len(out.outputs[0].token_ids),
+                )
             if out.finished:
                 del self.requests[out.request_id]
                 self.send(type="done", id=out.request_id, result=running.result.to_wire())

@@ -77,8 +77,13 @@ _HEX_RUN = re.compile(r"[0-9a-f]*")
 
 def _all_hex(values: list[Any], width: int) -> bool:
     """Whether every value is a str of ``width`` lowercase hex chars (one regex pass in total)."""
-    return (set(map(type, values)) <= {str} and set(map(len, values)) <= {width}
-            and _HEX_RUN.fullmatch("".join(values)) is not None)
+    return (
+        set(map(type, values)) <= {str}
+        and set(map(len, values)) <= {width}
+        and _HEX_RUN.fullmatch("".join(values)) is not None
+    )
+
+
 _HEX_ANY = re.compile(r"(?:[0-9a-f]{2})*")
 
 
@@ -144,13 +149,17 @@ class Namespace:
     def __post_init__(self) -> None:
         shape = self.page_shape
         if not (isinstance(shape, (list, tuple)) and all(_is_int(d) and d >= 0 for d in shape)):
-            raise ValueError(f"namespace field 'page_shape' must be a list of non-negative ints, got {_short(shape)}")
+            raise ValueError(
+                f"namespace field 'page_shape' must be a list of non-negative ints, got {_short(shape)}"
+            )
         object.__setattr__(self, "page_shape", tuple(shape))
         for name in _NS_FIELDS:
             v = getattr(self, name)
             if name in ("block_size", "num_layers"):
                 if not _is_int(v) or v <= 0:
-                    raise ValueError(f"namespace field {name!r} must be a positive int, got {_short(v)}")
+                    raise ValueError(
+                        f"namespace field {name!r} must be a positive int, got {_short(v)}"
+                    )
             elif name != "page_shape" and not isinstance(v, str):
                 raise ValueError(f"namespace field {name!r} must be a string, got {_short(v)}")
         canon = json.dumps(self.to_json(), sort_keys=True, separators=(",", ":"))
@@ -166,11 +175,15 @@ class Namespace:
     def from_json(cls, obj: Any) -> Namespace:
         """Parse a header's ``namespace`` object (SnapshotFormatError unless exact)."""
         if not isinstance(obj, Mapping):
-            raise SnapshotFormatError(f"header field 'namespace' must be an object, got {_short(obj)}")
+            raise SnapshotFormatError(
+                f"header field 'namespace' must be an object, got {_short(obj)}"
+            )
         missing = [n for n in _NS_FIELDS if n not in obj]
         unknown = sorted(set(obj) - set(_NS_FIELDS))
         if missing or unknown:
-            raise SnapshotFormatError(f"namespace fields do not match: missing {missing}, unknown {unknown}")
+            raise SnapshotFormatError(
+                f"namespace fields do not match: missing {missing}, unknown {unknown}"
+            )
         try:
             return cls(**{n: obj[n] for n in _NS_FIELDS})
         except ValueError as e:
@@ -314,19 +327,27 @@ class SnapshotHeader:
             raise _err(f"header is missing required field(s): {', '.join(missing)}")
         unknown = sorted(set(obj) - set(_HEADER_FIELDS))
         if unknown:
-            raise _err(f"header has unknown field(s): {', '.join(unknown)} (custom data goes under 'extra')")
+            raise _err(
+                f"header has unknown field(s): {', '.join(unknown)} (custom data goes under 'extra')"
+            )
         if obj["format"] != FORMAT_NAME:
             raise _err(f"header field 'format' is {_short(obj['format'])}, expected 'thawkv'")
         version = obj["version"]
         if version != FORMAT_VERSION or not _is_int(version):
-            raise _err(f"unsupported snapshot version {_short(version)}: this reader supports version 1")
+            raise _err(
+                f"unsupported snapshot version {_short(version)}: this reader supports version 1"
+            )
         for name, (ok, what) in _FIELD_CHECKS.items():
             if not ok(obj[name]):
                 raise _err(f"header field {name!r} must be {what}, got {_short(obj[name])}")
         if json_nesting(obj["extra"]) > MAX_EXTRA_DEPTH:
-            raise _err(f"header field 'extra' nests more than MAX_EXTRA_DEPTH = {MAX_EXTRA_DEPTH} deep")
+            raise _err(
+                f"header field 'extra' nests more than MAX_EXTRA_DEPTH = {MAX_EXTRA_DEPTH} deep"
+            )
         tokens = obj["token_ids"]
-        if not set(map(type, tokens)) <= {int} or (tokens and (min(tokens) < 0 or max(tokens) >= 2**31)):
+        if not set(map(type, tokens)) <= {int} or (
+            tokens and (min(tokens) < 0 or max(tokens) >= 2**31)
+        ):
             raise _err("header field 'token_ids' must be a list of ints in [0, 2**31)")
 
         ns = Namespace.from_json(obj["namespace"])
@@ -335,7 +356,9 @@ class SnapshotHeader:
                        f"this reader verifies {HASH_ALGO!r}")  # fmt: skip
         num_tokens, bs = obj["num_tokens"], ns.block_size
         if num_tokens != len(tokens):
-            raise _err(f"header field 'num_tokens' is {num_tokens} but 'token_ids' has {len(tokens)} ids")
+            raise _err(
+                f"header field 'num_tokens' is {num_tokens} but 'token_ids' has {len(tokens)} ids"
+            )
         if num_tokens % bs:
             raise _err(f"num_tokens {num_tokens} is not a multiple of block_size {bs}: "
                        "a snapshot covers whole blocks only")  # fmt: skip
@@ -350,7 +373,9 @@ class SnapshotHeader:
                        f"block_bytes = {nb} * {block_bytes} = {nb * block_bytes}")  # fmt: skip
         hashes_hex = obj["block_hashes"]
         if len(hashes_hex) != nb:
-            raise _err(f"'block_hashes' has {len(hashes_hex)} entries, expected one per block ({nb})")
+            raise _err(
+                f"'block_hashes' has {len(hashes_hex)} entries, expected one per block ({nb})"
+            )
         if not _all_hex(hashes_hex, 64):  # one regex pass; the loop only names the culprit
             for i, h in enumerate(hashes_hex):
                 if not isinstance(h, str) or _HEX_HASH.fullmatch(h) is None:
@@ -464,7 +489,9 @@ def _checked_header_len(mv: memoryview) -> int:
             f"truncated snapshot: {n} bytes, shorter than the {PREFIX_BYTES}-byte prefix (magic + header_len)"
         )
     if mv[:8] != MAGIC:
-        raise SnapshotFormatError(f"bad magic {bytes(mv[:8])!r}: not a .thawkv snapshot (expected {MAGIC!r})")
+        raise SnapshotFormatError(
+            f"bad magic {bytes(mv[:8])!r}: not a .thawkv snapshot (expected {MAGIC!r})"
+        )
     (header_len,) = struct.unpack_from("<Q", mv, 8)
     if header_len > MAX_HEADER_BYTES:
         raise SnapshotFormatError(
@@ -472,12 +499,18 @@ def _checked_header_len(mv: memoryview) -> int:
         )
     end = PREFIX_BYTES + header_len
     if n < end:
-        raise _err(f"truncated snapshot: header needs bytes [16, {end}) but the buffer has {n} bytes")
+        raise _err(
+            f"truncated snapshot: header needs bytes [16, {end}) but the buffer has {n} bytes"
+        )
     return header_len
 
 
-def parse_snapshot(buf: Any, *, expect_namespace: Namespace | None = None,
-                   on_prefix: Callable[[memoryview, int], None] | None = None) -> SnapshotView:
+def parse_snapshot(
+    buf: Any,
+    *,
+    expect_namespace: Namespace | None = None,
+    on_prefix: Callable[[memoryview, int], None] | None = None,
+) -> SnapshotView:
     """Validate everything but the CRCs (see :func:`verify_chunks`) and return a zero-copy view.
 
     ``buf`` (bytes, bytearray, memoryview, mmap) may extend past the snapshot's end.
@@ -547,9 +580,10 @@ def compute_chunk_crcs(payload: Any, block_bytes: int, blocks_per_chunk: int) ->
 def check_chunk_crcs(header: SnapshotHeader, crcs: Sequence[int], first_chunk: int = 0) -> None:
     """The one chunk check: ``crcs`` (computed over chunks ``first_chunk, first_chunk + 1, ...``)
     must equal the header's; raises :class:`SnapshotChecksumError` naming every bad chunk."""
-    want = header.chunk_crc32c[first_chunk:first_chunk + len(crcs)]
-    bad = [first_chunk + i for i, (got, expected) in enumerate(zip(crcs, want))
-           if int(got) != expected]
+    want = header.chunk_crc32c[first_chunk : first_chunk + len(crcs)]
+    bad = [
+        first_chunk + i for i, (got, expected) in enumerate(zip(crcs, want)) if int(got) != expected
+    ]
     bad += range(first_chunk + len(want), first_chunk + len(crcs))  # past the header's chunks
     if bad:
         raise SnapshotChecksumError(bad, header.num_chunks)

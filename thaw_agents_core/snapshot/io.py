@@ -90,10 +90,14 @@ class SnapshotPlan:
         mv = self._dest(dest)
         h = self.header
         if chunk_crcs is None:
-            chunk_crcs = compute_chunk_crcs(self.payload_view(mv), h.block_bytes, h.blocks_per_chunk)
+            chunk_crcs = compute_chunk_crcs(
+                self.payload_view(mv), h.block_bytes, h.blocks_per_chunk
+            )
         crcs = [int(c) for c in chunk_crcs]
         if len(crcs) != h.num_chunks or any(not 0 <= c < 2**32 for c in crcs):
-            raise ValueError(f"need {h.num_chunks} chunk CRCs in [0, 2**32), got {len(crcs)}: {_short(crcs)}")
+            raise ValueError(
+                f"need {h.num_chunks} chunk CRCs in [0, 2**32), got {len(crcs)}: {_short(crcs)}"
+            )
         final = dataclasses.replace(h, chunk_crc32c=crcs)
         prefix = encode_header(final)
         if len(prefix) != self.payload_offset:  # cannot happen: CRCs are fixed-width
@@ -131,8 +135,10 @@ def plan_snapshot(
     if not isinstance(sid, str) or _HEX_ID.fullmatch(sid) is None:
         raise ValueError(f"snapshot_id must be 8-64 lowercase hex chars, got {sid!r}")
     if json_nesting(extra or {}) > MAX_EXTRA_DEPTH:
-        raise ValueError(f"extra nests more than MAX_EXTRA_DEPTH = {MAX_EXTRA_DEPTH} deep: "
-                         "readers refuse such a header")
+        raise ValueError(
+            f"extra nests more than MAX_EXTRA_DEPTH = {MAX_EXTRA_DEPTH} deep: "
+            "readers refuse such a header"
+        )
     try:
         json.dumps(extra or {})
     except (TypeError, ValueError) as e:
@@ -192,7 +198,9 @@ def read_snapshot_header(path: str | os.PathLike[str]) -> tuple[SnapshotHeader, 
 
 
 def open_snapshot_file(
-    path: str | os.PathLike[str], *, expect_namespace: Namespace | None = None,
+    path: str | os.PathLike[str],
+    *,
+    expect_namespace: Namespace | None = None,
     on_prefix: Callable[[memoryview, int], None] | None = None,
 ) -> SnapshotView:
     """mmap ``path`` read-only and validate it (``on_prefix``: see :func:`parse_snapshot`);

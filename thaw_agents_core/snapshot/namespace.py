@@ -80,8 +80,11 @@ def namespace_for(vllm_config: Any, weights_version: str = "") -> Namespace:
         layout=compat.kv_layout_name(),
         block_size=block_size,
         num_layers=int(model_config.get_num_layers(parallel_config)),
-        page_shape=(block_size, int(model_config.get_num_kv_heads(parallel_config)),
-                    int(model_config.get_head_size())),
+        page_shape=(
+            block_size,
+            int(model_config.get_num_kv_heads(parallel_config)),
+            int(model_config.get_head_size()),
+        ),
         vllm_version=compat.vllm_version(),
         hash_algo=HASH_ALGO,
     )
@@ -97,5 +100,3 @@ def _cached_fingerprint(model_config: Any, load_format: str) -> str:
     if key not in _fingerprints:
         _fingerprints[key] = model_fingerprint(model_config, load_format)
     return _fingerprints[key]
-
-

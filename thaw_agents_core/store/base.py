@@ -73,7 +73,9 @@ class SnapshotInfo:
 def check_key(value: str, what: str = "namespace_key") -> str:
     """Keys and snapshot ids become path components: lowercase hex only."""
     if not isinstance(value, str) or _KEY_RE.fullmatch(value) is None:
-        raise ValueError(f"{what} must be 8-64 lowercase hex chars (e.g. Namespace.key()), got {value!r}")
+        raise ValueError(
+            f"{what} must be 8-64 lowercase hex chars (e.g. Namespace.key()), got {value!r}"
+        )
     return value
 
 
@@ -142,7 +144,9 @@ class Reservation(ABC):
                     f"commit({namespace_key!r}) but the snapshot's namespace key is {key!r}"
                 )
             ref = SnapshotRef(key, h.snapshot_id)
-            info = SnapshotInfo(ref, h.num_blocks, view.total_bytes, h.created_unix, tuple(h.block_hashes))
+            info = SnapshotInfo(
+                ref, h.num_blocks, view.total_bytes, h.created_unix, tuple(h.block_hashes)
+            )
             return ref, info
         finally:
             view.payload.release()
@@ -171,8 +175,13 @@ class SnapshotStore(ABC):
         """A writable region of ``nbytes`` bytes for one new snapshot (see :class:`Reservation`)."""
 
     @abstractmethod
-    def open(self, ref: SnapshotRef, *, expect_namespace: Namespace | None = None,
-             on_prefix: PrefixHook | None = None) -> SnapshotView:
+    def open(
+        self,
+        ref: SnapshotRef,
+        *,
+        expect_namespace: Namespace | None = None,
+        on_prefix: PrefixHook | None = None,
+    ) -> SnapshotView:
         """A validated view (CRCs are the reader's job: ``verify_chunks``); raises
         :class:`SnapshotNotFoundError` when the snapshot is gone. ``on_prefix``: see
         :func:`~thaw_agents_core.snapshot.format.parse_snapshot`."""
@@ -234,7 +243,9 @@ class SnapshotStore(ABC):
         """The index entry of ``ref``; raises :class:`SnapshotNotFoundError` when it is gone."""
         found = self._refresh(ref.namespace_key).entries.get(ref.snapshot_id)
         if found is None:
-            raise SnapshotNotFoundError(f"snapshot {ref.snapshot_id} is not in namespace {ref.namespace_key}")
+            raise SnapshotNotFoundError(
+                f"snapshot {ref.snapshot_id} is not in namespace {ref.namespace_key}"
+            )
         return found
 
     def _refresh(self, namespace_key: str) -> _NamespaceIndex:

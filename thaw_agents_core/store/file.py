@@ -119,8 +119,12 @@ class FileStore(SnapshotStore):
         ref = SnapshotRef(namespace_key, snapshot_id)
         header, size = read_snapshot_header(self.path_of(ref))
         if header.snapshot_id != snapshot_id or header.namespace.key() != namespace_key:
-            raise ValueError(f"{self.path_of(ref)} holds snapshot {header.snapshot_id} of another name")
-        return SnapshotInfo(ref, header.num_blocks, size, header.created_unix, tuple(header.block_hashes))
+            raise ValueError(
+                f"{self.path_of(ref)} holds snapshot {header.snapshot_id} of another name"
+            )
+        return SnapshotInfo(
+            ref, header.num_blocks, size, header.created_unix, tuple(header.block_hashes)
+        )
 
     def reserve(self, nbytes: int) -> Reservation:
         """A preallocated temp file of ``nbytes`` (ValueError over ``max_bytes``)."""
@@ -163,17 +167,26 @@ class FileStore(SnapshotStore):
             unlink_if_exists(path)
             used -= size
 
-    def open(self, ref: SnapshotRef, *, expect_namespace: Namespace | None = None,
-             on_prefix: PrefixHook | None = None) -> SnapshotView:
+    def open(
+        self,
+        ref: SnapshotRef,
+        *,
+        expect_namespace: Namespace | None = None,
+        on_prefix: PrefixHook | None = None,
+    ) -> SnapshotView:
         """Map and validate the snapshot's file (see SnapshotStore.open); marks it used."""
         path = self.path_of(ref)
         try:
             view = open_snapshot_file(path, expect_namespace=expect_namespace, on_prefix=on_prefix)
         except FileNotFoundError:
-            raise SnapshotNotFoundError(f"snapshot {ref.snapshot_id} not found in {self!r} ({path})") from None
+            raise SnapshotNotFoundError(
+                f"snapshot {ref.snapshot_id} not found in {self!r} ({path})"
+            ) from None
         if view.header.snapshot_id != ref.snapshot_id:
             view.close()
-            raise ValueError(f"{path} holds snapshot {view.header.snapshot_id}, not {ref.snapshot_id}")
+            raise ValueError(
+                f"{path} holds snapshot {view.header.snapshot_id}, not {ref.snapshot_id}"
+            )
         touch(path)
         return view
 

@@ -26,7 +26,9 @@ def _boto3() -> Any:
         import boto3
         import boto3.s3.transfer  # noqa: F401
     except ImportError as e:
-        raise ImportError("S3 support needs boto3: pip install 'thaw-agents[s3]' (or pip install boto3)") from e
+        raise ImportError(
+            "S3 support needs boto3: pip install 'thaw-agents[s3]' (or pip install boto3)"
+        ) from e
     return boto3
 
 
@@ -36,13 +38,17 @@ def parse_s3_url(url: str) -> tuple[str, str]:
         raise ValueError(f"bad S3 URL {url!r}: expected s3://BUCKET/KEY")
     bucket, _, key = url[len("s3://") :].partition("/")
     if not bucket or not key or key.endswith("/"):
-        raise ValueError(f"bad S3 URL {url!r}: expected s3://BUCKET/KEY with a non-empty bucket and object key")
+        raise ValueError(
+            f"bad S3 URL {url!r}: expected s3://BUCKET/KEY with a non-empty bucket and object key"
+        )
     return bucket, key
 
 
 def make_client(endpoint_url: str | None = None) -> Any:
     """An S3 client for ``endpoint_url`` or the endpoint from the environment."""
-    endpoint = endpoint_url or os.environ.get("AWS_ENDPOINT_URL_S3") or os.environ.get("AWS_ENDPOINT_URL")
+    endpoint = (
+        endpoint_url or os.environ.get("AWS_ENDPOINT_URL_S3") or os.environ.get("AWS_ENDPOINT_URL")
+    )
     return _boto3().client("s3", endpoint_url=endpoint or None)
 
 

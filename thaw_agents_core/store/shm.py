@@ -69,12 +69,18 @@ class ShmDescriptor:
         ints = (d.offset, d.length, d.num_blocks, d.pid)
         if not all(type(v) is int and v >= 0 for v in ints) or d.offset % ALIGNMENT:
             raise ValueError(f"bad descriptor {reprlib.repr(obj)}")
-        if not (isinstance(d.snapshot_id, str) and isinstance(d.namespace_key, str)
-                and type(d.created_unix) in (int, float) and isinstance(d.block_hashes, list)
-                and all(isinstance(h, str) for h in d.block_hashes)):
+        if not (
+            isinstance(d.snapshot_id, str)
+            and isinstance(d.namespace_key, str)
+            and type(d.created_unix) in (int, float)
+            and isinstance(d.block_hashes, list)
+            and all(isinstance(h, str) for h in d.block_hashes)
+        ):
             raise ValueError(f"descriptor fields of the wrong type: {reprlib.repr(obj)}")
         if len(d.block_hashes) != d.num_blocks:
-            raise ValueError(f"descriptor lists {len(d.block_hashes)} hashes for {d.num_blocks} blocks")
+            raise ValueError(
+                f"descriptor lists {len(d.block_hashes)} hashes for {d.num_blocks} blocks"
+            )
         return d
 
 
@@ -143,7 +149,9 @@ class ShmStore(SnapshotStore):
     ):
         super().__init__()
         if not isinstance(name, str) or _NAME_RE.fullmatch(name) is None:
-            raise ValueError(f"bad ShmStore name {name!r}: 1-64 of [A-Za-z0-9_.-], not starting with . or -")
+            raise ValueError(
+                f"bad ShmStore name {name!r}: 1-64 of [A-Za-z0-9_.-], not starting with . or -"
+            )
         self.name = name
         self.path = os.path.join(shm_root, f"thaw-{name}")
         self.is_owner = False
@@ -154,7 +162,9 @@ class ShmStore(SnapshotStore):
         exists = os.path.exists(os.path.join(self.path, "meta.json"))
         if create or (create is None and not exists and capacity_bytes is not None):
             if capacity_bytes is None or capacity_bytes <= 0:
-                raise ValueError(f"creating ShmStore {name!r} needs capacity_bytes > 0, got {capacity_bytes}")
+                raise ValueError(
+                    f"creating ShmStore {name!r} needs capacity_bytes > 0, got {capacity_bytes}"
+                )
             try:
                 self._create(shm_root, align_up(capacity_bytes))
             except FileExistsError:
@@ -184,7 +194,9 @@ class ShmStore(SnapshotStore):
                 meta = None
         layout = meta.get("layout") if isinstance(meta, dict) else None
         if layout != LAYOUT:
-            raise ValueError(f"{self.path} has layout {reprlib.repr(layout)}, this version reads {LAYOUT!r}")
+            raise ValueError(
+                f"{self.path} has layout {reprlib.repr(layout)}, this version reads {LAYOUT!r}"
+            )
         fd = os.open(os.path.join(self.path, "arena"), os.O_RDWR)
         try:
             self.capacity_bytes = os.fstat(fd).st_size
@@ -213,8 +225,15 @@ class ShmStore(SnapshotStore):
                 os.close(fd)
             pid, start_ticks = process_token()
             with open(os.path.join(tmp, "meta.json"), "w") as f:
-                json.dump({"layout": LAYOUT, "capacity_bytes": capacity, "owner_pid": pid,
-                           "owner_start_ticks": start_ticks}, f)
+                json.dump(
+                    {
+                        "layout": LAYOUT,
+                        "capacity_bytes": capacity,
+                        "owner_pid": pid,
+                        "owner_start_ticks": start_ticks,
+                    },
+                    f,
+                )
             os.chmod(tmp, 0o700)
             try:
                 os.rename(tmp, self.path)
@@ -229,7 +248,9 @@ class ShmStore(SnapshotStore):
         self.is_owner = True
 
     def __repr__(self) -> str:
-        return f"ShmStore({self.name!r}, capacity_bytes={self.capacity_bytes}, owner={self.is_owner})"
+        return (
+            f"ShmStore({self.name!r}, capacity_bytes={self.capacity_bytes}, owner={self.is_owner})"
+        )
 
     # -- lifecycle ------------------------------------------------------------------------
     def close(self) -> None:
@@ -249,7 +270,9 @@ class ShmStore(SnapshotStore):
     def destroy(self) -> None:
         """Unlink the store's directory (creator only). Mapped processes keep their memory."""
         if not self.is_owner:
-            raise RuntimeError(f"{self!r} is attached, not the creator: only the creator destroys it")
+            raise RuntimeError(
+                f"{self!r} is attached, not the creator: only the creator destroys it"
+            )
         if self._finalizer is not None:
             self._finalizer()
 
@@ -312,7 +335,9 @@ class ShmStore(SnapshotStore):
         except RecursionError:  # nested past the recursion limit: as corrupt as bad JSON
             raise ValueError(f"descriptor {path} is not a descriptor (nested too deeply)") from None
         if (d.snapshot_id, d.namespace_key) != (ref.snapshot_id, ref.namespace_key):
-            raise ValueError(f"descriptor {path} names snapshot {d.snapshot_id} of {d.namespace_key}")
+            raise ValueError(
+                f"descriptor {path} names snapshot {d.snapshot_id} of {d.namespace_key}"
+            )
         return d
 
     def _load_entry(self, namespace_key: str, snapshot_id: str) -> SnapshotInfo:
@@ -369,7 +394,11 @@ class ShmStore(SnapshotStore):
                     mtime = os.stat(path).st_mtime_ns
                 except FileNotFoundError:
                     continue
-                except (ValueError, TypeError, RecursionError):  # unreadable: region unknown, drop it
+                except (
+                    ValueError,
+                    TypeError,
+                    RecursionError,
+                ):  # unreadable: region unknown, drop it
                     os.unlink(path)
                     continue
                 out.append(_Region(d.offset, align_up(d.length), path, True, mtime))
@@ -408,8 +437,13 @@ class ShmStore(SnapshotStore):
             _write_json_atomic(path, {"offset": offset, "nbytes": need, "pid": pid, "start": start})
         return _ShmReservation(self, path, offset, nbytes)
 
-    def open(self, ref: SnapshotRef, *, expect_namespace: Namespace | None = None,
-             on_prefix: PrefixHook | None = None) -> SnapshotView:
+    def open(
+        self,
+        ref: SnapshotRef,
+        *,
+        expect_namespace: Namespace | None = None,
+        on_prefix: PrefixHook | None = None,
+    ) -> SnapshotView:
         """Validate the snapshot in its arena region, zero-copy (see SnapshotStore.open)."""
         d = self._read_descriptor(ref)
         if d.offset + d.length > self.capacity_bytes:
@@ -420,7 +454,9 @@ class ShmStore(SnapshotStore):
             view = parse_snapshot(region, expect_namespace=expect_namespace, on_prefix=on_prefix)
         except SnapshotError as e:
             if not os.path.exists(self._descriptor_path(ref)):
-                raise SnapshotNotFoundError(f"{ref.snapshot_id} was evicted while opening ({where})") from None
+                raise SnapshotNotFoundError(
+                    f"{ref.snapshot_id} was evicted while opening ({where})"
+                ) from None
             raise SnapshotError(f"{where}: {e}") from None
         if view.header.snapshot_id != ref.snapshot_id or view.total_bytes != d.length:
             found = view.header.snapshot_id
@@ -465,7 +501,9 @@ class _ShmReservation(Reservation):
         )  # fmt: skip
         with flocked(s._lock):
             if not os.path.exists(self.path):
-                raise RuntimeError(f"reservation {self.path} vanished (store destroyed?): not published")
+                raise RuntimeError(
+                    f"reservation {self.path} vanished (store destroyed?): not published"
+                )
             final = s._descriptor_path(ref)
             os.makedirs(os.path.dirname(final), exist_ok=True)
             if os.path.exists(final):

@@ -51,18 +51,26 @@ def detect_page_spec(layer: torch.Tensor) -> KVPageSpec:
         return page_spec_for(layer, "flash")
     # Each block one contiguous run, its dims in any order (vLLM 0.26 CUDA hands a permuted
     # view: shape (N, 8, 16, 256), strides (32768, 256, 2048, 1)).
-    inner = sorted((layer.stride(d), layer.shape[d]) for d in range(1, layer.ndim)
-                   if layer.shape[d] != 1)
+    inner = sorted(
+        (layer.stride(d), layer.shape[d]) for d in range(1, layer.ndim) if layer.shape[d] != 1
+    )
     expected = 1
     for stride, size in inner:
         if stride != expected:
             break
         expected *= size
     else:
-        return KVPageSpec(num_halves=1, page_elems=expected, block_stride=layer.stride(0),
-                          half_stride=0, num_blocks=layer.shape[0])
-    raise ValueError(f"unrecognised KV cache layout {tuple(layer.shape)} (strides "
-                     f"{layer.stride()}): expected [2, blocks, ...] or [blocks, heads, size, dim]")
+        return KVPageSpec(
+            num_halves=1,
+            page_elems=expected,
+            block_stride=layer.stride(0),
+            half_stride=0,
+            num_blocks=layer.shape[0],
+        )
+    raise ValueError(
+        f"unrecognised KV cache layout {tuple(layer.shape)} (strides "
+        f"{layer.stride()}): expected [2, blocks, ...] or [blocks, heads, size, dim]"
+    )
 
 
 @dataclass(frozen=True, slots=True)
@@ -75,15 +83,27 @@ class _Span:
     hi: int
 
     @staticmethod
-    def of(first_block: int, end_block: int, blocks_per_chunk: int, block_bytes: int,
-           payload_bytes: int) -> _Span | None:
+    def of(
+        first_block: int,
+        end_block: int,
+        blocks_per_chunk: int,
+        block_bytes: int,
+        payload_bytes: int,
+    ) -> _Span | None:
         """None when the payload does not reach ``end_block``."""
         if end_block * block_bytes > payload_bytes or not 0 <= first_block < end_block:
             return None
         chunk_bytes = blocks_per_chunk * block_bytes
-        first_chunk, last_chunk = first_block // blocks_per_chunk, (end_block - 1) // blocks_per_chunk
-        return _Span(first_chunk, chunk_bytes, first_chunk * chunk_bytes,
-                     min((last_chunk + 1) * chunk_bytes, payload_bytes))
+        first_chunk, last_chunk = (
+            first_block // blocks_per_chunk,
+            (end_block - 1) // blocks_per_chunk,
+        )
+        return _Span(
+            first_chunk,
+            chunk_bytes,
+            first_chunk * chunk_bytes,
+            min((last_chunk + 1) * chunk_bytes, payload_bytes),
+        )
 
 
 @dataclass(slots=True)
@@ -96,6 +116,7 @@ class _Copy:
 @dataclass(slots=True)
 class TransferStats:
     """What one save or load moved: ``num_blocks`` KV blocks, ``num_bytes`` payload bytes."""
+
     num_blocks: int
     num_bytes: int
 
@@ -103,8 +124,13 @@ class TransferStats:
 class KVTransport:
     """Moves whole KV blocks of one engine's cache to and from snapshots in a store."""
 
-    def __init__(self, layers: Sequence[torch.Tensor], namespace: Namespace,
-                 store: SnapshotStore, copier: StreamScheduler | None = None) -> None:
+    def __init__(
+        self,
+        layers: Sequence[torch.Tensor],
+        namespace: Namespace,
+        store: SnapshotStore,
+        copier: StreamScheduler | None = None,
+    ) -> None:
         self.layers = list(layers)
         self.spec: KVPageSpec = detect_page_spec(self.layers[0])
         self.namespace = namespace
@@ -118,37 +144,54 @@ class KVTransport:
         for dim in namespace.page_shape:
             per_half *= dim
         if self.spec.num_halves * self.spec.page_elems != 2 * per_half:
-            raise ValueError(f"KV pages of {self.spec.num_halves}x{self.spec.page_elems} elements "
-                             f"do not match the namespace's page shape {namespace.page_shape}")
+            raise ValueError(
+                f"KV pages of {self.spec.num_halves}x{self.spec.page_elems} elements "
+                f"do not match the namespace's page shape {namespace.page_shape}"
+            )
 
     def _blocks_view(self, raw: torch.Tensor, num_blocks: int) -> torch.Tensor:
         """A uint8 buffer seen as [blocks, layers, halves, page] of the cache dtype."""
         return raw.view(self.layers[0].dtype).view(
-            num_blocks, len(self.layers), self.spec.num_halves, self.spec.page_elems)
+            num_blocks, len(self.layers), self.spec.num_halves, self.spec.page_elems
+        )
 
     # ------------------------------------------------------------------ save
 
-    def save(self, token_ids: Sequence[int], block_ids: Sequence[int], *,
-             snapshot_id: str | None = None, extra: dict[str, Any] | None = None
-             ) -> tuple[SnapshotRef, TransferStats]:
+    def save(
+        self,
+        token_ids: Sequence[int],
+        block_ids: Sequence[int],
+        *,
+        snapshot_id: str | None = None,
+        extra: dict[str, Any] | None = None,
+    ) -> tuple[SnapshotRef, TransferStats]:
         """Snapshot the given blocks (holding ``token_ids``, whole blocks) and publish it."""
         num_blocks = len(block_ids)
-        plan = plan_snapshot(self.namespace, token_ids, self.block_bytes,
-                             blocks_per_chunk=self.blocks_per_chunk, snapshot_id=snapshot_id,
-                             extra=extra)
+        plan = plan_snapshot(
+            self.namespace,
+            token_ids,
+            self.block_bytes,
+            blocks_per_chunk=self.blocks_per_chunk,
+            snapshot_id=snapshot_id,
+            extra=extra,
+        )
         if plan.header.num_blocks != num_blocks:
-            raise ValueError(f"{len(token_ids)} tokens are {plan.header.num_blocks} blocks, "
-                             f"but {num_blocks} block ids were given")
+            raise ValueError(
+                f"{len(token_ids)} tokens are {plan.header.num_blocks} blocks, "
+                f"but {num_blocks} block ids were given"
+            )
         chunk_bytes = self.blocks_per_chunk * self.block_bytes
         with self.store.reserve(plan.total_bytes) as reservation:
             payload = as_uint8_tensor(plan.payload_view(reservation.buffer))
             if self.copier.is_cuda:
                 gathered = kv_gather(self.layers, block_ids, self.spec)
-                crcs = self.copier.to_host(gathered.view(-1).view(torch.uint8), payload,
-                                           chunk_bytes)
+                crcs = self.copier.to_host(
+                    gathered.view(-1).view(torch.uint8), payload, chunk_bytes
+                )
             else:  # CPU: gather straight into the store's memory, checksum it there
-                kv_gather(self.layers, block_ids, self.spec,
-                          out=self._blocks_view(payload, num_blocks))
+                kv_gather(
+                    self.layers, block_ids, self.spec, out=self._blocks_view(payload, num_blocks)
+                )
                 crcs = chunk_crc32c(payload, chunk_bytes).tolist()
             del payload
             plan.finish(reservation.buffer, crcs)
@@ -157,8 +200,14 @@ class KVTransport:
 
     # ------------------------------------------------------------------ load
 
-    def load(self, ref: SnapshotRef, first_block: int, end_block: int,
-             block_ids: Sequence[int], expected_last_hash: str | None = None) -> TransferStats:
+    def load(
+        self,
+        ref: SnapshotRef,
+        first_block: int,
+        end_block: int,
+        block_ids: Sequence[int],
+        expected_last_hash: str | None = None,
+    ) -> TransferStats:
         """Write snapshot blocks [first_block, end_block) into ``block_ids``, each copy chunk
         only once the header is validated and the chunk's CRC32Cs matched.
 
@@ -172,13 +221,22 @@ class KVTransport:
         recomputes them all.
         """
         if ref.namespace_key != self.namespace_key:
-            raise SnapshotMismatchError([f"namespace key: snapshot has {ref.namespace_key}, "
-                                         f"this engine has {self.namespace_key}"])
+            raise SnapshotMismatchError(
+                [
+                    f"namespace key: snapshot has {ref.namespace_key}, "
+                    f"this engine has {self.namespace_key}"
+                ]
+            )
         copy: list[_Copy] = []
 
         def start_copy(raw: memoryview, payload_offset: int) -> None:
-            span = _Span.of(first_block, end_block, self.blocks_per_chunk, self.block_bytes,
-                            len(raw) - payload_offset)
+            span = _Span.of(
+                first_block,
+                end_block,
+                self.blocks_per_chunk,
+                self.block_bytes,
+                len(raw) - payload_offset,
+            )
             if span is not None:
                 copy.append(self._start_copy(raw[payload_offset:], span))
 
@@ -186,8 +244,13 @@ class KVTransport:
         try:
             header = view.header
             self._check_bounds(header, first_block, end_block, block_ids, expected_last_hash)
-            span = _Span.of(first_block, end_block, header.blocks_per_chunk, header.block_bytes,
-                            header.payload_bytes)
+            span = _Span.of(
+                first_block,
+                end_block,
+                header.blocks_per_chunk,
+                header.block_bytes,
+                header.payload_bytes,
+            )
             assert span is not None  # _check_bounds: the snapshot holds [first_block, end_block)
             if not copy or copy[-1].span != span:  # the guess missed: copy what the header says
                 copy.append(self._start_copy(view.payload, span))
@@ -203,9 +266,10 @@ class KVTransport:
                 b1 = min(count, (piece.hi - skip) // header.block_bytes)
                 if b1 > b0:
                     at = skip + b0 * header.block_bytes
-                    blocks = staging[at:at + (b1 - b0) * header.block_bytes]
-                    kv_scatter(self._blocks_view(blocks, b1 - b0), self.layers,
-                               block_ids[b0:b1], self.spec)
+                    blocks = staging[at : at + (b1 - b0) * header.block_bytes]
+                    kv_scatter(
+                        self._blocks_view(blocks, b1 - b0), self.layers, block_ids[b0:b1], self.spec
+                    )
             if self.copier.is_cuda:  # done means done: the blocks are in place on return
                 torch.cuda.current_stream(staging.device).synchronize()
             return TransferStats(count, count * header.block_bytes)
@@ -217,20 +281,33 @@ class KVTransport:
 
     def _start_copy(self, payload: memoryview, span: _Span) -> _Copy:
         staging = torch.empty(span.hi - span.lo, dtype=torch.uint8, device=self.layers[0].device)
-        pieces = self.copier.to_device_pieces(payload[span.lo:span.hi], staging, span.chunk_bytes)
+        pieces = self.copier.to_device_pieces(payload[span.lo : span.hi], staging, span.chunk_bytes)
         return _Copy(span, staging, pieces)
 
-    def _check_bounds(self, header: Any, first_block: int, end_block: int,
-                      block_ids: Sequence[int], expected_last_hash: str | None) -> None:
+    def _check_bounds(
+        self,
+        header: Any,
+        first_block: int,
+        end_block: int,
+        block_ids: Sequence[int],
+        expected_last_hash: str | None,
+    ) -> None:
         if not (0 <= first_block < end_block <= header.num_blocks):
-            raise SnapshotError(f"blocks [{first_block}, {end_block}) are outside the "
-                                f"snapshot's {header.num_blocks} blocks")
-        if (expected_last_hash is not None
-                and header.block_hashes[end_block - 1].hex() != expected_last_hash):
+            raise SnapshotError(
+                f"blocks [{first_block}, {end_block}) are outside the "
+                f"snapshot's {header.num_blocks} blocks"
+            )
+        if (
+            expected_last_hash is not None
+            and header.block_hashes[end_block - 1].hex() != expected_last_hash
+        ):
             raise SnapshotError("the snapshot's block-hash chain differs from the request's")
         if header.block_bytes != self.block_bytes:
-            raise SnapshotError(f"snapshot blocks are {header.block_bytes} bytes, this engine's "
-                                f"are {self.block_bytes}")
+            raise SnapshotError(
+                f"snapshot blocks are {header.block_bytes} bytes, this engine's "
+                f"are {self.block_bytes}"
+            )
         if len(block_ids) != end_block - first_block:
-            raise SnapshotError(f"{len(block_ids)} destination blocks for "
-                                f"{end_block - first_block} snapshot blocks")
+            raise SnapshotError(
+                f"{len(block_ids)} destination blocks for {end_block - first_block} snapshot blocks"
+            )

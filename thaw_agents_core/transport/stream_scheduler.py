@@ -66,7 +66,9 @@ class _PinnedRanges:
 
     def covers(self, start: int, nbytes: int) -> bool:
         with self._lock:
-            return any(lo <= start and start + nbytes <= end for lo, (end, _) in self._ranges.items())
+            return any(
+                lo <= start and start + nbytes <= end for lo, (end, _) in self._ranges.items()
+            )
 
     def acquire(self, start: int, nbytes: int) -> float:
         """Register [start, start + nbytes) unless it already is; the seconds it took."""
@@ -75,16 +77,22 @@ class _PinnedRanges:
             if held is not None and held[0] == start + nbytes:
                 held[1] += 1
                 return 0.0
-            overlaps = [(lo, end) for lo, (end, _) in self._ranges.items()
-                        if lo < start + nbytes and start < end]
+            overlaps = [
+                (lo, end)
+                for lo, (end, _) in self._ranges.items()
+                if lo < start + nbytes and start < end
+            ]
             if overlaps:
-                raise RuntimeError(f"host range [{start:#x}, {start + nbytes:#x}) overlaps ranges "
-                                   f"already registered with CUDA: {overlaps}")
+                raise RuntimeError(
+                    f"host range [{start:#x}, {start + nbytes:#x}) overlaps ranges "
+                    f"already registered with CUDA: {overlaps}"
+                )
             began = time.perf_counter()
             err = int(torch.cuda.cudart().cudaHostRegister(start, nbytes, 0))
             if err != 0:
-                raise RuntimeError(f"cudaHostRegister of {nbytes} bytes at {start:#x} failed: "
-                                   f"CUDA error {err}")
+                raise RuntimeError(
+                    f"cudaHostRegister of {nbytes} bytes at {start:#x} failed: CUDA error {err}"
+                )
             self._ranges[start] = [start + nbytes, 1]
             return time.perf_counter() - began
 
@@ -178,8 +186,10 @@ class StreamScheduler:
 
     def _ensure_staging(self) -> list[torch.Tensor]:
         if not self._staging:
-            self._staging = [torch.empty(self.staging_bytes, dtype=torch.uint8, pin_memory=True)
-                             for _ in range(2)]
+            self._staging = [
+                torch.empty(self.staging_bytes, dtype=torch.uint8, pin_memory=True)
+                for _ in range(2)
+            ]
             self._pool = ThreadPoolExecutor(_FILL_THREADS, thread_name_prefix="thaw-fill")
         return self._staging
 
@@ -199,7 +209,9 @@ class StreamScheduler:
             current.wait_stream(crc_stream)
         return torch.cat([piece.crcs for piece in pieces])
 
-    def to_device_pieces(self, src: Any, dst: torch.Tensor, crc_chunk_bytes: int) -> list[CopyPiece]:
+    def to_device_pieces(
+        self, src: Any, dst: torch.Tensor, crc_chunk_bytes: int
+    ) -> list[CopyPiece]:
         """Queue the copy of host ``src`` into ``dst`` chunk by chunk; return the chunks.
 
         A caller can use each chunk as soon as its ``done`` event has fired (its bytes and its
@@ -225,8 +237,9 @@ class StreamScheduler:
         step = max(crc_chunk_bytes, self.copy_chunk_bytes // crc_chunk_bytes * crc_chunk_bytes)
         return min(step, max(crc_chunk_bytes, limit // crc_chunk_bytes * crc_chunk_bytes))
 
-    def _queue_to_device(self, host: torch.Tensor, dst: torch.Tensor, crc_chunk_bytes: int,
-                         staged: bool) -> list[CopyPiece]:
+    def _queue_to_device(
+        self, host: torch.Tensor, dst: torch.Tensor, crc_chunk_bytes: int, staged: bool
+    ) -> list[CopyPiece]:
         """Registered memory: every chunk's DMA is queued at once. Pageable (``staged``): the
         host fills staging buffer k % 2 (waiting for its previous DMA) before queuing chunk k."""
         copy_stream, crc_stream = self._ensure_streams()
@@ -312,7 +325,8 @@ def _parallel_copy(pool: ThreadPoolExecutor, dst: torch.Tensor, src: torch.Tenso
     """memcpy split across threads (torch releases the GIL in copy_)."""
     n = src.numel()
     piece = max(1 << 20, -(-n // _FILL_THREADS))
-    futures = [pool.submit(dst[lo:lo + piece].copy_, src[lo:lo + piece])
-               for lo in range(0, n, piece)]
+    futures = [
+        pool.submit(dst[lo : lo + piece].copy_, src[lo : lo + piece]) for lo in range(0, n, piece)
+    ]
     for future in futures:
         future.result()

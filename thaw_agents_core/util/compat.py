@@ -201,8 +201,10 @@ def platform_engine_defaults(engine_kwargs: dict[str, Any]) -> dict[str, Any]:
         # Without chunked prefill no prefill is split: vLLM raises max_num_batched_tokens to
         # max_model_len and schedules whole prompts. Seeded outputs stay reproducible (200
         # concurrent seeded requests: same tokens as alone, tiny fp32 model, 2026-12-01).
-        if "enable_chunked_prefill" not in engine_kwargs and \
-                "max_num_batched_tokens" not in engine_kwargs:
+        if (
+            "enable_chunked_prefill" not in engine_kwargs
+            and "max_num_batched_tokens" not in engine_kwargs
+        ):
             defaults["enable_chunked_prefill"] = False
         if "kv_cache_memory_bytes" not in engine_kwargs and not os.environ.get(
             "VLLM_CPU_KVCACHE_SPACE"
@@ -213,7 +215,8 @@ def platform_engine_defaults(engine_kwargs: dict[str, Any]) -> dict[str, Any]:
         from vllm.config import StructuredOutputsConfig
 
         merged["structured_outputs_config"] = StructuredOutputsConfig(
-            **merged["structured_outputs_config"])
+            **merged["structured_outputs_config"]
+        )
     return merged
 
 
@@ -241,8 +244,9 @@ def engine_features(vllm_config: Any) -> dict[str, Any]:
     return {
         "platform": "cpu" if is_cpu_platform() else "cuda",
         "vllm": vllm_version(),
-        "cascade_attention": (not is_cpu_platform()
-                              and not getattr(model, "disable_cascade_attn", True)),
+        "cascade_attention": (
+            not is_cpu_platform() and not getattr(model, "disable_cascade_attn", True)
+        ),
         "model_runner": "default" if runner is None else ("v2" if runner == "1" else "v1"),
         "async_scheduling": bool(getattr(scheduler, "async_scheduling", False)),
         "enforce_eager": bool(getattr(model, "enforce_eager", False)),
@@ -315,8 +319,10 @@ def register_model_loader(load_format: str, make_class: Any) -> None:
 
     register = getattr(model_loader, "register_model_loader", None)
     if register is None:
-        raise RuntimeError(f"vLLM {vllm_version()} has no model_loader.register_model_loader: "
-                           f"load_format={load_format!r} is unavailable")
+        raise RuntimeError(
+            f"vLLM {vllm_version()} has no model_loader.register_model_loader: "
+            f"load_format={load_format!r} is unavailable"
+        )
     register(load_format)(make_class())
     _registered_loaders.add(load_format)
 

@@ -78,7 +78,9 @@ class WeightsBuffer:
         try:
             fd = os.open(path, os.O_RDWR)
         except FileNotFoundError:
-            raise FileNotFoundError(f"weights buffer {name!r} does not exist (its creator closed it?)") from None
+            raise FileNotFoundError(
+                f"weights buffer {name!r} does not exist (its creator closed it?)"
+            ) from None
         try:
             size = os.fstat(fd).st_size
             mm = mmap.mmap(fd, size)
@@ -91,9 +93,14 @@ class WeightsBuffer:
         """The segment's read-write memory map (the whole capacity)."""
         return self._mm
 
-    def write(self, named: Mapping[str, torch.Tensor] | list[tuple[str, torch.Tensor]],
-              weights_version: str, *, namespace: WeightsNamespace | None = None,
-              layout: str = "checkpoint") -> None:
+    def write(
+        self,
+        named: Mapping[str, torch.Tensor] | list[tuple[str, torch.Tensor]],
+        weights_version: str,
+        *,
+        namespace: WeightsNamespace | None = None,
+        layout: str = "checkpoint",
+    ) -> None:
         """Put ``named`` tensors (CPU or GPU) into the buffer as a complete ``.thaw`` image."""
         items = list(named.items()) if isinstance(named, Mapping) else list(named)
         dtype = str(items[0][1].dtype).replace("torch.", "") if items else ""
@@ -101,8 +108,10 @@ class WeightsBuffer:
         header = build_header(items, ns)
         need = image_bytes(header)
         if need > self.capacity:
-            raise ValueError(f"the weights need {need} bytes, the buffer holds {self.capacity}: "
-                             "create a larger WeightsBuffer")
+            raise ValueError(
+                f"the weights need {need} bytes, the buffer holds {self.capacity}: "
+                "create a larger WeightsBuffer"
+            )
         fill_image(self._mm, items, header, show_progress=False)
 
     def open(self) -> WeightsFile:

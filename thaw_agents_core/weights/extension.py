@@ -24,8 +24,8 @@ import torch
 from thaw_agents_core.transport.stream_scheduler import StreamScheduler
 from thaw_agents_core.weights import fence, model_params
 from thaw_agents_core.weights.apply import restore_model
-from thaw_agents_core.weights.format import rank_path, resolve_rank_file
 from thaw_agents_core.weights.io import open_weights, write_weights
+from thaw_agents_core.weights.ranks import rank_path, resolve_rank_file
 from thaw_agents_core.weights.restore import (
     RestoreStats,
     copy_tensors,
@@ -64,8 +64,12 @@ class ThawWorkerExtension:
         if buf is None or buf.capacity != desc["size"]:
             buf = WeightsBuffer.attach(desc["name"])
             seconds = state["copier"].register_host(buf.buffer)
-            logger.info("thaw: registered weights buffer %s (%d bytes) in %.2f s", desc["name"],
-                        buf.capacity, seconds)
+            logger.info(
+                "thaw: registered weights buffer %s (%d bytes) in %.2f s",
+                desc["name"],
+                buf.capacity,
+                seconds,
+            )
             state["buffers"][desc["name"]] = buf
         return buf
 
@@ -77,7 +81,9 @@ class ThawWorkerExtension:
         self._thaw_buffer(desc)
         return {"seconds": round(time.perf_counter() - began, 6)}
 
-    def thaw_load_weights(self, desc: dict[str, Any], weights_version: str | None = None) -> dict[str, Any]:
+    def thaw_load_weights(
+        self, desc: dict[str, Any], weights_version: str | None = None
+    ) -> dict[str, Any]:
         """Install new weights from ``desc`` (see module docstring); returns RestoreStats JSON."""
         model, state = self._thaw_model(), self._thaw_state()
         kind = desc.get("kind")
@@ -86,16 +92,26 @@ class ThawWorkerExtension:
 
             tensors = open_cuda_ipc(desc)
             if not table_mismatches_of(tensors, model):
-                stats = model_params.install(model, self.vllm_config,
-                                             lambda t: copy_tensors(tensors, t))
+                stats = model_params.install(
+                    model, self.vllm_config, lambda t: copy_tensors(tensors, t)
+                )
             else:
                 import time
 
                 began = time.perf_counter()
-                model_params.install(model, self.vllm_config, lambda _: model_params.load_checkpoint_tensors(
-                    model, self.vllm_config, list(tensors.items())))
-                stats = RestoreStats(len(tensors), sum(t.numel() * t.element_size() for t in tensors.values()),
-                                     time.perf_counter() - began, layout="checkpoint")
+                model_params.install(
+                    model,
+                    self.vllm_config,
+                    lambda _: model_params.load_checkpoint_tensors(
+                        model, self.vllm_config, list(tensors.items())
+                    ),
+                )
+                stats = RestoreStats(
+                    len(tensors),
+                    sum(t.numel() * t.element_size() for t in tensors.values()),
+                    time.perf_counter() - began,
+                    layout="checkpoint",
+                )
             version = weights_version or ""
         else:
             if kind == "file":
@@ -119,15 +135,23 @@ class ThawWorkerExtension:
         rank, size = self._thaw_rank()
         model = self._thaw_model()
         tensors = model_params.engine_tensors(model, self.vllm_config)
-        ns = model_params.engine_namespace(self.vllm_config, weights_version or self.thaw_weights_version())
-        stats = write_weights(rank_path(path, rank, size), list(tensors.items()), ns,
-                              copier=self._thaw_state()["copier"])
+        ns = model_params.engine_namespace(
+            self.vllm_config, weights_version or self.thaw_weights_version()
+        )
+        stats = write_weights(
+            rank_path(path, rank, size),
+            list(tensors.items()),
+            ns,
+            copier=self._thaw_state()["copier"],
+        )
         return stats.to_json()
 
     def thaw_weights_version(self) -> str:
         """The weights version this rank serves."""
         kv = getattr(self.vllm_config, "kv_transfer_config", None)
-        default = str((getattr(kv, "kv_connector_extra_config", None) or {}).get("weights_version", ""))
+        default = str(
+            (getattr(kv, "kv_connector_extra_config", None) or {}).get("weights_version", "")
+        )
         return fence.weights_version(fence.engine_id_of(self.vllm_config), default)
 
 
@@ -136,7 +160,9 @@ def table_mismatches_of(tensors: dict[str, torch.Tensor], model: torch.nn.Module
     from thaw_agents_core.weights.format import plan_tensors
     from thaw_agents_core.weights.io import dtype_name
 
-    entries, _ = plan_tensors([(n, dtype_name(t.dtype), tuple(t.shape)) for n, t in tensors.items()])
+    entries, _ = plan_tensors(
+        [(n, dtype_name(t.dtype), tuple(t.shape)) for n, t in tensors.items()]
+    )
     return table_mismatches(entries, model_params.targets(model))
 
 

@@ -34,8 +34,8 @@ Reading one without this package::
     t = header["tensors"][0]                     # float32 / float16 / int* map onto numpy
     arr = np.frombuffer(data, np.float32, count=t["nbytes"] // 4, offset=base + t["offset"])
 
-This module is the format (constants, header, parsing, validation, CRCs, per-rank file names);
-writing and opening files is :mod:`thaw_agents_core.weights.io`.
+This module is the format (constants, header, parsing, validation, CRCs); per-rank file names
+are :mod:`thaw_agents_core.weights.ranks`, writing and opening files :mod:`.io`.
 """
 
 from __future__ import annotations
@@ -47,7 +47,6 @@ import re
 import struct
 from collections.abc import Mapping
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any
 
 from thaw_agents_core.snapshot.format import (
@@ -83,7 +82,6 @@ DTYPES: dict[str, int] = {
 
 _HEX_CRC = re.compile(r"[0-9a-f]{8}")
 _HEX_RUN = re.compile(r"[0-9a-f]*")
-_RANK_SUFFIX = re.compile(r"^(?P<stem>.+)\.tp(?P<rank>\d+)of(?P<size>\d+)$")
 
 
 class WeightsError(SnapshotError):
@@ -99,7 +97,9 @@ class WeightsMismatchError(WeightsError):
 
     def __init__(self, mismatches: list[str]):
         self.mismatches = mismatches
-        shown = mismatches[:20] + ([f"... and {len(mismatches) - 20} more"] if len(mismatches) > 20 else [])
+        shown = mismatches[:20] + (
+            [f"... and {len(mismatches) - 20} more"] if len(mismatches) > 20 else []
+        )
         super().__init__("weight snapshot does not fit this engine:\n  " + "\n  ".join(shown))
 
 
@@ -108,8 +108,11 @@ class WeightsChecksumError(WeightsError, SnapshotChecksumError):
 
     def __init__(self, bad: list[tuple[str, int]]):
         self.bad = bad
-        SnapshotError.__init__(self, f"CRC32C mismatch in {len(bad)} chunk(s) (tensor, chunk): "
-                                     f"{bad[:10]}: the snapshot is corrupt or changed while read")
+        SnapshotError.__init__(
+            self,
+            f"CRC32C mismatch in {len(bad)} chunk(s) (tensor, chunk): "
+            f"{bad[:10]}: the snapshot is corrupt or changed while read",
+        )
 
 
 def _err(message: str) -> WeightsFormatError:
@@ -136,14 +139,22 @@ class WeightsNamespace:
     def __post_init__(self) -> None:
         for name in ("model_fingerprint", "architecture", "dtype", "layout", "weights_version"):
             if not isinstance(getattr(self, name), str):
-                raise ValueError(f"namespace field {name!r} must be a string, got {_short(getattr(self, name))}")
+                raise ValueError(
+                    f"namespace field {name!r} must be a string, got {_short(getattr(self, name))}"
+                )
         if self.layout not in LAYOUTS:
-            raise ValueError(f"namespace field 'layout' must be one of {LAYOUTS}, got {self.layout!r}")
+            raise ValueError(
+                f"namespace field 'layout' must be one of {LAYOUTS}, got {self.layout!r}"
+            )
         if not _is_int(self.tp_size) or self.tp_size < 1:
-            raise ValueError(f"namespace field 'tp_size' must be a positive int, got {_short(self.tp_size)}")
+            raise ValueError(
+                f"namespace field 'tp_size' must be a positive int, got {_short(self.tp_size)}"
+            )
         if not _is_int(self.tp_rank) or not 0 <= self.tp_rank < self.tp_size:
-            raise ValueError(f"namespace field 'tp_rank' must be an int in [0, tp_size={self.tp_size}), "
-                             f"got {_short(self.tp_rank)}")
+            raise ValueError(
+                f"namespace field 'tp_rank' must be an int in [0, tp_size={self.tp_size}), "
+                f"got {_short(self.tp_rank)}"
+            )
 
     def to_json(self) -> dict[str, Any]:
         """The namespace as the header's ``namespace`` object."""
@@ -173,7 +184,8 @@ class WeightsNamespace:
         for name in ("architecture", "dtype", "tp_rank", "tp_size"):
             a, b = getattr(self, name), getattr(engine, name)
             if (name == "architecture" and not a) or (
-                    self.layout == "checkpoint" and name in ("dtype", "tp_rank", "tp_size")):
+                self.layout == "checkpoint" and name in ("dtype", "tp_rank", "tp_size")
+            ):
                 continue
             if a != b:
                 out.append(f"{name}: snapshot has {a!r}, this engine has {b!r}")
@@ -201,44 +213,72 @@ class TensorEntry:
 
     def to_json(self) -> dict[str, Any]:
         """The entry as a header ``tensors`` item (CRCs as 8-digit hex)."""
-        return {"name": self.name, "dtype": self.dtype, "shape": list(self.shape),
-                "offset": self.offset, "nbytes": self.nbytes,
-                "crc32c": [f"{c:08x}" for c in self.crc32c]}
+        return {
+            "name": self.name,
+            "dtype": self.dtype,
+            "shape": list(self.shape),
+            "offset": self.offset,
+            "nbytes": self.nbytes,
+            "crc32c": [f"{c:08x}" for c in self.crc32c],
+        }
 
 
-_HEADER_FIELDS = ("format", "version", "namespace", "payload_bytes", "crc_chunk_bytes",
-                  "created_unix", "extra", "tensors")
+_HEADER_FIELDS = (
+    "format",
+    "version",
+    "namespace",
+    "payload_bytes",
+    "crc_chunk_bytes",
+    "created_unix",
+    "extra",
+    "tensors",
+)
 _TENSOR_FIELDS = ("name", "dtype", "shape", "offset", "nbytes", "crc32c")
 
 
 def _parse_tensor(i: int, t: Any, crc_chunk_bytes: int) -> TensorEntry:
     if not isinstance(t, dict) or set(t) != set(_TENSOR_FIELDS):
         keys = sorted(t) if isinstance(t, dict) else type(t).__name__
-        raise _err(f"tensors[{i}] must be an object with exactly {list(_TENSOR_FIELDS)}, got {keys}")
+        raise _err(
+            f"tensors[{i}] must be an object with exactly {list(_TENSOR_FIELDS)}, got {keys}"
+        )
     name, dtype, shape = t["name"], t["dtype"], t["shape"]
     if not isinstance(name, str) or not name:
         raise _err(f"tensors[{i}].name must be a non-empty string, got {_short(name)}")
     if dtype not in DTYPES:
         raise _err(f"tensors[{i}] ({name}): dtype {_short(dtype)} is not one of {sorted(DTYPES)}")
     if not isinstance(shape, list) or not all(_is_int(d) and d >= 0 for d in shape):
-        raise _err(f"tensors[{i}] ({name}): shape must be a list of non-negative ints, got {_short(shape)}")
+        raise _err(
+            f"tensors[{i}] ({name}): shape must be a list of non-negative ints, got {_short(shape)}"
+        )
     offset = t["offset"]
     if not _is_int(offset) or offset < 0 or offset % TENSOR_ALIGNMENT:
-        raise _err(f"tensors[{i}] ({name}): offset must be a non-negative multiple of "
-                   f"{TENSOR_ALIGNMENT}, got {_short(offset)}")
+        raise _err(
+            f"tensors[{i}] ({name}): offset must be a non-negative multiple of "
+            f"{TENSOR_ALIGNMENT}, got {_short(offset)}"
+        )
     nbytes = math.prod(shape) * DTYPES[dtype]
     if t["nbytes"] != nbytes or not _is_int(t["nbytes"]):
-        raise _err(f"tensors[{i}] ({name}): nbytes is {_short(t['nbytes'])}, expected "
-                   f"prod({shape}) * {DTYPES[dtype]} = {nbytes}")
+        raise _err(
+            f"tensors[{i}] ({name}): nbytes is {_short(t['nbytes'])}, expected "
+            f"prod({shape}) * {DTYPES[dtype]} = {nbytes}"
+        )
     crcs = t["crc32c"]
     expected = math.ceil(nbytes / crc_chunk_bytes)
     if not isinstance(crcs, list) or len(crcs) != expected:
-        raise _err(f"tensors[{i}] ({name}): crc32c must list ceil({nbytes} / {crc_chunk_bytes}) = "
-                   f"{expected} chunk CRCs, got {_short(crcs)}")
-    if not (set(map(type, crcs)) <= {str} and set(map(len, crcs)) <= {8}
-            and _HEX_RUN.fullmatch("".join(crcs))):
+        raise _err(
+            f"tensors[{i}] ({name}): crc32c must list ceil({nbytes} / {crc_chunk_bytes}) = "
+            f"{expected} chunk CRCs, got {_short(crcs)}"
+        )
+    if not (
+        set(map(type, crcs)) <= {str}
+        and set(map(len, crcs)) <= {8}
+        and _HEX_RUN.fullmatch("".join(crcs))
+    ):
         bad = next(c for c in crcs if not (isinstance(c, str) and _HEX_CRC.fullmatch(c)))
-        raise _err(f"tensors[{i}] ({name}): crc32c entries must be 8 lowercase hex chars, got {_short(bad)}")
+        raise _err(
+            f"tensors[{i}] ({name}): crc32c entries must be 8 lowercase hex chars, got {_short(bad)}"
+        )
     return TensorEntry(name, dtype, tuple(shape), offset, tuple(int(c, 16) for c in crcs))
 
 
@@ -264,10 +304,16 @@ class WeightsHeader:
 
     def to_json(self) -> dict[str, Any]:
         """The header as its JSON object (what :meth:`from_json` reads)."""
-        return {"format": FORMAT_NAME, "version": FORMAT_VERSION,
-                "namespace": self.namespace.to_json(), "payload_bytes": self.payload_bytes,
-                "crc_chunk_bytes": self.crc_chunk_bytes, "created_unix": self.created_unix,
-                "extra": self.extra, "tensors": [t.to_json() for t in self.tensors]}
+        return {
+            "format": FORMAT_NAME,
+            "version": FORMAT_VERSION,
+            "namespace": self.namespace.to_json(),
+            "payload_bytes": self.payload_bytes,
+            "crc_chunk_bytes": self.crc_chunk_bytes,
+            "created_unix": self.created_unix,
+            "extra": self.extra,
+            "tensors": [t.to_json() for t in self.tensors],
+        }
 
     @classmethod
     def from_json(cls, obj: Any) -> WeightsHeader:
@@ -279,20 +325,34 @@ class WeightsHeader:
             raise _err(f"header is missing required field(s): {', '.join(missing)}")
         unknown = sorted(set(obj) - set(_HEADER_FIELDS))
         if unknown:
-            raise _err(f"header has unknown field(s): {', '.join(unknown)} (custom data goes under 'extra')")
+            raise _err(
+                f"header has unknown field(s): {', '.join(unknown)} (custom data goes under 'extra')"
+            )
         if obj["format"] != FORMAT_NAME:
             raise _err(f"header field 'format' is {_short(obj['format'])}, expected 'thaw'")
         if obj["version"] != FORMAT_VERSION or not _is_int(obj["version"]):
-            raise _err(f"unsupported .thaw version {_short(obj['version'])}: this reader supports version 1")
+            raise _err(
+                f"unsupported .thaw version {_short(obj['version'])}: this reader supports version 1"
+            )
         chunk, payload = obj["crc_chunk_bytes"], obj["payload_bytes"]
         if not _is_int(chunk) or chunk <= 0 or chunk % TENSOR_ALIGNMENT:
-            raise _err(f"header field 'crc_chunk_bytes' must be a positive multiple of {TENSOR_ALIGNMENT}, "
-                       f"got {_short(chunk)}")
+            raise _err(
+                f"header field 'crc_chunk_bytes' must be a positive multiple of {TENSOR_ALIGNMENT}, "
+                f"got {_short(chunk)}"
+            )
         if not _is_int(payload) or payload < 0:
-            raise _err(f"header field 'payload_bytes' must be a non-negative int, got {_short(payload)}")
+            raise _err(
+                f"header field 'payload_bytes' must be a non-negative int, got {_short(payload)}"
+            )
         created = obj["created_unix"]
-        if not (_is_int(created) or isinstance(created, float)) or not math.isfinite(created) or created < 0:
-            raise _err(f"header field 'created_unix' must be a non-negative number, got {_short(created)}")
+        if (
+            not (_is_int(created) or isinstance(created, float))
+            or not math.isfinite(created)
+            or created < 0
+        ):
+            raise _err(
+                f"header field 'created_unix' must be a non-negative number, got {_short(created)}"
+            )
         if not isinstance(obj["extra"], dict):
             raise _err(f"header field 'extra' must be an object, got {_short(obj['extra'])}")
         if not isinstance(obj["tensors"], list):
@@ -306,16 +366,26 @@ class WeightsHeader:
                 raise _err(f"tensors[{i}]: duplicate tensor name {t.name!r}")
             seen.add(t.name)
             if t.offset < end:
-                raise _err(f"tensors[{i}] ({t.name}): offset {t.offset} overlaps the previous tensor "
-                           f"(which ends at {end}); tensors are in payload order")
+                raise _err(
+                    f"tensors[{i}] ({t.name}): offset {t.offset} overlaps the previous tensor "
+                    f"(which ends at {end}); tensors are in payload order"
+                )
             end = t.offset + t.nbytes
         if end > payload:
             raise _err(f"the last tensor ends at {end}, past payload_bytes {payload}")
         if payload != align_up(end, TENSOR_ALIGNMENT):
-            raise _err(f"header field 'payload_bytes' is {payload}, expected the aligned end of the "
-                       f"last tensor, {align_up(end, TENSOR_ALIGNMENT)}")
-        return cls(namespace=namespace, tensors=tensors, payload_bytes=payload,
-                   crc_chunk_bytes=chunk, created_unix=created, extra=obj["extra"])
+            raise _err(
+                f"header field 'payload_bytes' is {payload}, expected the aligned end of the "
+                f"last tensor, {align_up(end, TENSOR_ALIGNMENT)}"
+            )
+        return cls(
+            namespace=namespace,
+            tensors=tensors,
+            payload_bytes=payload,
+            crc_chunk_bytes=chunk,
+            created_unix=created,
+            extra=obj["extra"],
+        )
 
 
 def plan_tensors(specs: list[tuple[str, str, tuple[int, ...]]]) -> tuple[list[TensorEntry], int]:
@@ -338,8 +408,10 @@ def encode_header(header: WeightsHeader) -> bytes:
     """Magic, header_len, JSON and zero padding up to payload_offset."""
     body = _header_json(header)
     if len(body) > MAX_HEADER_BYTES:
-        raise WeightsFormatError(f"header is {len(body)} bytes, over the {MAX_HEADER_BYTES}-byte cap: "
-                                 "raise crc_chunk_bytes")
+        raise WeightsFormatError(
+            f"header is {len(body)} bytes, over the {MAX_HEADER_BYTES}-byte cap: "
+            "raise crc_chunk_bytes"
+        )
     prefix = MAGIC + struct.pack("<Q", len(body)) + body
     return prefix + bytes(align_up(len(prefix)) - len(prefix))
 
@@ -351,7 +423,9 @@ def parse_header(buf: Any) -> tuple[WeightsHeader, int]:
     """
     mv = _as_bytes_view(buf)
     if len(mv) < PREFIX_BYTES:
-        raise _err(f"truncated .thaw file: {len(mv)} bytes, shorter than the {PREFIX_BYTES}-byte prefix")
+        raise _err(
+            f"truncated .thaw file: {len(mv)} bytes, shorter than the {PREFIX_BYTES}-byte prefix"
+        )
     if mv[:8] != MAGIC:
         raise _err(f"bad magic {bytes(mv[:8])!r}: not a .thaw weight snapshot (expected {MAGIC!r})")
     (header_len,) = struct.unpack_from("<Q", mv, 8)
@@ -373,8 +447,10 @@ def parse_weights(buf: Any) -> tuple[WeightsHeader, memoryview]:
     header, payload_offset = parse_header(mv)
     end = payload_offset + header.payload_bytes
     if len(mv) < end:
-        raise _err(f"truncated .thaw file: payload needs bytes [{payload_offset}, {end}) but there are "
-                   f"{len(mv)} ({end - len(mv)} missing)")
+        raise _err(
+            f"truncated .thaw file: payload needs bytes [{payload_offset}, {end}) but there are "
+            f"{len(mv)} ({end - len(mv)} missing)"
+        )
     (header_len,) = struct.unpack_from("<Q", mv, 8)
     pad = mv[PREFIX_BYTES + header_len : payload_offset]
     if pad != bytes(len(pad)):
@@ -390,7 +466,9 @@ def tensor_crcs(data: Any, crc_chunk_bytes: int) -> list[int]:
 
 def check_tensor_crcs(entry: TensorEntry, crcs: list[int]) -> list[tuple[str, int]]:
     """(name, chunk) of every chunk whose CRC differs from the table's."""
-    bad = [(entry.name, i) for i, (got, want) in enumerate(zip(crcs, entry.crc32c)) if int(got) != want]
+    bad = [
+        (entry.name, i) for i, (got, want) in enumerate(zip(crcs, entry.crc32c)) if int(got) != want
+    ]
     if len(crcs) != len(entry.crc32c):
         bad.append((entry.name, min(len(crcs), len(entry.crc32c))))
     return bad
@@ -401,66 +479,7 @@ def verify_payload(header: WeightsHeader, payload: Any) -> list[tuple[str, int]]
     mv = _as_bytes_view(payload)
     bad: list[tuple[str, int]] = []
     for t in header.tensors:
-        bad += check_tensor_crcs(t, tensor_crcs(mv[t.offset : t.offset + t.nbytes], header.crc_chunk_bytes))
+        bad += check_tensor_crcs(
+            t, tensor_crcs(mv[t.offset : t.offset + t.nbytes], header.crc_chunk_bytes)
+        )
     return bad
-
-
-# ---------------------------------------------------------------------- tensor parallel files
-
-
-def rank_path(path: str | Path, tp_rank: int, tp_size: int) -> Path:
-    """The file of one tensor-parallel rank: ``x.thaw`` for tp_size 1, else ``x.tp{r}of{n}.thaw``."""
-    if not (_is_int(tp_size) and tp_size >= 1 and _is_int(tp_rank) and 0 <= tp_rank < tp_size):
-        raise ValueError(f"need 0 <= tp_rank < tp_size, got tp_rank={tp_rank!r}, tp_size={tp_size!r}")
-    path = Path(path)
-    if tp_size == 1:
-        return path
-    if path.suffix != ".thaw":
-        raise ValueError(f"a tensor-parallel snapshot name must end in .thaw, got {str(path)!r}")
-    return path.with_name(f"{path.stem}.tp{tp_rank}of{tp_size}.thaw")
-
-
-def split_rank_path(path: str | Path) -> tuple[Path, int, int]:
-    """Inverse of :func:`rank_path`: (base path, tp_rank, tp_size); (path, 0, 1) for plain names."""
-    path = Path(path)
-    match = _RANK_SUFFIX.match(path.stem) if path.suffix == ".thaw" else None
-    if match is None:
-        return path, 0, 1
-    rank, size = int(match["rank"]), int(match["size"])
-    if not 0 <= rank < size:
-        raise ValueError(f"{path.name}: rank {rank} is not below size {size}")
-    return path.with_name(match["stem"] + ".thaw"), rank, size
-
-
-def resolve_rank_file(path: str | Path, tp_rank: int, tp_size: int) -> Path:
-    """The file rank ``tp_rank`` of a ``tp_size``-way engine restores: its own
-    ``x.tp{r}of{n}.thaw`` (engine layout), else ``x.thaw`` itself (a checkpoint-layout file
-    serves every rank: vLLM's weight loaders take each rank's shard)."""
-    own = rank_path(path, tp_rank, tp_size)
-    if own.is_file():
-        return own
-    if Path(path).is_file():
-        return Path(path)
-    raise FileNotFoundError(f"no weight snapshot for tensor-parallel rank {tp_rank} of {tp_size}: "
-                            f"neither {str(own)!r} nor {str(path)!r} exists")
-
-
-def rank_paths(path: str | Path, tp_size: int) -> list[Path]:
-    """Every rank's file of a ``tp_size``-way snapshot named ``path``."""
-    return [rank_path(path, r, tp_size) for r in range(tp_size)]
-
-
-def check_rank_set(namespaces: list[WeightsNamespace]) -> None:
-    """A tensor-parallel set must be ranks 0..n-1 of one snapshot (same version and model)."""
-    if not namespaces:
-        raise WeightsMismatchError(["no rank file"])
-    size = namespaces[0].tp_size
-    problems = []
-    if sorted(ns.tp_rank for ns in namespaces) != list(range(size)) or len(namespaces) != size:
-        problems.append(f"ranks {sorted(ns.tp_rank for ns in namespaces)} do not cover 0..{size - 1}")
-    for field_name in ("tp_size", "weights_version", "model_fingerprint", "architecture", "dtype", "layout"):
-        values = {getattr(ns, field_name) for ns in namespaces}
-        if len(values) > 1:
-            problems.append(f"{field_name} differs between rank files: {sorted(map(str, values))}")
-    if problems:
-        raise WeightsMismatchError(problems)

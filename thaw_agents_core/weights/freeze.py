@@ -27,13 +27,24 @@ def folder_namespace(folder: str | Path, weights_version: str, dtype: str) -> We
     config_path = folder / "config.json"
     config = json.loads(config_path.read_text()) if config_path.is_file() else {}
     archs = config.get("architectures") or [""]
-    return WeightsNamespace(model_fingerprint=model_fingerprint(SimpleNamespace(model=str(folder))),
-                            architecture=str(archs[0]), dtype=dtype, layout="checkpoint",
-                            tp_rank=0, tp_size=1, weights_version=weights_version)
+    return WeightsNamespace(
+        model_fingerprint=model_fingerprint(SimpleNamespace(model=str(folder))),
+        architecture=str(archs[0]),
+        dtype=dtype,
+        layout="checkpoint",
+        tp_rank=0,
+        tp_size=1,
+        weights_version=weights_version,
+    )
 
 
-def freeze_safetensors(folder: str | os.PathLike[str], path: str | os.PathLike[str], *,
-                       weights_version: str = "", show_progress: bool | None = None) -> FreezeStats:
+def freeze_safetensors(
+    folder: str | os.PathLike[str],
+    path: str | os.PathLike[str],
+    *,
+    weights_version: str = "",
+    show_progress: bool | None = None,
+) -> FreezeStats:
     """Every tensor of ``folder``'s ``*.safetensors`` files -> ``path`` (checkpoint layout)."""
     from safetensors import safe_open
 
@@ -45,4 +56,6 @@ def freeze_safetensors(folder: str | os.PathLike[str], path: str | os.PathLike[s
     named = [(name, h.get_tensor(name)) for h in handles for name in h.keys()]
     dtypes = sorted({str(t.dtype).replace("torch.", "") for _, t in named})
     ns = folder_namespace(folder, weights_version, dtypes[0] if len(dtypes) == 1 else "mixed")
-    return write_weights(path, named, ns, extra={"source": str(folder)}, show_progress=show_progress)
+    return write_weights(
+        path, named, ns, extra={"source": str(folder)}, show_progress=show_progress
+    )

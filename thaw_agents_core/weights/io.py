@@ -1,10 +1,10 @@
 """Writing and opening ``.thaw`` files; the format itself is :mod:`.format`.
 
-    write_weights(path, named_tensors, namespace)   tensors (CPU or GPU) -> file, atomically:
-        plan offsets -> header size fixed (CRCs are fixed-width hex) -> each tensor copied
-        into the file's mmap through the stream scheduler (GPU: CRC on the device, D2H through
-        pinned double buffers) -> header last -> fsync + rename
-    open_weights(path)  -> WeightsFile: mmap (read-only), validated header, zero-copy tensors
+write_weights(path, named_tensors, namespace)   tensors (CPU or GPU) -> file, atomically:
+    plan offsets -> header size fixed (CRCs are fixed-width hex) -> each tensor copied
+    into the file's mmap through the stream scheduler (GPU: CRC on the device, D2H through
+    pinned double buffers) -> header last -> fsync + rename
+open_weights(path)  -> WeightsFile: mmap (read-only), validated header, zero-copy tensors
 """
 
 from __future__ import annotations
@@ -53,8 +53,9 @@ def progress(total_bytes: int, desc: str, enabled: bool | None = None) -> Any:
         return _NoBar()
     from tqdm.auto import tqdm
 
-    return tqdm(total=total_bytes, desc=desc, unit="B", unit_scale=True, unit_divisor=1024,
-                leave=False)
+    return tqdm(
+        total=total_bytes, desc=desc, unit="B", unit_scale=True, unit_divisor=1024, leave=False
+    )
 
 
 class _NoBar:
@@ -76,24 +77,43 @@ class FreezeStats:
 
     def to_json(self) -> dict[str, Any]:
         """The stats as a JSON-able dict (seconds rounded to microseconds)."""
-        return {"path": self.path, "num_tensors": self.num_tensors, "num_bytes": self.num_bytes,
-                "seconds": round(self.seconds, 6)}
+        return {
+            "path": self.path,
+            "num_tensors": self.num_tensors,
+            "num_bytes": self.num_bytes,
+            "seconds": round(self.seconds, 6),
+        }
 
 
-def build_header(named: Sequence[tuple[str, torch.Tensor]], namespace: WeightsNamespace,
-                 crc_chunk_bytes: int = DEFAULT_CRC_CHUNK_BYTES,
-                 extra: dict[str, Any] | None = None) -> WeightsHeader:
+def build_header(
+    named: Sequence[tuple[str, torch.Tensor]],
+    namespace: WeightsNamespace,
+    crc_chunk_bytes: int = DEFAULT_CRC_CHUNK_BYTES,
+    extra: dict[str, Any] | None = None,
+) -> WeightsHeader:
     """The header of a snapshot of ``named`` with placeholder CRCs (their final width)."""
     entries, payload = plan_tensors([(n, dtype_name(t.dtype), tuple(t.shape)) for n, t in named])
-    entries = [type(e)(e.name, e.dtype, e.shape, e.offset,
-                       (0,) * e.num_chunks(crc_chunk_bytes)) for e in entries]
-    return WeightsHeader(namespace=namespace, tensors=entries, payload_bytes=payload,
-                         crc_chunk_bytes=crc_chunk_bytes, created_unix=time.time(),
-                         extra=dict(extra or {}))
+    entries = [
+        type(e)(e.name, e.dtype, e.shape, e.offset, (0,) * e.num_chunks(crc_chunk_bytes))
+        for e in entries
+    ]
+    return WeightsHeader(
+        namespace=namespace,
+        tensors=entries,
+        payload_bytes=payload,
+        crc_chunk_bytes=crc_chunk_bytes,
+        created_unix=time.time(),
+        extra=dict(extra or {}),
+    )
 
 
-def fill_image(buf: Any, named: Sequence[tuple[str, torch.Tensor]], header: WeightsHeader,
-               copier: StreamScheduler | None = None, show_progress: bool | None = None) -> None:
+def fill_image(
+    buf: Any,
+    named: Sequence[tuple[str, torch.Tensor]],
+    header: WeightsHeader,
+    copier: StreamScheduler | None = None,
+    show_progress: bool | None = None,
+) -> None:
     """Write header + tensors into ``buf`` (at least image_bytes(header)), CRCs computed on the
     tensors' device while they are copied out."""
     head = encode_header(header)  # placeholder CRCs: same length as the final one
@@ -111,7 +131,9 @@ def fill_image(buf: Any, named: Sequence[tuple[str, torch.Tensor]], header: Weig
             else:
                 sched = copier or copiers.setdefault(str(src.device), StreamScheduler(src.device))
                 crcs = sched.to_host(src, dst, header.crc_chunk_bytes)
-            entries.append(type(entry)(entry.name, entry.dtype, entry.shape, entry.offset, tuple(crcs)))
+            entries.append(
+                type(entry)(entry.name, entry.dtype, entry.shape, entry.offset, tuple(crcs))
+            )
             bar.update(entry.nbytes)
     finally:
         bar.close()
@@ -129,10 +151,16 @@ def image_bytes(header: WeightsHeader) -> int:
     return len(encode_header(header)) + header.payload_bytes
 
 
-def write_weights(path: str | os.PathLike[str], named: Iterable[tuple[str, torch.Tensor]],
-                  namespace: WeightsNamespace, *, crc_chunk_bytes: int = DEFAULT_CRC_CHUNK_BYTES,
-                  extra: dict[str, Any] | None = None, copier: StreamScheduler | None = None,
-                  show_progress: bool | None = None) -> FreezeStats:
+def write_weights(
+    path: str | os.PathLike[str],
+    named: Iterable[tuple[str, torch.Tensor]],
+    namespace: WeightsNamespace,
+    *,
+    crc_chunk_bytes: int = DEFAULT_CRC_CHUNK_BYTES,
+    extra: dict[str, Any] | None = None,
+    copier: StreamScheduler | None = None,
+    show_progress: bool | None = None,
+) -> FreezeStats:
     """Write ``named`` tensors (CPU or one GPU) to ``path`` atomically; returns what it wrote."""
     began = time.perf_counter()
     named = list(named)

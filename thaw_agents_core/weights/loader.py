@@ -33,10 +33,14 @@ def _loader_class() -> type:
             extra = dict(load_config.model_loader_extra_config or {})
             snapshot = extra.pop("snapshot", None)
             if not snapshot or not isinstance(snapshot, str):
-                raise ValueError("load_format='thaw' needs model_loader_extra_config="
-                                 f"{{'snapshot': 'path/to/weights.thaw'}}; got {snapshot!r}")
+                raise ValueError(
+                    "load_format='thaw' needs model_loader_extra_config="
+                    f"{{'snapshot': 'path/to/weights.thaw'}}; got {snapshot!r}"
+                )
             if extra:
-                raise ValueError(f"unknown thaw loader settings {sorted(extra)}; valid: ['snapshot']")
+                raise ValueError(
+                    f"unknown thaw loader settings {sorted(extra)}; valid: ['snapshot']"
+                )
             self.snapshot = snapshot
 
         def download_model(self, model_config: Any) -> None:
@@ -48,15 +52,17 @@ def _loader_class() -> type:
             from thaw_agents_core.transport.stream_scheduler import StreamScheduler
             from thaw_agents_core.weights import fence, model_params
             from thaw_agents_core.weights.apply import restore_model
-            from thaw_agents_core.weights.format import resolve_rank_file
             from thaw_agents_core.weights.io import open_weights
+            from thaw_agents_core.weights.ranks import resolve_rank_file
 
             vllm_config = get_current_vllm_config()
             ns = model_params.engine_namespace(vllm_config, "")
             device = next(model.parameters()).device
             copier = StreamScheduler(device)
             try:
-                with open_weights(resolve_rank_file(self.snapshot, ns.tp_rank, ns.tp_size)) as weights:
+                with open_weights(
+                    resolve_rank_file(self.snapshot, ns.tp_rank, ns.tp_size)
+                ) as weights:
                     stats = restore_model(model, vllm_config, weights, copier, processed=False)
             finally:
                 copier.close()

@@ -26,7 +26,9 @@ import torch
 
 from thaw_agents_core.weights.format import WeightsMismatchError, WeightsNamespace
 
-_SHADOWS: weakref.WeakKeyDictionary[torch.nn.Module, dict[str, torch.Tensor]] = weakref.WeakKeyDictionary()
+_SHADOWS: weakref.WeakKeyDictionary[torch.nn.Module, dict[str, torch.Tensor]] = (
+    weakref.WeakKeyDictionary()
+)
 
 
 def _is_cpu(model: torch.nn.Module) -> bool:
@@ -37,11 +39,14 @@ def check_supported(vllm_config: Any) -> None:
     """Weight snapshots cover unquantized models (the kernel format of quantized ones differs)."""
     quant = getattr(vllm_config.model_config, "quantization", None)
     if quant:
-        raise WeightsMismatchError([f"quantization={quant!r}: .thaw snapshots support unquantized "
-                                    "models only"])
+        raise WeightsMismatchError(
+            [f"quantization={quant!r}: .thaw snapshots support unquantized models only"]
+        )
 
 
-def engine_namespace(vllm_config: Any, weights_version: str, layout: str = "engine") -> WeightsNamespace:
+def engine_namespace(
+    vllm_config: Any, weights_version: str, layout: str = "engine"
+) -> WeightsNamespace:
     """The namespace a snapshot of this engine (this rank) carries."""
     from vllm.distributed import parallel_state
 
@@ -52,19 +57,26 @@ def engine_namespace(vllm_config: Any, weights_version: str, layout: str = "engi
     load_format = str(getattr(vllm_config.load_config, "load_format", "auto"))
     return WeightsNamespace(
         model_fingerprint=_cached_fingerprint(model_config, load_format),
-        architecture=str(archs[0]), dtype=str(model_config.dtype).replace("torch.", ""),
-        layout=layout, tp_rank=int(parallel_state.get_tensor_model_parallel_rank()),
+        architecture=str(archs[0]),
+        dtype=str(model_config.dtype).replace("torch.", ""),
+        layout=layout,
+        tp_rank=int(parallel_state.get_tensor_model_parallel_rank()),
         tp_size=int(parallel_state.get_tensor_model_parallel_world_size()),
-        weights_version=str(weights_version))
+        weights_version=str(weights_version),
+    )
 
 
 def _dropped_linear_layers(model: torch.nn.Module) -> list[tuple[str, torch.nn.Module]]:
     """Linear layers whose weight vLLM-CPU's post-processing replaced by an empty tensor."""
     from vllm.model_executor.layers.linear import LinearBase
 
-    return [(name, m) for name, m in model.named_modules()
-            if isinstance(m, LinearBase) and getattr(m, "weight", None) is not None
-            and m.weight.numel() == 0]
+    return [
+        (name, m)
+        for name, m in model.named_modules()
+        if isinstance(m, LinearBase)
+        and getattr(m, "weight", None) is not None
+        and m.weight.numel() == 0
+    ]
 
 
 def _recreate_weight(layer: torch.nn.Module) -> None:
@@ -72,14 +84,21 @@ def _recreate_weight(layer: torch.nn.Module) -> None:
     from vllm.model_executor.layers.linear import WEIGHT_LOADER_V2_SUPPORTED
 
     method = layer.quant_method
-    loader = (layer.weight_loader_v2 if type(method).__name__ in WEIGHT_LOADER_V2_SUPPORTED
-              else layer.weight_loader)
+    loader = (
+        layer.weight_loader_v2
+        if type(method).__name__ in WEIGHT_LOADER_V2_SUPPORTED
+        else layer.weight_loader
+    )
     del layer.weight
     method.create_weights(
-        layer=layer, input_size_per_partition=getattr(layer, "input_size_per_partition", layer.input_size),
+        layer=layer,
+        input_size_per_partition=getattr(layer, "input_size_per_partition", layer.input_size),
         output_partition_sizes=getattr(layer, "output_partition_sizes", [layer.output_size]),
-        input_size=layer.input_size, output_size=layer.output_size,
-        params_dtype=layer.params_dtype, weight_loader=loader)
+        input_size=layer.input_size,
+        output_size=layer.output_size,
+        params_dtype=layer.params_dtype,
+        weight_loader=loader,
+    )
 
 
 def _reprocess(model: torch.nn.Module, vllm_config: Any) -> None:
@@ -95,8 +114,13 @@ def targets(model: torch.nn.Module) -> dict[str, torch.Tensor]:
     return {name: p.data for name, p in model.named_parameters()}
 
 
-def install(model: torch.nn.Module, vllm_config: Any,
-            fill: Callable[[dict[str, torch.Tensor]], Any], *, processed: bool = True) -> Any:
+def install(
+    model: torch.nn.Module,
+    vllm_config: Any,
+    fill: Callable[[dict[str, torch.Tensor]], Any],
+    *,
+    processed: bool = True,
+) -> Any:
     """Write new weights into a live model through ``fill(targets)``; returns what fill returns.
 
     ``processed``: the model went through post-processing already (a live engine; False inside
@@ -143,8 +167,9 @@ def engine_tensors(model: torch.nn.Module, vllm_config: Any) -> dict[str, torch.
     return shadow
 
 
-def load_checkpoint_tensors(model: torch.nn.Module, vllm_config: Any,
-                            named: list[tuple[str, torch.Tensor]]) -> None:
+def load_checkpoint_tensors(
+    model: torch.nn.Module, vllm_config: Any, named: list[tuple[str, torch.Tensor]]
+) -> None:
     """Checkpoint-layout tensors (the model folder's names) through ``model.load_weights``:
     vLLM's own weight loaders fuse and shard them."""
     from vllm.config import set_current_vllm_config

@@ -43,10 +43,15 @@ class RestoreStats:
 
     def to_json(self) -> dict[str, Any]:
         """The stats as a JSON-able dict, with ``gb_per_s`` (None for zero seconds)."""
-        return {"num_tensors": self.num_tensors, "num_bytes": self.num_bytes,
-                "seconds": round(self.seconds, 6), "path": self.path,
-                "weights_version": self.weights_version, "layout": self.layout,
-                "gb_per_s": round(self.num_bytes / self.seconds / 1e9, 3) if self.seconds else None}
+        return {
+            "num_tensors": self.num_tensors,
+            "num_bytes": self.num_bytes,
+            "seconds": round(self.seconds, 6),
+            "path": self.path,
+            "weights_version": self.weights_version,
+            "layout": self.layout,
+            "gb_per_s": round(self.num_bytes / self.seconds / 1e9, 3) if self.seconds else None,
+        }
 
 
 def table_mismatches(entries: list[TensorEntry], targets: Mapping[str, torch.Tensor]) -> list[str]:
@@ -58,17 +63,27 @@ def table_mismatches(entries: list[TensorEntry], targets: Mapping[str, torch.Ten
         if dst is None:
             out.append(f"{e.name}: in the snapshot, not a parameter of this engine")
         elif tuple(dst.shape) != e.shape or dtype_name(dst.dtype) != e.dtype:
-            out.append(f"{e.name}: snapshot has {e.dtype}{list(e.shape)}, this engine has "
-                       f"{dtype_name(dst.dtype)}{list(dst.shape)}")
+            out.append(
+                f"{e.name}: snapshot has {e.dtype}{list(e.shape)}, this engine has "
+                f"{dtype_name(dst.dtype)}{list(dst.shape)}"
+            )
         elif not dst.is_contiguous():
             out.append(f"{e.name}: the engine's tensor is not contiguous")
-    out += [f"{n}: a parameter of this engine, missing from the snapshot"
-            for n in targets if n not in names]
+    out += [
+        f"{n}: a parameter of this engine, missing from the snapshot"
+        for n in targets
+        if n not in names
+    ]
     return out
 
 
-def restore_into(weights: WeightsFile, targets: Mapping[str, torch.Tensor],
-                 copier: StreamScheduler, *, show_progress: bool | None = None) -> RestoreStats:
+def restore_into(
+    weights: WeightsFile,
+    targets: Mapping[str, torch.Tensor],
+    copier: StreamScheduler,
+    *,
+    show_progress: bool | None = None,
+) -> RestoreStats:
     """Copy every tensor of ``weights`` into ``targets[name]`` and verify its chunk CRCs.
 
     The table is checked against ``targets`` before the first byte is written.
@@ -94,11 +109,19 @@ def restore_into(weights: WeightsFile, targets: Mapping[str, torch.Tensor],
     bad = _check(pending, copier)
     if bad:
         raise WeightsChecksumError(bad)
-    return RestoreStats(len(header.tensors), header.num_tensor_bytes, time.perf_counter() - began,
-                        weights.path, header.namespace.weights_version, "engine")
+    return RestoreStats(
+        len(header.tensors),
+        header.num_tensor_bytes,
+        time.perf_counter() - began,
+        weights.path,
+        header.namespace.weights_version,
+        "engine",
+    )
 
 
-def _check(pending: list[tuple[TensorEntry, list[Any]]], copier: StreamScheduler) -> list[tuple[str, int]]:
+def _check(
+    pending: list[tuple[TensorEntry, list[Any]]], copier: StreamScheduler
+) -> list[tuple[str, int]]:
     """One host sync for all CRCs (CUDA: a cat of the device CRC tensors, then .tolist())."""
     if not pending:
         return []
@@ -115,12 +138,16 @@ def _check(pending: list[tuple[TensorEntry, list[Any]]], copier: StreamScheduler
     return bad
 
 
-def copy_tensors(sources: Mapping[str, torch.Tensor], targets: Mapping[str, torch.Tensor]) -> RestoreStats:
+def copy_tensors(
+    sources: Mapping[str, torch.Tensor], targets: Mapping[str, torch.Tensor]
+) -> RestoreStats:
     """Device-to-device (same GPU, e.g. CUDA IPC from a trainer) or host copies, no CRC: the
     bytes never left memory this host trusts."""
     from thaw_agents_core.weights.format import plan_tensors
 
-    entries, _ = plan_tensors([(n, dtype_name(t.dtype), tuple(t.shape)) for n, t in sources.items()])
+    entries, _ = plan_tensors(
+        [(n, dtype_name(t.dtype), tuple(t.shape)) for n, t in sources.items()]
+    )
     diff = table_mismatches(entries, targets)
     if diff:
         raise WeightsMismatchError(diff)

@@ -62,9 +62,15 @@ def validate_file(path: str | os.PathLike[str]) -> str:
     return "kv"
 
 
-def upload(path: str | os.PathLike[str], url: str, *, client: Any = None,
-           endpoint_url: str | None = None, part_bytes: int = 64 * MiB,
-           max_concurrency: int = 8) -> str:
+def upload(
+    path: str | os.PathLike[str],
+    url: str,
+    *,
+    client: Any = None,
+    endpoint_url: str | None = None,
+    part_bytes: int = 64 * MiB,
+    max_concurrency: int = 8,
+) -> str:
     """Validate ``path`` and upload it (concurrent multipart above ``part_bytes``); its ETag."""
     from boto3.s3.transfer import TransferConfig
 
@@ -72,14 +78,20 @@ def upload(path: str | os.PathLike[str], url: str, *, client: Any = None,
     boto3 = _boto3()
     kind = validate_file(path)
     client = client or make_client(endpoint_url)
-    config = TransferConfig(multipart_threshold=part_bytes, multipart_chunksize=part_bytes,
-                            max_concurrency=max_concurrency)
+    config = TransferConfig(
+        multipart_threshold=part_bytes,
+        multipart_chunksize=part_bytes,
+        max_concurrency=max_concurrency,
+    )
     try:
-        client.upload_file(os.fspath(path), bucket, key, Config=config,
-                           ExtraArgs={"Metadata": {"thaw-kind": kind}})
+        client.upload_file(
+            os.fspath(path), bucket, key, Config=config, ExtraArgs={"Metadata": {"thaw-kind": kind}}
+        )
     except (boto3.exceptions.S3UploadFailedError, client.exceptions.ClientError) as exc:
         if _is_missing(exc):
-            raise FileNotFoundError(f"cannot upload to {url}: bucket {bucket!r} does not exist") from exc
+            raise FileNotFoundError(
+                f"cannot upload to {url}: bucket {bucket!r} does not exist"
+            ) from exc
         raise
     return str(client.head_object(Bucket=bucket, Key=key)["ETag"])
 
@@ -115,10 +127,17 @@ def _write_json(path: Path, obj: dict[str, Any]) -> None:
         Path(tmp).write_text(json.dumps(obj))
 
 
-def fetch(url: str, *, cache_dir: str | os.PathLike[str] | None = None, client: Any = None,
-          endpoint_url: str | None = None, part_bytes: int = DEFAULT_PART_BYTES,
-          max_concurrency: int = 8, verify_hit: bool = False,
-          on_part: Callable[[int], None] | None = None) -> FetchStats:
+def fetch(
+    url: str,
+    *,
+    cache_dir: str | os.PathLike[str] | None = None,
+    client: Any = None,
+    endpoint_url: str | None = None,
+    part_bytes: int = DEFAULT_PART_BYTES,
+    max_concurrency: int = 8,
+    verify_hit: bool = False,
+    on_part: Callable[[int], None] | None = None,
+) -> FetchStats:
     """The validated local copy of ``url`` (see module docstring). ``on_part(index)`` runs after
     each part is stored (progress; tests interrupt a fetch there). ``verify_hit``: re-check
     every CRC of a cached copy too (restores verify on the device anyway)."""
@@ -128,15 +147,22 @@ def fetch(url: str, *, cache_dir: str | os.PathLike[str] | None = None, client: 
         head = client.head_object(Bucket=bucket, Key=key)
     except client.exceptions.ClientError as exc:
         if _is_missing(exc):
-            raise FileNotFoundError(f"{url} does not exist (bucket {bucket!r}, key {key!r})") from None
+            raise FileNotFoundError(
+                f"{url} does not exist (bucket {bucket!r}, key {key!r})"
+            ) from None
         raise
     etag, size = str(head["ETag"]), int(head["ContentLength"])
     path = cache_path(url, cache_dir)
     path.parent.mkdir(parents=True, exist_ok=True)
     meta_path = path.with_name(path.name + ".meta.json")
     meta = _read_json(meta_path)
-    if (meta and meta.get("etag") == etag and meta.get("size") == size and path.is_file()
-            and path.stat().st_size == size):
+    if (
+        meta
+        and meta.get("etag") == etag
+        and meta.get("size") == size
+        and path.is_file()
+        and path.stat().st_size == size
+    ):
         if not verify_hit:
             return FetchStats(path, size, etag, cache_hit=True)
         try:
@@ -145,7 +171,9 @@ def fetch(url: str, *, cache_dir: str | os.PathLike[str] | None = None, client: 
         except ValueError:
             path.unlink(missing_ok=True)  # corrupt in the cache: fetch it again
     meta_path.unlink(missing_ok=True)
-    stats = _fetch_parts(client, bucket, key, etag, size, path, part_bytes, max_concurrency, on_part)
+    stats = _fetch_parts(
+        client, bucket, key, etag, size, path, part_bytes, max_concurrency, on_part
+    )
     validate_file(path.with_name(path.name + ".part"))
     os.replace(path.with_name(path.name + ".part"), path)
     path.with_name(path.name + ".part.json").unlink(missing_ok=True)
@@ -153,13 +181,26 @@ def fetch(url: str, *, cache_dir: str | os.PathLike[str] | None = None, client: 
     return stats
 
 
-def _fetch_parts(client: Any, bucket: str, key: str, etag: str, size: int, path: Path,
-                 part_bytes: int, max_concurrency: int,
-                 on_part: Callable[[int], None] | None) -> FetchStats:
+def _fetch_parts(
+    client: Any,
+    bucket: str,
+    key: str,
+    etag: str,
+    size: int,
+    path: Path,
+    part_bytes: int,
+    max_concurrency: int,
+    on_part: Callable[[int], None] | None,
+) -> FetchStats:
     part, state_path = path.with_name(path.name + ".part"), path.with_name(path.name + ".part.json")
     state = _read_json(state_path)
-    if not (state and state.get("etag") == etag and state.get("size") == size
-            and state.get("part_bytes") == part_bytes and part.is_file()):
+    if not (
+        state
+        and state.get("etag") == etag
+        and state.get("size") == size
+        and state.get("part_bytes") == part_bytes
+        and part.is_file()
+    ):
         state = {"etag": etag, "size": size, "part_bytes": part_bytes, "done": []}
         part.unlink(missing_ok=True)
     with open(part, "ab") as f:
@@ -172,9 +213,13 @@ def _fetch_parts(client: Any, bucket: str, key: str, etag: str, size: int, path:
     def get(index: int) -> None:
         lo = index * part_bytes
         hi = min(size, lo + part_bytes) - 1
-        body = client.get_object(Bucket=bucket, Key=key, Range=f"bytes={lo}-{hi}", IfMatch=etag)["Body"].read()
+        body = client.get_object(Bucket=bucket, Key=key, Range=f"bytes={lo}-{hi}", IfMatch=etag)[
+            "Body"
+        ].read()
         if len(body) != hi - lo + 1:
-            raise OSError(f"s3://{bucket}/{key}: part {index} returned {len(body)} bytes, expected {hi - lo + 1}")
+            raise OSError(
+                f"s3://{bucket}/{key}: part {index} returned {len(body)} bytes, expected {hi - lo + 1}"
+            )
         with open(part, "r+b") as out:
             out.seek(lo)
             out.write(body)
@@ -189,4 +234,6 @@ def _fetch_parts(client: Any, bucket: str, key: str, etag: str, size: int, path:
     with ThreadPoolExecutor(max(1, max_concurrency), thread_name_prefix="thaw-s3") as pool:
         for future in [pool.submit(get, i) for i in todo]:
             future.result()
-    return FetchStats(path, size, etag, parts_fetched=len(todo), parts_resumed=num_parts - len(todo))
+    return FetchStats(
+        path, size, etag, parts_fetched=len(todo), parts_resumed=num_parts - len(todo)
+    )

@@ -41,7 +41,9 @@ def local_path(src: str | os.PathLike[str]) -> str:
     return str(Path(src).expanduser().resolve())
 
 
-def describe(src: Any, weights_version: str, layout: str = "auto") -> tuple[dict[str, Any], Callable[[], None]]:
+def describe(
+    src: Any, weights_version: str, layout: str = "auto"
+) -> tuple[dict[str, Any], Callable[[], None]]:
     """The descriptor of ``src`` and a cleanup to call once every worker has loaded it."""
     if isinstance(src, (str, os.PathLike)):
         return {"kind": "file", "path": local_path(src)}, _noop
@@ -54,22 +56,32 @@ def describe(src: Any, weights_version: str, layout: str = "auto") -> tuple[dict
         if bad:
             raise ValueError(f"state dict values must be tensors; not for {bad[:5]}")
         if all(t.is_cuda for t in src.values()):
-            return {"kind": "cuda_ipc", "layout": layout,
-                    "tensors": [_ipc_entry(n, t) for n, t in src.items()]}, _noop
+            return {
+                "kind": "cuda_ipc",
+                "layout": layout,
+                "tensors": [_ipc_entry(n, t) for n, t in src.items()],
+            }, _noop
         cpu = {n: t.detach().cpu() for n, t in src.items()}
         buf = WeightsBuffer.for_tensors(cpu)
         buf.write(cpu, weights_version, layout="checkpoint" if layout == "auto" else layout)
         return {**buf.descriptor(), "layout": layout}, buf.close
-    raise TypeError(f"weights source must be a .thaw path, a WeightsBuffer or a state dict of "
-                    f"tensors, got {type(src).__name__}")
+    raise TypeError(
+        f"weights source must be a .thaw path, a WeightsBuffer or a state dict of "
+        f"tensors, got {type(src).__name__}"
+    )
 
 
 def _ipc_entry(name: str, t: torch.Tensor) -> dict[str, Any]:
     storage = t.untyped_storage()
     handle = storage._share_cuda_()
-    return {"name": name, "dtype": dtype_name(t.dtype), "shape": list(t.shape),
-            "stride": list(t.stride()), "storage_offset": t.storage_offset(),
-            "handle": [h.hex() if isinstance(h, bytes) else h for h in handle]}
+    return {
+        "name": name,
+        "dtype": dtype_name(t.dtype),
+        "shape": list(t.shape),
+        "stride": list(t.stride()),
+        "storage_offset": t.storage_offset(),
+        "handle": [h.hex() if isinstance(h, bytes) else h for h in handle],
+    }
 
 
 def open_cuda_ipc(desc: dict[str, Any]) -> dict[str, torch.Tensor]:
@@ -78,8 +90,15 @@ def open_cuda_ipc(desc: dict[str, Any]) -> dict[str, torch.Tensor]:
     for e in desc["tensors"]:
         device, handle, size, offset, ref_handle, ref_offset, event, sync = e["handle"]
         storage = torch.UntypedStorage._new_shared_cuda(
-            device, bytes.fromhex(handle), size, offset, bytes.fromhex(ref_handle), ref_offset,
-            bytes.fromhex(event), sync)
+            device,
+            bytes.fromhex(handle),
+            size,
+            offset,
+            bytes.fromhex(ref_handle),
+            ref_offset,
+            bytes.fromhex(event),
+            sync,
+        )
         t = torch.empty(0, dtype=torch_dtype(e["dtype"]), device=f"cuda:{device}")
         t.set_(storage, e["storage_offset"], e["shape"], e["stride"])
         out[e["name"]] = t
@@ -89,7 +108,8 @@ def open_cuda_ipc(desc: dict[str, Any]) -> dict[str, torch.Tensor]:
 def snapshot_version(src: Any) -> str | None:
     """The weights_version inside a ``.thaw`` file or WeightsBuffer (None for state dicts)."""
     if isinstance(src, (str, os.PathLike)):
-        from thaw_agents_core.weights.format import parse_header, rank_path
+        from thaw_agents_core.weights.format import parse_header
+        from thaw_agents_core.weights.ranks import rank_path
 
         path = Path(local_path(src))
         if not path.is_file():
@@ -111,11 +131,12 @@ def snapshot_version(src: Any) -> str | None:
 def _rank_count(path: Path) -> int:
     """tp_size of a per-rank set named after ``path`` (x.tp0ofN.thaw), 1 if none."""
     for candidate in sorted(path.parent.glob(f"{path.stem}.tp0of*.thaw")):
-        from thaw_agents_core.weights.format import split_rank_path
+        from thaw_agents_core.weights.ranks import split_rank_path
 
         return split_rank_path(candidate)[2]
-    raise FileNotFoundError(f"no weight snapshot at {str(path)!r} (nor per-rank files "
-                            f"{path.stem}.tp0ofN.thaw)")
+    raise FileNotFoundError(
+        f"no weight snapshot at {str(path)!r} (nor per-rank files {path.stem}.tp0ofN.thaw)"
+    )
 
 
 def resolve_version(src: Any, requested: str | None, current: str) -> str:
@@ -127,6 +148,8 @@ def resolve_version(src: Any, requested: str | None, current: str) -> str:
     if version is None or (requested is None and version == current):
         version = f"w-{secrets.token_hex(6)}"
     if version == current:
-        raise ValueError(f"weights_version {version!r} is the version this engine already serves: "
-                         "every swap needs a new one (e.g. the training step)")
+        raise ValueError(
+            f"weights_version {version!r} is the version this engine already serves: "
+            "every swap needs a new one (e.g. the training step)"
+        )
     return version
