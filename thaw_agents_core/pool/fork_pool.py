@@ -41,15 +41,12 @@ from thaw_agents_core.engine.sampling import GenerationOptions
 from thaw_agents_core.engine.spec import EngineSpec
 from thaw_agents_core.pool import wire
 from thaw_agents_core.pool.placement import Placement, default_placements
+from thaw_agents_core.pool.weights_fence import PoolError, WeightSwapFence
 from thaw_agents_core.util.loop_thread import LoopThread
 
 logger = logging.getLogger("thaw_agents.pool")
 
 DeltaCallback = Callable[[str], None]
-
-
-class PoolError(RuntimeError):
-    """The pool could not start, or a request failed on every try."""
 
 
 @dataclass
@@ -81,7 +78,7 @@ class _Worker:
     last_ping: float = 0.0
 
 
-class ForkPool:
+class ForkPool(WeightSwapFence):
     """N warm vLLM worker processes sharing a snapshot store with their parent."""
 
     def __init__(
@@ -491,70 +488,27 @@ class ForkPool:
 
     # ------------------------------------------------------------------ weights
 
-    def load_weights(
-        self,
-        src: Any,
-        weights_version: str | None = None,
-        *,
-        layout: str = "auto",
-        timeout_s: float = 600.0,
-    ) -> str:
-        """Hot-swap every worker to new weights, no restart; returns the new weights_version.
+    def _has_in_flight(self) -> bool:
+        return any(w.pending for w in self._workers)
 
-        Fence: new requests are held, in-flight ones finish (under the old weights), then all
-        workers load (through vLLM's collective_rpc in each, CRC-verified, prefix cache reset),
-        then the held requests run, all on the new version: a fork_fanout round never mixes
-        versions across the pool. ``src`` as ``Engine.load_weights``; a replacement worker
-        re-loads a ``.thaw`` file source before it serves (other sources: it is not replaced).
-        """
-        from thaw_agents_core.weights.sources import describe, resolve_version
-
-        if self._loop is None or self._closed:
-            raise PoolError("the pool is not running: start it before load_weights")
-        version = resolve_version(src, weights_version, self.weights_version)
-        desc, cleanup = describe(src, version, layout)
-        try:
-            self._loop.submit(self._load_weights(desc, version, timeout_s)).result(timeout_s + 30)
-        finally:
-            cleanup()
-        return version
-
-    async def _load_weights(self, desc: dict[str, Any], version: str, timeout_s: float) -> None:
-        loop = asyncio.get_running_loop()
-        while self._swap is not None:
-            await asyncio.shield(self._swap)
-        self._swap = loop.create_future()
-        deadline = time.monotonic() + timeout_s
-        try:
-            while any(w.pending for w in self._workers):  # drain: in-flight ones finish first
-                if time.monotonic() > deadline:
-                    raise PoolError(
-                        f"requests still in flight after {timeout_s} s; weights not swapped"
-                    )
-                await asyncio.sleep(0.02)
-            source = {"source": desc, "weights_version": version}
-            live = [w for w in self._workers if w.alive]
-            replies = await asyncio.gather(
-                *(
-                    self._swap_worker(w, source, max(1.0, deadline - time.monotonic()))
-                    for w in live
-                ),
-                return_exceptions=True,
-            )
-            failed = [(w.index, r) for w, r in zip(live, replies) if isinstance(r, BaseException)]
-            for worker, reply in zip(live, replies):
-                if isinstance(reply, BaseException):
-                    self._kill(worker)  # never serve unverified or old weights: replaced below
-            self.weights_version = version
-            self._last_weights = source if desc.get("kind") == "file" else None
-            keys = {r["namespace_key"] for r in replies if not isinstance(r, BaseException)}
-            if len(keys) == 1:
-                self.expected_namespace_key = keys.pop()
-            if failed:
-                raise PoolError(f"worker(s) failed to load weights {version!r}: {failed}")
-        finally:
-            swap, self._swap = self._swap, None
-            swap.set_result(None)
+    async def _swap_workers(self, source: dict[str, Any], version: str, deadline: float) -> None:
+        """Load ``source`` into every live worker (the fence is ``WeightSwapFence``'s)."""
+        live = [w for w in self._workers if w.alive]
+        replies = await asyncio.gather(
+            *(self._swap_worker(w, source, max(1.0, deadline - time.monotonic())) for w in live),
+            return_exceptions=True,
+        )
+        failed = [(w.index, r) for w, r in zip(live, replies) if isinstance(r, BaseException)]
+        for worker, reply in zip(live, replies):
+            if isinstance(reply, BaseException):
+                self._kill(worker)  # never serve unverified or old weights: replaced below
+        self.weights_version = version
+        self._last_weights = source if source["source"].get("kind") == "file" else None
+        keys = {r["namespace_key"] for r in replies if not isinstance(r, BaseException)}
+        if len(keys) == 1:
+            self.expected_namespace_key = keys.pop()
+        if failed:
+            raise PoolError(f"worker(s) failed to load weights {version!r}: {failed}")
 
     async def _swap_worker(
         self, worker: _Worker, source: dict[str, Any], timeout_s: float

@@ -1,4 +1,4 @@
-"""RayForkPool's weight updates: ``load_weights`` fenced by ``weights_version``, through Ray.
+"""RayForkPool's weight updates through Ray (the fence itself: weights_fence.py).
 
 load_weights(src, version)          (any thread)
   -> new requests wait (``_swap``), in-flight ones finish
@@ -14,10 +14,10 @@ import json
 import time
 from typing import Any
 
-from thaw_agents_core.pool.fork_pool import PoolError
+from thaw_agents_core.pool.weights_fence import PoolError, WeightSwapFence
 
 
-class WeightSwaps:
+class WeightSwaps(WeightSwapFence):
     """The weights half of RayForkPool (a mixin: it uses the pool's slots and event loop)."""
 
     _loop: Any
@@ -31,77 +31,38 @@ class WeightSwaps:
     def _on_death(self, slot: Any, generation: int, reason: str) -> None:
         raise NotImplementedError
 
-    def load_weights(
-        self,
-        src: Any,
-        weights_version: str | None = None,
-        *,
-        layout: str = "auto",
-        timeout_s: float = 600.0,
-    ) -> str:
-        """Hot-swap every actor to new weights, no restart; returns the new weights_version.
+    def _has_in_flight(self) -> bool:
+        return any(s.pending for s in self._slots)
 
-        The fence of ``ForkPool.load_weights``: new requests wait, in-flight ones finish, every
-        live actor loads (vLLM collective_rpc, CRC-verified, prefix cache reset), then requests
-        run on the new version only; the KV namespace takes it, so snapshots of the old weights
-        are never sent or loaded again. ``src`` as ``Engine.load_weights``; on other hosts a
-        ``.thaw`` path must name the same file on every node (a shared file system), and
-        shared-memory or CUDA-IPC sources reach only the driver's host. An actor that fails is
-        replaced; replacements re-load a ``.thaw`` file source before they serve.
-        """
-        from thaw_agents_core.weights.sources import describe, resolve_version
-
-        if self._loop is None or self._closed:
-            raise PoolError("the pool is not running: start it before load_weights")
-        version = resolve_version(src, weights_version, self.weights_version)
-        desc, cleanup = describe(src, version, layout)
-        try:
-            self._loop.submit(self._load_weights(desc, version, timeout_s)).result(timeout_s + 30)
-        finally:
-            cleanup()
-        return version
-
-    async def _load_weights(self, desc: dict[str, Any], version: str, timeout_s: float) -> None:
-        while self._swap is not None:
-            await asyncio.shield(self._swap)
-        self._swap = asyncio.get_running_loop().create_future()
-        deadline = time.monotonic() + timeout_s
-        try:
-            while any(s.pending for s in self._slots):  # drain: in-flight ones finish first
-                if time.monotonic() > deadline:
-                    raise PoolError(
-                        f"requests still in flight after {timeout_s} s; weights not swapped"
-                    )
-                await asyncio.sleep(0.02)
-            source = {"source": desc, "weights_version": version}
-            live = [(s, s.generation) for s in self._slots if s.alive]
-            replies = await asyncio.gather(
-                *(
-                    self._swap_worker(s.actor, source, max(1.0, deadline - time.monotonic()))
-                    for s, _ in live
-                ),
-                return_exceptions=True,
-            )
-            self.weights_version = version
-            self._last_weights = source if desc.get("kind") == "file" else None
-            keys = {r["namespace_key"] for r in replies if not isinstance(r, BaseException)}
-            if len(keys) == 1:
-                self.expected_namespace_key = keys.pop()
-            failed = [
-                (s.index, f"{type(r).__name__}: {r}")
-                for (s, _), r in zip(live, replies)
-                if isinstance(r, BaseException)
-            ]
-            for (slot, generation), reply in zip(live, replies):
-                if isinstance(reply, BaseException):  # never serve old or unverified weights
-                    self._on_death(slot, generation, "load_weights failed")
-                else:
-                    slot.namespace_key = reply["namespace_key"]
-            if failed:
-                raise PoolError(f"Ray worker(s) failed to load weights {version!r}: {failed}")
-        finally:
-            swap, self._swap = self._swap, None
-            swap.set_result(None)
+    async def _swap_workers(self, source: dict[str, Any], version: str, deadline: float) -> None:
+        """Load ``source`` into every live actor (the fence is ``WeightSwapFence``'s). On other
+        hosts a ``.thaw`` path must name the same file on every node (a shared file system);
+        shared-memory or CUDA-IPC sources reach only the driver's host."""
+        live = [(s, s.generation) for s in self._slots if s.alive]
+        replies = await asyncio.gather(
+            *(
+                self._swap_worker(s.actor, source, max(1.0, deadline - time.monotonic()))
+                for s, _ in live
+            ),
+            return_exceptions=True,
+        )
+        self.weights_version = version
+        self._last_weights = source if source["source"].get("kind") == "file" else None
+        keys = {r["namespace_key"] for r in replies if not isinstance(r, BaseException)}
+        if len(keys) == 1:
+            self.expected_namespace_key = keys.pop()
+        failed = [
+            (s.index, f"{type(r).__name__}: {r}")
+            for (s, _), r in zip(live, replies)
+            if isinstance(r, BaseException)
+        ]
+        for (slot, generation), reply in zip(live, replies):
+            if isinstance(reply, BaseException):  # never serve old or unverified weights
+                self._on_death(slot, generation, "load_weights failed")
+            else:
+                slot.namespace_key = reply["namespace_key"]
+        if failed:
+            raise PoolError(f"Ray worker(s) failed to load weights {version!r}: {failed}")
 
     async def _swap_worker(
         self, actor: Any, source: dict[str, Any], timeout_s: float
