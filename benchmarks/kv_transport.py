@@ -211,7 +211,18 @@ def phase_breakdown(transport, ref, src_ids: list[int], dst_ids: list[int], reps
 # ---------------------------------------------------------------------- part 2: in vLLM
 
 
-def engine(store_url: str | None, events: str | None):
+# How process B checks a snapshot's bytes before vLLM may load it (connector/verifier.py), each
+# in its own process B of the same run: "prefetch" (the CUDA default: a copy verified on the
+# device, the load scatters it), "host-check" (a host CRC pass first, the previous default)
+# and "on-copy" (header check only; the worker verifies each chunk as it copies it).
+VERIFY_MODES = {
+    "prefetch": {},
+    "host-check": {"verify_payload": True, "device_prefetch_bytes": 0},
+    "on-copy": {"verify_payload": False},
+}
+
+
+def engine(store_url: str | None, events: str | None, mode: str = "prefetch"):
     from vllm import LLM
     from vllm.config import KVTransferConfig
 
@@ -221,9 +232,9 @@ def engine(store_url: str | None, events: str | None):
 
     kwargs = {}
     if store_url:
-        kwargs["kv_transfer_config"] = KVTransferConfig(
-            **kv_transfer_config(store_url, events_path=events)
-        )
+        config = kv_transfer_config(store_url, events_path=events)
+        config["kv_connector_extra_config"].update(VERIFY_MODES[mode])
+        kwargs["kv_transfer_config"] = KVTransferConfig(**config)
     if SMOKE:
         return LLM(
             model=str(tiny_model_path()),
@@ -270,11 +281,11 @@ def role_a(store_url: str, events: str, reps: int) -> None:
     print("A done", flush=True)
 
 
-def role_b(store_url: str, events: str, reps: int) -> None:
+def role_b(store_url: str, events: str, reps: int, mode: str) -> None:
     from vllm import SamplingParams
     from vllm.inputs import TokensPrompt
 
-    llm = engine(store_url, events)
+    llm = engine(store_url, events, mode)
     one = SamplingParams(max_tokens=1, detokenize=False)
     rng = random.Random(2)
     result: dict = {}
@@ -300,7 +311,7 @@ def role_b(store_url: str, events: str, reps: int) -> None:
     print("B " + json.dumps(result), flush=True)
 
 
-def bench_vllm(reps: int, workdir: Path) -> dict:
+def bench_vllm(reps: int, workdir: Path, modes: list[str]) -> dict:
     n_bytes = (
         (reps + 1)
         * sum(SIZES.values())
@@ -312,52 +323,51 @@ def bench_vllm(reps: int, workdir: Path) -> dict:
         * VLLM_ELEMENT_BYTES
     )
     store = make_store("kvbench-vllm", n_bytes + (256 << 20))
-    url, events = "shm://kvbench-vllm", str(workdir / "events.jsonl")
+    url = "shm://kvbench-vllm"
+    ttft: dict[str, dict] = {}
+
+    def run(role: str, events: str, mode: str) -> str:
+        argv = [sys.executable, __file__, "--role", role, "--store", url, "--events", events]
+        argv += ["--reps", str(reps), "--verify", mode] + (["--smoke"] if SMOKE else [])
+        proc = subprocess.run(argv, text=True, capture_output=True, timeout=900)
+        if proc.returncode != 0:
+            raise SystemExit(f"role {role} ({mode}) failed:\n{(proc.stdout + proc.stderr)[-4000:]}")
+        return proc.stdout
+
     try:
-        for role in ("A", "B"):
-            proc = subprocess.run(
-                [
-                    sys.executable,
-                    __file__,
-                    "--role",
-                    role,
-                    "--store",
-                    url,
-                    "--events",
-                    events,
-                    "--reps",
-                    str(reps),
-                ]
-                + (["--smoke"] if SMOKE else []),
-                text=True,
-                capture_output=True,
-                timeout=900,
-            )
-            tail = (proc.stdout + proc.stderr)[-4000:]
-            if proc.returncode != 0:
-                raise SystemExit(f"role {role} failed:\n{tail}")
-            if role == "B":
-                line = next(x for x in proc.stdout.splitlines() if x.startswith("B "))
-                ttft = json.loads(line[2:])
+        run("A", str(workdir / "events_A.jsonl"), "prefetch")
+        for mode in modes:
+            stdout = run("B", str(workdir / f"events_B_{mode}.jsonl"), mode)
+            line = next(x for x in stdout.splitlines() if x.startswith("B "))
+            ttft[mode] = json.loads(line[2:])
     finally:
         store.close()
-    log = [json.loads(line) for line in Path(events).read_text().splitlines()]
-    out: dict = {}
-    for label, n in SIZES.items():
-        nbytes = n * LAYERS * 2 * BLOCK * KV_HEADS * HEAD_DIM * VLLM_ELEMENT_BYTES
-        saves = [e["seconds"] for e in log if e["event"] == "save" and e["bytes"] == nbytes][1:]
-        loads = [e["seconds"] for e in log if e["event"] == "load" and e["bytes"] == nbytes][1:]
-        failed = [e for e in log if e["event"].endswith("_failed")]
-        out[label] = {
-            "connector_save_seconds": percentiles(saves, digits=None),
-            "connector_load_seconds": percentiles(loads, digits=None),
-            "connector_load_GBps_p50": nbytes / statistics.median(loads) / 1e9,
-            "failures": failed,
-            **ttft[label],
-        }
-        out[label]["ttft_speedup_p50"] = (
-            out[label]["ttft_recompute_seconds"]["p50"] / out[label]["ttft_load_seconds"]["p50"]
-        )
+    saved = [json.loads(x) for x in (workdir / "events_A.jsonl").read_text().splitlines()]
+    out: dict = {"default_mode": modes[0], "modes": {}}
+    for mode in modes:
+        log = [json.loads(x) for x in (workdir / f"events_B_{mode}.jsonl").read_text().splitlines()]
+        per_size: dict = {}
+        for label, n in SIZES.items():
+            nbytes = n * LAYERS * 2 * BLOCK * KV_HEADS * HEAD_DIM * VLLM_ELEMENT_BYTES
+            saves = [e["seconds"] for e in saved if e["event"] == "save" and e["bytes"] == nbytes]
+            mine = [e for e in log if e["event"] == "load" and e["bytes"] == nbytes][1:]
+            loads = [e["seconds"] for e in mine]
+            row = {
+                "connector_save_seconds": percentiles(saves[1:], digits=None),
+                "connector_load_seconds": percentiles(loads, digits=None),
+                "connector_load_GBps_p50": nbytes / statistics.median(loads) / 1e9,
+                "loads_prefetched": sum(bool(e.get("prefetched")) for e in mine),
+                "loads": len(mine),
+                "failures": [e for e in log if e["event"].endswith(("_failed", "_refused"))],
+                **ttft[mode][label],
+            }
+            row["ttft_speedup_p50"] = (
+                row["ttft_recompute_seconds"]["p50"] / row["ttft_load_seconds"]["p50"]
+            )
+            row["ttft_ratio_p50"] = 1 / row["ttft_speedup_p50"]
+            per_size[label] = row
+        out["modes"][mode] = per_size
+    out.update(out["modes"][modes[0]])  # the default mode's figures at the top level, as before
     return out
 
 
@@ -370,6 +380,12 @@ def main() -> int:
     parser.add_argument("--role", choices=["A", "B"])
     parser.add_argument("--store")
     parser.add_argument("--events")
+    parser.add_argument("--verify", choices=list(VERIFY_MODES), default="prefetch")
+    parser.add_argument(
+        "--modes",
+        default="prefetch,host-check",
+        help="verify modes of process B, compared in one run (the first is reported on top)",
+    )
     parser.add_argument(
         "--smoke",
         action="store_true",
@@ -379,7 +395,10 @@ def main() -> int:
     if args.smoke:
         smoke_mode()
     if args.role:
-        (role_a if args.role == "A" else role_b)(args.store, args.events, args.reps)
+        if args.role == "A":
+            role_a(args.store, args.events, args.reps)
+        else:
+            role_b(args.store, args.events, args.reps, args.verify)
         return 0
     if not torch.cuda.is_available() and not SMOKE:
         print("kv_transport: needs a CUDA GPU (or --smoke)", file=sys.stderr)
@@ -400,9 +419,13 @@ def main() -> int:
     if not args.no_vllm:
         workdir = Path(os.environ.get("OUT", "/tmp")) / "kv_transport"
         workdir.mkdir(parents=True, exist_ok=True)
-        if (workdir / "events.jsonl").exists():
-            (workdir / "events.jsonl").unlink()
-        result["vllm"] = bench_vllm(args.reps, workdir)
+        for old in workdir.glob("events*.jsonl"):
+            old.unlink()
+        modes = [m for m in args.modes.split(",") if m]
+        unknown = sorted(set(modes) - set(VERIFY_MODES))
+        if unknown:
+            parser.error(f"unknown --modes {unknown}; valid: {sorted(VERIFY_MODES)}")
+        result["vllm"] = bench_vllm(args.reps, workdir, modes)
     if SMOKE:
         print(json.dumps(result, indent=1))
         return 0
@@ -422,11 +445,15 @@ def main() -> int:
         )
         if "vllm" in result:
             v = result["vllm"][label]
-            print(
-                f"{label:6} vLLM: connector load {v['connector_load_seconds']['p50'] * 1e3:7.2f}"
-                f" ms; TTFT load {v['ttft_load_seconds']['p50'] * 1e3:7.1f} ms vs recompute "
-                f"{v['ttft_recompute_seconds']['p50'] * 1e3:7.1f} ms"
-            )
+            for mode, per_size in result["vllm"]["modes"].items():
+                v = per_size[label]
+                print(
+                    f"{label:6} vLLM ({mode}): connector load "
+                    f"{v['connector_load_seconds']['p50'] * 1e3:7.2f} ms; TTFT load "
+                    f"{v['ttft_load_seconds']['p50'] * 1e3:7.1f} ms vs recompute "
+                    f"{v['ttft_recompute_seconds']['p50'] * 1e3:7.1f} ms "
+                    f"({v['loads_prefetched']}/{v['loads']} prefetched)"
+                )
     print(f"wrote {path}")
     return 0
 

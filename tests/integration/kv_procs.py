@@ -87,9 +87,12 @@ def build_engine(store: str | None, events: str | None):
 
     kwargs: dict = {}
     if store is not None:
-        kwargs["kv_transfer_config"] = KVTransferConfig(
-            **kv_transfer_config(store, events_path=events)
+        config = kv_transfer_config(store, events_path=events)
+        # THAW_TEST_CONNECTOR: more kv_connector_extra_config as JSON (the verification mode)
+        config["kv_connector_extra_config"].update(
+            json.loads(os.environ.get("THAW_TEST_CONNECTOR") or "{}")
         )
+        kwargs["kv_transfer_config"] = KVTransferConfig(**config)
         kwargs = connector_engine_defaults(kwargs)  # as ChatThaw's engines get them
     if GPU_MODEL:
         return LLM(

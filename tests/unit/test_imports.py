@@ -57,6 +57,11 @@ PUBLIC = {
         "kv_scatter": "thaw_kernels.kv_blocks",
         "kv_scatter_reference": "thaw_kernels.kv_blocks",
         "page_spec_for": "thaw_kernels.kv_pages",
+        "Segment": "thaw_kernels.shared_prefix_attention",
+        "SegmentPlan": "thaw_kernels.shared_prefix_attention",
+        "plan_segments": "thaw_kernels.shared_prefix_attention",
+        "shared_prefix_attention": "thaw_kernels.shared_prefix_attention",
+        "shared_prefix_attention_reference": "thaw_kernels.shared_prefix_attention",
     },
 }
 

@@ -9,6 +9,8 @@ reaches it). CPU always; CUDA (registered and pageable host memory) when a GPU i
 from __future__ import annotations
 
 import random
+import time
+from pathlib import Path
 
 import pytest
 import torch
@@ -17,6 +19,7 @@ from thaw_agents_core.snapshot.format import Namespace, SnapshotChecksumError, S
 from thaw_agents_core.store.file import FileStore
 from thaw_agents_core.store.shm import ShmStore
 from thaw_agents_core.transport.kv import KVTransport
+from thaw_agents_core.transport.prefetch import DevicePrefetcher
 from thaw_agents_core.transport.stream_scheduler import StreamScheduler
 from thaw_kernels import chunk_crc32c_reference
 
@@ -229,3 +232,127 @@ def test_stream_scheduler_round_trip(device, registered):
     assert copier.to_host(dst, back, crc_chunk) == expected
     assert torch.equal(back, host)
     copier.close()
+
+
+# ---------------------------------------------------------------------- DevicePrefetcher
+# Verified device copies (transport/prefetch.py): a good snapshot is held and loads exactly
+# without a second copy; a flipped byte anywhere makes the status False before any byte
+# reaches a cache; another namespace is refused; the budget evicts least recently used copies.
+
+
+def settle(prefetcher: DevicePrefetcher, ref, timeout_s: float = 30.0):
+    """Ask until the status is final (the copy runs in the prefetcher's thread)."""
+    deadline = time.monotonic() + timeout_s
+    while (status := prefetcher.status(ref)) is None:
+        if time.monotonic() > deadline:
+            raise TimeoutError(f"prefetch of {ref} still pending after {timeout_s} s")
+        time.sleep(0.005)
+    return status
+
+
+def make_prefetcher(device: str, store, budget: int = 1 << 30, model: str = "tiny"):
+    return DevicePrefetcher(
+        torch.device(device), lambda: store, lambda: namespace(device, model), budget
+    )
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_held_copy_loads_exactly_and_skips_the_host_copy(device, tmp_path, transport_for):
+    store = FileStore(tmp_path / "store")
+    layers = make_layers(device)
+    t = transport_for(device, store, layers)
+    src = [7, 2, 11, 0, 19, 4, 13]
+    ref, _ = t.save(tokens(len(src)), src)
+    expected = {b: block(layers, b).clone() for b in src}
+    t.prefetcher = make_prefetcher(device, store)
+    try:
+        assert settle(t.prefetcher, ref) is True
+        assert t.prefetcher.held_bytes() == len(src) * t.block_bytes
+        dst = [5, 6, 8, 10, 12]
+        poison(layers, dst + [14, 15])
+        started = []
+        t._start_copy = lambda payload, span: started.append(span)  # must not be called
+        stats = t.load(ref, 2, 7, dst)
+        assert stats.num_blocks == 5 and not started
+        for i, b in enumerate(dst):
+            assert torch.equal(block(layers, b), expected[src[2 + i]])
+        for b in (14, 15):
+            assert bool((block(layers, b) == POISON).all())
+        assert t.prefetcher.counts["verified"] == 1 and t.prefetcher.counts["taken"] == 1
+    finally:
+        t.prefetcher.close()
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("where", ["first", "middle", "last"])
+def test_flipped_byte_is_bad_and_nothing_is_held(device, tmp_path, transport_for, where):
+    store = FileStore(tmp_path / "store")
+    layers = make_layers(device)
+    t = transport_for(device, store, layers, blocks_per_chunk=2)
+    ref, _ = t.save(tokens(8, seed=3), list(range(8)))
+    with store.open(ref) as view:
+        size = view.header.payload_bytes
+        at = {"first": 0, "middle": size // 2 + 3, "last": size - 1}[where]
+        offset = view.payload_offset + at
+    path = Path(store.path_of(ref))
+    data = bytearray(path.read_bytes())
+    data[offset] ^= 0x10
+    path.write_bytes(bytes(data))
+    prefetcher = make_prefetcher(device, store)
+    try:
+        assert settle(prefetcher, ref) is False
+        assert "checksum" in (prefetcher.reason(ref) or "").lower()
+        assert prefetcher.take(ref) is None and prefetcher.held_bytes() == 0
+        assert prefetcher.status(ref) is False  # a verdict holds: not copied again
+        assert prefetcher.counts["bad"] == 1
+    finally:
+        prefetcher.close()
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_other_namespace_is_refused(device, tmp_path, transport_for):
+    store = FileStore(tmp_path / "store")
+    layers = make_layers(device)
+    ref, _ = transport_for(device, store, layers).save(tokens(4), [0, 1, 2, 3])
+    prefetcher = make_prefetcher(device, store, model="other")
+    try:
+        assert settle(prefetcher, ref) is False
+        assert SnapshotMismatchError.__name__ in (prefetcher.reason(ref) or "")
+    finally:
+        prefetcher.close()
+
+
+def test_budget_evicts_least_recently_used(tmp_path, transport_for):
+    store = FileStore(tmp_path / "store")
+    layers = make_layers("cpu")
+    t = transport_for("cpu", store, layers)
+    refs = [t.save(tokens(4, seed=s), [0, 1, 2, 3])[0] for s in range(3)]
+    size = 4 * t.block_bytes
+    prefetcher = make_prefetcher("cpu", store, budget=2 * size)
+    try:
+        assert settle(prefetcher, refs[0]) is True
+        assert settle(prefetcher, refs[1]) is True
+        assert prefetcher.take(refs[0]) is not None  # refs[0] is now the most recently used
+        assert settle(prefetcher, refs[2]) is True
+        assert prefetcher.take(refs[1]) is None and prefetcher.take(refs[0]) is not None
+        assert prefetcher.counts["evicted"] == 1 and prefetcher.held_bytes() == 2 * size
+        too_small = make_prefetcher("cpu", store, budget=size - 1)
+        assert settle(too_small, refs[0]) == "host"  # does not fit: check it another way
+        too_small.close()
+        prefetcher.forget()
+        assert prefetcher.held_bytes() == 0 and prefetcher.take(refs[0]) is None
+    finally:
+        prefetcher.close()
+
+
+def test_missing_snapshot_is_bad(tmp_path, transport_for):
+    store = FileStore(tmp_path / "store")
+    layers = make_layers("cpu")
+    t = transport_for("cpu", store, layers)
+    ref, _ = t.save(tokens(2), [0, 1])
+    store.delete(ref)
+    prefetcher = make_prefetcher("cpu", store)
+    try:
+        assert settle(prefetcher, ref) is False
+    finally:
+        prefetcher.close()

@@ -27,6 +27,7 @@ from thaw_agents_core.connector.events import EventLog
 from thaw_agents_core.connector.meta import LoadOp, SaveOp, ThawConnectorMetadata
 from thaw_agents_core.connector.settings import PARAMS_KEY, ConnectorSettings
 from thaw_agents_core.connector.verifier import SnapshotVerifier
+from thaw_agents_core.connector.worker import local_prefetcher
 from thaw_agents_core.snapshot.block_hashes import block_hash_chain
 from thaw_agents_core.snapshot.namespace import namespace_for
 from thaw_agents_core.store.base import SnapshotNotFoundError, SnapshotRef, SnapshotStore
@@ -94,7 +95,11 @@ class SchedulerSide:
         verify = self.settings.verify_payload
         check_payload = verify if verify is not None else not compat.is_cpu_platform()
         return SnapshotVerifier(
-            lambda: self.store, self.namespace, self._refused, check_payload=check_payload
+            lambda: self.store,
+            self.namespace,
+            self._refused,
+            check_payload=check_payload,
+            prefetcher=lambda: local_prefetcher(self._engine_id),
         )  # why: connector/verifier.py
 
     def _refused(self, ref: Any, reason: str) -> None:

@@ -37,6 +37,10 @@ class ConnectorSettings:
     """Check every chunk's CRC32C on the scheduler side before offering a snapshot (once per
     snapshot). None = on CUDA only, where vLLM's recompute after a failed load is not exact
     (see connector/verifier.py); the worker checks the bytes it copies either way."""
+    device_prefetch_bytes: int | None = None
+    """Device memory for verified copies of snapshots (transport/prefetch.py), which the
+    payload check makes where the worker shares the scheduler's process; the load is then a
+    device-to-device scatter. None = 4 GiB on CUDA, off on the CPU; 0 = off."""
 
     @classmethod
     def from_extra_config(cls, extra: dict[str, Any] | None) -> ConnectorSettings:
@@ -49,7 +53,14 @@ class ConnectorSettings:
                 "ThawConnector needs kv_connector_extra_config['store'] (e.g. 'shm://thaw' or a "
                 f"directory path); got {store!r}"
             )
-        known = {"weights_version", "events_path", "load", "pin_host", "verify_payload"}
+        known = {
+            "weights_version",
+            "events_path",
+            "load",
+            "pin_host",
+            "verify_payload",
+            "device_prefetch_bytes",
+        }
         unknown = sorted(set(extra) - known)
         if unknown:
             raise ValueError(f"unknown ThawConnector settings {unknown}; valid: {sorted(known)}")
@@ -79,6 +90,8 @@ class ConnectorSettings:
             extra["pin_host"] = False
         if self.verify_payload is not None:
             extra["verify_payload"] = self.verify_payload
+        if self.device_prefetch_bytes is not None:
+            extra["device_prefetch_bytes"] = self.device_prefetch_bytes
         return extra
 
 

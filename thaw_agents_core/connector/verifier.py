@@ -7,7 +7,10 @@
         block-hash chain must end in the hash the request computed
         payload (only where ``check_payload``): every chunk's CRC32C, once per snapshot id, in
         a background thread; until it is done the verdict is None and vLLM asks again on a
-        later step (other requests keep running)
+        later step (other requests keep running). Where this process holds the engine's
+        worker (one GPU) the check is its DevicePrefetcher's (transport/prefetch.py): the
+        payload is copied to the device and checked there, and the load that follows
+        scatters that copy; else (or when the copy does not fit) a host CRC pass
         -> True: report the matched tokens; False: report no match (the request computes its
            prompt; the store's other snapshots are unaffected)
 
@@ -37,6 +40,7 @@ from typing import Callable
 
 from thaw_agents_core.snapshot.format import Namespace, SnapshotError, check_chunk_crcs
 from thaw_agents_core.store.base import SnapshotRef, SnapshotStore
+from thaw_agents_core.transport.prefetch import DevicePrefetcher
 from thaw_agents_core.transport.stream_scheduler import as_uint8_tensor
 from thaw_kernels import chunk_crc32c
 
@@ -60,11 +64,13 @@ class SnapshotVerifier:
         on_bad: Callable[[SnapshotRef, str], None] | None = None,
         *,
         check_payload: bool = False,
+        prefetcher: Callable[[], DevicePrefetcher | None] = lambda: None,
     ) -> None:
         self._store = store
         self._namespace = namespace
         self._on_bad = on_bad
         self.check_payload = check_payload
+        self._prefetcher = prefetcher
         self._facts: dict[str, _HeaderFacts | None] = {}
         self._payload: dict[str, bool | None] = {}
         self._pool = (
@@ -86,6 +92,18 @@ class SnapshotVerifier:
             return False
         if self._pool is None:
             return True
+        known = self._payload.get(ref.snapshot_id)
+        if known is not None:
+            return known
+        prefetcher = self._prefetcher()
+        if prefetcher is not None and ref.snapshot_id not in self._payload:
+            status = prefetcher.status(ref)  # copied to the device and checked there
+            if status is False:
+                self._payload[ref.snapshot_id] = False
+                self._refuse(ref, SnapshotError(prefetcher.reason(ref) or "bad payload"))
+                return False
+            if status != "host":
+                return status
         if ref.snapshot_id not in self._payload:
             self._payload[ref.snapshot_id] = None
             self._pool.submit(self._check_payload, ref)

@@ -25,10 +25,23 @@ from thaw_agents_core.connector.settings import ConnectorSettings
 from thaw_agents_core.snapshot.namespace import namespace_for
 from thaw_agents_core.store.base import SnapshotRef
 from thaw_agents_core.transport.kv import KVTransport
+from thaw_agents_core.transport.prefetch import DEFAULT_BUDGET_BYTES, DevicePrefetcher
 from thaw_agents_core.transport.stream_scheduler import StreamScheduler
 from thaw_agents_core.weights import fence
 
 logger = logging.getLogger("thaw_agents.connector")
+
+_LOCAL: dict[str, WorkerSide] = {}
+"""Worker sides of this process by engine id: the scheduler side of the same engine finds its
+worker's prefetcher here (vLLM runs both in the engine-core process with one GPU)."""
+
+
+def local_prefetcher(engine_id: str) -> DevicePrefetcher | None:
+    """The device prefetcher of this process's worker of ``engine_id`` (None: another
+    process, or prefetching is off)."""
+    worker = _LOCAL.get(engine_id)
+    transport = worker.transport if worker is not None else None
+    return transport.prefetcher if transport is not None else None
 
 
 class WorkerSide:
@@ -78,6 +91,16 @@ class WorkerSide:
             logger.warning("thaw: %s; snapshots disabled", exc)
             copier.close()
             store.close()
+            return
+        budget = self.settings.device_prefetch_bytes
+        if budget is None:
+            budget = DEFAULT_BUDGET_BYTES if copier.is_cuda else 0
+        if budget > 0:  # the transport's store: its arena is the one registered with CUDA
+            transport = self.transport
+            self.transport.prefetcher = DevicePrefetcher(
+                copier.device, lambda: transport.store, lambda: self.namespace, budget
+            )
+        _LOCAL[self._engine_id] = self
 
     def refresh_namespace(self) -> None:
         """Follow a weight swap (weights/fence.py): saves and loads use the new version."""
@@ -87,6 +110,8 @@ class WorkerSide:
             if self.transport is not None:
                 self.transport.namespace = self.namespace
                 self.transport.namespace_key = self.namespace.key()
+                if self.transport.prefetcher is not None:
+                    self.transport.prefetcher.forget()
 
     # ------------------------------------------------------------------ load
 
@@ -119,6 +144,7 @@ class WorkerSide:
                 num_blocks=stats.num_blocks,
                 bytes=stats.num_bytes,
                 seconds=round(seconds, 6),
+                prefetched=stats.prefetched,
             )
         except Exception as exc:  # noqa: BLE001 - any failure means: recompute these blocks
             self._load_errors.update(op.block_ids)
@@ -177,7 +203,11 @@ class WorkerSide:
 
     def close(self) -> None:
         """Close the transport's copier and store (idempotent)."""
+        if _LOCAL.get(self._engine_id) is self:
+            del _LOCAL[self._engine_id]
         if self.transport is not None:
+            if self.transport.prefetcher is not None:
+                self.transport.prefetcher.close()
             self.transport.copier.close()
             self.transport.store.close()
             self.transport = None

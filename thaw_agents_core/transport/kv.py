@@ -34,6 +34,7 @@ from thaw_agents_core.snapshot.format import (
 )
 from thaw_agents_core.snapshot.io import plan_snapshot
 from thaw_agents_core.store.base import SnapshotRef, SnapshotStore
+from thaw_agents_core.transport.prefetch import DevicePrefetcher, HeldSnapshot
 from thaw_agents_core.transport.stream_scheduler import CopyPiece, StreamScheduler, as_uint8_tensor
 from thaw_kernels import KVPageSpec, chunk_crc32c, kv_gather, kv_scatter, page_spec_for
 
@@ -119,6 +120,8 @@ class TransferStats:
 
     num_blocks: int
     num_bytes: int
+    prefetched: bool = False
+    """Loaded from a copy verified on the device beforehand (transport/prefetch.py)."""
 
 
 class KVTransport:
@@ -137,6 +140,8 @@ class KVTransport:
         self.namespace_key = namespace.key()
         self.store = store
         self.copier = copier or StreamScheduler(self.layers[0].device)
+        self.prefetcher: DevicePrefetcher | None = None
+        """Verified device copies made before the scheduler offered them (transport/prefetch)."""
         element = self.layers[0].element_size()
         self.block_bytes = len(self.layers) * self.spec.num_halves * self.spec.page_elems * element
         self.blocks_per_chunk = default_blocks_per_chunk(self.block_bytes)
@@ -227,6 +232,9 @@ class KVTransport:
                     f"this engine has {self.namespace_key}"
                 ]
             )
+        held = self.prefetcher.take(ref) if self.prefetcher is not None else None
+        if held is not None:
+            return self._load_held(held, first_block, end_block, block_ids, expected_last_hash)
         copy: list[_Copy] = []
 
         def start_copy(raw: memoryview, payload_offset: int) -> None:
@@ -278,6 +286,24 @@ class KVTransport:
                 for piece in started.pieces:
                     piece.synchronize()
             view.close()
+
+    def _load_held(
+        self,
+        held: HeldSnapshot,
+        first_block: int,
+        end_block: int,
+        block_ids: Sequence[int],
+        expected_last_hash: str | None,
+    ) -> TransferStats:
+        """Scatter blocks of a copy already on the device, every chunk of it verified there."""
+        header = held.header
+        self._check_bounds(header, first_block, end_block, block_ids, expected_last_hash)
+        count = end_block - first_block
+        blocks = held.payload[first_block * header.block_bytes : end_block * header.block_bytes]
+        kv_scatter(self._blocks_view(blocks, count), self.layers, block_ids, self.spec)
+        if self.copier.is_cuda:
+            torch.cuda.current_stream(blocks.device).synchronize()
+        return TransferStats(count, count * header.block_bytes, prefetched=True)
 
     def _start_copy(self, payload: memoryview, span: _Span) -> _Copy:
         staging = torch.empty(span.hi - span.lo, dtype=torch.uint8, device=self.layers[0].device)
