@@ -264,6 +264,27 @@ def prefixes(reps: int) -> dict[str, list[list[int]]]:
     }
 
 
+def corrupt_prompt() -> list[int]:
+    """A prefix whose snapshot gets one flipped payload byte between process A and B."""
+    rng = random.Random(3)
+    return [rng.randrange(*VOCAB) for _ in range(min(SIZES.values()) * BLOCK)]
+
+
+def flip_byte(store, snapshot: dict) -> None:
+    """Flip one bit in the middle of a published snapshot's payload, in the shm arena."""
+    from thaw_agents_core.snapshot.format import parse_snapshot
+    from thaw_agents_core.store.base import SnapshotRef
+
+    offset, length = store.region_of(
+        SnapshotRef(snapshot["namespace_key"], snapshot["snapshot_id"])
+    )
+    arena = store.arena_view()
+    view = parse_snapshot(arena[offset : offset + length])
+    target = offset + view.payload_offset + view.header.payload_bytes // 2 + 7
+    view.close()
+    arena[target] ^= 0x40
+
+
 def role_a(store_url: str, events: str, reps: int) -> None:
     from vllm import SamplingParams
     from vllm.inputs import TokensPrompt
@@ -278,6 +299,8 @@ def role_a(store_url: str, events: str, reps: int) -> None:
             snap = (out.kv_transfer_params or {}).get("thaw", {}).get("snapshot") or {}
             if not snap.get("ok"):
                 raise SystemExit(f"A: snapshot of {label} failed: {snap}")
+    out = llm.generate([TokensPrompt(prompt_token_ids=corrupt_prompt())], save, use_tqdm=False)[0]
+    print("CORRUPT " + json.dumps(out.kv_transfer_params["thaw"]["snapshot"]), flush=True)
     print("A done", flush=True)
 
 
@@ -288,7 +311,12 @@ def role_b(store_url: str, events: str, reps: int, mode: str) -> None:
     llm = engine(store_url, events, mode)
     one = SamplingParams(max_tokens=1, detokenize=False)
     rng = random.Random(2)
-    result: dict = {}
+    # The corrupted snapshot first: refused before any byte is loaded, the prompt computed.
+    suffix = [rng.randrange(*VOCAB) for _ in range(16)]
+    out = llm.generate(
+        [TokensPrompt(prompt_token_ids=corrupt_prompt() + suffix)], one, use_tqdm=False
+    )[0]
+    result: dict = {"corrupted": {"num_cached_tokens": out.num_cached_tokens}}
     for label, prompts in prefixes(reps).items():
         loaded, recomputed, cached = [], [], []
         for i, tokens in enumerate(prompts):
@@ -335,7 +363,9 @@ def bench_vllm(reps: int, workdir: Path, modes: list[str]) -> dict:
         return proc.stdout
 
     try:
-        run("A", str(workdir / "events_A.jsonl"), "prefetch")
+        stdout = run("A", str(workdir / "events_A.jsonl"), "prefetch")
+        corrupted = json.loads(next(x for x in stdout.splitlines() if x.startswith("CORRUPT "))[8:])
+        flip_byte(store, corrupted)
         for mode in modes:
             stdout = run("B", str(workdir / f"events_B_{mode}.jsonl"), mode)
             line = next(x for x in stdout.splitlines() if x.startswith("B "))
@@ -366,6 +396,29 @@ def bench_vllm(reps: int, workdir: Path, modes: list[str]) -> dict:
             )
             row["ttft_ratio_p50"] = 1 / row["ttft_speedup_p50"]
             per_size[label] = row
+        bad = corrupted["snapshot_id"]
+        per_size["corrupted"] = {
+            **ttft[mode].pop("corrupted"),
+            "refused": [
+                e["error"][:200]
+                for e in log
+                if e["event"] == "load_refused" and e["snapshot_id"] == bad
+            ],
+            "failed_loads": sum(
+                e["event"] == "load_failed" and e["snapshot_id"] == bad for e in log
+            ),
+            "loads": sum(e["event"] == "load" and e["snapshot_id"] == bad for e in log),
+        }
+        c = per_size["corrupted"]
+        c["outcome"] = (
+            "LOADED"  # never acceptable: bad bytes reached the cache
+            if c["loads"]
+            else "refused before loading, prompt computed"
+            if c["refused"] and c["num_cached_tokens"] == 0
+            else "load failed its checksums, vLLM recomputed"
+            if c["failed_loads"]
+            else "not looked up"
+        )
         out["modes"][mode] = per_size
     out.update(out["modes"][modes[0]])  # the default mode's figures at the top level, as before
     return out
@@ -454,6 +507,8 @@ def main() -> int:
                     f"{v['ttft_recompute_seconds']['p50'] * 1e3:7.1f} ms "
                     f"({v['loads_prefetched']}/{v['loads']} prefetched)"
                 )
+    for mode, per_size in result.get("vllm", {}).get("modes", {}).items():
+        print(f"corrupted snapshot ({mode}): {per_size['corrupted']}")
     print(f"wrote {path}")
     return 0
 

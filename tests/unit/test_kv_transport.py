@@ -241,7 +241,7 @@ def test_stream_scheduler_round_trip(device, registered):
 
 
 def settle(prefetcher: DevicePrefetcher, ref, timeout_s: float = 30.0):
-    """Ask until the status is final (the copy runs in the prefetcher's thread)."""
+    """Ask until the status is final (as vLLM does, once per step)."""
     deadline = time.monotonic() + timeout_s
     while (status := prefetcher.status(ref)) is None:
         if time.monotonic() > deadline:
@@ -256,9 +256,36 @@ def make_prefetcher(device: str, store, budget: int = 1 << 30, model: str = "tin
     )
 
 
+def flip_byte(store, ref, at: int) -> None:
+    """Flip one payload bit of a published snapshot, in a file or in the shm arena."""
+    with store.open(ref) as view:
+        offset = view.payload_offset + at
+    if isinstance(store, FileStore):
+        path = Path(store.path_of(ref))
+        data = bytearray(path.read_bytes())
+        data[offset] ^= 0x10
+        path.write_bytes(bytes(data))
+    else:
+        start, _ = store.region_of(ref)
+        store.arena_view()[start + offset] ^= 0x10
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_pageable_snapshot_on_cuda_is_left_to_the_host_check(device, tmp_path, transport_for):
+    """On CUDA only memory registered with CUDA is prefetched (a file store's is not)."""
+    store = FileStore(tmp_path / "store")
+    layers = make_layers(device)
+    ref, _ = transport_for(device, store, layers).save(tokens(4), [0, 1, 2, 3])
+    prefetcher = make_prefetcher(device, store)
+    try:
+        assert settle(prefetcher, ref) == ("host" if device == "cuda" else True)
+    finally:
+        prefetcher.close()
+
+
 @pytest.mark.parametrize("device", DEVICES)
 def test_held_copy_loads_exactly_and_skips_the_host_copy(device, tmp_path, transport_for):
-    store = FileStore(tmp_path / "store")
+    store = ShmStore(f"test-pf-{random.getrandbits(32):08x}", 16 << 20, create=True)
     layers = make_layers(device)
     t = transport_for(device, store, layers)
     src = [7, 2, 11, 0, 19, 4, 13]
@@ -281,23 +308,19 @@ def test_held_copy_loads_exactly_and_skips_the_host_copy(device, tmp_path, trans
         assert t.prefetcher.counts["verified"] == 1 and t.prefetcher.counts["taken"] == 1
     finally:
         t.prefetcher.close()
+        t.copier.close()  # unregister the arena before it goes
+        store.close()
 
 
 @pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("where", ["first", "middle", "last"])
-def test_flipped_byte_is_bad_and_nothing_is_held(device, tmp_path, transport_for, where):
-    store = FileStore(tmp_path / "store")
+def test_flipped_byte_is_bad_and_nothing_is_held(device, transport_for, where):
+    store = ShmStore(f"test-pf-{random.getrandbits(32):08x}", 16 << 20, create=True)
     layers = make_layers(device)
     t = transport_for(device, store, layers, blocks_per_chunk=2)
     ref, _ = t.save(tokens(8, seed=3), list(range(8)))
-    with store.open(ref) as view:
-        size = view.header.payload_bytes
-        at = {"first": 0, "middle": size // 2 + 3, "last": size - 1}[where]
-        offset = view.payload_offset + at
-    path = Path(store.path_of(ref))
-    data = bytearray(path.read_bytes())
-    data[offset] ^= 0x10
-    path.write_bytes(bytes(data))
+    size = 8 * t.block_bytes
+    flip_byte(store, ref, {"first": 0, "middle": size // 2 + 3, "last": size - 1}[where])
     prefetcher = make_prefetcher(device, store)
     try:
         assert settle(prefetcher, ref) is False
@@ -307,6 +330,8 @@ def test_flipped_byte_is_bad_and_nothing_is_held(device, tmp_path, transport_for
         assert prefetcher.counts["bad"] == 1
     finally:
         prefetcher.close()
+        t.copier.close()
+        store.close()
 
 
 @pytest.mark.parametrize("device", DEVICES)

@@ -12,9 +12,15 @@ copy; the load that follows is a device-to-device scatter of bytes already verif
                                                               False: a chunk's CRC differs
     worker:    KVTransport.load(ref, ...) -> DevicePrefetcher.take(ref) -> scatter (D2D)
 
+No thread: the first ``status`` queues the copies and their CRC kernels (asynchronous DMA from
+host memory registered with CUDA) and returns; later calls (vLLM asks again every step) poll
+the last chunk's event without blocking and, once it fired, read all CRCs in one small copy.
+A background thread would compete for the GIL with vLLM's busy scheduler loop (~5 ms per
+hand-over); polling from the scheduler itself costs nothing while the copy runs.
+
 Copies are held up to a byte budget (least recently used first out) and only while the device
-has room to spare; a snapshot that does not fit is checked where it is copied, as before
-(``status`` then returns ``"host"``: the caller falls back to the host check).
+has room to spare. A snapshot in memory that is not registered with CUDA (a file store), or
+one that does not fit, gets ``"host"``: the caller checks it another way.
 """
 
 from __future__ import annotations
@@ -23,7 +29,6 @@ import logging
 import threading
 import time
 from collections import OrderedDict
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Any, Callable, Literal
 
@@ -31,7 +36,7 @@ import torch
 
 from thaw_agents_core.snapshot.format import Namespace, SnapshotError, check_chunk_crcs
 from thaw_agents_core.store.base import SnapshotRef, SnapshotStore
-from thaw_agents_core.transport.stream_scheduler import StreamScheduler
+from thaw_agents_core.transport.stream_scheduler import CopyPiece, StreamScheduler
 
 logger = logging.getLogger("thaw_agents.transport")
 
@@ -41,6 +46,7 @@ HEADROOM_BYTES = 2 << 30
 """Free device memory a new copy must leave untouched (vLLM's activations, CUDA graphs)."""
 
 Status = Literal[True, False, None, "host"]
+Key = tuple[str, str]
 
 
 @dataclass(slots=True)
@@ -51,11 +57,24 @@ class HeldSnapshot:
     payload: torch.Tensor
     """uint8, the whole payload (``header.payload_bytes``) on the device."""
     seconds: float
-    """Copy and check time."""
+    """From the first ``status`` call to the verdict."""
+
+
+@dataclass(slots=True)
+class _InFlight:
+    view: Any
+    header: Any
+    payload: torch.Tensor
+    pieces: list[CopyPiece]
+    chunk_bytes: int
+    began: float
 
 
 class DevicePrefetcher:
-    """Copies snapshots to the device and checks them there, in one background thread."""
+    """Copies snapshots to the device and checks them there (see the module docstring).
+
+    ``status`` and ``take`` are called from vLLM's engine-core thread (scheduler and worker
+    share it with one GPU); a lock keeps the bookkeeping consistent should they not."""
 
     def __init__(
         self,
@@ -63,34 +82,39 @@ class DevicePrefetcher:
         store: Callable[[], SnapshotStore],
         namespace: Callable[[], Namespace],
         budget_bytes: int = DEFAULT_BUDGET_BYTES,
+        copier: StreamScheduler | None = None,
     ) -> None:
         self.device = device
         self.budget_bytes = budget_bytes
         self._store = store
         self._namespace = namespace
-        self._lock = threading.Lock()
-        self._held: OrderedDict[tuple[str, str], HeldSnapshot] = OrderedDict()
-        self._status: dict[tuple[str, str], Status] = {}
-        self._reasons: dict[tuple[str, str], str] = {}
-        self._copier: StreamScheduler | None = None
-        self._pool = ThreadPoolExecutor(1, thread_name_prefix="thaw-prefetch")
+        self._lock = threading.RLock()
+        self._held: OrderedDict[Key, HeldSnapshot] = OrderedDict()
+        self._flying: dict[Key, _InFlight] = {}
+        self._status: dict[Key, Status] = {}
+        self._reasons: dict[Key, str] = {}
+        self._copier = copier or StreamScheduler(device)
+        self._own_copier = copier is None
         self.counts = {"verified": 0, "bad": 0, "host": 0, "taken": 0, "evicted": 0}
 
     @staticmethod
-    def _key(ref: SnapshotRef) -> tuple[str, str]:
+    def _key(ref: SnapshotRef) -> Key:
         return ref.namespace_key, ref.snapshot_id
 
     def status(self, ref: SnapshotRef) -> Status:
         """True once a verified copy is held, False when a chunk was bad (or the snapshot
         unreadable), None while it is being copied (the first call starts the copy), ``"host"``
-        when it does not fit on the device (check it another way)."""
+        when it cannot be copied here (check it another way). Never blocks on the copy."""
         key = self._key(ref)
         with self._lock:
             if key in self._status:
                 return self._status[key]
-            self._status[key] = None
-        self._pool.submit(self._prefetch, ref)
-        return None
+            flying = self._flying.get(key)
+            if flying is None:
+                return self._start(ref, key)
+            if not flying.pieces[-1].ready():
+                return None
+            return self._finish(ref, key, flying)
 
     def reason(self, ref: SnapshotRef) -> str | None:
         """Why ``status`` is False (None otherwise)."""
@@ -111,72 +135,75 @@ class DevicePrefetcher:
         with self._lock:
             return sum(h.payload.numel() for h in self._held.values())
 
-    # ------------------------------------------------------------------ the background copy
+    # ------------------------------------------------------------------ copy, then check
 
-    def _prefetch(self, ref: SnapshotRef) -> None:
-        key = self._key(ref)
+    def _start(self, ref: SnapshotRef, key: Key) -> Status:
         began = time.perf_counter()
+        view = None
         try:
-            with self._store().open(ref, expect_namespace=self._namespace()) as view:
-                header = view.header
-                if not self._make_room(header.payload_bytes):
-                    self._finish(key, "host", counter="host")
-                    return
-                payload = torch.empty(header.payload_bytes, dtype=torch.uint8, device=self.device)
-                chunk_bytes = header.blocks_per_chunk * header.block_bytes
-                for piece in self._copier_for().to_device_pieces(
-                    view.payload, payload, chunk_bytes
-                ):
-                    check_chunk_crcs(header, piece.wait(), piece.lo // chunk_bytes)
-            held = HeldSnapshot(header, payload, time.perf_counter() - began)
-            with self._lock:
-                self._held[key] = held
-            self._finish(key, True, counter="verified")
-            logger.info(
-                "thaw: snapshot %s verified on the device (%.1f MB in %.1f ms)",
-                ref.snapshot_id,
-                header.payload_bytes / 1e6,
-                held.seconds * 1e3,
-            )
+            view = self._store().open(ref, expect_namespace=self._namespace())
+            header = view.header
+            if self.device.type == "cuda" and not self._copier.is_registered(view.payload):
+                return self._settle(key, "host", view)  # pageable: the host would stage it
+            if not self._make_room(header.payload_bytes):
+                return self._settle(key, "host", view)
+            payload = torch.empty(header.payload_bytes, dtype=torch.uint8, device=self.device)
+            chunk_bytes = header.blocks_per_chunk * header.block_bytes
+            pieces = self._copier.to_device_pieces(view.payload, payload, chunk_bytes)
         except torch.cuda.OutOfMemoryError:
-            self._finish(key, "host", counter="host")
+            return self._settle(key, "host", view)
         except (SnapshotError, LookupError, OSError, ValueError) as exc:
             self._reasons[key] = f"{type(exc).__name__}: {exc}"
-            self._finish(key, False, counter="bad")
-        except Exception as exc:  # noqa: BLE001 - unexpected: say so, let the caller check it
-            logger.warning("thaw: device prefetch of %s failed: %r", ref.snapshot_id, exc)
-            self._finish(key, "host", counter="host")
+            return self._settle(key, False, view)
+        flying = _InFlight(view, header, payload, pieces, chunk_bytes, began)
+        self._flying[key] = flying
+        if pieces[-1].ready():  # the CPU copies synchronously
+            return self._finish(ref, key, flying)
+        return None
 
-    def _finish(self, key: tuple[str, str], status: Status, *, counter: str) -> None:
-        with self._lock:
-            self._status[key] = status
-            self.counts[counter] += 1
+    def _finish(self, ref: SnapshotRef, key: Key, flying: _InFlight) -> Status:
+        del self._flying[key]
+        for piece in flying.pieces:  # chunks finish in order on one CRC stream; make sure
+            piece.synchronize()
+        crcs = torch.cat([p.crcs for p in flying.pieces]).tolist()  # one small copy
+        try:
+            check_chunk_crcs(flying.header, crcs)
+        except SnapshotError as exc:
+            self._reasons[key] = f"{type(exc).__name__}: {exc}"
+            return self._settle(key, False, flying.view)
+        held = HeldSnapshot(flying.header, flying.payload, time.perf_counter() - flying.began)
+        self._held[key] = held
+        logger.info(
+            "thaw: snapshot %s verified on the device (%.1f MB in %.1f ms)",
+            ref.snapshot_id,
+            flying.header.payload_bytes / 1e6,
+            held.seconds * 1e3,
+        )
+        return self._settle(key, True, flying.view)
 
-    def _copier_for(self) -> StreamScheduler:
-        if self._copier is None:  # its own streams and staging: the worker's copier is busy
-            self._copier = StreamScheduler(self.device)
-        return self._copier
+    def _settle(self, key: Key, status: Status, view: Any) -> Status:
+        if view is not None:
+            view.close()
+        self._status[key] = status
+        counter = {True: "verified", False: "bad", "host": "host"}[status]  # type: ignore[index]
+        self.counts[counter] += 1
+        return status
 
     def _make_room(self, nbytes: int) -> bool:
         """Evict least recently used copies until ``nbytes`` fits the budget and the device."""
         if nbytes > self.budget_bytes:
             return False
-        with self._lock:
-            while self._held and self._held_bytes_locked() + nbytes > self.budget_bytes:
-                self._evict_oldest_locked()
+        while self._held and self.held_bytes() + nbytes > self.budget_bytes:
+            self._evict_oldest()
         if self.device.type != "cuda":
             return True
         free, _ = torch.cuda.mem_get_info(self.device)
         free += torch.cuda.memory_reserved(self.device) - torch.cuda.memory_allocated(self.device)
-        with self._lock:
-            while self._held and free < nbytes + HEADROOM_BYTES:
-                free += self._evict_oldest_locked()
+        while self._held and free < nbytes + HEADROOM_BYTES:
+            free += self._evict_oldest()
         return free >= nbytes + HEADROOM_BYTES
 
-    def _held_bytes_locked(self) -> int:
-        return sum(h.payload.numel() for h in self._held.values())
-
-    def _evict_oldest_locked(self) -> int:
+    def _evict_oldest(self) -> int:
         key, held = self._held.popitem(last=False)
         self._status.pop(key, None)  # asked again: copied again
         self.counts["evicted"] += 1
@@ -185,14 +212,17 @@ class DevicePrefetcher:
     def forget(self) -> None:
         """Drop every copy and status (weights changed: old namespaces are never loaded)."""
         with self._lock:
+            for flying in self._flying.values():
+                for piece in flying.pieces:  # no DMA may target freed memory
+                    piece.synchronize()
+                flying.view.close()
+            self._flying.clear()
             self._held.clear()
             self._status.clear()
             self._reasons.clear()
 
     def close(self) -> None:
-        """Stop the background thread and free the copies."""
-        self._pool.shutdown(wait=True, cancel_futures=True)
+        """Free the copies (and the copier this prefetcher made)."""
         self.forget()
-        if self._copier is not None:
+        if self._own_copier:
             self._copier.close()
-            self._copier = None

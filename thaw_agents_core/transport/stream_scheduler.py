@@ -121,6 +121,10 @@ class CopyPiece:
     done: Any
     """CUDA event recorded once the bytes are copied and ``crcs`` computed (None on CPU)."""
 
+    def ready(self) -> bool:
+        """Whether this chunk is copied and checksummed (never blocks)."""
+        return self.done is None or bool(self.done.query())
+
     def synchronize(self) -> None:
         """Block until this chunk is copied and checksummed."""
         if self.done is not None:
@@ -175,6 +179,12 @@ class StreamScheduler:
         for start in self._registered:
             _PINNED.release(start)
         self._registered.clear()
+
+    def is_registered(self, buffer: Any) -> bool:
+        """Whether host ``buffer`` lies in memory registered with CUDA (its copies are queued
+        at once, no host staging); False on CPU."""
+        host = as_uint8_tensor(buffer)
+        return self.is_cuda and self._is_registered(host.data_ptr(), host.numel())
 
     def _is_registered(self, start: int, nbytes: int) -> bool:
         return _PINNED.covers(start, nbytes)
