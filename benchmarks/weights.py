@@ -411,12 +411,15 @@ def _goals(results: dict[str, Any]) -> None:
             "normal": round(normal_w, 3),
             "thaw": round(thaw_w, 3),
         }
-        # Start times vary by ~1 s run to run; a weight phase below that is noise, not a ratio.
-        goals["cold_start_weight_phase_speedup"] = (
-            round(normal_w / thaw_w, 2)
-            if min(normal_w, thaw_w) > 0.5
-            else "below start-time noise (tiny model)"
-        )
+        # Start times vary by ~1 s run to run: a weight phase below that is noise, so the
+        # speedup is then a lower bound (the other phase over 1 s), not a ratio.
+        noise = 1.0
+        if max(normal_w, thaw_w) <= noise:
+            goals["cold_start_weight_phase_speedup"] = "below start-time noise (tiny model)"
+        elif thaw_w < noise:
+            goals["cold_start_weight_phase_speedup"] = f">= {normal_w / noise:.0f}"
+        else:
+            goals["cold_start_weight_phase_speedup"] = round(normal_w / thaw_w, 2)
     goals["cold_start_goal"] = "weight phase >= 4x faster (start minus the dummy start)"
     goals["state_dict_vs_d2d"] = get("state_dict", "ratio_to_d2d")
     goals["state_dict_goal"] = "<= 2x the device-to-device copy"

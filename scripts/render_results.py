@@ -224,25 +224,51 @@ def fanout_rows(path: Path, data: dict[str, Any]) -> list[str]:
 
 
 def kv_table(path: Path, data: dict[str, Any]) -> list[str]:
+    modes = data.get("vllm", {}).get("modes") or {
+        data.get("verify_mode", "default"): data.get("vllm", {})
+    }
     lines = [
         f"**KV transport** ({source(path, data)}):",
         "",
-        "| prefix | snapshot (data path) | load (data path) | load inside vLLM (connector) "
-        "| TTFT loading vs recomputing |",
-        "|---|---|---|---|---|",
+        "| prefix | snapshot (data path) | load (data path) | bytes checked before the offer "
+        "| load inside vLLM (connector) | TTFT loading vs recomputing |",
+        "|---|---|---|---|---|---|",
     ]
+    checked = {
+        "prefetch": "copied to the GPU and checked there (default on CUDA)",
+        "host-check": "host CRC pass (before)",
+        "on-copy": "none: checked as loaded",
+        "default": "-",
+    }
     for size, d in data["data_path"].items():
-        if not isinstance(d, dict) or size not in data.get("vllm", {}):
+        if not isinstance(d, dict):
             continue
-        v = data["vllm"][size]
-        lines.append(
-            f"| {int(d['bytes']) / 1e6:,.0f} MB ({d['tokens']} tokens) | "
-            f"{p50(d['save_seconds']) * 1e3:.2f} ms | {p50(d['load_seconds']) * 1e3:.2f} ms"
-            f" ({d['load_GBps_p50']:.1f} GB/s) | "
-            f"{p50(v['connector_load_seconds']) * 1e3:.2f} ms "
-            f"({v['connector_load_GBps_p50']:.1f} GB/s) | "
-            f"{ms(p50(v['ttft_load_seconds']))} vs {ms(p50(v['ttft_recompute_seconds']))} |"
-        )
+        for mode, per_size in modes.items():
+            v = per_size.get(size)
+            if not isinstance(v, dict) or "ttft_load_seconds" not in v:
+                continue
+            ratio = p50(v["ttft_load_seconds"]) / p50(v["ttft_recompute_seconds"])
+            lines.append(
+                f"| {int(d['bytes']) / 1e6:,.0f} MB ({d['tokens']} tokens) | "
+                f"{p50(d['save_seconds']) * 1e3:.2f} ms | {p50(d['load_seconds']) * 1e3:.2f} ms"
+                f" ({d['load_GBps_p50']:.1f} GB/s) | {checked.get(mode, mode)} | "
+                f"{p50(v['connector_load_seconds']) * 1e3:.2f} ms "
+                f"({v['connector_load_GBps_p50']:.1f} GB/s) | "
+                f"{ms(p50(v['ttft_load_seconds']))} vs {ms(p50(v['ttft_recompute_seconds']))}"
+                f" (**{ratio:.2f}x**) |"
+            )
+    outcomes = {
+        mode: per_size["corrupted"]["outcome"]
+        for mode, per_size in modes.items()
+        if isinstance(per_size.get("corrupted"), dict) and "outcome" in per_size["corrupted"]
+    }
+    if outcomes:
+        lines += [
+            "",
+            "A snapshot with one flipped payload byte, same run: "
+            + "; ".join(f"{mode}: {outcome}" for mode, outcome in outcomes.items())
+            + ".",
+        ]
     return lines
 
 
@@ -263,17 +289,120 @@ def kernels_table(path: Path, data: dict[str, Any]) -> list[str]:
         lines.append(
             f"| `kv_{op}` | "
             + " | ".join(
-                f"{public[op][s]['ms_p50']:.3f} ms (**{public[op][s]['vs_d2d']:.2f}** of the copy)"
+                f"{public[op][s]['ms_p50']:.3f} ms ({public[op][s]['vs_d2d']:.2f} of the copy)"
                 for s in sizes
             )
             + " |"
         )
+        row = public[op]
+        if all("device_vs_d2d" in row[s] for s in sizes):
+            lines.append(
+                f"| `kv_{op}`, device time (kernel only; host per call) | "
+                + " | ".join(
+                    f"{row[s]['device_ms']:.3f} ms (**{row[s]['device_vs_d2d']:.2f}** of the copy; "
+                    f"host {row[s]['host_us']:.0f} us)"
+                    for s in sizes
+                )
+                + " |"
+            )
     crc = {k: v for k, v in public.get("crc32c", {}).items() if "chunk=1024K" in k}
     if crc:
         lines.append(
             "| `chunk_crc32c` (1 MiB chunks) | "
             + " | ".join(f"{v['payload_GBps']:,.0f} GB/s" for v in crc.values())
             + " |"
+        )
+    return lines
+
+
+def weights_table(path: Path, data: dict[str, Any]) -> list[str]:
+    ph, goals = data["phases"], data["goals"]
+    if data.get("smoke"):
+        swap, restore = ph.get("hot_swap", {}), ph.get("file_restore", {})
+        return [
+            f"**Weights, CPU** ({source(path, data)}; tiny float32 model): hot swap "
+            f"{ms(swap.get('seconds'))}, restore from a `.thaw` file {ms(restore.get('seconds'))}, "
+            f"greedy tokens identical after every path: {goals.get('greedy_tokens_identical')}."
+        ]
+
+    def cell(phase: str, key: str, fmt: str) -> str:
+        value = (ph.get(phase) or {}).get(key)
+        return fmt.format(value) if value is not None else ph.get(phase, {}).get("error", "-")
+
+    gb = data["phases"].get("freeze", {}).get("num_bytes", 0) / 1e9
+    cold = goals.get("cold_start_weight_phase_s") or {}
+    rows = [
+        (
+            "hot swap from a registered host buffer",
+            cell("hot_swap", "seconds", "{:.3f} s")
+            + " ("
+            + cell("hot_swap", "gb_per_s", "{} GB/s)"),
+            f"raw pinned copy {cell('raw_pinned', 'seconds', '{:.3f} s')}: "
+            f"**{goals.get('hot_swap_vs_raw_pinned')}x** of it (goal >= 0.95); vLLM `wake_up` "
+            f"{cell('sleep_wake', 'wake_up_s', '{:.3f} s')} (same weights back): "
+            f"**{goals.get('hot_swap_speedup_over_wake_up')}x** faster (goal >= 1.5)",
+        ),
+        (
+            "restore from a page-cached `.thaw`, not registered",
+            cell("file_restore", "seconds", "{:.3f} s")
+            + " ("
+            + cell("file_restore", "gb_per_s", "**{} GB/s**)"),
+            "goal >= 25 GB/s",
+        ),
+        (
+            "engine cold start from `.thaw` (weight phase = start - dummy start)",
+            f"{cold.get('thaw', '-')} s",
+            f"vLLM's safetensors load {cold.get('normal', '-')} s: "
+            f"**{goals.get('cold_start_weight_phase_speedup')}x** (goal >= 4x)",
+        ),
+        (
+            "state dict from tensors on the same GPU (CUDA IPC)",
+            cell("state_dict", "seconds", "{:.4f} s"),
+            f"device copy {cell('state_dict', 'd2d_s', '{:.4f} s')}: "
+            f"**{goals.get('state_dict_vs_d2d')}x** of it (goal <= 2x)",
+        ),
+        (
+            "freeze a live engine to a file",
+            cell("freeze", "seconds", "{:.1f} s")
+            + " ("
+            + cell("freeze", "gb_per_s", "**{} GB/s**)"),
+            "goal >= 10 GB/s",
+        ),
+    ]
+    lines = [
+        f"**Weights** ({source(path, data)}; {data.get('model')}, {gb:.1f} GB; every path's greedy "
+        f"tokens identical to the normal load: **{goals.get('greedy_tokens_identical')}**):",
+        "",
+        "| path | time | against |",
+        "|---|---|---|",
+    ]
+    lines += [f"| {a} | {b} | {c} |" for a, b, c in rows]
+    return lines
+
+
+def attention_table(path: Path, data: dict[str, Any]) -> list[str]:
+    cfg = data["config"]
+    lines = [
+        f"**Shared-prefix decode attention kernel** ({source(path, data)}; one layer, "
+        f"{cfg['num_q_heads']}/{cfg['num_kv_heads']} heads x {cfg['head_dim']}, {cfg['dtype']}, "
+        f"a {cfg['prefix_tokens']}-token prefix shared by B branches, {cfg['tail_tokens']} own "
+        "tokens each; not yet wired into vLLM):",
+        "",
+        "| B | ours | SDPA per branch (gathered KV) | bytes-read floor | max abs diff vs fp32 |",
+        "|---|---|---|---|---|",
+    ]
+    for r in data["results"]:
+        ours, sdpa = r.get("ours") or {}, r.get("sdpa") or {}
+        if "ms" not in ours:
+            continue
+        lines.append(
+            f"| {r['B']} | {p50(ours['ms']):.3f} ms | "
+            + (
+                f"{p50(sdpa['ms']):.3f} ms (**{r.get('speedup_vs_sdpa')}x**)"
+                if "ms" in sdpa
+                else "-"
+            )
+            + f" | {r.get('floor_ms', 0):.3f} ms | {ours.get('max_abs_diff', 0):.1e} |"
         )
     return lines
 
@@ -323,6 +452,8 @@ def measured(results: Path, chart_dir: Path | None = None) -> str:
         ("kv_transport_*.json", kv_table),
         ("kernels_*.json", kernels_table),
         ("stream_scheduler_*.json", stream_table),
+        ("weights_*.json", weights_table),
+        ("shared_prefix_attention_*.json", attention_table),
     ):
         for path, data in load(results, pattern):
             parts += [*render(path, data), ""]
@@ -437,7 +568,11 @@ def charts(results: Path, out: Path) -> list[Path]:
         fig.tight_layout()
         written.append(_save(fig, out / path.with_suffix(".png").name, plt))
     for path, data in load(results, "kv_transport_*.json"):
-        sizes = [s for s in data.get("vllm", {}) if isinstance(data["vllm"][s], dict)]
+        sizes = [
+            s
+            for s, v in data.get("vllm", {}).items()
+            if isinstance(v, dict) and "ttft_load_seconds" in v
+        ]
         fig, ax = plt.subplots(figsize=(5.5, 3.4))
         xs = range(len(sizes))
         ax.bar(
