@@ -8,8 +8,9 @@ its CPU path (tests: ``tests/unit/test_<op>.py``; benchmark: ``benchmarks/kernel
 
 - :mod:`.kv_blocks`: gather/scatter KV-cache blocks of all layers in one launch.
 - :mod:`.crc32c`: CRC32C per fixed-size chunk, and combining chunk CRCs.
-- :mod:`.shared_prefix_attention`: decode attention reading KV segments shared by many branches
-  (a fan-out's prefix, forks of forks) once for all of them, then merging per branch.
+- :mod:`.prefix_attention`: decode attention reading KV segments shared by many branches
+  (a fan-out's prefix, forks of forks) once for all of them, then merging per branch
+  (``shared_prefix_attention``; segments and their plan in :mod:`.prefix_segments`).
 
 and what the KV op builds on:
 
@@ -17,7 +18,7 @@ and what the KV op builds on:
 - :mod:`.kv_pages`: where a layer tensor's pages are (``KVPageSpec``), layer/buffer checks.
 
 Imports point down only: kv_blocks -> block_ids -> kv_pages (and kv_blocks -> kv_pages);
-crc32c, kv_pages and shared_prefix_attention import no sibling.
+prefix_attention -> prefix_segments; crc32c, kv_pages and prefix_segments import no sibling.
 
 CUDA tensors run Triton kernels; CPU tensors run the torch/libcrc32c paths.
 """
@@ -25,7 +26,7 @@ CUDA tensors run Triton kernels; CPU tensors run the torch/libcrc32c paths.
 from .crc32c import chunk_crc32c, chunk_crc32c_reference, combine_chunk_crcs, crc32c_combine
 from .kv_blocks import kv_gather, kv_gather_reference, kv_scatter, kv_scatter_reference
 from .kv_pages import KVPageSpec, page_spec_for
-from .shared_prefix_attention import (
+from .prefix_attention import (
     Segment,
     SegmentPlan,
     plan_segments,

@@ -57,11 +57,11 @@ PUBLIC = {
         "kv_scatter": "thaw_kernels.kv_blocks",
         "kv_scatter_reference": "thaw_kernels.kv_blocks",
         "page_spec_for": "thaw_kernels.kv_pages",
-        "Segment": "thaw_kernels.shared_prefix_attention",
-        "SegmentPlan": "thaw_kernels.shared_prefix_attention",
-        "plan_segments": "thaw_kernels.shared_prefix_attention",
-        "shared_prefix_attention": "thaw_kernels.shared_prefix_attention",
-        "shared_prefix_attention_reference": "thaw_kernels.shared_prefix_attention",
+        "Segment": "thaw_kernels.prefix_segments",
+        "SegmentPlan": "thaw_kernels.prefix_segments",
+        "plan_segments": "thaw_kernels.prefix_segments",
+        "shared_prefix_attention": "thaw_kernels.prefix_attention",
+        "shared_prefix_attention_reference": "thaw_kernels.prefix_attention",
     },
 }
 

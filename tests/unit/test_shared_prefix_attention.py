@@ -38,7 +38,7 @@ from thaw_kernels import (
 )
 
 # The package's attribute of that name is the function; the module is in sys.modules.
-spa_mod = importlib.import_module("thaw_kernels.shared_prefix_attention")
+spa_mod = importlib.import_module("thaw_kernels.prefix_attention")
 
 TOL = {torch.float32: 1e-5, torch.float16: 2e-3, torch.bfloat16: 1e-2}
 
