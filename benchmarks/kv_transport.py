@@ -270,21 +270,6 @@ def corrupt_prompt() -> list[int]:
     return [rng.randrange(*VOCAB) for _ in range(min(SIZES.values()) * BLOCK)]
 
 
-def flip_byte(store, snapshot: dict) -> None:
-    """Flip one bit in the middle of a published snapshot's payload, in the shm arena."""
-    from thaw_agents_core.snapshot.format import parse_snapshot
-    from thaw_agents_core.store.base import SnapshotRef
-
-    offset, length = store.region_of(
-        SnapshotRef(snapshot["namespace_key"], snapshot["snapshot_id"])
-    )
-    arena = store.arena_view()
-    view = parse_snapshot(arena[offset : offset + length])
-    target = offset + view.payload_offset + view.header.payload_bytes // 2 + 7
-    view.close()
-    arena[target] ^= 0x40
-
-
 def role_a(store_url: str, events: str, reps: int) -> None:
     from vllm import SamplingParams
     from vllm.inputs import TokensPrompt
@@ -365,7 +350,14 @@ def bench_vllm(reps: int, workdir: Path, modes: list[str]) -> dict:
     try:
         stdout = run("A", str(workdir / "events_A.jsonl"), "prefetch")
         corrupted = json.loads(next(x for x in stdout.splitlines() if x.startswith("CORRUPT "))[8:])
-        flip_byte(store, corrupted)
+        from thaw_agents_core.store.base import SnapshotRef
+        from thaw_agents_core.testing import flip_payload_bit
+
+        flip_payload_bit(
+            store,
+            SnapshotRef(corrupted["namespace_key"], corrupted["snapshot_id"]),
+            lambda header: header.payload_bytes // 2 + 7,
+        )
         for mode in modes:
             stdout = run("B", str(workdir / f"events_B_{mode}.jsonl"), mode)
             line = next(x for x in stdout.splitlines() if x.startswith("B "))

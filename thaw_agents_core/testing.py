@@ -1,10 +1,12 @@
-"""Test and benchmark helpers (not used at run time): real model shapes without weights."""
+"""Test and benchmark helpers (not used at run time): real model shapes without weights, and
+corrupting a published snapshot on purpose."""
 
 from __future__ import annotations
 
 import json
 import os
 from pathlib import Path
+from typing import Any, Callable
 
 from thaw_agents_core.engine.models import cache_dir
 
@@ -44,3 +46,18 @@ def llama_8b_shaped_path() -> Path:
         tmp.write_text(json.dumps(LLAMA_3_1_8B_CONFIG, indent=2))
         os.replace(tmp, config)
     return target
+
+
+def flip_payload_bit(store: Any, ref: Any, at: int | Callable[[Any], int], bit: int = 0x40) -> None:
+    """Flip ``bit`` of payload byte ``at`` (or ``at(header)``) of a published snapshot, in place:
+    in a FileStore's file or a ShmStore's arena. Its header and CRCs stay as published."""
+    with store.open(ref) as view:
+        offset = view.payload_offset + (at(view.header) if callable(at) else at)
+    if hasattr(store, "region_of"):
+        start, _ = store.region_of(ref)
+        store.arena_view()[start + offset] ^= bit
+        return
+    path = Path(store.path_of(ref))
+    data = bytearray(path.read_bytes())
+    data[offset] ^= bit
+    path.write_bytes(bytes(data))

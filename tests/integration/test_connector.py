@@ -21,8 +21,9 @@ from pathlib import Path
 import pytest
 import torch
 
-from thaw_agents_core.snapshot.format import parse_snapshot
+from thaw_agents_core.store.base import SnapshotRef
 from thaw_agents_core.store.shm import ShmStore
+from thaw_agents_core.testing import flip_payload_bit
 
 pytestmark = pytest.mark.slow
 
@@ -67,17 +68,6 @@ def shm_store():
     assert not os.path.exists(f"/dev/shm/thaw-{name}"), "the shared-memory store leaked"
 
 
-def flip_payload_byte(store: ShmStore, snapshot_id: str, namespace_key: str) -> None:
-    from thaw_agents_core.store.base import SnapshotRef
-
-    offset, length = store.region_of(SnapshotRef(namespace_key, snapshot_id))
-    arena = store.arena_view()
-    view = parse_snapshot(arena[offset : offset + length])
-    target = offset + view.payload_offset + 3 * view.header.block_bytes + 12345
-    view.close()
-    arena[target] ^= 0x40
-
-
 # How the loading engine checks snapshot bytes (connector/verifier.py): "on-copy" (the CPU's
 # default: the worker checks each chunk where it copies it; a bad one is a load error that vLLM
 # recomputes) and "prefetch" (CUDA's default: verified device copies, transport/prefetch.py,
@@ -113,7 +103,11 @@ def _ab_runs(mode: str, store: ShmStore, url: str, tmp_path_factory):
     lengths = [str(n) for n in LENGTHS]
     saved = {r["length"]: r for r in run_procs("save", url, str(events), *lengths)}
     bad = saved[CORRUPTED]["snapshot"]
-    flip_payload_byte(store, bad["snapshot_id"], bad["namespace_key"])
+    flip_payload_bit(
+        store,
+        SnapshotRef(bad["namespace_key"], bad["snapshot_id"]),
+        lambda header: 3 * header.block_bytes + 12345,
+    )
     extra, env = VERIFY_MODES[mode]
     loaded = {
         r["length"]: r

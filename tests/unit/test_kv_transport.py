@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import random
 import time
-from pathlib import Path
 
 import pytest
 import torch
@@ -18,6 +17,7 @@ import torch
 from thaw_agents_core.snapshot.format import Namespace, SnapshotChecksumError, SnapshotMismatchError
 from thaw_agents_core.store.file import FileStore
 from thaw_agents_core.store.shm import ShmStore
+from thaw_agents_core.testing import flip_payload_bit
 from thaw_agents_core.transport.kv import KVTransport
 from thaw_agents_core.transport.prefetch import DevicePrefetcher
 from thaw_agents_core.transport.stream_scheduler import StreamScheduler
@@ -160,12 +160,7 @@ def test_corrupt_chunk_stops_the_load_at_that_chunk(device, tmp_path, transport_
     t = transport_for(device, store, layers, copy_chunks=1)  # one piece per chunk
     src = list(range(8))  # chunks: blocks 0-1, 2-3, 4-5, 6-7
     ref, _ = t.save(tokens(8, seed=1), src)
-    path = store.path_of(ref)
-    with store.open(ref) as view:
-        offset = view.payload_offset + 2 * t.blocks_per_chunk * t.block_bytes + 5  # in chunk 2
-    data = bytearray(open(path, "rb").read())
-    data[offset] ^= 0x01
-    open(path, "wb").write(bytes(data))
+    flip_payload_bit(store, ref, 2 * t.blocks_per_chunk * t.block_bytes + 5, bit=0x01)  # chunk 2
     dst = list(range(8, 16))
     poison(layers, dst)
     with pytest.raises(SnapshotChecksumError) as err:
@@ -256,20 +251,6 @@ def make_prefetcher(device: str, store, budget: int = 1 << 30, model: str = "tin
     )
 
 
-def flip_byte(store, ref, at: int) -> None:
-    """Flip one payload bit of a published snapshot, in a file or in the shm arena."""
-    with store.open(ref) as view:
-        offset = view.payload_offset + at
-    if isinstance(store, FileStore):
-        path = Path(store.path_of(ref))
-        data = bytearray(path.read_bytes())
-        data[offset] ^= 0x10
-        path.write_bytes(bytes(data))
-    else:
-        start, _ = store.region_of(ref)
-        store.arena_view()[start + offset] ^= 0x10
-
-
 @pytest.mark.parametrize("device", DEVICES)
 def test_pageable_snapshot_on_cuda_is_left_to_the_host_check(device, tmp_path, transport_for):
     """On CUDA only memory registered with CUDA is prefetched (a file store's is not)."""
@@ -320,7 +301,9 @@ def test_flipped_byte_is_bad_and_nothing_is_held(device, transport_for, where):
     t = transport_for(device, store, layers, blocks_per_chunk=2)
     ref, _ = t.save(tokens(8, seed=3), list(range(8)))
     size = 8 * t.block_bytes
-    flip_byte(store, ref, {"first": 0, "middle": size // 2 + 3, "last": size - 1}[where])
+    flip_payload_bit(
+        store, ref, bit=0x10, at={"first": 0, "middle": size // 2 + 3, "last": size - 1}[where]
+    )
     prefetcher = make_prefetcher(device, store)
     try:
         assert settle(prefetcher, ref) is False
