@@ -60,14 +60,12 @@ from thaw_agents_core.connector.verifier import SnapshotVerifier
 from thaw_agents_core.snapshot.block_hashes import HASH_ALGO, block_hash_chain
 from thaw_agents_core.snapshot.format import (
     MAGIC,
-    MAX_HEADER_BYTES,
     Namespace,
     SnapshotChecksumError,
     SnapshotError,
     SnapshotFormatError,
     SnapshotHeader,
     SnapshotMismatchError,
-    align_up,
     check_chunk_crcs,
     check_chunks,
     chunk_byte_range,
@@ -77,6 +75,7 @@ from thaw_agents_core.snapshot.format import (
     parse_snapshot,
     verify_chunks,
 )
+from thaw_agents_core.snapshot.framing import MAX_HEADER_BYTES, align_up
 from thaw_agents_core.snapshot.io import (
     build_snapshot,
     open_snapshot_file,

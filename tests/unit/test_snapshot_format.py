@@ -16,7 +16,6 @@ import pytest
 from thaw_agents_core.snapshot.block_hashes import HASH_ALGO, block_hash_chain, root_hash
 from thaw_agents_core.snapshot.format import (
     MAGIC,
-    MAX_HEADER_BYTES,
     Namespace,
     SnapshotChecksumError,
     SnapshotError,
@@ -30,6 +29,7 @@ from thaw_agents_core.snapshot.format import (
     payload_offset_for,
     verify_chunks,
 )
+from thaw_agents_core.snapshot.framing import MAX_HEADER_BYTES
 from thaw_agents_core.snapshot.io import (
     build_snapshot,
     open_snapshot_file,

@@ -188,7 +188,7 @@ def test_weights_buffer_round_trip_and_unlink():
     "mutate, message",
     [
         (lambda h: h.update(format="thawkv"), "header field 'format' is 'thawkv', expected 'thaw'"),
-        (lambda h: h.update(version=2), "unsupported .thaw version 2"),
+        (lambda h: h.update(version=2), "unsupported .thaw file version 2"),
         (lambda h: h.pop("tensors"), "missing required field(s): tensors"),
         (lambda h: h.update(bonus=1), "unknown field(s): bonus"),
         (
@@ -252,6 +252,16 @@ def test_prefix_errors():
     with pytest.raises(WeightsFormatError, match="exceeds the 16777216-byte cap"):
         parse_weights(buf[:8] + struct.pack("<Q", 1 << 40) + buf[16:])
     assert issubclass(WeightsFormatError, SnapshotError)
+
+
+@pytest.mark.parametrize(
+    "body",
+    [b"[" * 200_000 + b"]" * 200_000, b'{"a":' + b"9" * 5000 + b"}", b"\xff{}"],
+    ids=["nested past the recursion limit", "int past the digit limit", "not UTF-8"],
+)
+def test_a_header_json_can_not_parse_is_a_format_error(body):
+    with pytest.raises(WeightsFormatError, match="header is not valid UTF-8 JSON"):
+        parse_weights(MAGIC + struct.pack("<Q", len(body)) + body)
 
 
 # ---------------------------------------------------------------------- tensor-parallel names

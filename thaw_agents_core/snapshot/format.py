@@ -50,7 +50,6 @@ import hashlib
 import json
 import math
 import re
-import struct
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Any, Sequence
@@ -59,13 +58,19 @@ import google_crc32c
 import numpy as np
 
 from thaw_agents_core.snapshot.block_hashes import HASH_ALGO, block_hash_chain
+from thaw_agents_core.snapshot.framing import (
+    PREFIX_BYTES,
+    Frame,
+    align_up,
+    as_bytes_view,
+    header_bytes,
+    is_int,
+    short,
+)
 
 MAGIC = b"THAWKV01"
 FORMAT_NAME = "thawkv"
 FORMAT_VERSION = 1
-PREFIX_BYTES = 16
-ALIGNMENT = 4096
-MAX_HEADER_BYTES = 16 << 20
 DEFAULT_CHUNK_BYTES = 4 << 20  # CRC granularity; also the unit a partial load verifies
 MAX_EXTRA_DEPTH = 64  # deeper ``extra`` parses, then breaks recursive code (asdict, deepcopy)
 
@@ -116,18 +121,9 @@ class SnapshotChecksumError(SnapshotError):
         )
 
 
-def align_up(n: int, alignment: int = ALIGNMENT) -> int:
-    """``n`` rounded up to a multiple of ``alignment`` (default ALIGNMENT, 4096 bytes)."""
-    return (n + alignment - 1) // alignment * alignment
-
-
-def _short(value: Any, limit: int = 60) -> str:
-    text = repr(value)
-    return text if len(text) <= limit else text[: limit - 3] + "..."
-
-
-def _is_int(v: Any) -> bool:
-    return isinstance(v, int) and not isinstance(v, bool)
+FRAME = Frame(
+    MAGIC, FORMAT_NAME, FORMAT_VERSION, SnapshotFormatError, "snapshot", ".thawkv snapshot"
+)
 
 
 @dataclass(frozen=True, slots=True)
@@ -148,20 +144,20 @@ class Namespace:
 
     def __post_init__(self) -> None:
         shape = self.page_shape
-        if not (isinstance(shape, (list, tuple)) and all(_is_int(d) and d >= 0 for d in shape)):
+        if not (isinstance(shape, (list, tuple)) and all(is_int(d) and d >= 0 for d in shape)):
             raise ValueError(
-                f"namespace field 'page_shape' must be a list of non-negative ints, got {_short(shape)}"
+                f"namespace field 'page_shape' must be a list of non-negative ints, got {short(shape)}"
             )
         object.__setattr__(self, "page_shape", tuple(shape))
         for name in _NS_FIELDS:
             v = getattr(self, name)
             if name in ("block_size", "num_layers"):
-                if not _is_int(v) or v <= 0:
+                if not is_int(v) or v <= 0:
                     raise ValueError(
-                        f"namespace field {name!r} must be a positive int, got {_short(v)}"
+                        f"namespace field {name!r} must be a positive int, got {short(v)}"
                     )
             elif name != "page_shape" and not isinstance(v, str):
-                raise ValueError(f"namespace field {name!r} must be a string, got {_short(v)}")
+                raise ValueError(f"namespace field {name!r} must be a string, got {short(v)}")
         canon = json.dumps(self.to_json(), sort_keys=True, separators=(",", ":"))
         object.__setattr__(self, "_key", hashlib.sha256(canon.encode()).hexdigest()[:32])
 
@@ -176,7 +172,7 @@ class Namespace:
         """Parse a header's ``namespace`` object (SnapshotFormatError unless exact)."""
         if not isinstance(obj, Mapping):
             raise SnapshotFormatError(
-                f"header field 'namespace' must be an object, got {_short(obj)}"
+                f"header field 'namespace' must be an object, got {short(obj)}"
             )
         missing = [n for n in _NS_FIELDS if n not in obj]
         unknown = sorted(set(obj) - set(_NS_FIELDS))
@@ -222,7 +218,7 @@ def _hex(pattern: re.Pattern[str]) -> Any:
 
 
 def _nonneg_int(v: Any) -> bool:
-    return _is_int(v) and v >= 0
+    return is_int(v) and v >= 0
 
 
 def json_nesting(value: Any, limit: int = MAX_EXTRA_DEPTH) -> int:
@@ -244,11 +240,11 @@ _FIELD_CHECKS: dict[str, tuple[Any, str]] = {
     "num_tokens": (_nonneg_int, "a non-negative int"),
     "block_bytes": (_nonneg_int, "a non-negative int"),
     "payload_bytes": (_nonneg_int, "a non-negative int"),
-    "blocks_per_chunk": (lambda v: _is_int(v) and v > 0, "a positive int"),
+    "blocks_per_chunk": (lambda v: is_int(v) and v > 0, "a positive int"),
     "hash_salt": (_hex(_HEX_ANY), "lowercase hex"),
     "created_unix": (
         # ints are finite: math.isfinite(10**400) would raise OverflowError
-        lambda v: (_is_int(v) or isinstance(v, float) and math.isfinite(v)) and v >= 0,
+        lambda v: (is_int(v) or isinstance(v, float) and math.isfinite(v)) and v >= 0,
         "a non-negative number",
     ),
     "extra": (lambda v: isinstance(v, dict), "an object"),
@@ -320,26 +316,10 @@ class SnapshotHeader:
     @classmethod
     def from_json(cls, obj: Any) -> SnapshotHeader:
         """Validate every field (types, sizes, hash chain) and decode."""
-        if not isinstance(obj, dict):
-            raise _err(f"header must be a JSON object, got {type(obj).__name__}")
-        missing = [k for k in _HEADER_FIELDS if k not in obj]
-        if missing:
-            raise _err(f"header is missing required field(s): {', '.join(missing)}")
-        unknown = sorted(set(obj) - set(_HEADER_FIELDS))
-        if unknown:
-            raise _err(
-                f"header has unknown field(s): {', '.join(unknown)} (custom data goes under 'extra')"
-            )
-        if obj["format"] != FORMAT_NAME:
-            raise _err(f"header field 'format' is {_short(obj['format'])}, expected 'thawkv'")
-        version = obj["version"]
-        if version != FORMAT_VERSION or not _is_int(version):
-            raise _err(
-                f"unsupported snapshot version {_short(version)}: this reader supports version 1"
-            )
+        FRAME.check_envelope(obj, _HEADER_FIELDS)
         for name, (ok, what) in _FIELD_CHECKS.items():
             if not ok(obj[name]):
-                raise _err(f"header field {name!r} must be {what}, got {_short(obj[name])}")
+                raise _err(f"header field {name!r} must be {what}, got {short(obj[name])}")
         if json_nesting(obj["extra"]) > MAX_EXTRA_DEPTH:
             raise _err(
                 f"header field 'extra' nests more than MAX_EXTRA_DEPTH = {MAX_EXTRA_DEPTH} deep"
@@ -379,7 +359,7 @@ class SnapshotHeader:
         if not _all_hex(hashes_hex, 64):  # one regex pass; the loop only names the culprit
             for i, h in enumerate(hashes_hex):
                 if not isinstance(h, str) or _HEX_HASH.fullmatch(h) is None:
-                    raise _err(f"block_hashes[{i}] must be 64 lowercase hex chars, got {_short(h)}")
+                    raise _err(f"block_hashes[{i}] must be 64 lowercase hex chars, got {short(h)}")
         crcs_hex = obj["chunk_crc32c"]
         num_chunks = -(-nb // bpc)  # integer ceil: ceil(nb / bpc) in floats is 0 for bpc = 10**400
         if len(crcs_hex) != num_chunks:
@@ -388,7 +368,7 @@ class SnapshotHeader:
         if not _all_hex(crcs_hex, 8):
             for i, c in enumerate(crcs_hex):
                 if not isinstance(c, str) or _HEX_CRC.fullmatch(c) is None:
-                    raise _err(f"chunk_crc32c[{i}] must be 8 lowercase hex chars, got {_short(c)}")
+                    raise _err(f"chunk_crc32c[{i}] must be 8 lowercase hex chars, got {short(c)}")
         salt = bytes.fromhex(obj["hash_salt"])
         hashes = [bytes.fromhex(h) for h in hashes_hex]
         expected = block_hash_chain(tokens, bs, salt)
@@ -403,25 +383,14 @@ class SnapshotHeader:
         )  # fmt: skip
 
 
-def _header_json(header: SnapshotHeader) -> bytes:
-    return json.dumps(header.to_json(), separators=(",", ":"), ensure_ascii=True).encode()
-
-
 def encode_header(header: SnapshotHeader) -> bytes:
     """Everything before the payload: magic, header_len, JSON, zero padding to payload_offset."""
-    body = _header_json(header)
-    if len(body) > MAX_HEADER_BYTES:
-        raise SnapshotFormatError(
-            f"header is {len(body)} bytes, over the {MAX_HEADER_BYTES}-byte cap (MAX_HEADER_BYTES): "
-            "snapshot fewer tokens"
-        )
-    prefix = MAGIC + struct.pack("<Q", len(body)) + body
-    return prefix + bytes(align_up(len(prefix)) - len(prefix))
+    return FRAME.encode(header.to_json(), "snapshot fewer tokens")
 
 
 def payload_offset_for(header: SnapshotHeader) -> int:
     """Byte offset of the payload in a snapshot with this header (ALIGNMENT-aligned)."""
-    return align_up(PREFIX_BYTES + len(_header_json(header)))
+    return align_up(PREFIX_BYTES + len(header_bytes(header.to_json())))
 
 
 @dataclass(slots=True)
@@ -461,48 +430,14 @@ class SnapshotView:
         self.close()
 
 
-def _as_bytes_view(buf: Any) -> memoryview:
-    mv = memoryview(buf)
-    return mv if mv.format == "B" and mv.ndim == 1 else mv.cast("B")
-
-
 def parse_header(buf: Any) -> tuple[SnapshotHeader, int]:
     """Validate magic, header_len and the JSON header; return (header, payload_offset).
 
     ``buf`` needs only the first ``16 + header_len`` bytes (enough to index a file without
     reading its payload).
     """
-    mv = _as_bytes_view(buf)
-    end = PREFIX_BYTES + _checked_header_len(mv)
-    try:
-        obj = json.loads(bytes(mv[PREFIX_BYTES:end]).decode("utf-8"))
-    except (ValueError, RecursionError) as e:  # + int digit limit (ValueError), deep nesting
-        raise SnapshotFormatError(f"header is not valid UTF-8 JSON: {e}") from None
-    return SnapshotHeader.from_json(obj), align_up(end)
-
-
-def _checked_header_len(mv: memoryview) -> int:
-    """header_len, once magic, the cap and the buffer's length are checked."""
-    n = len(mv)
-    if n < PREFIX_BYTES:
-        raise SnapshotFormatError(
-            f"truncated snapshot: {n} bytes, shorter than the {PREFIX_BYTES}-byte prefix (magic + header_len)"
-        )
-    if mv[:8] != MAGIC:
-        raise SnapshotFormatError(
-            f"bad magic {bytes(mv[:8])!r}: not a .thawkv snapshot (expected {MAGIC!r})"
-        )
-    (header_len,) = struct.unpack_from("<Q", mv, 8)
-    if header_len > MAX_HEADER_BYTES:
-        raise SnapshotFormatError(
-            f"header_len {header_len} exceeds the {MAX_HEADER_BYTES}-byte cap (MAX_HEADER_BYTES): corrupt file"
-        )
-    end = PREFIX_BYTES + header_len
-    if n < end:
-        raise _err(
-            f"truncated snapshot: header needs bytes [16, {end}) but the buffer has {n} bytes"
-        )
-    return header_len
+    obj, payload_offset = FRAME.read_header(buf)
+    return SnapshotHeader.from_json(obj), payload_offset
 
 
 def parse_snapshot(
@@ -518,25 +453,16 @@ def parse_snapshot(
     header is parsed and validated: a reader may start copying the payload into scratch memory
     meanwhile (never into anything live: the header may still be refused).
     """
-    mv = _as_bytes_view(buf)
+    mv = as_bytes_view(buf)
     if on_prefix is not None:
-        on_prefix(mv, align_up(PREFIX_BYTES + _checked_header_len(mv)))
+        on_prefix(mv, align_up(PREFIX_BYTES + FRAME.header_len(mv)))
     header, payload_offset = parse_header(mv)
-    end = payload_offset + header.payload_bytes
-    if len(mv) < end:
-        raise SnapshotFormatError(
-            f"truncated snapshot: payload needs bytes [{payload_offset}, {end}) but the buffer has "
-            f"{len(mv)} bytes ({end - len(mv)} missing)"
-        )
-    (header_len,) = struct.unpack_from("<Q", mv, 8)
-    pad = mv[PREFIX_BYTES + header_len : payload_offset]
-    if pad != bytes(len(pad)):
-        raise _err(f"non-zero padding before payload_offset {payload_offset}: the file is corrupt")
+    payload = FRAME.payload(mv, payload_offset, header.payload_bytes)
     if expect_namespace is not None:
         diff = header.namespace.mismatches(expect_namespace)
         if diff:
             raise SnapshotMismatchError(diff)
-    return SnapshotView(header, mv[payload_offset:end], payload_offset)
+    return SnapshotView(header, payload, payload_offset)
 
 
 def default_blocks_per_chunk(block_bytes: int, chunk_bytes: int = DEFAULT_CHUNK_BYTES) -> int:
@@ -567,12 +493,12 @@ def covering_byte_range(header: SnapshotHeader, num_blocks: int) -> tuple[int, i
 
 def crc32c(data: Any) -> int:
     """CRC32C of a bytes-like object without copying it (numpy view over the buffer)."""
-    return google_crc32c.value(np.frombuffer(_as_bytes_view(data), dtype=np.uint8))
+    return google_crc32c.value(np.frombuffer(as_bytes_view(data), dtype=np.uint8))
 
 
 def compute_chunk_crcs(payload: Any, block_bytes: int, blocks_per_chunk: int) -> list[int]:
     """CRC32C of each ``blocks_per_chunk``-block chunk of ``payload``, on the CPU."""
-    mv = _as_bytes_view(payload)
+    mv = as_bytes_view(payload)
     step = block_bytes * blocks_per_chunk
     return [crc32c(mv[i : i + step]) for i in range(0, len(mv), step)]
 

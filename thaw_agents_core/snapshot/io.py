@@ -31,21 +31,23 @@ from thaw_agents_core.snapshot.format import (
     _HEX_ID,
     MAGIC,
     MAX_EXTRA_DEPTH,
-    MAX_HEADER_BYTES,
-    PREFIX_BYTES,
     Namespace,
     SnapshotFormatError,
     SnapshotHeader,
     SnapshotView,
-    _as_bytes_view,
-    _is_int,
-    _short,
     compute_chunk_crcs,
     default_blocks_per_chunk,
     encode_header,
     json_nesting,
     parse_header,
     parse_snapshot,
+)
+from thaw_agents_core.snapshot.framing import (
+    MAX_HEADER_BYTES,
+    PREFIX_BYTES,
+    as_bytes_view,
+    is_int,
+    short,
 )
 from thaw_agents_core.util.files import atomic_replace
 
@@ -77,7 +79,7 @@ class SnapshotPlan:
         return mv[self.payload_offset : self.total_bytes]
 
     def _dest(self, dest: Any) -> memoryview:
-        mv = _as_bytes_view(dest)
+        mv = as_bytes_view(dest)
         if mv.readonly or len(mv) < self.total_bytes:
             raise ValueError(
                 f"destination must be a writable buffer of at least {self.total_bytes} bytes, "
@@ -96,7 +98,7 @@ class SnapshotPlan:
         crcs = [int(c) for c in chunk_crcs]
         if len(crcs) != h.num_chunks or any(not 0 <= c < 2**32 for c in crcs):
             raise ValueError(
-                f"need {h.num_chunks} chunk CRCs in [0, 2**32), got {len(crcs)}: {_short(crcs)}"
+                f"need {h.num_chunks} chunk CRCs in [0, 2**32), got {len(crcs)}: {short(crcs)}"
             )
         final = dataclasses.replace(h, chunk_crc32c=crcs)
         prefix = encode_header(final)
@@ -126,10 +128,10 @@ def plan_snapshot(
             f"token_ids has {len(tokens)} tokens, not a positive multiple of block_size {bs}: "
             f"pass only the full blocks (token_ids[:{full}])"
         )
-    if not _is_int(block_bytes) or block_bytes <= 0:
+    if not is_int(block_bytes) or block_bytes <= 0:
         raise ValueError(f"block_bytes must be a positive int, got {block_bytes!r}")
     bpc = default_blocks_per_chunk(block_bytes) if blocks_per_chunk is None else blocks_per_chunk
-    if not _is_int(bpc) or bpc <= 0:
+    if not is_int(bpc) or bpc <= 0:
         raise ValueError(f"blocks_per_chunk must be a positive int, got {bpc!r}")
     sid = secrets.token_hex(16) if snapshot_id is None else snapshot_id
     if not isinstance(sid, str) or _HEX_ID.fullmatch(sid) is None:
@@ -159,7 +161,7 @@ def build_snapshot(
 ) -> bytearray:
     """One-shot form of :func:`plan_snapshot`: the complete ``.thawkv`` bytes."""
     plan = plan_snapshot(namespace, token_ids, block_bytes, **kwargs)
-    src = _as_bytes_view(payload)
+    src = as_bytes_view(payload)
     if len(src) != plan.payload_bytes:
         raise ValueError(
             f"payload is {len(src)} bytes, expected num_blocks * block_bytes = "

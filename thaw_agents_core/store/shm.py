@@ -19,14 +19,8 @@ import weakref
 from dataclasses import asdict, dataclass
 from typing import Any
 
-from thaw_agents_core.snapshot.format import (
-    ALIGNMENT,
-    Namespace,
-    SnapshotError,
-    SnapshotView,
-    align_up,
-    parse_snapshot,
-)
+from thaw_agents_core.snapshot.format import Namespace, SnapshotError, SnapshotView, parse_snapshot
+from thaw_agents_core.snapshot.framing import ALIGNMENT, align_up
 from thaw_agents_core.store.base import (
     PrefixHook,
     Reservation,

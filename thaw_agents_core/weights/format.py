@@ -41,26 +41,24 @@ are :mod:`thaw_agents_core.weights.ranks`, writing and opening files :mod:`.io`.
 from __future__ import annotations
 
 import dataclasses
-import json
 import math
 import re
-import struct
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
 from thaw_agents_core.snapshot.format import (
-    ALIGNMENT,
-    MAX_HEADER_BYTES,
-    PREFIX_BYTES,
     SnapshotChecksumError,
     SnapshotError,
     SnapshotFormatError,
-    _as_bytes_view,
-    _is_int,
-    _short,
-    align_up,
     crc32c,
+)
+from thaw_agents_core.snapshot.framing import (
+    Frame,
+    align_up,
+    as_bytes_view,
+    is_int,
+    short,
 )
 
 MAGIC = b"THAWWT01"
@@ -119,6 +117,11 @@ def _err(message: str) -> WeightsFormatError:
     return WeightsFormatError(message)
 
 
+FRAME = Frame(
+    MAGIC, FORMAT_NAME, FORMAT_VERSION, WeightsFormatError, ".thaw file", ".thaw weight snapshot"
+)
+
+
 @dataclass(frozen=True, slots=True)
 class WeightsNamespace:
     """What a weight snapshot is (compared before a restore; ``weights_version`` is its name)."""
@@ -140,20 +143,20 @@ class WeightsNamespace:
         for name in ("model_fingerprint", "architecture", "dtype", "layout", "weights_version"):
             if not isinstance(getattr(self, name), str):
                 raise ValueError(
-                    f"namespace field {name!r} must be a string, got {_short(getattr(self, name))}"
+                    f"namespace field {name!r} must be a string, got {short(getattr(self, name))}"
                 )
         if self.layout not in LAYOUTS:
             raise ValueError(
                 f"namespace field 'layout' must be one of {LAYOUTS}, got {self.layout!r}"
             )
-        if not _is_int(self.tp_size) or self.tp_size < 1:
+        if not is_int(self.tp_size) or self.tp_size < 1:
             raise ValueError(
-                f"namespace field 'tp_size' must be a positive int, got {_short(self.tp_size)}"
+                f"namespace field 'tp_size' must be a positive int, got {short(self.tp_size)}"
             )
-        if not _is_int(self.tp_rank) or not 0 <= self.tp_rank < self.tp_size:
+        if not is_int(self.tp_rank) or not 0 <= self.tp_rank < self.tp_size:
             raise ValueError(
                 f"namespace field 'tp_rank' must be an int in [0, tp_size={self.tp_size}), "
-                f"got {_short(self.tp_rank)}"
+                f"got {short(self.tp_rank)}"
             )
 
     def to_json(self) -> dict[str, Any]:
@@ -165,7 +168,7 @@ class WeightsNamespace:
         """Decode the header's ``namespace`` object; WeightsFormatError on a missing, unknown or
         invalid field."""
         if not isinstance(obj, Mapping):
-            raise _err(f"header field 'namespace' must be an object, got {_short(obj)}")
+            raise _err(f"header field 'namespace' must be an object, got {short(obj)}")
         names = [f.name for f in dataclasses.fields(cls)]
         missing = [n for n in names if n not in obj]
         unknown = sorted(set(obj) - set(names))
@@ -244,23 +247,23 @@ def _parse_tensor(i: int, t: Any, crc_chunk_bytes: int) -> TensorEntry:
         )
     name, dtype, shape = t["name"], t["dtype"], t["shape"]
     if not isinstance(name, str) or not name:
-        raise _err(f"tensors[{i}].name must be a non-empty string, got {_short(name)}")
+        raise _err(f"tensors[{i}].name must be a non-empty string, got {short(name)}")
     if dtype not in DTYPES:
-        raise _err(f"tensors[{i}] ({name}): dtype {_short(dtype)} is not one of {sorted(DTYPES)}")
-    if not isinstance(shape, list) or not all(_is_int(d) and d >= 0 for d in shape):
+        raise _err(f"tensors[{i}] ({name}): dtype {short(dtype)} is not one of {sorted(DTYPES)}")
+    if not isinstance(shape, list) or not all(is_int(d) and d >= 0 for d in shape):
         raise _err(
-            f"tensors[{i}] ({name}): shape must be a list of non-negative ints, got {_short(shape)}"
+            f"tensors[{i}] ({name}): shape must be a list of non-negative ints, got {short(shape)}"
         )
     offset = t["offset"]
-    if not _is_int(offset) or offset < 0 or offset % TENSOR_ALIGNMENT:
+    if not is_int(offset) or offset < 0 or offset % TENSOR_ALIGNMENT:
         raise _err(
             f"tensors[{i}] ({name}): offset must be a non-negative multiple of "
-            f"{TENSOR_ALIGNMENT}, got {_short(offset)}"
+            f"{TENSOR_ALIGNMENT}, got {short(offset)}"
         )
     nbytes = math.prod(shape) * DTYPES[dtype]
-    if t["nbytes"] != nbytes or not _is_int(t["nbytes"]):
+    if t["nbytes"] != nbytes or not is_int(t["nbytes"]):
         raise _err(
-            f"tensors[{i}] ({name}): nbytes is {_short(t['nbytes'])}, expected "
+            f"tensors[{i}] ({name}): nbytes is {short(t['nbytes'])}, expected "
             f"prod({shape}) * {DTYPES[dtype]} = {nbytes}"
         )
     crcs = t["crc32c"]
@@ -268,7 +271,7 @@ def _parse_tensor(i: int, t: Any, crc_chunk_bytes: int) -> TensorEntry:
     if not isinstance(crcs, list) or len(crcs) != expected:
         raise _err(
             f"tensors[{i}] ({name}): crc32c must list ceil({nbytes} / {crc_chunk_bytes}) = "
-            f"{expected} chunk CRCs, got {_short(crcs)}"
+            f"{expected} chunk CRCs, got {short(crcs)}"
         )
     if not (
         set(map(type, crcs)) <= {str}
@@ -277,7 +280,7 @@ def _parse_tensor(i: int, t: Any, crc_chunk_bytes: int) -> TensorEntry:
     ):
         bad = next(c for c in crcs if not (isinstance(c, str) and _HEX_CRC.fullmatch(c)))
         raise _err(
-            f"tensors[{i}] ({name}): crc32c entries must be 8 lowercase hex chars, got {_short(bad)}"
+            f"tensors[{i}] ({name}): crc32c entries must be 8 lowercase hex chars, got {short(bad)}"
         )
     return TensorEntry(name, dtype, tuple(shape), offset, tuple(int(c, 16) for c in crcs))
 
@@ -318,45 +321,30 @@ class WeightsHeader:
     @classmethod
     def from_json(cls, obj: Any) -> WeightsHeader:
         """Validate every field (types, sizes, offsets, CRC counts) and decode."""
-        if not isinstance(obj, dict):
-            raise _err(f"header must be a JSON object, got {type(obj).__name__}")
-        missing = [k for k in _HEADER_FIELDS if k not in obj]
-        if missing:
-            raise _err(f"header is missing required field(s): {', '.join(missing)}")
-        unknown = sorted(set(obj) - set(_HEADER_FIELDS))
-        if unknown:
-            raise _err(
-                f"header has unknown field(s): {', '.join(unknown)} (custom data goes under 'extra')"
-            )
-        if obj["format"] != FORMAT_NAME:
-            raise _err(f"header field 'format' is {_short(obj['format'])}, expected 'thaw'")
-        if obj["version"] != FORMAT_VERSION or not _is_int(obj["version"]):
-            raise _err(
-                f"unsupported .thaw version {_short(obj['version'])}: this reader supports version 1"
-            )
+        FRAME.check_envelope(obj, _HEADER_FIELDS)
         chunk, payload = obj["crc_chunk_bytes"], obj["payload_bytes"]
-        if not _is_int(chunk) or chunk <= 0 or chunk % TENSOR_ALIGNMENT:
+        if not is_int(chunk) or chunk <= 0 or chunk % TENSOR_ALIGNMENT:
             raise _err(
                 f"header field 'crc_chunk_bytes' must be a positive multiple of {TENSOR_ALIGNMENT}, "
-                f"got {_short(chunk)}"
+                f"got {short(chunk)}"
             )
-        if not _is_int(payload) or payload < 0:
+        if not is_int(payload) or payload < 0:
             raise _err(
-                f"header field 'payload_bytes' must be a non-negative int, got {_short(payload)}"
+                f"header field 'payload_bytes' must be a non-negative int, got {short(payload)}"
             )
         created = obj["created_unix"]
         if (
-            not (_is_int(created) or isinstance(created, float))
+            not (is_int(created) or isinstance(created, float))
             or not math.isfinite(created)
             or created < 0
         ):
             raise _err(
-                f"header field 'created_unix' must be a non-negative number, got {_short(created)}"
+                f"header field 'created_unix' must be a non-negative number, got {short(created)}"
             )
         if not isinstance(obj["extra"], dict):
-            raise _err(f"header field 'extra' must be an object, got {_short(obj['extra'])}")
+            raise _err(f"header field 'extra' must be an object, got {short(obj['extra'])}")
         if not isinstance(obj["tensors"], list):
-            raise _err(f"header field 'tensors' must be a list, got {_short(obj['tensors'])}")
+            raise _err(f"header field 'tensors' must be a list, got {short(obj['tensors'])}")
         namespace = WeightsNamespace.from_json(obj["namespace"])
         tensors = [_parse_tensor(i, t, chunk) for i, t in enumerate(obj["tensors"])]
         seen: set[str] = set()
@@ -400,20 +388,9 @@ def plan_tensors(specs: list[tuple[str, str, tuple[int, ...]]]) -> tuple[list[Te
     return entries, offset
 
 
-def _header_json(header: WeightsHeader) -> bytes:
-    return json.dumps(header.to_json(), separators=(",", ":"), ensure_ascii=True).encode()
-
-
 def encode_header(header: WeightsHeader) -> bytes:
     """Magic, header_len, JSON and zero padding up to payload_offset."""
-    body = _header_json(header)
-    if len(body) > MAX_HEADER_BYTES:
-        raise WeightsFormatError(
-            f"header is {len(body)} bytes, over the {MAX_HEADER_BYTES}-byte cap: "
-            "raise crc_chunk_bytes"
-        )
-    prefix = MAGIC + struct.pack("<Q", len(body)) + body
-    return prefix + bytes(align_up(len(prefix)) - len(prefix))
+    return FRAME.encode(header.to_json(), "raise crc_chunk_bytes")
 
 
 def parse_header(buf: Any) -> tuple[WeightsHeader, int]:
@@ -421,46 +398,20 @@ def parse_header(buf: Any) -> tuple[WeightsHeader, int]:
 
     ``buf`` needs only the first ``16 + header_len`` bytes.
     """
-    mv = _as_bytes_view(buf)
-    if len(mv) < PREFIX_BYTES:
-        raise _err(
-            f"truncated .thaw file: {len(mv)} bytes, shorter than the {PREFIX_BYTES}-byte prefix"
-        )
-    if mv[:8] != MAGIC:
-        raise _err(f"bad magic {bytes(mv[:8])!r}: not a .thaw weight snapshot (expected {MAGIC!r})")
-    (header_len,) = struct.unpack_from("<Q", mv, 8)
-    if header_len > MAX_HEADER_BYTES:
-        raise _err(f"header_len {header_len} exceeds the {MAX_HEADER_BYTES}-byte cap: corrupt file")
-    end = PREFIX_BYTES + header_len
-    if len(mv) < end:
-        raise _err(f"truncated .thaw file: header needs bytes [16, {end}) but there are {len(mv)}")
-    try:
-        obj = json.loads(bytes(mv[PREFIX_BYTES:end]).decode("utf-8"))
-    except (UnicodeDecodeError, json.JSONDecodeError) as e:
-        raise _err(f"header is not valid UTF-8 JSON: {e}") from None
-    return WeightsHeader.from_json(obj), align_up(end, ALIGNMENT)
+    obj, payload_offset = FRAME.read_header(buf)
+    return WeightsHeader.from_json(obj), payload_offset
 
 
 def parse_weights(buf: Any) -> tuple[WeightsHeader, memoryview]:
     """Validate everything but the CRCs; return (header, zero-copy payload view)."""
-    mv = _as_bytes_view(buf)
+    mv = as_bytes_view(buf)
     header, payload_offset = parse_header(mv)
-    end = payload_offset + header.payload_bytes
-    if len(mv) < end:
-        raise _err(
-            f"truncated .thaw file: payload needs bytes [{payload_offset}, {end}) but there are "
-            f"{len(mv)} ({end - len(mv)} missing)"
-        )
-    (header_len,) = struct.unpack_from("<Q", mv, 8)
-    pad = mv[PREFIX_BYTES + header_len : payload_offset]
-    if pad != bytes(len(pad)):
-        raise _err(f"non-zero padding before payload_offset {payload_offset}: the file is corrupt")
-    return header, mv[payload_offset:end]
+    return header, FRAME.payload(mv, payload_offset, header.payload_bytes)
 
 
 def tensor_crcs(data: Any, crc_chunk_bytes: int) -> list[int]:
     """CRC32C of each ``crc_chunk_bytes`` chunk of one tensor's bytes (CPU)."""
-    mv = _as_bytes_view(data)
+    mv = as_bytes_view(data)
     return [crc32c(mv[i : i + crc_chunk_bytes]) for i in range(0, len(mv), crc_chunk_bytes)]
 
 
@@ -476,7 +427,7 @@ def check_tensor_crcs(entry: TensorEntry, crcs: list[int]) -> list[tuple[str, in
 
 def verify_payload(header: WeightsHeader, payload: Any) -> list[tuple[str, int]]:
     """CRC32C every chunk of every tensor on the CPU; the bad (tensor, chunk) pairs."""
-    mv = _as_bytes_view(payload)
+    mv = as_bytes_view(payload)
     bad: list[tuple[str, int]] = []
     for t in header.tensors:
         bad += check_tensor_crcs(

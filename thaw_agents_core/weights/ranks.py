@@ -13,7 +13,7 @@ from __future__ import annotations
 import re
 from pathlib import Path
 
-from thaw_agents_core.snapshot.format import _is_int
+from thaw_agents_core.snapshot.framing import is_int
 from thaw_agents_core.weights.format import WeightsMismatchError, WeightsNamespace
 
 _RANK_SUFFIX = re.compile(r"^(?P<stem>.+)\.tp(?P<rank>\d+)of(?P<size>\d+)$")
@@ -21,7 +21,7 @@ _RANK_SUFFIX = re.compile(r"^(?P<stem>.+)\.tp(?P<rank>\d+)of(?P<size>\d+)$")
 
 def rank_path(path: str | Path, tp_rank: int, tp_size: int) -> Path:
     """The file of one tensor-parallel rank: ``x.thaw`` for tp_size 1, else ``x.tp{r}of{n}.thaw``."""
-    if not (_is_int(tp_size) and tp_size >= 1 and _is_int(tp_rank) and 0 <= tp_rank < tp_size):
+    if not (is_int(tp_size) and tp_size >= 1 and is_int(tp_rank) and 0 <= tp_rank < tp_size):
         raise ValueError(
             f"need 0 <= tp_rank < tp_size, got tp_rank={tp_rank!r}, tp_size={tp_size!r}"
         )
