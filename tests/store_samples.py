@@ -40,7 +40,10 @@ def chain(tokens: list[int]) -> list[bytes]:
 
 
 def thaw_shm_entries() -> set[str]:
-    return {n for n in os.listdir("/dev/shm") if n.startswith(("thaw-", ".thaw-"))}
+    """/dev/shm entries of the stores this process's tests name (``shm_name()``): other
+    processes' arenas (an integration run beside this one) come and go on their own."""
+    mine = f"test-{os.getpid()}-"
+    return {n for n in os.listdir("/dev/shm") if n.startswith((f"thaw-{mine}", f".thaw-{mine}"))}
 
 
 @pytest.fixture(autouse=True)

@@ -20,8 +20,6 @@ Failure handling (every wait on another process has a deadline):
 from __future__ import annotations
 
 import asyncio
-import atexit
-import contextvars
 import itertools
 import json
 import logging
@@ -31,22 +29,19 @@ import subprocess
 import sys
 import tempfile
 import time
-import weakref
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 from thaw_agents_core.engine.results import GenerationResult
-from thaw_agents_core.engine.sampling import GenerationOptions
 from thaw_agents_core.engine.spec import EngineSpec
 from thaw_agents_core.pool import wire
+from thaw_agents_core.pool.base import DeltaCallback, WarmPool
 from thaw_agents_core.pool.placement import Placement, default_placements
-from thaw_agents_core.pool.weights_fence import PoolError, WeightSwapFence
+from thaw_agents_core.pool.weights_fence import PoolError
 from thaw_agents_core.util.loop_thread import LoopThread
 
 logger = logging.getLogger("thaw_agents.pool")
-
-DeltaCallback = Callable[[str], None]
 
 
 @dataclass
@@ -73,12 +68,13 @@ class _Worker:
     pending: dict[str, _Request] = field(default_factory=dict)
     namespace_key: str = ""
     weights_version: str = ""
+    generation: int = 0  # how many times this worker was started
     alive: bool = False
     last_pong: float = 0.0
     last_ping: float = 0.0
 
 
-class ForkPool(WeightSwapFence):
+class ForkPool(WarmPool):
     """N warm vLLM worker processes sharing a snapshot store with their parent."""
 
     def __init__(
@@ -125,18 +121,9 @@ class ForkPool(WeightSwapFence):
         self._loop: LoopThread | None = None
         self._watchdog: asyncio.Task | None = None
         self._closed = False
-        _live_pools.add(self)
+        self._track()
 
     # ------------------------------------------------------------------ lifecycle
-
-    @property
-    def num_workers(self) -> int:
-        """Worker processes the pool runs (alive or being replaced)."""
-        return len(self._workers)
-
-    def alive_workers(self) -> list[int]:
-        """Indices of the workers alive now."""
-        return [w.index for w in self._workers if w.alive]
 
     def worker_pids(self) -> list[int]:
         """Process ids of the workers alive now."""
@@ -153,16 +140,12 @@ class ForkPool(WeightSwapFence):
                 raise
         return self
 
-    async def astart(self) -> ForkPool:
-        """Async :meth:`start` (runs it in a thread)."""
-        await asyncio.to_thread(self.start)
-        return self
-
     async def _start_all(self) -> None:
         await asyncio.gather(*(self._spawn(w) for w in self._workers))
         self._watchdog = asyncio.get_running_loop().create_task(self._watch())
 
     async def _spawn(self, worker: _Worker) -> None:
+        worker.generation += 1
         parent_sock, child_sock = socket.socketpair()
         config = {
             "spec": asdict(self.spec),
@@ -228,18 +211,7 @@ class ForkPool(WeightSwapFence):
             message["startup_s"],
         )
 
-    def close(self, timeout_s: float = 30.0) -> None:
-        """Stop every worker (politely, then by force); safe to call twice."""
-        if self._closed:
-            return
-        self._closed = True
-        _live_pools.discard(self)
-        if self._loop is not None:
-            try:
-                self._loop.submit(self._shutdown(timeout_s)).result(timeout_s + 10)
-            except Exception:  # noqa: BLE001 - fall through to the hard kill below
-                pass
-            self._loop.stop(5.0)
+    def _kill_all(self, timeout_s: float) -> None:
         for worker in self._workers:
             self._kill(worker)
 
@@ -284,48 +256,7 @@ class ForkPool(WeightSwapFence):
         except OSError:
             return "(no log)"
 
-    def __enter__(self) -> ForkPool:
-        return self.start()
-
-    def __exit__(self, *exc: Any) -> None:
-        self.close()
-
-    async def __aenter__(self) -> ForkPool:
-        return await self.astart()
-
-    async def __aexit__(self, *exc: Any) -> None:
-        await asyncio.to_thread(self.close)
-
     # ------------------------------------------------------------------ requests
-
-    async def generate(
-        self,
-        prompt_ids: list[int],
-        options: GenerationOptions,
-        *,
-        on_delta: DeltaCallback | None = None,
-        worker: int | None = None,
-        timeout_s: float | None = None,
-    ) -> GenerationResult:
-        """Run one request on a worker (the least loaded, or ``worker``); usable from any loop.
-
-        ``on_delta`` gets each new piece of text, called on the caller's loop and in its
-        context (LangGraph's stream writer and run config live in context variables).
-        """
-        if self._loop is None:
-            raise PoolError("the pool is not started: call start() or use it as a context manager")
-        if self._closed:  # its loop is stopped: a request sent there would wait forever
-            raise PoolError("the pool is closed: start a new one (llm.fork_pool(...))")
-        if on_delta is not None:
-            caller = asyncio.get_running_loop()
-            callback = on_delta
-            context = contextvars.copy_context()  # the pool's thread has none of the caller's
-            on_delta = lambda text: caller.call_soon_threadsafe(  # noqa: E731
-                callback, text, context=context
-            )
-        payload = {k: v for k, v in asdict(options).items() if v is not None}
-        timeout = timeout_s if timeout_s is not None else self.request_timeout_s
-        return await self._loop.call(self._generate(prompt_ids, payload, on_delta, worker, timeout))
 
     async def _generate(
         self,
@@ -337,7 +268,7 @@ class ForkPool(WeightSwapFence):
     ) -> GenerationResult:
         request = _Request(
             id=f"fork-{next(self._ids)}",
-            prompt_ids=list(prompt_ids),
+            prompt_ids=prompt_ids,
             options=options,
             stream=on_delta is not None,
             on_delta=on_delta,
@@ -350,22 +281,6 @@ class ForkPool(WeightSwapFence):
         except asyncio.CancelledError:
             self._abort(request)
             raise
-
-    def load(self) -> dict[int, int]:
-        """In-flight requests per live worker."""
-        return {w.index: len(w.pending) for w in self._workers if w.alive}
-
-    async def _pick(self, preferred: int | None) -> _Worker:
-        deadline = time.monotonic() + self.start_timeout_s
-        while True:
-            live = [w for w in self._workers if w.alive]
-            if preferred is not None and any(w.index == preferred for w in live):
-                return self._workers[preferred]
-            if live:
-                return min(live, key=lambda w: (len(w.pending), w.index))
-            if self._closed or time.monotonic() > deadline:
-                raise PoolError("no live pool worker (all died and none came back)")
-            await asyncio.sleep(0.1)  # replacements are starting
 
     async def _send(self, request: _Request, preferred: int | None = None) -> None:
         while self._swap is not None:  # hold new requests while weights are being swapped
@@ -488,27 +403,10 @@ class ForkPool(WeightSwapFence):
 
     # ------------------------------------------------------------------ weights
 
-    def _has_in_flight(self) -> bool:
-        return any(w.pending for w in self._workers)
-
-    async def _swap_workers(self, source: dict[str, Any], version: str, deadline: float) -> None:
-        """Load ``source`` into every live worker (the fence is ``WeightSwapFence``'s)."""
-        live = [w for w in self._workers if w.alive]
-        replies = await asyncio.gather(
-            *(self._swap_worker(w, source, max(1.0, deadline - time.monotonic())) for w in live),
-            return_exceptions=True,
-        )
-        failed = [(w.index, r) for w, r in zip(live, replies) if isinstance(r, BaseException)]
-        for worker, reply in zip(live, replies):
-            if isinstance(reply, BaseException):
-                self._kill(worker)  # never serve unverified or old weights: replaced below
-        self.weights_version = version
-        self._last_weights = source if source["source"].get("kind") == "file" else None
-        keys = {r["namespace_key"] for r in replies if not isinstance(r, BaseException)}
-        if len(keys) == 1:
-            self.expected_namespace_key = keys.pop()
-        if failed:
-            raise PoolError(f"worker(s) failed to load weights {version!r}: {failed}")
+    def _drop_worker(self, worker: _Worker, generation: int, reason: str) -> None:
+        if worker.generation == generation:
+            logger.warning("thaw: pool worker %d: %s; killing it", worker.index, reason)
+            self._kill(worker)  # the reader sees end-of-file: _on_death replaces it
 
     async def _swap_worker(
         self, worker: _Worker, source: dict[str, Any], timeout_s: float
@@ -559,12 +457,3 @@ class ForkPool(WeightSwapFence):
                 ):
                     worker.last_ping = now
                     worker.writer.write(wire.encode({"type": "ping", "id": int(now)}))
-
-
-_live_pools: weakref.WeakSet[ForkPool] = weakref.WeakSet()
-
-
-@atexit.register
-def _close_pools() -> None:
-    for pool in list(_live_pools):
-        pool.close(timeout_s=10.0)

@@ -22,58 +22,25 @@ import os
 import queue
 import sys
 import threading
-import time
 import traceback
-from dataclasses import dataclass
 from typing import Any
 
-from thaw_agents_core.engine.results import GenerationResult
-
-
-@dataclass(slots=True)
-class _Running:
-    began: float
-    stream: bool
-    result: GenerationResult
+from thaw_agents_core.pool.branch_engine import BranchEngine
+from thaw_agents_core.util.process_identity import pid_space, process_start_ticks
 
 
 class _EngineThread:
-    """One vLLM ``LLMEngine`` driven by a thread; outputs go to ``deliver`` on ``loop``."""
+    """A :class:`BranchEngine` driven by a thread; its frames go to ``deliver`` (any thread)."""
 
     def __init__(
         self, config: dict[str, Any], loop: asyncio.AbstractEventLoop, deliver: Any
     ) -> None:
-        self.config, self.loop, self.deliver = config, loop, deliver
+        self.loop = loop
         self.inbox: queue.SimpleQueue = queue.SimpleQueue()
-        self.requests: dict[str, _Running] = {}
+        self.branches = BranchEngine(config, lambda frame: deliver(frame["id"], frame))
         self.ready: asyncio.Future = loop.create_future()
-        self.engine: Any = None
         self.thread = threading.Thread(target=self._run, name="thaw-ray-engine", daemon=True)
         self.thread.start()
-
-    def _start(self) -> dict[str, Any]:
-        from vllm.v1.engine.llm_engine import LLMEngine
-
-        from thaw_agents_core.engine.spec import EngineSpec
-        from thaw_agents_core.snapshot.namespace import namespace_for
-
-        began = time.perf_counter()
-        spec = EngineSpec(**self.config["spec"])
-        args = spec.engine_args()
-        for name, value in self.config.get("engine_overrides", {}).items():
-            setattr(args, name, value)
-        self.engine = LLMEngine.from_engine_args(args)
-        settings = spec.connector_settings
-        namespace = namespace_for(
-            self.engine.vllm_config, settings.weights_version if settings else ""
-        )
-        return {
-            "type": "ready",
-            "pid": os.getpid(),
-            "namespace_key": namespace.key(),
-            "block_size": namespace.block_size,
-            "startup_s": round(time.perf_counter() - began, 3),
-        }
 
     def _resolve(self, future: asyncio.Future, value: Any, error: bool = False) -> None:
         def settle() -> None:
@@ -84,7 +51,7 @@ class _EngineThread:
 
     def _run(self) -> None:
         try:
-            self._resolve(self.ready, self._start())
+            self._resolve(self.ready, self.branches.start())
         except BaseException as exc:  # noqa: BLE001 - reported to the pool by start_engine
             self._resolve(self.ready, RuntimeError(f"{type(exc).__name__}: {exc}"), error=True)
             return
@@ -98,14 +65,14 @@ class _EngineThread:
     def _serve(self) -> None:
         while True:
             # Busy: take what arrived and step. Idle: sleep until the next command.
-            command = self._next() if self.engine.has_unfinished_requests() else self.inbox.get()
+            command = self._next() if self.branches.busy else self.inbox.get()
             while command is not None:
                 if command[0] == "stop":
                     return
                 self._handle(command)
                 command = self._next()
-            if self.engine.has_unfinished_requests():
-                self._step()
+            if self.branches.busy:
+                self.branches.step()
 
     def _next(self) -> tuple | None:
         try:
@@ -116,51 +83,15 @@ class _EngineThread:
     def _handle(self, command: tuple) -> None:
         kind, request_id = command[0], command[1]
         if kind == "abort":
-            if self.requests.pop(request_id, None) is not None:
-                self.engine.abort_request([request_id])
+            self.branches.abort(request_id)
         elif kind == "add":
-            self._add(request_id, command[2])
-        elif kind == "call":  # a function on the engine thread (weight updates)
+            self.branches.add(request_id, command[2])
+        elif kind == "call":  # a function of the BranchEngine, between two steps (weights)
             future, function = command[2], command[3]
             try:
-                self._resolve(future, function(self.engine))
+                self._resolve(future, function(self.branches))
             except BaseException as exc:  # noqa: BLE001 - handed to the caller
                 self._resolve(future, exc, error=True)
-
-    def _add(self, request_id: str, message: dict[str, Any]) -> None:
-        from thaw_agents_core.engine.sampling import GenerationOptions, to_sampling_params
-        from thaw_agents_core.util import compat
-
-        try:
-            options = GenerationOptions.from_mapping(message.get("options") or {})
-            params = to_sampling_params(options, stream=bool(message.get("stream")))
-            self.engine.add_request(request_id, compat.tokens_prompt(message["prompt_ids"]), params)
-        except Exception as exc:  # noqa: BLE001 - reported to the caller, the actor keeps serving
-            self.deliver(
-                request_id,
-                {"type": "error", "id": request_id, "message": f"{type(exc).__name__}: {exc}"},
-            )
-            return
-        self.requests[request_id] = _Running(
-            time.perf_counter(),
-            bool(message.get("stream")),
-            GenerationResult(prompt_tokens=len(message["prompt_ids"])),
-        )
-
-    def _step(self) -> None:
-        for out in self.engine.step():
-            running = self.requests.get(out.request_id)
-            if running is None:
-                continue
-            text = running.result.absorb(out, running.began, time.perf_counter())
-            if running.stream and text:
-                self.deliver(out.request_id, {"type": "delta", "id": out.request_id, "text": text})
-            if out.finished:
-                del self.requests[out.request_id]
-                self.deliver(
-                    out.request_id,
-                    {"type": "done", "id": out.request_id, "result": running.result.to_wire()},
-                )
 
 
 class EngineActor:
@@ -172,7 +103,8 @@ class EngineActor:
         self._queues: dict[str, asyncio.Queue] = {}
 
     def info(self) -> str:
-        """JSON: this actor's Ray node id, pid and accelerator ids."""
+        """JSON: this actor's Ray node id, pid (its start time and pid space) and accelerator
+        ids."""
         import ray
 
         context = ray.get_runtime_context()
@@ -180,6 +112,8 @@ class EngineActor:
             {
                 "node_id": context.get_node_id(),
                 "pid": os.getpid(),
+                "start_ticks": process_start_ticks(os.getpid()),
+                "pid_space": pid_space(),
                 "accelerators": context.get_accelerator_ids(),
             }
         )
@@ -240,11 +174,11 @@ class EngineActor:
 
     async def ping(self) -> str:
         """JSON pong frame with the number of running requests (the pool's liveness check)."""
-        running = len(self._engine.requests) if self._engine is not None else 0
+        running = len(self._engine.branches.requests) if self._engine is not None else 0
         return json.dumps({"type": "pong", "num_running": running})
 
     async def _call(self, function: Any) -> Any:
-        """Run ``function(llm_engine)`` on the engine thread, between two steps."""
+        """Run ``function(branch_engine)`` on the engine thread, between two steps."""
         if self._engine is None:
             raise RuntimeError("start_engine() was not called")
         future = asyncio.get_running_loop().create_future()
@@ -252,22 +186,13 @@ class EngineActor:
         return await future
 
     async def load_weights(self, source_json: str) -> str:
-        """Hot swap (ThawWorkerExtension through collective_rpc) between two engine steps, then
-        reset the prefix cache; the new namespace key and the load's stats."""
+        """Hot swap between two engine steps (BranchEngine.load_weights); the new namespace
+        key and the load's stats, as JSON."""
         source = json.loads(source_json)
-        version = source["weights_version"]
-
-        def swap(engine: Any) -> dict[str, Any]:
-            from thaw_agents_core.snapshot.namespace import namespace_for
-            from thaw_agents_core.util import compat
-
-            stats = engine.collective_rpc("thaw_load_weights", args=(source["source"], version))
-            reset = engine.reset_prefix_cache
-            reset(**compat.reset_prefix_cache_kwargs(reset))
-            namespace = namespace_for(engine.vllm_config, version)
-            return {"weights_version": version, "namespace_key": namespace.key(), "stats": stats[0]}
-
-        return json.dumps(await self._call(swap))
+        reply = await self._call(
+            lambda branches: branches.load_weights(source["source"], source["weights_version"])
+        )
+        return json.dumps(reply)
 
     async def shutdown(self) -> None:
         """Stop the engine thread (requests in flight are dropped) and free the engine."""
@@ -276,7 +201,7 @@ class EngineActor:
             return
         engine.inbox.put(("stop", ""))
         await asyncio.to_thread(engine.thread.join, 30.0)
-        engine.engine = None
+        engine.branches.engine = None
 
 
 # ---------------------------------------------------------------------- driver-side helpers

@@ -12,34 +12,32 @@ Placement: one placement group, bundle i = ``{"CPU": num_cpus_per_worker, "GPU":
 num_gpus_per_worker, **resources_per_worker}`` (CPU platform: one core, no GPU; GPU: one GPU),
 spread over nodes by ``placement_strategy``. ``address=`` joins an existing cluster.
 ``prefetch(handle)`` copies a snapshot to every worker's node ahead of its branches;
-``load_weights`` (ray_weights) swaps every actor's weights behind a ``weights_version`` fence.
+``load_weights`` (weights_fence) swaps every actor's weights behind a ``weights_version`` fence;
+on other hosts a ``.thaw`` path must name the same file on every node (a shared file system),
+and shared-memory or CUDA-IPC sources reach only the driver's host.
 
 Failure handling (every wait has a deadline): an actor or node that dies (a failed call, or no
 pong within ``ping_timeout_s``) is replaced in its bundle (Ray moves the bundle of a dead node
 when another node has room) and its in-flight requests are re-sent to live actors, at most
 ``max_retries`` times each; a request past its timeout is aborted in its actor (TimeoutError);
 ``close()`` stops engines, kills every actor of the pool, removes the placement group and waits
-until Ray lists none of its actors. Non-detached actors also die with the driver.
+until Ray lists none of its actors and the actor processes it started on this host have exited. Non-detached actors also die with the driver.
 """
 
 from __future__ import annotations
 
 import asyncio
-import atexit
-import contextvars
 import itertools
 import json
 import logging
 import secrets
 import time
-import weakref
 from dataclasses import asdict, dataclass, field
-from typing import Any, Callable
+from typing import Any
 
 from thaw_agents_core.engine.results import GenerationResult
-from thaw_agents_core.engine.sampling import GenerationOptions
 from thaw_agents_core.engine.spec import EngineSpec
-from thaw_agents_core.pool.fork_pool import PoolError
+from thaw_agents_core.pool.base import DeltaCallback, WarmPool
 from thaw_agents_core.pool.placement import Placement
 from thaw_agents_core.pool.ray_actor import (
     create_engine_actor,
@@ -50,13 +48,12 @@ from thaw_agents_core.pool.ray_actor import (
     spec_on_store,
 )
 from thaw_agents_core.pool.ray_transport import OBJECT_STORE, NodeCopies, check_transport
-from thaw_agents_core.pool.ray_weights import WeightSwaps
+from thaw_agents_core.pool.weights_fence import PoolError
 from thaw_agents_core.util import compat
 from thaw_agents_core.util.loop_thread import LoopThread
+from thaw_agents_core.util.process_identity import pid_space, reap
 
 logger = logging.getLogger("thaw_agents.pool")
-
-DeltaCallback = Callable[[str], None]
 
 
 @dataclass(slots=True)
@@ -93,8 +90,10 @@ class _WorkerLost(Exception):
     """The actor (or its node) died under a request."""
 
 
-class RayForkPool(WeightSwaps):
+class RayForkPool(WarmPool):
     """N warm vLLM engines as Ray actors; branches load the prefix from their node's store."""
+
+    worker_kind = "Ray"
 
     def __init__(
         self,
@@ -169,7 +168,7 @@ class RayForkPool(WeightSwaps):
         """The weights version every live worker serves (changes with ``load_weights``)."""
         self._swap: asyncio.Future | None = None  # set while load_weights runs: requests wait
         self._last_weights: dict[str, Any] | None = None  # re-applied to replacement workers
-        self._slots = [_Slot(i, p) for i, p in enumerate(self.placements)]
+        self._workers = [_Slot(i, p) for i, p in enumerate(self.placements)]
         self._block_size = 0
         self._ids = itertools.count()
         self._loop: LoopThread | None = None
@@ -178,26 +177,18 @@ class RayForkPool(WeightSwaps):
         self._copies: NodeCopies | None = None
         self._pg: Any = None
         self._tasks: set[asyncio.Task] = set()
+        self._local_processes: list[tuple[int, int]] = []  # (pid, start) of actors on this host
         self._closed = False
 
     # ------------------------------------------------------------------ lifecycle
 
-    @property
-    def num_workers(self) -> int:
-        """Engine actors the pool runs (alive or being replaced)."""
-        return len(self._slots)
-
-    def alive_workers(self) -> list[int]:
-        """Indices of the actors alive now."""
-        return [s.index for s in self._slots if s.alive]
-
     def worker_pids(self) -> list[int]:
         """Process ids of the live actors (each on its own node's host)."""
-        return [s.pid for s in self._slots if s.alive]
+        return [s.pid for s in self._workers if s.alive]
 
     def worker_nodes(self) -> list[str]:
         """Ray node id of each live actor."""
-        return [s.placement.node_id for s in self._slots if s.alive]
+        return [s.placement.node_id for s in self._workers if s.alive]
 
     @property
     def snapshot_transport(self) -> str:
@@ -217,10 +208,6 @@ class RayForkPool(WeightSwaps):
         """One entry per snapshot copied to a node: node, bytes, stage/copy/verify seconds."""
         return self._copies.transfers if self._copies is not None else []
 
-    def load(self) -> dict[int, int]:
-        """In-flight requests per live worker."""
-        return {s.index: len(s.pending) for s in self._slots if s.alive}
-
     def start(self) -> RayForkPool:
         """Join (or start) Ray, place every worker and wait until all are ready (blocking)."""
         if self._closed:
@@ -231,9 +218,7 @@ class RayForkPool(WeightSwaps):
         if not ray.is_initialized():
             ray.init(address=self.address, **{"log_to_driver": False, **self.ray_init_kwargs})
             self._owns_ray = True
-        _live_pools.add(self)
-        atexit.unregister(_close_pools)
-        atexit.register(_close_pools)  # after Ray's own exit hook: runs before it (LIFO)
+        self._track()  # after Ray's own exit hook: runs before it
         from thaw_agents_core.store.url import attach_url, open_store
 
         self._parent_store = open_store(attach_url(self.spec.connector_settings.store))
@@ -252,23 +237,6 @@ class RayForkPool(WeightSwaps):
             raise
         return self
 
-    async def astart(self) -> RayForkPool:
-        """Async :meth:`start` (runs it in a thread)."""
-        await asyncio.to_thread(self.start)
-        return self
-
-    def __enter__(self) -> RayForkPool:
-        return self.start()
-
-    def __exit__(self, *exc: Any) -> None:
-        self.close()
-
-    async def __aenter__(self) -> RayForkPool:
-        return await self.astart()
-
-    async def __aexit__(self, *exc: Any) -> None:
-        await asyncio.to_thread(self.close)
-
     async def _start_all(self) -> None:
         ray = import_ray()
         from ray.util.placement_group import placement_group
@@ -286,7 +254,7 @@ class RayForkPool(WeightSwaps):
                 f" ({self.placement_strategy}) within {self.start_timeout_s} s; the cluster has "
                 f"{ray.cluster_resources()}, free {ray.available_resources()}"
             ) from None
-        await asyncio.gather(*(self._spawn(s) for s in self._slots))
+        await asyncio.gather(*(self._spawn(s) for s in self._workers))
         self._spawn_task(self._watch())
 
     def _spawn_task(self, coro: Any) -> None:
@@ -307,6 +275,8 @@ class RayForkPool(WeightSwaps):
         step = "placed"
         try:
             info = json.loads(await asyncio.wait_for(actor.info.remote(), self.start_timeout_s))
+            if info["pid_space"] and info["pid_space"] == pid_space():
+                self._local_processes.append((info["pid"], info["start_ticks"]))
             step = "ready"
             assert self._copies is not None
             store = await self._copies.store_of(info["node_id"])
@@ -320,7 +290,7 @@ class RayForkPool(WeightSwaps):
             if self._last_weights is not None:  # a replacement after a swap: same weights first
                 step = f"on weights {self.weights_version!r}"
                 ready.update(
-                    await self._swap_worker(actor, self._last_weights, self.start_timeout_s)
+                    await self._swap_worker(slot, self._last_weights, self.start_timeout_s)
                 )
         except (asyncio.TimeoutError, ray.exceptions.RayError) as exc:
             kill_actor(actor)
@@ -346,21 +316,14 @@ class RayForkPool(WeightSwaps):
             ready["startup_s"],
         )
 
-    def close(self, timeout_s: float = 30.0) -> None:
-        """Stop every engine, kill every actor of the pool; safe to call twice."""
-        if self._closed:
-            return
-        self._closed = True
-        _live_pools.discard(self)
-        if self._loop is not None:
-            try:
-                self._loop.submit(self._shutdown(timeout_s)).result(timeout_s + 10)
-            except Exception as exc:  # noqa: BLE001 - fall through to the hard kill below
-                logger.warning("thaw: RayForkPool shutdown: %s", exc)
-            self._loop.stop(5.0)
-        for slot in self._slots:
+    def _kill_all(self, timeout_s: float) -> None:
+        for slot in self._workers:
             slot.alive = False
             kill_actor(slot.actor)
+        # Ray lists a killed actor as dead before its process has exited: wait for the ones on
+        # this host (SIGKILL after the timeout), so that none outlives close().
+        if left := reap(self._local_processes, timeout_s):
+            logger.warning("thaw: RayForkPool close: actor processes %s did not exit", left)
         if self._parent_store is not None:
             self._parent_store.close()
         from thaw_agents_core.store.shm import ShmStore
@@ -374,17 +337,17 @@ class RayForkPool(WeightSwaps):
         deadline = time.monotonic() + timeout_s
         for task in list(self._tasks):
             task.cancel()
-        for slot in self._slots:
+        for slot in self._workers:
             slot.alive = False
         stores = self._copies.stores() if self._copies is not None else []
-        calls = [s.actor.shutdown.remote() for s in self._slots if s.actor is not None]
+        calls = [s.actor.shutdown.remote() for s in self._workers if s.actor is not None]
         calls += [store.close.remote() for store in stores]
         if calls:
             await asyncio.wait(
                 [asyncio.ensure_future(settle(c)) for c in calls],
                 timeout=max(1.0, deadline - time.monotonic()) / 2,
             )
-        for actor in [s.actor for s in self._slots] + stores:
+        for actor in [s.actor for s in self._workers] + stores:
             kill_actor(actor)
         if self._copies is not None:
             self._copies.clear()
@@ -395,44 +358,15 @@ class RayForkPool(WeightSwaps):
 
     # ------------------------------------------------------------------ requests
 
-    async def generate(
-        self,
-        prompt_ids: list[int],
-        options: GenerationOptions,
-        *,
-        on_delta: DeltaCallback | None = None,
-        worker: int | None = None,
-        timeout_s: float | None = None,
-    ) -> GenerationResult:
-        """Run one request on a worker (the least loaded, or ``worker``); usable from any loop.
-
-        ``on_delta`` gets each new piece of text, on the caller's loop and in its context.
-        """
-        if self._loop is None:
-            raise PoolError("the pool is not started: call start() or use it as a context manager")
-        if self._closed:
-            raise PoolError("the pool is closed: start a new one")
-        if on_delta is not None:
-            caller, callback = asyncio.get_running_loop(), on_delta
-            context = contextvars.copy_context()
-            on_delta = lambda text: caller.call_soon_threadsafe(  # noqa: E731
-                callback, text, context=context
-            )
-        payload = {
-            "prompt_ids": list(prompt_ids),
-            "stream": on_delta is not None,
-            "options": {k: v for k, v in asdict(options).items() if v is not None},
-        }
-        timeout = timeout_s if timeout_s is not None else self.request_timeout_s
-        return await self._loop.call(self._generate(payload, on_delta, worker, timeout))
-
     async def _generate(
         self,
-        payload: dict[str, Any],
+        prompt_ids: list[int],
+        options: dict[str, Any],
         on_delta: DeltaCallback | None,
         preferred: int | None,
         timeout_s: float | None,
     ) -> GenerationResult:
+        payload = {"prompt_ids": prompt_ids, "stream": on_delta is not None, "options": options}
         request = _Request(f"fork-{next(self._ids)}", payload, on_delta, None)
         deadline = None if timeout_s is None else time.monotonic() + timeout_s
         while True:
@@ -466,22 +400,6 @@ class RayForkPool(WeightSwaps):
                 preferred = None
             finally:
                 slot.pending.pop(request.id, None)
-
-    async def _pick(self, preferred: int | None) -> _Slot:
-        deadline = time.monotonic() + self.start_timeout_s
-        while True:
-            live = [s for s in self._slots if s.alive]
-            if preferred is not None and any(s.index == preferred for s in live):
-                return self._slots[preferred]
-            if live:
-                return min(live, key=lambda s: (len(s.pending), s.index))
-            if self._closed or time.monotonic() > deadline:
-                raise PoolError(
-                    "the pool was closed"
-                    if self._closed
-                    else "no live Ray worker (all died and none came back)"
-                )
-            await asyncio.sleep(0.1)  # replacements are starting
 
     async def _run_on(self, slot: _Slot, request: _Request) -> GenerationResult:
         ray = import_ray()
@@ -538,6 +456,19 @@ class RayForkPool(WeightSwaps):
         self.replacements += 1
         self._spawn_task(self._replace(slot))
 
+    def _drop_worker(self, slot: _Slot, generation: int, reason: str) -> None:
+        self._on_death(slot, generation, reason)
+
+    async def _swap_worker(
+        self, slot: _Slot, source: dict[str, Any], timeout_s: float
+    ) -> dict[str, Any]:
+        """load_weights on the slot's actor; its reply (namespace_key, stats)."""
+        reply = json.loads(
+            await asyncio.wait_for(slot.actor.load_weights.remote(json.dumps(source)), timeout_s)
+        )
+        slot.namespace_key = reply["namespace_key"]
+        return reply
+
     async def _replace(self, slot: _Slot) -> None:
         try:
             await self._spawn(slot)
@@ -549,7 +480,7 @@ class RayForkPool(WeightSwaps):
         ray = import_ray()
         while not self._closed:
             await asyncio.sleep(self.ping_interval_s)
-            live = [(s, s.generation) for s in self._slots if s.alive]
+            live = [(s, s.generation) for s in self._workers if s.alive]
             answers = await asyncio.gather(
                 *(asyncio.wait_for(s.actor.ping.remote(), self.ping_timeout_s) for s, _ in live),
                 return_exceptions=True,
@@ -573,22 +504,13 @@ class RayForkPool(WeightSwaps):
         if match is None:
             return 0
         assert self._copies is not None
-        nodes = {s.placement.node_id for s in self._slots if s.alive}
+        nodes = {s.placement.node_id for s in self._workers if s.alive}
         return sum(await asyncio.gather(*(self._copies.ensure(n, match.ref) for n in nodes)))
 
     def _lookup(self, prompt_ids: list[int]) -> Any:
         key = self.expected_namespace_key or next(
-            (s.namespace_key for s in self._slots if s.namespace_key), ""
+            (s.namespace_key for s in self._workers if s.namespace_key), ""
         )
         if not key or not self._block_size or self._copies is None:
             return None
         return self._copies.lookup(prompt_ids, key, self._block_size)
-
-
-_live_pools: weakref.WeakSet[RayForkPool] = weakref.WeakSet()
-
-
-def _close_pools() -> None:
-    """At interpreter exit: close every started pool (its node arenas, its actors)."""
-    for pool in list(_live_pools):
-        pool.close(timeout_s=10.0)

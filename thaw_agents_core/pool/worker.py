@@ -20,12 +20,10 @@ import select
 import signal
 import socket
 import sys
-import time
-from dataclasses import dataclass
 from typing import Any
 
-from thaw_agents_core.engine.results import GenerationResult
 from thaw_agents_core.pool import wire
+from thaw_agents_core.pool.branch_engine import BranchEngine
 
 _IDLE_WAIT_S = 0.2
 
@@ -39,151 +37,63 @@ def die_with_parent() -> None:
         pass
 
 
-@dataclass(slots=True)
-class _Running:
-    began: float
-    stream: bool
-    result: GenerationResult
-
-
 class Worker:
-    """The worker process: one vLLM ``LLMEngine`` driven by frames from the parent."""
+    """The worker process: a :class:`BranchEngine` driven by frames from the parent."""
 
     def __init__(self, sock: socket.socket, config: dict[str, Any]) -> None:
         self.sock = sock
-        self.config = config
         self.frames = wire.FrameBuffer()
-        self.requests: dict[str, dict[str, Any]] = {}
-        self.engine: Any = None
+        self.engine = BranchEngine(config, self.send_frame)
 
-    def send(self, **message: Any) -> None:
-        """Send one frame (the keyword arguments) to the parent."""
-        wire.send_blocking(self.sock, message)
-
-    def start_engine(self) -> None:
-        """Build the ``LLMEngine`` from the config's spec and overrides; send "ready"."""
-        from vllm.v1.engine.llm_engine import LLMEngine
-
-        from thaw_agents_core.engine.spec import EngineSpec
-        from thaw_agents_core.snapshot.namespace import namespace_for
-
-        began = time.perf_counter()
-        spec = EngineSpec(**self.config["spec"])
-        args = spec.engine_args()
-        for name, value in self.config.get("engine_overrides", {}).items():
-            setattr(args, name, value)
-        self.engine = LLMEngine.from_engine_args(args)
-        settings = spec.connector_settings
-        namespace = namespace_for(
-            self.engine.vllm_config, settings.weights_version if settings else ""
-        )
-        self.send(
-            type="ready",
-            pid=os.getpid(),
-            namespace_key=namespace.key(),
-            startup_s=round(time.perf_counter() - began, 3),
-        )
-
-    # ------------------------------------------------------------------ requests
+    def send_frame(self, frame: dict[str, Any]) -> None:
+        """Send one frame to the parent."""
+        wire.send_blocking(self.sock, frame)
 
     def handle(self, message: dict[str, Any]) -> bool:
         """Act on one message; False means shut down."""
         kind = message["type"]
         if kind == "generate":
-            self.add(message)
+            self.engine.add(message["id"], message)
         elif kind == "abort":
-            if message["id"] in self.requests:
-                self.engine.abort_request([message["id"]])
-                self.requests.pop(message["id"], None)
+            self.engine.abort(message["id"])
         elif kind == "load_weights":
             self.load_weights(message)
         elif kind == "ping":
-            self.send(type="pong", id=message.get("id"), num_running=len(self.requests))
+            running = len(self.engine.requests)
+            self.send_frame({"type": "pong", "id": message.get("id"), "num_running": running})
         elif kind == "shutdown":
             return False
         return True
 
     def load_weights(self, message: dict[str, Any]) -> None:
-        """Hot swap (ThawWorkerExtension through collective_rpc), then reset the prefix cache;
-        reply with the new namespace key. Requests queued meanwhile wait for it (same loop)."""
-        from thaw_agents_core.snapshot.namespace import namespace_for
-        from thaw_agents_core.util import compat
-        from thaw_agents_core.weights import fence
-
+        """Hot swap (BranchEngine.load_weights) and reply with the new namespace key. Requests
+        that arrive meanwhile wait for it (same loop)."""
         try:
-            version = message["weights_version"]
-            stats = self.engine.collective_rpc(
-                "thaw_load_weights", args=(message["source"], version)
-            )[0]
-            reset = self.engine.reset_prefix_cache
-            reset(**compat.reset_prefix_cache_kwargs(reset))
-            fence.clear_published(self.engine.vllm_config)
-            namespace = namespace_for(self.engine.vllm_config, version)
+            reply = self.engine.load_weights(message["source"], message["weights_version"])
         except Exception as exc:  # noqa: BLE001 - reported; the parent kills this worker
-            self.send(type="error", id=message["id"], message=f"{type(exc).__name__}: {exc}")
+            self.send_frame(
+                {"type": "error", "id": message["id"], "message": f"{type(exc).__name__}: {exc}"}
+            )
             return
-        self.send(
-            type="weights_loaded",
-            id=message["id"],
-            weights_version=version,
-            namespace_key=namespace.key(),
-            stats=stats,
-        )
-
-    def add(self, message: dict[str, Any]) -> None:
-        """Add a "generate" request to the engine; any failure (bad options, vLLM refusing the
-        request) is sent back as an "error" frame."""
-        from thaw_agents_core.engine.sampling import GenerationOptions, to_sampling_params
-        from thaw_agents_core.util import compat
-
-        request_id = message["id"]
-        try:
-            options = GenerationOptions.from_mapping(message.get("options") or {})
-            params = to_sampling_params(options, stream=bool(message.get("stream")))
-            self.engine.add_request(request_id, compat.tokens_prompt(message["prompt_ids"]), params)
-        except Exception as exc:  # noqa: BLE001 - reported to the caller, worker keeps serving
-            self.send(type="error", id=request_id, message=f"{type(exc).__name__}: {exc}")
-            return
-        self.requests[request_id] = _Running(
-            began=time.perf_counter(),
-            stream=bool(message.get("stream")),
-            result=GenerationResult(prompt_tokens=len(message["prompt_ids"])),
-        )
-
-    def step(self) -> None:
-        """One engine step: stream deltas, send each finished request's result."""
-        for out in self.engine.step():
-            running = self.requests.get(out.request_id)
-            if running is None:
-                continue
-            text = running.result.absorb(out, running.began, time.perf_counter())
-            if running.stream and text:
-                self.send(
-                    type="delta",
-                    id=out.request_id,
-                    text=text,
-                    num_tokens=len(out.outputs[0].token_ids),
-                )
-            if out.finished:
-                del self.requests[out.request_id]
-                self.send(type="done", id=out.request_id, result=running.result.to_wire())
+        self.send_frame({"type": "weights_loaded", "id": message["id"], **reply})
 
     def run(self) -> None:
         """Start the engine, then serve frames and step it until "shutdown" or the parent's
         socket closes."""
-        self.start_engine()
+        self.send_frame(self.engine.start())
         running = True
         while running:
-            busy = self.engine.has_unfinished_requests()
-            readable, _, _ = select.select([self.sock], [], [], 0 if busy else _IDLE_WAIT_S)
+            readable, _, _ = select.select(
+                [self.sock], [], [], 0 if self.engine.busy else _IDLE_WAIT_S
+            )
             if readable:
                 data = self.sock.recv(1 << 20)
                 if not data:
                     break  # the parent closed the socket or died
                 for message in self.frames.feed(data):
                     running = self.handle(message) and running
-            if running and self.engine.has_unfinished_requests():
-                self.step()
+            if running and self.engine.busy:
+                self.engine.step()
 
 
 def main(argv: list[str]) -> int:
@@ -207,7 +117,7 @@ def main(argv: list[str]) -> int:
         worker.run()
     except Exception as exc:  # noqa: BLE001 - tell the parent why, then exit non-zero
         try:
-            worker.send(type="fatal", message=f"{type(exc).__name__}: {exc}")
+            worker.send_frame({"type": "fatal", "message": f"{type(exc).__name__}: {exc}"})
         except OSError:
             pass
         raise
