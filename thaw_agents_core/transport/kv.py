@@ -234,7 +234,7 @@ class KVTransport:
             )
         held = self.prefetcher.take(ref) if self.prefetcher is not None else None
         if held is not None:
-            return self._load_held(held, first_block, end_block, block_ids, expected_last_hash)
+            return self.load_verified(held, first_block, end_block, block_ids, expected_last_hash)
         copy: list[_Copy] = []
 
         def start_copy(raw: memoryview, payload_offset: int) -> None:
@@ -287,15 +287,16 @@ class KVTransport:
                     piece.synchronize()
             view.close()
 
-    def _load_held(
+    def load_verified(
         self,
         held: HeldSnapshot,
         first_block: int,
         end_block: int,
         block_ids: Sequence[int],
-        expected_last_hash: str | None,
+        expected_last_hash: str | None = None,
     ) -> TransferStats:
-        """Scatter blocks of a copy already on the device, every chunk of it verified there."""
+        """Scatter blocks [first_block, end_block) of a copy already on the device, every chunk
+        of it verified there (DevicePrefetcher, device_share.open_share), into ``block_ids``."""
         header = held.header
         self._check_bounds(header, first_block, end_block, block_ids, expected_last_hash)
         count = end_block - first_block

@@ -8,9 +8,8 @@
       {name: CUDA tensor}        {"kind": "cuda_ipc", "tensors"}  CUDA IPC handles, no host copy
     open_cuda_ipc(desc)        worker side   -> {name: tensor} over the trainer's device memory
 
-CUDA IPC handles are the bytes torch's own multiprocessing reductions send (``_share_cuda_``),
-written as hex: data only, never a pickle. The caller keeps the tensors alive until the swap
-returns.
+CUDA IPC entries (transport/cuda_ipc.py, validated before anything reaches CUDA) are data
+only, never a pickle. The caller keeps the tensors alive until the swap returns.
 """
 
 from __future__ import annotations
@@ -22,8 +21,8 @@ from typing import Any
 
 import torch
 
+from thaw_agents_core.transport.cuda_ipc import export_tensor, open_tensor
 from thaw_agents_core.weights.buffer import WeightsBuffer
-from thaw_agents_core.weights.io import dtype_name, torch_dtype
 
 Source = str | os.PathLike | WeightsBuffer | Mapping[str, torch.Tensor]
 
@@ -59,7 +58,7 @@ def describe(
             return {
                 "kind": "cuda_ipc",
                 "layout": layout,
-                "tensors": [_ipc_entry(n, t) for n, t in src.items()],
+                "tensors": [{"name": n, **export_tensor(t)} for n, t in src.items()],
             }, _noop
         cpu = {n: t.detach().cpu() for n, t in src.items()}
         buf = WeightsBuffer.for_tensors(cpu)
@@ -71,37 +70,13 @@ def describe(
     )
 
 
-def _ipc_entry(name: str, t: torch.Tensor) -> dict[str, Any]:
-    storage = t.untyped_storage()
-    handle = storage._share_cuda_()
-    return {
-        "name": name,
-        "dtype": dtype_name(t.dtype),
-        "shape": list(t.shape),
-        "stride": list(t.stride()),
-        "storage_offset": t.storage_offset(),
-        "handle": [h.hex() if isinstance(h, bytes) else h for h in handle],
-    }
-
-
 def open_cuda_ipc(desc: dict[str, Any]) -> dict[str, torch.Tensor]:
     """Tensors over another process's device memory, from ``describe``'s handles."""
     out = {}
     for e in desc["tensors"]:
-        device, handle, size, offset, ref_handle, ref_offset, event, sync = e["handle"]
-        storage = torch.UntypedStorage._new_shared_cuda(
-            device,
-            bytes.fromhex(handle),
-            size,
-            offset,
-            bytes.fromhex(ref_handle),
-            ref_offset,
-            bytes.fromhex(event),
-            sync,
-        )
-        t = torch.empty(0, dtype=torch_dtype(e["dtype"]), device=f"cuda:{device}")
-        t.set_(storage, e["storage_offset"], e["shape"], e["stride"])
-        out[e["name"]] = t
+        if not isinstance(e, dict) or not isinstance(e.get("name"), str):
+            raise ValueError("cuda_ipc weights: every tensor entry needs a name")
+        out[e["name"]] = open_tensor({k: v for k, v in e.items() if k != "name"})
     return out
 
 

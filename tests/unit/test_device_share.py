@@ -1,0 +1,196 @@
+"""Device shares (transport/device_share.py) and CUDA IPC entries (transport/cuda_ipc.py) on CPU.
+
+Everything a descriptor from another process says is checked before CUDA is touched: these
+tests build descriptors by hand (a real .thawkv header, a payload entry shaped like torch's
+``_share_cuda_``) and check that every malformed or foreign one is refused with the format's
+errors, and fuzz both parsers. The GPU path (two processes, one copy, device CRC) is
+tests/integration/test_device_share.py.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+
+import pytest
+from fuzz_profiles import fuzz
+from hypothesis import given
+from hypothesis import strategies as st
+from store_samples import BASE, NS, snapshot
+
+from thaw_agents_core.snapshot.format import (
+    Namespace,
+    SnapshotError,
+    SnapshotFormatError,
+    SnapshotMismatchError,
+    encode_header,
+    parse_snapshot,
+)
+from thaw_agents_core.transport import cuda_ipc
+from thaw_agents_core.transport.device_share import KIND, open_share, parse_share
+
+VIEW = parse_snapshot(bytes(snapshot(BASE)))
+HEADER = VIEW.header
+
+
+def _entry(nbytes: int, **changes) -> dict:
+    entry = {
+        "dtype": "uint8",
+        "shape": [nbytes],
+        "stride": [1],
+        "storage_offset": 0,
+        "handle": [0, "ab" * 64, nbytes, 0, "2f7468772d" * 2, 0, "cd" * 64, True],
+    }
+    return {**entry, **changes}
+
+
+def _desc(**changes) -> dict:
+    desc = {
+        "kind": KIND,
+        "snapshot_id": HEADER.snapshot_id,
+        "header": encode_header(HEADER).hex(),
+        "payload": _entry(HEADER.payload_bytes),
+    }
+    return {**desc, **changes}
+
+
+def test_a_valid_descriptor_parses_to_the_snapshot_header():
+    share = parse_share(_desc(), expect_namespace=NS)
+    assert share.header == HEADER
+    assert share.payload.shape == (HEADER.payload_bytes,) and share.payload.memory_handle == (
+        b"\xab" * 64
+    )
+    json.dumps(_desc())  # data only: plain JSON
+
+
+def test_a_snapshot_of_another_engine_is_refused_before_any_copy():
+    other = Namespace(**{**NS.to_json(), "weights_version": "w2"})
+    with pytest.raises(SnapshotMismatchError, match="weights_version"):
+        parse_share(_desc(), expect_namespace=other)
+
+
+@pytest.mark.parametrize(
+    "changes, message",
+    [
+        ({"kind": "pickle"}, "is not 'thawkv-cuda-ipc'"),
+        ({"snapshot_id": "0" * 16}, "carries the header of"),
+        ({"header": "zz"}, "header's bytes in hex"),
+        ({"header": encode_header(HEADER).hex()[:100]}, "truncated snapshot"),
+        ({"payload": _entry(HEADER.payload_bytes - 1)}, "must be uint8"),
+        ({"payload": _entry(HEADER.payload_bytes, dtype="float32")}, "past its storage"),
+        (
+            {
+                "payload": _entry(
+                    HEADER.payload_bytes, shape=[HEADER.payload_bytes // 4, 4], stride=[4, 1]
+                )
+            },
+            "must be uint8",
+        ),
+        ({"payload": _entry(HEADER.payload_bytes, stride=[2])}, "past its storage"),
+        ({"payload": _entry(HEADER.payload_bytes, dtype="Tensor")}, "not a torch dtype"),
+        ({"payload": _entry(HEADER.payload_bytes, storage_offset=1)}, "past its storage"),
+        ({"payload": _entry(HEADER.payload_bytes, handle=[0, "ab"])}, "list of 8 fields"),
+        ({"payload": {"dtype": "uint8"}}, "exactly"),
+    ],
+)
+def test_malformed_descriptors_are_format_errors(changes, message):
+    with pytest.raises(SnapshotFormatError, match=message):
+        parse_share(_desc(**changes), expect_namespace=NS)
+
+
+def test_extra_or_missing_fields_are_refused():
+    with pytest.raises(SnapshotFormatError, match="exactly"):
+        parse_share({**_desc(), "pickle": "x"})
+    desc = _desc()
+    del desc["payload"]
+    with pytest.raises(SnapshotFormatError, match="exactly"):
+        parse_share(desc)
+
+
+def test_a_handle_with_bad_fields_names_the_field():
+    good = _entry(64)
+    for index, value, field in [
+        (0, -1, "device"),
+        (1, "AB", "memory handle"),
+        (2, True, "storage bytes"),
+        (4, 7, "ref-counter handle"),
+        (7, 1, "event sync"),
+    ]:
+        handle = list(good["handle"])
+        handle[index] = value
+        with pytest.raises(ValueError, match=field):
+            cuda_ipc.parse_entry({**good, "handle": handle})
+
+
+def test_open_share_needs_a_cuda_device():
+    with pytest.raises(ValueError, match="CUDA"):
+        open_share(_desc(), "cpu", NS)
+
+
+def test_exporting_a_cpu_tensor_is_refused():
+    import torch
+
+    with pytest.raises(ValueError, match="only CUDA tensors"):
+        cuda_ipc.export_tensor(torch.zeros(4))
+
+
+# ---------------------------------------------------------------------- fuzzing
+
+_JSON = st.recursive(
+    st.none() | st.booleans() | st.integers(-(2**70), 2**70) | st.floats() | st.text(max_size=8),
+    lambda inner: (
+        st.lists(inner, max_size=4) | st.dictionaries(st.text(max_size=6), inner, max_size=4)
+    ),
+    max_leaves=12,
+)
+
+
+def _paths(obj, prefix=()):
+    """Every (path) to a value inside ``obj``."""
+    yield prefix
+    if isinstance(obj, dict):
+        for k, v in obj.items():
+            yield from _paths(v, (*prefix, k))
+    elif isinstance(obj, list):
+        for i, v in enumerate(obj):
+            yield from _paths(v, (*prefix, i))
+
+
+_PATHS = [p for p in _paths(_desc()) if p]
+
+
+@fuzz(300)
+@given(st.sampled_from(_PATHS), _JSON)
+def test_fuzz_any_value_replaced_gives_a_snapshot_error_or_a_valid_share(path, value):
+    desc = copy.deepcopy(_desc())
+    target = desc
+    for key in path[:-1]:
+        target = target[key]
+    target[path[-1]] = value
+    try:
+        share = parse_share(desc, expect_namespace=NS)
+    except SnapshotError:
+        return
+    assert share.payload.dtype == "uint8" and share.header.payload_bytes == share.payload.numel
+
+
+@fuzz(200)
+@given(st.integers(0, len(encode_header(HEADER)) * 2 - 1), st.sampled_from("0123456789abcdef"))
+def test_fuzz_header_hex_digits(position, digit):
+    text = encode_header(HEADER).hex()
+    desc = _desc(header=text[:position] + digit + text[position + 1 :])
+    try:
+        share = parse_share(desc, expect_namespace=NS)
+    except SnapshotError:
+        return
+    assert share.header.snapshot_id == HEADER.snapshot_id
+
+
+@fuzz(300)
+@given(_JSON)
+def test_fuzz_cuda_ipc_entries(obj):
+    try:
+        entry = cuda_ipc.parse_entry(obj)
+    except ValueError:
+        return
+    assert entry.dtype

@@ -1,0 +1,152 @@
+"""CUDA tensors shared with other processes as JSON: data only, never a pickle.
+
+    export_tensor(t)   owner      -> {"dtype", "shape", "stride", "storage_offset", "handle"}
+    open_tensor(entry) any process on the host -> a tensor over the owner's device memory
+
+The handle is what torch's own multiprocessing reductions send (``UntypedStorage._share_cuda_``:
+device, IPC memory handle, storage size and offset, reference-counter handle and offset, event
+handle, whether to sync), with the byte strings written as hex. ``parse_entry`` checks every
+field's type and range before anything reaches CUDA, so a malformed entry is a ValueError
+naming the field, never a crash. The owner keeps the tensor alive while others may open it.
+A process that opens the handle of another GPU reads it over the GPUs' link (peer access).
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+
+_HEX = re.compile(r"(?:[0-9a-f]{2})*")
+MAX_HANDLE_HEX = 1024  # a cudaIpcMemHandle_t is 64 bytes; torch's ref-counter name is short
+ENTRY_FIELDS = ("dtype", "shape", "stride", "storage_offset", "handle")
+
+
+def _dtype(name: Any) -> Any:
+    """The torch dtype named ``name`` ("bfloat16"), or None."""
+    found = getattr(torch, name, None) if isinstance(name, str) and name.isidentifier() else None
+    return found if isinstance(found, torch.dtype) else None
+
+
+def _is_int(v: Any) -> bool:
+    return isinstance(v, int) and not isinstance(v, bool)
+
+
+@dataclass(frozen=True, slots=True)
+class CudaHandle:
+    """A validated entry: where the tensor lies in the owner's storage, and the handle."""
+
+    dtype: str
+    shape: tuple[int, ...]
+    stride: tuple[int, ...]
+    storage_offset: int
+    device: int
+    memory_handle: bytes
+    storage_bytes: int
+    storage_byte_offset: int
+    ref_counter_handle: bytes
+    ref_counter_offset: int
+    event_handle: bytes
+    event_sync_required: bool
+
+    @property
+    def numel(self) -> int:
+        """Elements of the tensor."""
+        n = 1
+        for d in self.shape:
+            n *= d
+        return n
+
+
+def export_tensor(t: torch.Tensor) -> dict[str, Any]:
+    """The JSON entry of a CUDA tensor (see the module docstring)."""
+    if not t.is_cuda:
+        raise ValueError(f"only CUDA tensors have IPC handles, got one on {t.device}")
+    handle = t.untyped_storage()._share_cuda_()
+    return {
+        "dtype": str(t.dtype).removeprefix("torch."),
+        "shape": list(t.shape),
+        "stride": list(t.stride()),
+        "storage_offset": t.storage_offset(),
+        "handle": [h.hex() if isinstance(h, bytes) else h for h in handle],
+    }
+
+
+def _hex_bytes(value: Any, what: str) -> bytes:
+    if not isinstance(value, str) or len(value) > MAX_HANDLE_HEX or not _HEX.fullmatch(value):
+        raise ValueError(f"CUDA IPC entry: {what} must be lowercase hex of whole bytes")
+    return bytes.fromhex(value)
+
+
+def _nonneg(value: Any, what: str) -> int:
+    if not _is_int(value) or value < 0:
+        raise ValueError(f"CUDA IPC entry: {what} must be a non-negative int, got {value!r:.60}")
+    return value
+
+
+def parse_entry(obj: Any) -> CudaHandle:
+    """Validate an entry from another process (types, ranges, the view inside its storage)."""
+    if not isinstance(obj, dict) or set(obj) != set(ENTRY_FIELDS):
+        raise ValueError(f"CUDA IPC entry must be an object with exactly {list(ENTRY_FIELDS)}")
+    if _dtype(obj["dtype"]) is None:
+        raise ValueError(f"CUDA IPC entry: dtype {obj['dtype']!r:.60} is not a torch dtype")
+    shape, stride = obj["shape"], obj["stride"]
+    for name, dims in (("shape", shape), ("stride", stride)):
+        if not isinstance(dims, list) or len(dims) > 16:
+            raise ValueError(f"CUDA IPC entry: {name} must be a list of at most 16 ints")
+        for d in dims:
+            _nonneg(d, name)
+    if len(shape) != len(stride):
+        raise ValueError("CUDA IPC entry: shape and stride differ in length")
+    handle = obj["handle"]
+    if not isinstance(handle, list) or len(handle) != 8:
+        raise ValueError("CUDA IPC entry: handle must be a list of 8 fields (torch's _share_cuda_)")
+    device, memory, size, offset, ref, ref_offset, event, sync = handle
+    if not isinstance(sync, bool):
+        raise ValueError("CUDA IPC entry: handle[7] (event sync required) must be a bool")
+    entry = CudaHandle(
+        dtype=obj["dtype"],
+        shape=tuple(shape),
+        stride=tuple(stride),
+        storage_offset=_nonneg(obj["storage_offset"], "storage_offset"),
+        device=_nonneg(device, "handle[0] (device)"),
+        memory_handle=_hex_bytes(memory, "handle[1] (memory handle)"),
+        storage_bytes=_nonneg(size, "handle[2] (storage bytes)"),
+        storage_byte_offset=_nonneg(offset, "handle[3] (storage offset)"),
+        ref_counter_handle=_hex_bytes(ref, "handle[4] (ref-counter handle)"),
+        ref_counter_offset=_nonneg(ref_offset, "handle[5] (ref-counter offset)"),
+        event_handle=_hex_bytes(event, "handle[6] (event handle)"),
+        event_sync_required=sync,
+    )
+    item = _dtype(entry.dtype).itemsize
+    if entry.numel:
+        last = entry.storage_offset + sum((d - 1) * s for d, s in zip(entry.shape, entry.stride))
+        if (last + 1) * item > entry.storage_bytes:
+            raise ValueError(
+                f"CUDA IPC entry: the view ends at byte {(last + 1) * item}, past its storage of "
+                f"{entry.storage_bytes} bytes"
+            )
+    return entry
+
+
+def open_tensor(entry: CudaHandle | dict[str, Any]) -> torch.Tensor:
+    """A tensor over the owner's device memory (valid while the owner keeps it alive)."""
+    e = entry if isinstance(entry, CudaHandle) else parse_entry(entry)
+    if e.device >= torch.cuda.device_count():
+        raise ValueError(f"CUDA IPC entry names device {e.device}; this process sees "
+                         f"{torch.cuda.device_count()}")  # fmt: skip
+    storage = torch.UntypedStorage._new_shared_cuda(
+        e.device,
+        e.memory_handle,
+        e.storage_bytes,
+        e.storage_byte_offset,
+        e.ref_counter_handle,
+        e.ref_counter_offset,
+        e.event_handle,
+        e.event_sync_required,
+    )
+    t = torch.empty(0, dtype=_dtype(e.dtype), device=f"cuda:{e.device}")
+    t.set_(storage, e.storage_offset, e.shape, e.stride)
+    return t
