@@ -43,7 +43,7 @@ STORE = f"devshare-{os.getpid()}"
 
 
 def namespace():
-    from thaw_agents_core.snapshot.format import Namespace
+    from thaw_agents_core.snapshot.namespace import Namespace
 
     return Namespace("bench", "", "bfloat16", "bfloat16", "cuda", BLOCK, LAYERS,
                      (BLOCK, KV_HEADS, HEAD_DIM), "none")  # fmt: skip

@@ -68,7 +68,7 @@ def make_store(name: str, capacity: int):
 
 
 def bench_data_path(reps: int) -> dict:
-    from thaw_agents_core.snapshot.format import Namespace
+    from thaw_agents_core.snapshot.namespace import Namespace
     from thaw_agents_core.transport.kv import KVTransport
     from thaw_agents_core.transport.stream_scheduler import StreamScheduler
 

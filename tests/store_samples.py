@@ -14,8 +14,8 @@ import numpy as np
 import pytest
 
 from thaw_agents_core.snapshot.block_hashes import block_hash_chain
-from thaw_agents_core.snapshot.format import Namespace
 from thaw_agents_core.snapshot.io import build_snapshot
+from thaw_agents_core.snapshot.namespace import Namespace
 
 NS = Namespace("tiny-model", "w1", "float32", "auto", "cpu", 4, 2, (1, 4, 2), "0.32.0")
 KEY = NS.key()

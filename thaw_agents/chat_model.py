@@ -49,7 +49,7 @@ from thaw_agents_core.engine.spec import EngineSpec
 from thaw_agents_core.fork import branches as forking
 from thaw_agents_core.fork.prefix import PrefixHandle
 from thaw_agents_core.pool.fork_pool import ForkPool
-from thaw_agents_core.snapshot.format import Namespace
+from thaw_agents_core.snapshot.namespace import Namespace
 
 EMBEDDED_SAMPLING: dict[str, Any] = {"temperature": 0.0, "top_p": 0.9}
 """Defaults for the embedded SmolLM2-135M when the user sets nothing. The model card samples

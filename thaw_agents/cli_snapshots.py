@@ -157,7 +157,7 @@ def _info(args: argparse.Namespace) -> int:
 
 
 def _verify(args: argparse.Namespace) -> int:
-    from thaw_agents_core.snapshot.format import SnapshotError
+    from thaw_agents_core.snapshot.errors import SnapshotError
 
     try:
         if _kind(args.path) == "weights":
@@ -192,7 +192,7 @@ def _verify(args: argparse.Namespace) -> int:
 
 def kv_diff(a: Any, b: Any) -> dict[str, Any]:
     """How two KV snapshot headers relate: shared leading blocks and the reasons they part."""
-    from thaw_agents_core.snapshot.format import Namespace
+    from thaw_agents_core.snapshot.namespace import Namespace
 
     ns_a, ns_b = a.namespace, b.namespace
     shared = 0

@@ -21,7 +21,7 @@ import tempfile
 
 import torch
 
-from thaw_agents_core.snapshot.format import Namespace
+from thaw_agents_core.snapshot.namespace import Namespace
 from thaw_agents_core.store.file import FileStore
 from thaw_agents_core.transport.device_share import open_share
 from thaw_agents_core.transport.kv import KVTransport, detect_page_spec

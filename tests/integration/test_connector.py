@@ -221,7 +221,7 @@ def test_snapshot_of_another_namespace_is_refused(chat_a, tmp_path):
 
     from langchain_core.messages import SystemMessage
 
-    from thaw_agents_core.snapshot.format import SnapshotMismatchError
+    from thaw_agents_core.snapshot.errors import SnapshotMismatchError
     from thaw_agents_core.snapshot.io import build_snapshot
 
     llm, prefix, _ = chat_a
@@ -243,7 +243,7 @@ def test_snapshot_of_another_namespace_is_refused(chat_a, tmp_path):
 
 
 def test_prefix_shorter_than_a_block_is_a_clear_error(chat_a):
-    from thaw_agents_core.snapshot.format import SnapshotError
+    from thaw_agents_core.snapshot.errors import SnapshotError
 
     llm, _, _ = chat_a
     with pytest.raises(SnapshotError, match="shorter than one KV block"):

@@ -13,13 +13,10 @@ from moto_s3 import moto_s3
 pytest.importorskip("boto3")
 pytest.importorskip("moto.server")
 
-from thaw_agents_core.snapshot.format import (  # noqa: E402
-    Namespace,
-    SnapshotChecksumError,
-    SnapshotMismatchError,
-    parse_snapshot,
-)
+from thaw_agents_core.snapshot.errors import SnapshotChecksumError, SnapshotMismatchError  # noqa: E402
+from thaw_agents_core.snapshot.format import parse_snapshot
 from thaw_agents_core.snapshot.io import build_snapshot, write_snapshot_file  # noqa: E402
+from thaw_agents_core.snapshot.namespace import Namespace
 from thaw_agents_core.store.s3 import download_snapshot, make_client, upload_snapshot  # noqa: E402
 
 NS = Namespace("tiny-model", "w1", "float32", "auto", "cpu", 4, 2, (1, 4, 2), "0.32.0")

@@ -11,8 +11,8 @@ from moto_s3 import moto_s3
 pytest.importorskip("boto3")
 pytest.importorskip("moto.server")
 
-from thaw_agents_core.snapshot.format import Namespace  # noqa: E402
 from thaw_agents_core.snapshot.io import build_snapshot, write_snapshot_file  # noqa: E402
+from thaw_agents_core.snapshot.namespace import Namespace  # noqa: E402
 from thaw_agents_core.store.s3 import make_client  # noqa: E402
 from thaw_agents_core.weights import s3  # noqa: E402
 from thaw_agents_core.weights.format import WeightsChecksumError, WeightsNamespace  # noqa: E402

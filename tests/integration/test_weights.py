@@ -20,7 +20,7 @@ from langchain_core.messages import HumanMessage, SystemMessage
 from thaw_agents import fork_fanout
 from thaw_agents_core.engine.models import tiny_model_path
 from thaw_agents_core.engine.sampling import GenerationOptions
-from thaw_agents_core.snapshot.format import SnapshotMismatchError
+from thaw_agents_core.snapshot.errors import SnapshotMismatchError
 from thaw_agents_core.weights.freeze import freeze_safetensors
 from thaw_agents_core.weights.io import open_weights
 

@@ -58,14 +58,15 @@ from hypothesis import strategies as st
 
 from thaw_agents_core.connector.verifier import SnapshotVerifier
 from thaw_agents_core.snapshot.block_hashes import HASH_ALGO, block_hash_chain
-from thaw_agents_core.snapshot.format import (
-    MAGIC,
-    Namespace,
+from thaw_agents_core.snapshot.errors import (
     SnapshotChecksumError,
     SnapshotError,
     SnapshotFormatError,
-    SnapshotHeader,
     SnapshotMismatchError,
+)
+from thaw_agents_core.snapshot.format import (
+    MAGIC,
+    SnapshotHeader,
     check_chunk_crcs,
     check_chunks,
     chunk_byte_range,
@@ -81,6 +82,7 @@ from thaw_agents_core.snapshot.io import (
     open_snapshot_file,
     read_snapshot_header,
 )
+from thaw_agents_core.snapshot.namespace import Namespace
 from thaw_agents_core.store.base import SnapshotRef
 from thaw_agents_core.store.file import FileStore
 from thaw_agents_core.store.shm import ShmStore

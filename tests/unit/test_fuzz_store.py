@@ -21,8 +21,10 @@ import pytest
 from hypothesis import example, given
 from hypothesis import strategies as st
 
-from thaw_agents_core.snapshot.format import Namespace, SnapshotError, parse_snapshot
+from thaw_agents_core.snapshot.errors import SnapshotError
+from thaw_agents_core.snapshot.format import parse_snapshot
 from thaw_agents_core.snapshot.io import build_snapshot
+from thaw_agents_core.snapshot.namespace import Namespace
 from thaw_agents_core.store.base import SnapshotNotFoundError, SnapshotRef
 from thaw_agents_core.store.shm import ShmDescriptor, ShmStore
 

@@ -14,7 +14,8 @@ import time
 import pytest
 import torch
 
-from thaw_agents_core.snapshot.format import Namespace, SnapshotChecksumError, SnapshotMismatchError
+from thaw_agents_core.snapshot.errors import SnapshotChecksumError, SnapshotMismatchError
+from thaw_agents_core.snapshot.namespace import Namespace
 from thaw_agents_core.store.file import FileStore
 from thaw_agents_core.store.shm import ShmStore
 from thaw_agents_core.testing import flip_payload_bit
@@ -364,3 +365,31 @@ def test_missing_snapshot_is_bad(tmp_path, transport_for):
         assert settle(prefetcher, ref) is False
     finally:
         prefetcher.close()
+
+
+def test_an_adopted_copy_loads_exactly_and_only_in_its_namespace(tmp_path, transport_for):
+    """A copy verified elsewhere (a device share) is held like a prefetched one."""
+    from thaw_agents_core.transport.prefetch import HeldSnapshot
+
+    store = FileStore(tmp_path / "store")
+    layers = make_layers("cpu")
+    t = transport_for("cpu", store, layers)
+    src, dst = [3, 7, 11, 12], [20, 21, 22, 23]
+    ref, _ = t.save(tokens(4), src)
+    with store.open(ref) as view:
+        held = HeldSnapshot(
+            view.header, torch.frombuffer(bytearray(view.payload), dtype=torch.uint8), 0.0
+        )
+    other = make_prefetcher("cpu", store, model="other")
+    t.prefetcher = make_prefetcher("cpu", store)
+    try:
+        assert not other.adopt(held) and other.held_bytes() == 0  # another engine's namespace
+        assert t.prefetcher.adopt(held) and t.prefetcher.status(ref) is True
+        poison(layers, dst)
+        stats = t.load(ref, 0, 4, dst)
+        assert stats.prefetched and t.prefetcher.counts["adopted"] == 1
+        for s, d in zip(src, dst):
+            assert torch.equal(block(layers, s), block(layers, d))
+    finally:
+        other.close()
+        t.prefetcher.close()

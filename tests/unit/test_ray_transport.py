@@ -23,7 +23,7 @@ from thaw_agents_core.pool.ray_transport import (
     snapshot_bytes,
     stage_snapshot,
 )
-from thaw_agents_core.snapshot.format import SnapshotChecksumError
+from thaw_agents_core.snapshot.errors import SnapshotChecksumError
 from thaw_agents_core.store.base import SnapshotNotFoundError
 from thaw_agents_core.store.file import FileStore
 from thaw_agents_core.store.shm import ShmStore

@@ -14,13 +14,14 @@ import google_crc32c
 import pytest
 
 from thaw_agents_core.snapshot.block_hashes import HASH_ALGO, block_hash_chain, root_hash
-from thaw_agents_core.snapshot.format import (
-    MAGIC,
-    Namespace,
+from thaw_agents_core.snapshot.errors import (
     SnapshotChecksumError,
     SnapshotError,
     SnapshotFormatError,
     SnapshotMismatchError,
+)
+from thaw_agents_core.snapshot.format import (
+    MAGIC,
     check_chunks,
     chunk_byte_range,
     covering_byte_range,
@@ -36,6 +37,7 @@ from thaw_agents_core.snapshot.io import (
     plan_snapshot,
     write_snapshot_file,
 )
+from thaw_agents_core.snapshot.namespace import Namespace
 
 NS = Namespace("tiny-model", "w1", "float32", "auto", "cpu", 4, 2, (1, 4, 2), "0.32.0")
 TOKENS = list(range(100, 112))  # 3 blocks of 4

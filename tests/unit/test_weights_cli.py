@@ -8,8 +8,8 @@ import pytest
 import torch
 
 from thaw_agents.cli import main
-from thaw_agents_core.snapshot.format import Namespace
 from thaw_agents_core.snapshot.io import build_snapshot, write_snapshot_file
+from thaw_agents_core.snapshot.namespace import Namespace
 from thaw_agents_core.weights.format import WeightsNamespace
 from thaw_agents_core.weights.io import write_weights
 

@@ -19,7 +19,7 @@ from fuzz_profiles import FUZZ_TIMEOUT, fuzz
 from hypothesis import given
 from hypothesis import strategies as st
 
-from thaw_agents_core.snapshot.format import SnapshotError
+from thaw_agents_core.snapshot.errors import SnapshotError
 from thaw_agents_core.transport.stream_scheduler import StreamScheduler
 from thaw_agents_core.weights.buffer import WeightsBuffer
 from thaw_agents_core.weights.format import (

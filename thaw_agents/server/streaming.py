@@ -29,7 +29,7 @@ from thaw_agents.server.schemas import (
     param_of,
 )
 from thaw_agents_core.engine.engine import EngineError
-from thaw_agents_core.snapshot.format import SnapshotError, SnapshotMismatchError
+from thaw_agents_core.snapshot.errors import SnapshotError, SnapshotMismatchError
 from thaw_agents_core.store.base import SnapshotNotFoundError
 
 logger = logging.getLogger("thaw_agents.server")

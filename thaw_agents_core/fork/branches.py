@@ -23,7 +23,7 @@ from thaw_agents_core.engine.sampling import GenerationOptions, to_sampling_para
 from thaw_agents_core.fork.prefix import PrefixHandle
 from thaw_agents_core.fork.routing import Route, plan_routes, routing_rule
 from thaw_agents_core.pool.fork_pool import ForkPool
-from thaw_agents_core.snapshot.format import SnapshotError
+from thaw_agents_core.snapshot.errors import SnapshotError
 from thaw_agents_core.util import compat
 
 DeltaCallback = Callable[[int, str], None]

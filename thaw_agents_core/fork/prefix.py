@@ -20,13 +20,9 @@ from pathlib import Path
 from typing import Any
 
 from thaw_agents_core.connector.settings import PARAMS_KEY  # noqa: F401 - re-exported
-from thaw_agents_core.snapshot.format import (
-    Namespace,
-    check_chunks,
-    encode_header,
-    parse_snapshot,
-)
+from thaw_agents_core.snapshot.format import check_chunks, encode_header, parse_snapshot
 from thaw_agents_core.snapshot.io import write_snapshot_file
+from thaw_agents_core.snapshot.namespace import Namespace
 from thaw_agents_core.store.base import SnapshotNotFoundError, SnapshotRef, SnapshotStore
 from thaw_agents_core.store.url import attach_url, open_store
 

@@ -45,12 +45,9 @@ writing snapshots and files is :mod:`thaw_agents_core.snapshot.io`.
 
 from __future__ import annotations
 
-import dataclasses
-import hashlib
-import json
 import math
 import re
-from collections.abc import Callable, Mapping
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any, Sequence
 
@@ -58,6 +55,11 @@ import google_crc32c
 import numpy as np
 
 from thaw_agents_core.snapshot.block_hashes import HASH_ALGO, block_hash_chain
+from thaw_agents_core.snapshot.errors import (
+    SnapshotChecksumError,
+    SnapshotFormatError,
+    SnapshotMismatchError,
+)
 from thaw_agents_core.snapshot.framing import (
     PREFIX_BYTES,
     Frame,
@@ -67,6 +69,7 @@ from thaw_agents_core.snapshot.framing import (
     is_int,
     short,
 )
+from thaw_agents_core.snapshot.namespace import Namespace
 
 MAGIC = b"THAWKV01"
 FORMAT_NAME = "thawkv"
@@ -92,114 +95,9 @@ def _all_hex(values: list[Any], width: int) -> bool:
 _HEX_ANY = re.compile(r"(?:[0-9a-f]{2})*")
 
 
-class SnapshotError(ValueError):
-    """Base of every snapshot validation error."""
-
-
-class SnapshotFormatError(SnapshotError):
-    """The bytes are not a well-formed ``.thawkv`` snapshot."""
-
-
-class SnapshotMismatchError(SnapshotError):
-    """A well-formed snapshot made for another engine (namespace differs)."""
-
-    def __init__(self, mismatches: list[str]):
-        self.mismatches = mismatches
-        super().__init__(
-            "snapshot namespace does not match this engine:\n  " + "\n  ".join(mismatches)
-        )
-
-
-class SnapshotChecksumError(SnapshotError):
-    """Payload bytes do not match their chunk CRC32C."""
-
-    def __init__(self, bad_chunks: list[int], num_chunks: int):
-        self.bad_chunks = bad_chunks
-        super().__init__(
-            f"CRC32C mismatch in chunk(s) {bad_chunks} of {num_chunks}: the payload is corrupt "
-            "or was overwritten while being read"
-        )
-
-
 FRAME = Frame(
     MAGIC, FORMAT_NAME, FORMAT_VERSION, SnapshotFormatError, "snapshot", ".thawkv snapshot"
 )
-
-
-@dataclass(frozen=True, slots=True)
-class Namespace:
-    """What must be equal for KV bytes to be reusable. ``key()`` names its store directory."""
-
-    model_fingerprint: str
-    weights_version: str
-    dtype: str
-    kv_cache_dtype: str
-    layout: str  # attention backend's page layout: "cpu", "flash", ...
-    block_size: int
-    num_layers: int
-    page_shape: tuple[int, ...]  # one layer's page of one block (opaque, compared only)
-    vllm_version: str
-    hash_algo: str = HASH_ALGO
-    _key: str = field(default="", init=False, repr=False, compare=False)  # cached key()
-
-    def __post_init__(self) -> None:
-        shape = self.page_shape
-        if not (isinstance(shape, (list, tuple)) and all(is_int(d) and d >= 0 for d in shape)):
-            raise ValueError(
-                f"namespace field 'page_shape' must be a list of non-negative ints, got {short(shape)}"
-            )
-        object.__setattr__(self, "page_shape", tuple(shape))
-        for name in _NS_FIELDS:
-            v = getattr(self, name)
-            if name in ("block_size", "num_layers"):
-                if not is_int(v) or v <= 0:
-                    raise ValueError(
-                        f"namespace field {name!r} must be a positive int, got {short(v)}"
-                    )
-            elif name != "page_shape" and not isinstance(v, str):
-                raise ValueError(f"namespace field {name!r} must be a string, got {short(v)}")
-        canon = json.dumps(self.to_json(), sort_keys=True, separators=(",", ":"))
-        object.__setattr__(self, "_key", hashlib.sha256(canon.encode()).hexdigest()[:32])
-
-    def to_json(self) -> dict[str, Any]:
-        """The header's ``namespace`` object (``page_shape`` as a list)."""
-        d = {name: getattr(self, name) for name in _NS_FIELDS}
-        d["page_shape"] = list(self.page_shape)
-        return d
-
-    @classmethod
-    def from_json(cls, obj: Any) -> Namespace:
-        """Parse a header's ``namespace`` object (SnapshotFormatError unless exact)."""
-        if not isinstance(obj, Mapping):
-            raise SnapshotFormatError(
-                f"header field 'namespace' must be an object, got {short(obj)}"
-            )
-        missing = [n for n in _NS_FIELDS if n not in obj]
-        unknown = sorted(set(obj) - set(_NS_FIELDS))
-        if missing or unknown:
-            raise SnapshotFormatError(
-                f"namespace fields do not match: missing {missing}, unknown {unknown}"
-            )
-        try:
-            return cls(**{n: obj[n] for n in _NS_FIELDS})
-        except ValueError as e:
-            raise SnapshotFormatError(str(e)) from None
-
-    def key(self) -> str:
-        """32 hex chars of sha256 over the canonical JSON; stable across processes and hosts."""
-        return self._key
-
-    def mismatches(self, other: Namespace) -> list[str]:
-        """One line per differing field; ``self`` is the snapshot's, ``other`` the engine's."""
-        out = []
-        for name in _NS_FIELDS:
-            a, b = getattr(self, name), getattr(other, name)
-            if a != b:
-                out.append(f"{name}: snapshot has {a!r}, this engine has {b!r}")
-        return out
-
-
-_NS_FIELDS = tuple(f.name for f in dataclasses.fields(Namespace) if f.init)
 
 
 _HEADER_FIELDS = (

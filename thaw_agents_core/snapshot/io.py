@@ -27,12 +27,11 @@ from dataclasses import dataclass
 from typing import Any
 
 from thaw_agents_core.snapshot.block_hashes import block_hash_chain
+from thaw_agents_core.snapshot.errors import SnapshotFormatError
 from thaw_agents_core.snapshot.format import (
     _HEX_ID,
     MAGIC,
     MAX_EXTRA_DEPTH,
-    Namespace,
-    SnapshotFormatError,
     SnapshotHeader,
     SnapshotView,
     compute_chunk_crcs,
@@ -49,6 +48,7 @@ from thaw_agents_core.snapshot.framing import (
     is_int,
     short,
 )
+from thaw_agents_core.snapshot.namespace import Namespace
 from thaw_agents_core.util.files import atomic_replace
 
 

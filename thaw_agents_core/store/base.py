@@ -32,7 +32,8 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
-from thaw_agents_core.snapshot.format import Namespace, SnapshotView, parse_snapshot
+from thaw_agents_core.snapshot.format import SnapshotView, parse_snapshot
+from thaw_agents_core.snapshot.namespace import Namespace
 
 PrefixHook = Callable[[memoryview, int], None]
 _RACY_NS = 50_000_000  # 50 ms: well above the coarse clock tick of directory timestamps

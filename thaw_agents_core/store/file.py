@@ -6,8 +6,9 @@ import mmap
 import os
 import secrets
 
-from thaw_agents_core.snapshot.format import Namespace, SnapshotView
+from thaw_agents_core.snapshot.format import SnapshotView
 from thaw_agents_core.snapshot.io import open_snapshot_file, read_snapshot_header
+from thaw_agents_core.snapshot.namespace import Namespace
 from thaw_agents_core.store.base import (
     PrefixHook,
     Reservation,

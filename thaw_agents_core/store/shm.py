@@ -19,8 +19,10 @@ import weakref
 from dataclasses import asdict, dataclass
 from typing import Any
 
-from thaw_agents_core.snapshot.format import Namespace, SnapshotError, SnapshotView, parse_snapshot
+from thaw_agents_core.snapshot.errors import SnapshotError
+from thaw_agents_core.snapshot.format import SnapshotView, parse_snapshot
 from thaw_agents_core.snapshot.framing import ALIGNMENT, align_up
+from thaw_agents_core.snapshot.namespace import Namespace
 from thaw_agents_core.store.base import (
     PrefixHook,
     Reservation,

@@ -1,6 +1,7 @@
 """CUDA tensors shared with other processes as JSON: data only, never a pickle.
 
-    export_tensor(t)   owner      -> {"dtype", "shape", "stride", "storage_offset", "handle"}
+    export_tensor(t)   owner      -> {"dtype", "shape", "stride", "storage_offset",
+                                      "device_uuid", "handle"}
     open_tensor(entry) any process on the host -> a tensor over the owner's device memory
 
 The handle is what torch's own multiprocessing reductions send (``UntypedStorage._share_cuda_``:
@@ -9,10 +10,13 @@ handle, whether to sync), with the byte strings written as hex. ``parse_entry`` 
 field's type and range before anything reaches CUDA, so a malformed entry is a ValueError
 naming the field, never a crash. The owner keeps the tensor alive while others may open it.
 A process that opens the handle of another GPU reads it over the GPUs' link (peer access).
+Processes number devices by their own CUDA_VISIBLE_DEVICES: the device is found by its UUID
+(the handle's index is the owner's numbering), so it must be visible to the opener too.
 """
 
 from __future__ import annotations
 
+import os
 import re
 from dataclasses import dataclass
 from typing import Any
@@ -21,7 +25,7 @@ import torch
 
 _HEX = re.compile(r"(?:[0-9a-f]{2})*")
 MAX_HANDLE_HEX = 1024  # a cudaIpcMemHandle_t is 64 bytes; torch's ref-counter name is short
-ENTRY_FIELDS = ("dtype", "shape", "stride", "storage_offset", "handle")
+ENTRY_FIELDS = ("dtype", "shape", "stride", "storage_offset", "device_uuid", "handle")
 
 
 def _dtype(name: Any) -> Any:
@@ -39,6 +43,8 @@ class CudaHandle:
     """A validated entry: where the tensor lies in the owner's storage, and the handle."""
 
     dtype: str
+    device_uuid: str
+    """The owning device's UUID ("" if unknown: the handle's index is used)."""
     shape: tuple[int, ...]
     stride: tuple[int, ...]
     storage_offset: int
@@ -70,6 +76,7 @@ def export_tensor(t: torch.Tensor) -> dict[str, Any]:
         "shape": list(t.shape),
         "stride": list(t.stride()),
         "storage_offset": t.storage_offset(),
+        "device_uuid": str(torch.cuda.get_device_properties(t.device).uuid),
         "handle": [h.hex() if isinstance(h, bytes) else h for h in handle],
     }
 
@@ -106,8 +113,12 @@ def parse_entry(obj: Any) -> CudaHandle:
     device, memory, size, offset, ref, ref_offset, event, sync = handle
     if not isinstance(sync, bool):
         raise ValueError("CUDA IPC entry: handle[7] (event sync required) must be a bool")
+    uuid = obj["device_uuid"]
+    if not isinstance(uuid, str) or len(uuid) > 64 or not uuid.isprintable():
+        raise ValueError("CUDA IPC entry: device_uuid must be a short string")
     entry = CudaHandle(
         dtype=obj["dtype"],
+        device_uuid=uuid,
         shape=tuple(shape),
         stride=tuple(stride),
         storage_offset=_nonneg(obj["storage_offset"], "storage_offset"),
@@ -131,14 +142,29 @@ def parse_entry(obj: Any) -> CudaHandle:
     return entry
 
 
+def local_device(entry: CudaHandle) -> int:
+    """This process's index of the device holding the memory (by UUID, else the owner's
+    index); ValueError when this process does not see that device."""
+    count = torch.cuda.device_count()
+    if entry.device_uuid:
+        for i in range(count):
+            if str(torch.cuda.get_device_properties(i).uuid) == entry.device_uuid:
+                return i
+        raise ValueError(
+            f"the memory lies on device {entry.device_uuid}, which this process does not see "
+            f"(CUDA_VISIBLE_DEVICES={os.environ.get('CUDA_VISIBLE_DEVICES')!r})"
+        )
+    if entry.device >= count:
+        raise ValueError(f"CUDA IPC entry names device {entry.device}; this process sees {count}")
+    return entry.device
+
+
 def open_tensor(entry: CudaHandle | dict[str, Any]) -> torch.Tensor:
     """A tensor over the owner's device memory (valid while the owner keeps it alive)."""
     e = entry if isinstance(entry, CudaHandle) else parse_entry(entry)
-    if e.device >= torch.cuda.device_count():
-        raise ValueError(f"CUDA IPC entry names device {e.device}; this process sees "
-                         f"{torch.cuda.device_count()}")  # fmt: skip
+    device = local_device(e)
     storage = torch.UntypedStorage._new_shared_cuda(
-        e.device,
+        device,
         e.memory_handle,
         e.storage_bytes,
         e.storage_byte_offset,
@@ -147,6 +173,6 @@ def open_tensor(entry: CudaHandle | dict[str, Any]) -> torch.Tensor:
         e.event_handle,
         e.event_sync_required,
     )
-    t = torch.empty(0, dtype=_dtype(e.dtype), device=f"cuda:{e.device}")
+    t = torch.empty(0, dtype=_dtype(e.dtype), device=f"cuda:{device}")
     t.set_(storage, e.storage_offset, e.shape, e.stride)
     return t

@@ -32,18 +32,17 @@ from typing import Any
 
 import torch
 
+from thaw_agents_core.snapshot.errors import SnapshotFormatError, SnapshotMismatchError
 from thaw_agents_core.snapshot.format import (
-    Namespace,
-    SnapshotFormatError,
     SnapshotHeader,
-    SnapshotMismatchError,
     check_chunk_crcs,
     encode_header,
     parse_header,
 )
 from thaw_agents_core.snapshot.framing import MAX_HEADER_BYTES, PREFIX_BYTES
+from thaw_agents_core.snapshot.namespace import Namespace
 from thaw_agents_core.transport import cuda_ipc
-from thaw_agents_core.transport.prefetch import HeldSnapshot
+from thaw_agents_core.transport.prefetch import DevicePrefetcher, HeldSnapshot
 
 KIND = "thawkv-cuda-ipc"
 FIELDS = ("kind", "snapshot_id", "header", "payload")
@@ -138,3 +137,11 @@ def open_share(
         raise SnapshotFormatError(f"{len(crcs)} chunk CRCs for {header.num_chunks} chunks")
     check_chunk_crcs(header, crcs)
     return HeldSnapshot(header, copy, time.perf_counter() - began)
+
+
+def adopt_share(prefetcher: DevicePrefetcher, desc: Any) -> bool:
+    """Open a share on the prefetcher's device, checked against its engine's namespace, and
+    hold the verified copy there for the loads that follow; False when it was not adopted
+    (another namespace, no room). Raises what ``open_share`` raises."""
+    held = open_share(desc, prefetcher.device, prefetcher.namespace())
+    return prefetcher.adopt(held)

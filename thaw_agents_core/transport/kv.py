@@ -25,14 +25,10 @@ from typing import Any, Sequence
 
 import torch
 
-from thaw_agents_core.snapshot.format import (
-    Namespace,
-    SnapshotError,
-    SnapshotMismatchError,
-    check_chunk_crcs,
-    default_blocks_per_chunk,
-)
+from thaw_agents_core.snapshot.errors import SnapshotError, SnapshotMismatchError
+from thaw_agents_core.snapshot.format import check_chunk_crcs, default_blocks_per_chunk
 from thaw_agents_core.snapshot.io import plan_snapshot
+from thaw_agents_core.snapshot.namespace import Namespace
 from thaw_agents_core.store.base import SnapshotRef, SnapshotStore
 from thaw_agents_core.transport.prefetch import DevicePrefetcher, HeldSnapshot
 from thaw_agents_core.transport.stream_scheduler import CopyPiece, StreamScheduler, as_uint8_tensor

@@ -11,6 +11,7 @@ copy; the load that follows is a device-to-device scatter of bytes already verif
                                                               True: held, verified
                                                               False: a chunk's CRC differs
     worker:    KVTransport.load(ref, ...) -> DevicePrefetcher.take(ref) -> scatter (D2D)
+    elsewhere: a copy verified by another path (device_share.open_share) -> adopt(held)
 
 No thread: the first ``status`` queues the copies and their CRC kernels (asynchronous DMA from
 host memory registered with CUDA) and returns; later calls (vLLM asks again every step) poll
@@ -34,7 +35,9 @@ from typing import Any, Callable, Literal
 
 import torch
 
-from thaw_agents_core.snapshot.format import Namespace, SnapshotError, check_chunk_crcs
+from thaw_agents_core.snapshot.errors import SnapshotError
+from thaw_agents_core.snapshot.format import check_chunk_crcs
+from thaw_agents_core.snapshot.namespace import Namespace
 from thaw_agents_core.store.base import SnapshotRef, SnapshotStore
 from thaw_agents_core.transport.stream_scheduler import CopyPiece, StreamScheduler
 
@@ -95,7 +98,11 @@ class DevicePrefetcher:
         self._reasons: dict[Key, str] = {}
         self._copier = copier or StreamScheduler(device)
         self._own_copier = copier is None
-        self.counts = {"verified": 0, "bad": 0, "host": 0, "taken": 0, "evicted": 0}
+        self.counts = {"verified": 0, "bad": 0, "host": 0, "taken": 0, "evicted": 0, "adopted": 0}
+
+    def namespace(self) -> Namespace:
+        """The engine's namespace now (it changes with its weights)."""
+        return self._namespace()
 
     @staticmethod
     def _key(ref: SnapshotRef) -> Key:
@@ -129,6 +136,26 @@ class DevicePrefetcher:
                 self._held.move_to_end(key)
                 self.counts["taken"] += 1
             return held
+
+    def adopt(self, held: HeldSnapshot) -> bool:
+        """Hold a copy verified elsewhere (a device share opened by ``device_share.open_share``,
+        whose every chunk was checked on this device): loads of its snapshot scatter it.
+        False when its namespace is not this engine's or it does not fit."""
+        header = held.header
+        if header.namespace.key() != self._namespace().key():
+            return False
+        key = (header.namespace.key(), header.snapshot_id)
+        with self._lock:
+            if key in self._held:
+                return True
+            if held.payload.numel() != header.payload_bytes or not self._make_room(
+                header.payload_bytes
+            ):
+                return False
+            self._held[key] = held
+            self._status[key] = True
+            self.counts["adopted"] += 1
+            return True
 
     def held_bytes(self) -> int:
         """Device bytes the verified copies take now."""

@@ -18,14 +18,13 @@ from hypothesis import given
 from hypothesis import strategies as st
 from store_samples import BASE, NS, snapshot
 
-from thaw_agents_core.snapshot.format import (
-    Namespace,
+from thaw_agents_core.snapshot.errors import (
     SnapshotError,
     SnapshotFormatError,
     SnapshotMismatchError,
-    encode_header,
-    parse_snapshot,
 )
+from thaw_agents_core.snapshot.format import encode_header, parse_snapshot
+from thaw_agents_core.snapshot.namespace import Namespace
 from thaw_agents_core.transport import cuda_ipc
 from thaw_agents_core.transport.device_share import KIND, open_share, parse_share
 
@@ -39,6 +38,7 @@ def _entry(nbytes: int, **changes) -> dict:
         "shape": [nbytes],
         "stride": [1],
         "storage_offset": 0,
+        "device_uuid": "GPU-5f1c0d2e-0000-4000-8000-000000000000",
         "handle": [0, "ab" * 64, nbytes, 0, "2f7468772d" * 2, 0, "cd" * 64, True],
     }
     return {**entry, **changes}
