@@ -44,3 +44,15 @@ def test_cpu_placement_binds_cores_and_no_device():
 def test_no_device_is_an_error():
     with pytest.raises(ValueError, match="no CUDA device"):
         gpu_placements(2, 0.2, [])
+
+
+@pytest.mark.skipif(
+    __import__("torch").cuda.is_available(), reason="CPU behaviour: shares need no GPU to refuse"
+)
+def test_device_shares_are_refused_without_cuda():
+    from thaw_agents import ChatThaw
+    from thaw_agents_core.pool.fork_pool import ForkPool
+
+    llm = ChatThaw(model="tiny", kv_store="shm://placement-test?capacity=1MiB")
+    with pytest.raises(ValueError, match="needs CUDA"):
+        ForkPool(llm.engine_spec(), 2, device_shares=True)

@@ -6,7 +6,9 @@ Both kinds of worker drive one of these and differ only in how frames travel:
     RayForkPool EngineActor (ray_actor.py)     frames through Ray calls and async generators
 
     start()               -> ready frame: pid, namespace_key, block_size, startup_s
-    add(id, message)      a "generate" message; a bad one -> "error" frame (the engine serves on)
+    add(id, message)      a "generate" message; a bad one -> "error" frame (the engine serves on);
+                          its "device_share" (pool/device_shares.py), if any, is opened and
+                          held for the load first
     step()                one engine step -> "delta" frames (streamed requests), "done" frames
     abort(id)             drop a request
     load_weights(source)  hot swap between two steps: ThawWorkerExtension through
@@ -17,12 +19,15 @@ Frames go to ``emit(frame)``, called on the thread that calls ``add`` / ``step``
 
 from __future__ import annotations
 
+import logging
 import os
 import time
 from dataclasses import dataclass
 from typing import Any, Callable
 
 from thaw_agents_core.engine.results import GenerationResult
+
+logger = logging.getLogger("thaw_agents.pool")
 
 
 @dataclass(slots=True)
@@ -40,6 +45,8 @@ class BranchEngine:
         self.emit = emit
         self.requests: dict[str, _Running] = {}
         self.engine: Any = None
+        self.shares_adopted = 0
+        """Device shares held for loads (pool/device_shares.py)."""
 
     def start(self) -> dict[str, Any]:
         """Build the engine from the config's spec and overrides; the ready frame."""
@@ -77,6 +84,8 @@ class BranchEngine:
         from thaw_agents_core.engine.sampling import GenerationOptions, to_sampling_params
         from thaw_agents_core.util import compat
 
+        if message.get("device_share") is not None:
+            self._adopt(message["device_share"])
         try:
             options = GenerationOptions.from_mapping(message.get("options") or {})
             params = to_sampling_params(options, stream=bool(message.get("stream")))
@@ -91,6 +100,22 @@ class BranchEngine:
             bool(message.get("stream")),
             GenerationResult(prompt_tokens=len(message["prompt_ids"])),
         )
+
+    def _adopt(self, desc: Any) -> None:
+        """Hold the prefix's verified copy from the parent's GPU for the connector's load; on
+        any failure the connector reads the store instead (and checks the bytes itself)."""
+        from thaw_agents_core.connector.worker import local_prefetcher
+        from thaw_agents_core.transport.device_share import adopt_share
+        from thaw_agents_core.weights.fence import engine_id_of
+
+        prefetcher = local_prefetcher(engine_id_of(self.engine.vllm_config))
+        if prefetcher is None:
+            return
+        try:
+            if adopt_share(prefetcher, desc):
+                self.shares_adopted += 1
+        except Exception as exc:  # noqa: BLE001 - the host path stays correct
+            logger.warning("thaw: device share not used: %s: %s", type(exc).__name__, exc)
 
     def abort(self, request_id: str) -> None:
         """Drop a request (nothing if it finished or never started)."""

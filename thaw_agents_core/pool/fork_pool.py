@@ -1,11 +1,14 @@
 """ForkPool: warm worker processes, each a vLLM engine that loads prefixes from snapshots.
 
-    parent process                                       worker i (pool_worker.py)
-    ForkPool (own event-loop thread)                     in-process LLMEngine + ThawConnector
-      generate(ids, options) --pick least loaded-->      add_request / step / ...
+    parent process                                       worker i (worker.py)
+    ForkPool (own event-loop thread)                     BranchEngine: in-process LLMEngine
+      generate(ids, options) --pick least loaded-->      + ThawConnector; add / step / ...
         <-- delta / done / error frames (wire.py) ------ (JSON over a Unix socket pair)
 
-Placement (:mod:`.placement`): one core per worker on CPU, a device and a memory share on GPU.
+Placement (:mod:`.placement`): one core per worker on CPU; on GPU a device (its own when
+there are several, the parent keeping the first) or a memory share of the parent's.
+``device_shares=True`` (CUDA, opt-in until measured on several GPUs) sends each request's prefix
+snapshot GPU to GPU instead of through host memory (:mod:`.device_shares`).
 
 Failure handling (every wait on another process has a deadline):
 - start: a worker that is not ready within ``start_timeout_s`` is killed and reported;
@@ -39,6 +42,7 @@ from thaw_agents_core.pool import wire
 from thaw_agents_core.pool.base import DeltaCallback, WarmPool
 from thaw_agents_core.pool.placement import Placement, default_placements
 from thaw_agents_core.pool.weights_fence import PoolError
+from thaw_agents_core.util import compat
 from thaw_agents_core.util.loop_thread import LoopThread
 
 logger = logging.getLogger("thaw_agents.pool")
@@ -69,6 +73,7 @@ class _Worker:
     namespace_key: str = ""
     weights_version: str = ""
     generation: int = 0  # how many times this worker was started
+    shared: set[str] = field(default_factory=set)  # snapshot ids sent to it as device shares
     alive: bool = False
     last_pong: float = 0.0
     last_ping: float = 0.0
@@ -90,6 +95,7 @@ class ForkPool(WarmPool):
         ping_timeout_s: float = 60.0,
         max_retries: int = 2,
         expected_namespace_key: str | None = None,
+        device_shares: bool = False,
     ) -> None:
         if num_workers < 1:
             raise ValueError(f"num_workers must be >= 1, got {num_workers}")
@@ -98,7 +104,11 @@ class ForkPool(WarmPool):
                 "pool workers load prefixes through ThawConnector: the spec needs "
                 "a KV store (ChatThaw(kv_store=...) or kv_transfer=...)"
             )
+        if device_shares and (compat.is_cpu_platform() or not _cuda_available()):
+            raise ValueError("device_shares=True needs CUDA: snapshots move GPU to GPU")
         self.spec = spec
+        self.device_shares = device_shares
+        """Send each request's prefix snapshot GPU to GPU (pool/device_shares.py)."""
         self.placements = placements or default_placements(num_workers, gpu_memory_fraction)
         if len(self.placements) != num_workers:
             raise ValueError(f"{len(self.placements)} placements for {num_workers} workers")
@@ -120,6 +130,8 @@ class ForkPool(WarmPool):
         self._last_weights: dict[str, Any] | None = None  # re-applied to replacement workers
         self._loop: LoopThread | None = None
         self._watchdog: asyncio.Task | None = None
+        self._shares: Any = None  # PoolShares, made at start when device_shares
+        self._block_size = 0
         self._closed = False
         self._track()
 
@@ -141,11 +153,18 @@ class ForkPool(WarmPool):
         return self
 
     async def _start_all(self) -> None:
+        if self.device_shares:
+            import torch
+
+            from thaw_agents_core.pool.device_shares import PoolShares
+
+            self._shares = PoolShares(self.spec.connector_settings.store, torch.device("cuda", 0))
         await asyncio.gather(*(self._spawn(w) for w in self._workers))
         self._watchdog = asyncio.get_running_loop().create_task(self._watch())
 
     async def _spawn(self, worker: _Worker) -> None:
         worker.generation += 1
+        worker.shared = set()
         parent_sock, child_sock = socket.socketpair()
         config = {
             "spec": asdict(self.spec),
@@ -203,6 +222,7 @@ class ForkPool(WarmPool):
                 "block size are needed to share snapshots"
             )
         worker.namespace_key = message["namespace_key"]
+        self._block_size = message.get("block_size", self._block_size)
         worker.alive, worker.last_pong = True, time.monotonic()
         logger.info(
             "thaw: pool worker %d ready (pid %d, %.1f s)",
@@ -214,6 +234,9 @@ class ForkPool(WarmPool):
     def _kill_all(self, timeout_s: float) -> None:
         for worker in self._workers:
             self._kill(worker)
+        if self._shares is not None:
+            self._shares.close()
+            self._shares = None
 
     async def _shutdown(self, timeout_s: float) -> None:
         if self._watchdog is not None:
@@ -285,25 +308,35 @@ class ForkPool(WarmPool):
     async def _send(self, request: _Request, preferred: int | None = None) -> None:
         while self._swap is not None:  # hold new requests while weights are being swapped
             await asyncio.shield(self._swap)
+        message = {
+            "type": "generate",
+            "id": request.id,
+            "prompt_ids": request.prompt_ids,
+            "options": request.options,
+            "stream": request.stream,
+        }
+        share = await self._device_share(request.prompt_ids)
         worker = await self._pick(preferred)
+        if share is not None and share["snapshot_id"] not in worker.shared:
+            message["device_share"] = share  # once per worker: it holds the copy from then on
+            worker.shared.add(share["snapshot_id"])
         request.worker = worker.index
         worker.pending[request.id] = request
         assert worker.writer is not None
-        worker.writer.write(
-            wire.encode(
-                {
-                    "type": "generate",
-                    "id": request.id,
-                    "prompt_ids": request.prompt_ids,
-                    "options": request.options,
-                    "stream": request.stream,
-                }
-            )
-        )
+        worker.writer.write(wire.encode(message))
         try:
             await worker.writer.drain()
         except ConnectionError:
             pass  # the reader sees the death and re-sends
+
+    async def _device_share(self, prompt_ids: list[int]) -> dict[str, Any] | None:
+        """The share descriptor of the prompt's longest snapshot (device_shares only)."""
+        key = self.expected_namespace_key or next(
+            (w.namespace_key for w in self._workers if w.namespace_key), ""
+        )
+        if self._shares is None or not key or not self._block_size:
+            return None
+        return await asyncio.to_thread(self._shares.descriptor, prompt_ids, key, self._block_size)
 
     def _abort(self, request: _Request) -> None:
         worker = self._workers[request.worker] if request.worker >= 0 else None
@@ -457,3 +490,9 @@ class ForkPool(WarmPool):
                 ):
                     worker.last_ping = now
                     worker.writer.write(wire.encode({"type": "ping", "id": int(now)}))
+
+
+def _cuda_available() -> bool:
+    import torch
+
+    return torch.cuda.is_available()

@@ -52,6 +52,13 @@ Status = Literal[True, False, None, "host"]
 Key = tuple[str, str]
 
 
+def free_device_bytes(device: torch.device) -> int:
+    """Device memory free for a new allocation: the driver's free bytes plus what torch's
+    caching allocator holds unused."""
+    free, _ = torch.cuda.mem_get_info(device)
+    return free + torch.cuda.memory_reserved(device) - torch.cuda.memory_allocated(device)
+
+
 @dataclass(slots=True)
 class HeldSnapshot:
     """A snapshot's payload on the device, every chunk's CRC32C matched."""
@@ -224,8 +231,7 @@ class DevicePrefetcher:
             self._evict_oldest()
         if self.device.type != "cuda":
             return True
-        free, _ = torch.cuda.mem_get_info(self.device)
-        free += torch.cuda.memory_reserved(self.device) - torch.cuda.memory_allocated(self.device)
+        free = free_device_bytes(self.device)
         while self._held and free < nbytes + HEADROOM_BYTES:
             free += self._evict_oldest()
         return free >= nbytes + HEADROOM_BYTES
