@@ -104,7 +104,7 @@ class ForkPool(WarmPool):
                 "pool workers load prefixes through ThawConnector: the spec needs "
                 "a KV store (ChatThaw(kv_store=...) or kv_transfer=...)"
             )
-        if device_shares and (compat.is_cpu_platform() or not _cuda_available()):
+        if device_shares and compat.is_cpu_platform():
             raise ValueError("device_shares=True needs CUDA: snapshots move GPU to GPU")
         self.spec = spec
         self.device_shares = device_shares
@@ -490,9 +490,3 @@ class ForkPool(WarmPool):
                 ):
                     worker.last_ping = now
                     worker.writer.write(wire.encode({"type": "ping", "id": int(now)}))
-
-
-def _cuda_available() -> bool:
-    import torch
-
-    return torch.cuda.is_available()

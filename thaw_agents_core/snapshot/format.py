@@ -66,6 +66,7 @@ from thaw_agents_core.snapshot.framing import (
     align_up,
     as_bytes_view,
     header_bytes,
+    is_hex_bytes,
     is_int,
     short,
 )
@@ -90,9 +91,6 @@ def _all_hex(values: list[Any], width: int) -> bool:
         and set(map(len, values)) <= {width}
         and _HEX_RUN.fullmatch("".join(values)) is not None
     )
-
-
-_HEX_ANY = re.compile(r"(?:[0-9a-f]{2})*")
 
 
 FRAME = Frame(
@@ -139,7 +137,7 @@ _FIELD_CHECKS: dict[str, tuple[Any, str]] = {
     "block_bytes": (_nonneg_int, "a non-negative int"),
     "payload_bytes": (_nonneg_int, "a non-negative int"),
     "blocks_per_chunk": (lambda v: is_int(v) and v > 0, "a positive int"),
-    "hash_salt": (_hex(_HEX_ANY), "lowercase hex"),
+    "hash_salt": (is_hex_bytes, "lowercase hex"),
     "created_unix": (
         # ints are finite: math.isfinite(10**400) would raise OverflowError
         lambda v: (is_int(v) or isinstance(v, float) and math.isfinite(v)) and v >= 0,

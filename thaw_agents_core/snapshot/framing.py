@@ -14,6 +14,7 @@ format's own error type and words.
 from __future__ import annotations
 
 import json
+import re
 import struct
 from dataclasses import dataclass
 from typing import Any
@@ -37,6 +38,14 @@ def short(value: Any, limit: int = 60) -> str:
 def is_int(v: Any) -> bool:
     """An int that is not a bool."""
     return isinstance(v, int) and not isinstance(v, bool)
+
+
+_HEX_BYTES = re.compile(r"(?:[0-9a-f]{2})*")
+
+
+def is_hex_bytes(value: Any) -> bool:
+    """A str of lowercase hex digits in pairs (bytes written as ``bytes.hex()``)."""
+    return isinstance(value, str) and _HEX_BYTES.fullmatch(value) is not None
 
 
 def as_bytes_view(buf: Any) -> memoryview:

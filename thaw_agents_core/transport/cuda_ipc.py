@@ -17,13 +17,13 @@ Processes number devices by their own CUDA_VISIBLE_DEVICES: the device is found 
 from __future__ import annotations
 
 import os
-import re
 from dataclasses import dataclass
 from typing import Any
 
 import torch
 
-_HEX = re.compile(r"(?:[0-9a-f]{2})*")
+from thaw_agents_core.snapshot.framing import is_hex_bytes, is_int
+
 MAX_HANDLE_HEX = 1024  # a cudaIpcMemHandle_t is 64 bytes; torch's ref-counter name is short
 ENTRY_FIELDS = ("dtype", "shape", "stride", "storage_offset", "device_uuid", "handle")
 
@@ -32,10 +32,6 @@ def _dtype(name: Any) -> Any:
     """The torch dtype named ``name`` ("bfloat16"), or None."""
     found = getattr(torch, name, None) if isinstance(name, str) and name.isidentifier() else None
     return found if isinstance(found, torch.dtype) else None
-
-
-def _is_int(v: Any) -> bool:
-    return isinstance(v, int) and not isinstance(v, bool)
 
 
 @dataclass(frozen=True, slots=True)
@@ -82,13 +78,13 @@ def export_tensor(t: torch.Tensor) -> dict[str, Any]:
 
 
 def _hex_bytes(value: Any, what: str) -> bytes:
-    if not isinstance(value, str) or len(value) > MAX_HANDLE_HEX or not _HEX.fullmatch(value):
+    if not is_hex_bytes(value) or len(value) > MAX_HANDLE_HEX:
         raise ValueError(f"CUDA IPC entry: {what} must be lowercase hex of whole bytes")
     return bytes.fromhex(value)
 
 
 def _nonneg(value: Any, what: str) -> int:
-    if not _is_int(value) or value < 0:
+    if not is_int(value) or value < 0:
         raise ValueError(f"CUDA IPC entry: {what} must be a non-negative int, got {value!r:.60}")
     return value
 

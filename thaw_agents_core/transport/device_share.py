@@ -25,7 +25,6 @@ serves other hosts.
 
 from __future__ import annotations
 
-import re
 import time
 from dataclasses import dataclass
 from typing import Any
@@ -39,14 +38,13 @@ from thaw_agents_core.snapshot.format import (
     encode_header,
     parse_header,
 )
-from thaw_agents_core.snapshot.framing import MAX_HEADER_BYTES, PREFIX_BYTES
+from thaw_agents_core.snapshot.framing import MAX_HEADER_BYTES, PREFIX_BYTES, is_hex_bytes
 from thaw_agents_core.snapshot.namespace import Namespace
 from thaw_agents_core.transport import cuda_ipc
 from thaw_agents_core.transport.prefetch import DevicePrefetcher, HeldSnapshot
 
 KIND = "thawkv-cuda-ipc"
 FIELDS = ("kind", "snapshot_id", "header", "payload")
-_HEX = re.compile(r"(?:[0-9a-f]{2})*")
 
 
 @dataclass(frozen=True, slots=True)
@@ -78,11 +76,7 @@ def parse_share(obj: Any, expect_namespace: Namespace | None = None) -> Share:
     if obj["kind"] != KIND:
         raise SnapshotFormatError(f"device share kind {obj['kind']!r:.60} is not {KIND!r}")
     text = obj["header"]
-    if (
-        not isinstance(text, str)
-        or len(text) > 2 * (PREFIX_BYTES + MAX_HEADER_BYTES + 4096)
-        or not _HEX.fullmatch(text)
-    ):
+    if not is_hex_bytes(text) or len(text) > 2 * (PREFIX_BYTES + MAX_HEADER_BYTES + 4096):
         raise SnapshotFormatError("device share: header must be the header's bytes in hex")
     header, _ = parse_header(bytes.fromhex(text))
     if header.snapshot_id != obj["snapshot_id"]:
