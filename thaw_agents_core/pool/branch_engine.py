@@ -5,7 +5,7 @@ Both kinds of worker drive one of these and differ only in how frames travel:
     ForkPool worker process (worker.py)       frames over a Unix socket pair (wire.py)
     RayForkPool EngineActor (ray_actor.py)     frames through Ray calls and async generators
 
-    start()               -> ready frame: pid, namespace_key, block_size, startup_s
+    start()               -> ready frame: pid, namespace (JSON) and its key, block_size, startup_s
     add(id, message)      a "generate" message; a bad one -> "error" frame (the engine serves on);
                           its "device_share" (pool/device_shares.py), if any, is opened and
                           held for the load first
@@ -68,6 +68,7 @@ class BranchEngine:
         return {
             "type": "ready",
             "pid": os.getpid(),
+            "namespace": namespace.to_json(),
             "namespace_key": namespace.key(),
             "block_size": namespace.block_size,
             "startup_s": round(time.perf_counter() - began, 3),
@@ -158,4 +159,9 @@ class BranchEngine:
         reset(**compat.reset_prefix_cache_kwargs(reset))
         fence.clear_published(self.engine.vllm_config)  # the scheduler has the version now
         namespace = namespace_for(self.engine.vllm_config, version)
-        return {"weights_version": version, "namespace_key": namespace.key(), "stats": stats[0]}
+        return {
+            "weights_version": version,
+            "namespace": namespace.to_json(),
+            "namespace_key": namespace.key(),
+            "stats": stats[0],
+        }

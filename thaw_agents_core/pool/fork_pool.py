@@ -42,6 +42,7 @@ from thaw_agents_core.pool import wire
 from thaw_agents_core.pool.base import DeltaCallback, WarmPool
 from thaw_agents_core.pool.placement import Placement, default_placements
 from thaw_agents_core.pool.weights_fence import PoolError
+from thaw_agents_core.snapshot.namespace import Namespace
 from thaw_agents_core.util import compat
 from thaw_agents_core.util.loop_thread import LoopThread
 
@@ -70,13 +71,18 @@ class _Worker:
     ready: asyncio.Future | None = None
     log_path: str = ""
     pending: dict[str, _Request] = field(default_factory=dict)
-    namespace_key: str = ""
+    namespace: Namespace | None = None  # what it serves: the ready frame's, then each swap's
     weights_version: str = ""
     generation: int = 0  # how many times this worker was started
     shared: set[str] = field(default_factory=set)  # snapshot ids sent to it as device shares
     alive: bool = False
     last_pong: float = 0.0
     last_ping: float = 0.0
+
+    @property
+    def namespace_key(self) -> str:
+        """Its namespace's key ("" before it is ready)."""
+        return self.namespace.key() if self.namespace is not None else ""
 
 
 class ForkPool(WarmPool):
@@ -131,7 +137,6 @@ class ForkPool(WarmPool):
         self._loop: LoopThread | None = None
         self._watchdog: asyncio.Task | None = None
         self._shares: Any = None  # PoolShares, made at start when device_shares
-        self._block_size = 0
         self._closed = False
         self._track()
 
@@ -158,7 +163,9 @@ class ForkPool(WarmPool):
 
             from thaw_agents_core.pool.device_shares import PoolShares
 
-            self._shares = PoolShares(self.spec.connector_settings.store, torch.device("cuda", 0))
+            self._shares = PoolShares(
+                self.spec.connector_settings.store, torch.device("cuda", 0), self._namespace
+            )
         await asyncio.gather(*(self._spawn(w) for w in self._workers))
         self._watchdog = asyncio.get_running_loop().create_task(self._watch())
 
@@ -221,8 +228,7 @@ class ForkPool(WarmPool):
                 f"the parent {self.expected_namespace_key}: same model, dtype and "
                 "block size are needed to share snapshots"
             )
-        worker.namespace_key = message["namespace_key"]
-        self._block_size = message.get("block_size", self._block_size)
+        worker.namespace = Namespace.from_json(message["namespace"])
         worker.alive, worker.last_pong = True, time.monotonic()
         logger.info(
             "thaw: pool worker %d ready (pid %d, %.1f s)",
@@ -315,11 +321,12 @@ class ForkPool(WarmPool):
             "options": request.options,
             "stream": request.stream,
         }
-        share = await self._device_share(request.prompt_ids)
         worker = await self._pick(preferred)
-        if share is not None and share["snapshot_id"] not in worker.shared:
-            message["device_share"] = share  # once per worker: it holds the copy from then on
-            worker.shared.add(share["snapshot_id"])
+        if self._shares is not None:  # once per worker and snapshot: it holds the copy then
+            share = await asyncio.to_thread(self._shares.share, request.prompt_ids, worker.shared)
+            if share is not None:
+                message["device_share"] = share
+                worker.shared.add(share["snapshot_id"])
         request.worker = worker.index
         worker.pending[request.id] = request
         assert worker.writer is not None
@@ -329,14 +336,17 @@ class ForkPool(WarmPool):
         except ConnectionError:
             pass  # the reader sees the death and re-sends
 
-    async def _device_share(self, prompt_ids: list[int]) -> dict[str, Any] | None:
-        """The share descriptor of the prompt's longest snapshot (device_shares only)."""
-        key = self.expected_namespace_key or next(
-            (w.namespace_key for w in self._workers if w.namespace_key), ""
+    def _namespace(self) -> Namespace | None:
+        """The namespace the live workers serve (None while none is ready)."""
+        key = self.expected_namespace_key
+        return next(
+            (
+                w.namespace
+                for w in self._workers
+                if w.alive and w.namespace is not None and (not key or w.namespace_key == key)
+            ),
+            None,
         )
-        if self._shares is None or not key or not self._block_size:
-            return None
-        return await asyncio.to_thread(self._shares.descriptor, prompt_ids, key, self._block_size)
 
     def _abort(self, request: _Request) -> None:
         worker = self._workers[request.worker] if request.worker >= 0 else None
@@ -441,6 +451,11 @@ class ForkPool(WarmPool):
             logger.warning("thaw: pool worker %d: %s; killing it", worker.index, reason)
             self._kill(worker)  # the reader sees end-of-file: _on_death replaces it
 
+    async def _swap_workers(self, source: dict[str, Any], version: str, deadline: float) -> None:
+        if self._shares is not None:
+            self._shares.forget()  # copies of the old weights' KV are never loaded again
+        await super()._swap_workers(source, version, deadline)
+
     async def _swap_worker(
         self, worker: _Worker, source: dict[str, Any], timeout_s: float
     ) -> dict[str, Any]:
@@ -456,7 +471,7 @@ class ForkPool(WarmPool):
         finally:
             self._control.pop(message_id, None)
         worker.weights_version = reply["weights_version"]
-        worker.namespace_key = reply["namespace_key"]
+        worker.namespace = Namespace.from_json(reply["namespace"])
         return reply
 
     async def _watch(self) -> None:
