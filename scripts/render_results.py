@@ -329,14 +329,16 @@ def weights_table(path: Path, data: dict[str, Any]) -> list[str]:
         value = (ph.get(phase) or {}).get(key)
         return fmt.format(value) if value is not None else ph.get(phase, {}).get("error", "-")
 
+    def timed(phase: str, seconds_fmt: str, rate_fmt: str = "**{} GB/s**") -> str:
+        """The phase's seconds and rate: "0.306 s (52.5 GB/s)"."""
+        return f"{cell(phase, 'seconds', seconds_fmt)} ({cell(phase, 'gb_per_s', rate_fmt)})"
+
     gb = data["phases"].get("freeze", {}).get("num_bytes", 0) / 1e9
     cold = goals.get("cold_start_weight_phase_s") or {}
     rows = [
         (
             "hot swap from a registered host buffer",
-            cell("hot_swap", "seconds", "{:.3f} s")
-            + " ("
-            + cell("hot_swap", "gb_per_s", "{} GB/s)"),
+            timed("hot_swap", "{:.3f} s", "{} GB/s"),
             f"raw pinned copy {cell('raw_pinned', 'seconds', '{:.3f} s')}: "
             f"**{goals.get('hot_swap_vs_raw_pinned')}x** of it (goal >= 0.95); vLLM `wake_up` "
             f"{cell('sleep_wake', 'wake_up_s', '{:.3f} s')} (same weights back): "
@@ -344,9 +346,7 @@ def weights_table(path: Path, data: dict[str, Any]) -> list[str]:
         ),
         (
             "restore from a page-cached `.thaw`, not registered",
-            cell("file_restore", "seconds", "{:.3f} s")
-            + " ("
-            + cell("file_restore", "gb_per_s", "**{} GB/s**)"),
+            timed("file_restore", "{:.3f} s"),
             "goal >= 25 GB/s",
         ),
         (
@@ -363,9 +363,7 @@ def weights_table(path: Path, data: dict[str, Any]) -> list[str]:
         ),
         (
             "freeze a live engine to a file",
-            cell("freeze", "seconds", "{:.1f} s")
-            + " ("
-            + cell("freeze", "gb_per_s", "**{} GB/s**)"),
+            timed("freeze", "{:.1f} s"),
             "goal >= 10 GB/s",
         ),
     ]

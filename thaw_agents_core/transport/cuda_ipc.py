@@ -16,6 +16,7 @@ Processes number devices by their own CUDA_VISIBLE_DEVICES: the device is found 
 
 from __future__ import annotations
 
+import math
 import os
 from dataclasses import dataclass
 from typing import Any
@@ -56,10 +57,7 @@ class CudaHandle:
     @property
     def numel(self) -> int:
         """Elements of the tensor."""
-        n = 1
-        for d in self.shape:
-            n *= d
-        return n
+        return math.prod(self.shape)
 
 
 def export_tensor(t: torch.Tensor) -> dict[str, Any]:

@@ -50,18 +50,17 @@ def process_token() -> tuple[int, int]:
 def process_alive(pid: int, start_ticks: int) -> bool:
     """Whether the process that :func:`process_token` named is still running."""
     fields = _stat_fields(pid)
-    if fields is not None and fields[0] in (b"Z", b"X"):  # exited; its parent has not reaped it
-        return False
-    ticks = process_start_ticks(pid)
-    if ticks is None:  # no /proc: fall back to the pid alone
-        try:
-            os.kill(pid, 0)
-        except ProcessLookupError:
+    if fields is not None:
+        if fields[0] in (b"Z", b"X"):  # exited; its parent has not reaped it
             return False
-        except PermissionError:
-            return True
-        return not os.path.isdir("/proc")
-    return ticks == start_ticks
+        return len(fields) > 19 and fields[19] == str(start_ticks).encode()
+    try:  # gone, or no /proc: fall back to the pid alone
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return not os.path.isdir("/proc")
 
 
 def _wait_exited(processes: list[tuple[int, int]], timeout_s: float) -> list[tuple[int, int]]:
