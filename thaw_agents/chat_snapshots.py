@@ -143,9 +143,12 @@ class SnapshotsAndWeights:
         """
         return self.engine.load_weights(src, weights_version)["weights_version"]
 
-    def freeze_weights(self, path: str | os.PathLike[str]) -> list[dict[str, Any]]:
-        """Write the engine's weights (its own layout, one file per tensor-parallel rank)."""
-        return self.engine.freeze_weights(path)
+    def freeze_weights(
+        self, path: str | os.PathLike[str], *, durable: bool = False
+    ) -> list[dict[str, Any]]:
+        """Write the engine's weights (its own layout, one file per tensor-parallel rank);
+        ``durable``: fsynced before returning (see ``Engine.freeze_weights``)."""
+        return self.engine.freeze_weights(path, durable=durable)
 
     @property
     def current_weights_version(self) -> str:

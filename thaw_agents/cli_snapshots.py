@@ -4,6 +4,7 @@ thaw-agents freeze MODEL_DIR OUT.thaw [--from safetensors|engine] [--weights-ver
     safetensors (default): the folder's tensors, checkpoint layout, no engine
     engine: start a vLLM engine on MODEL_DIR, freeze its parameters (engine layout,
             fused projections, one file per tensor-parallel rank)
+    the CLI's files are fsynced before it returns (durable=True)
 thaw-agents info FILE [--json]        the header of a .thaw or .thawkv (by its magic)
 thaw-agents verify FILE               every chunk CRC32C; exit status 1 if any is bad
 thaw-agents diff A.thawkv B.thawkv [--json]
@@ -79,7 +80,9 @@ def _freeze(args: argparse.Namespace) -> int:
     if args.source == "safetensors":
         from thaw_agents_core.weights.freeze import freeze_safetensors
 
-        stats = freeze_safetensors(args.model, args.out, weights_version=args.weights_version)
+        stats = freeze_safetensors(
+            args.model, args.out, weights_version=args.weights_version, durable=True
+        )
         print(
             f"froze {stats.num_tensors} tensors ({_gib(stats.num_bytes)}) from {args.model} -> "
             f"{args.out} in {stats.seconds:.2f} s (checkpoint layout)"
@@ -90,7 +93,7 @@ def _freeze(args: argparse.Namespace) -> int:
 
     engine = Engine(EngineSpec.create(str(Path(args.model).resolve()), dtype=args.dtype))
     try:
-        for rank in engine.freeze_weights(Path(args.out).resolve()):
+        for rank in engine.freeze_weights(Path(args.out).resolve(), durable=True):
             print(
                 f"froze {rank['num_tensors']} tensors ({_gib(rank['num_bytes'])}) -> "
                 f"{rank['path']} in {rank['seconds']:.2f} s (engine layout)"

@@ -16,6 +16,7 @@ Processes number devices by their own CUDA_VISIBLE_DEVICES: the device is found 
 
 from __future__ import annotations
 
+import functools
 import math
 import os
 from dataclasses import dataclass
@@ -60,6 +61,12 @@ class CudaHandle:
         return math.prod(self.shape)
 
 
+@functools.cache
+def device_uuid(index: int) -> str:
+    """The UUID of this process's CUDA device ``index`` (asked once per device)."""
+    return str(torch.cuda.get_device_properties(index).uuid)
+
+
 def export_tensor(t: torch.Tensor) -> dict[str, Any]:
     """The JSON entry of a CUDA tensor (see the module docstring)."""
     if not t.is_cuda:
@@ -70,7 +77,7 @@ def export_tensor(t: torch.Tensor) -> dict[str, Any]:
         "shape": list(t.shape),
         "stride": list(t.stride()),
         "storage_offset": t.storage_offset(),
-        "device_uuid": str(torch.cuda.get_device_properties(t.device).uuid),
+        "device_uuid": device_uuid(t.device.index),
         "handle": [h.hex() if isinstance(h, bytes) else h for h in handle],
     }
 
@@ -97,8 +104,9 @@ def parse_entry(obj: Any) -> CudaHandle:
     for name, dims in (("shape", shape), ("stride", stride)):
         if not isinstance(dims, list) or len(dims) > 16:
             raise ValueError(f"CUDA IPC entry: {name} must be a list of at most 16 ints")
-        for d in dims:
-            _nonneg(d, name)
+        if not all(type(d) is int and d >= 0 for d in dims):  # one pass: this runs per tensor
+            bad = next(d for d in dims if type(d) is not int or d < 0)
+            raise ValueError(f"CUDA IPC entry: {name} must be non-negative ints, got {bad!r:.60}")
     if len(shape) != len(stride):
         raise ValueError("CUDA IPC entry: shape and stride differ in length")
     handle = obj["handle"]
@@ -142,7 +150,7 @@ def local_device(entry: CudaHandle) -> int:
     count = torch.cuda.device_count()
     if entry.device_uuid:
         for i in range(count):
-            if str(torch.cuda.get_device_properties(i).uuid) == entry.device_uuid:
+            if device_uuid(i) == entry.device_uuid:
                 return i
         raise ValueError(
             f"the memory lies on device {entry.device_uuid}, which this process does not see "

@@ -37,11 +37,14 @@ def fsync_directory(directory: str) -> None:
 
 
 @contextmanager
-def atomic_replace(path: str | os.PathLike[str], *, suffix: str = ".tmp") -> Iterator[str]:
+def atomic_replace(
+    path: str | os.PathLike[str], *, suffix: str = ".tmp", durable: bool = True
+) -> Iterator[str]:
     """Yield a temp path in ``path``'s directory for the caller to fill.
 
-    When the block succeeds the temp file is fsynced, renamed over ``path`` and the directory
-    fsynced; when it raises the temp file is removed and ``path`` is left as it was.
+    When the block succeeds the temp file is renamed over ``path`` (``durable``: the file is
+    fsynced first and the directory after); when it raises the temp file is removed and
+    ``path`` is left as it was.
     """
     path = os.path.abspath(os.fspath(path))
     directory = os.path.dirname(path)
@@ -49,13 +52,15 @@ def atomic_replace(path: str | os.PathLike[str], *, suffix: str = ".tmp") -> Ite
     os.close(fd)
     try:
         yield tmp
-        with open(tmp, "rb+") as f:
-            os.fsync(f.fileno())
+        if durable:
+            with open(tmp, "rb+") as f:
+                os.fsync(f.fileno())
         os.replace(tmp, path)
     except BaseException:
         unlink_if_exists(tmp)
         raise
-    fsync_directory(directory)
+    if durable:
+        fsync_directory(directory)
 
 
 def touch(path: str) -> None:

@@ -44,8 +44,10 @@ def freeze_safetensors(
     *,
     weights_version: str = "",
     show_progress: bool | None = None,
+    durable: bool = False,
 ) -> FreezeStats:
-    """Every tensor of ``folder``'s ``*.safetensors`` files -> ``path`` (checkpoint layout)."""
+    """Every tensor of ``folder``'s ``*.safetensors`` files -> ``path`` (checkpoint layout;
+    ``durable``: fsynced before returning)."""
     from safetensors import safe_open
 
     folder = Path(folder)
@@ -57,5 +59,10 @@ def freeze_safetensors(
     dtypes = sorted({str(t.dtype).replace("torch.", "") for _, t in named})
     ns = folder_namespace(folder, weights_version, dtypes[0] if len(dtypes) == 1 else "mixed")
     return write_weights(
-        path, named, ns, extra={"source": str(folder)}, show_progress=show_progress
+        path,
+        named,
+        ns,
+        extra={"source": str(folder)},
+        show_progress=show_progress,
+        durable=durable,
     )

@@ -6,10 +6,14 @@
       WeightsBuffer              {"kind": "shm", "name", "size"}  registered once per worker, reused
       {name: CPU tensor}         a temporary WeightsBuffer         (cleanup unlinks it)
       {name: CUDA tensor}        {"kind": "cuda_ipc", "tensors"}  CUDA IPC handles, no host copy
+    parse_cuda_ipc(desc)       worker side   -> {name: CudaHandle}, validated, nothing opened
     open_cuda_ipc(desc)        worker side   -> {name: tensor} over the trainer's device memory
 
 CUDA IPC entries (transport/cuda_ipc.py, validated before anything reaches CUDA) are data
-only, never a pickle. The caller keeps the tensors alive until the swap returns.
+only, never a pickle. The caller keeps the tensors alive until the swap returns. Each engine
+worker keeps the tensors of its last swap open until the next one (the re-open of the same
+memory is then a torch handle-cache hit), so the trainer's memory behind the last pushed state
+dict is freed one swap later.
 """
 
 from __future__ import annotations
@@ -21,7 +25,7 @@ from typing import Any
 
 import torch
 
-from thaw_agents_core.transport.cuda_ipc import export_tensor, open_tensor
+from thaw_agents_core.transport.cuda_ipc import CudaHandle, export_tensor, open_tensor, parse_entry
 from thaw_agents_core.weights.buffer import WeightsBuffer
 
 Source = str | os.PathLike | WeightsBuffer | Mapping[str, torch.Tensor]
@@ -70,14 +74,20 @@ def describe(
     )
 
 
-def open_cuda_ipc(desc: dict[str, Any]) -> dict[str, torch.Tensor]:
-    """Tensors over another process's device memory, from ``describe``'s handles."""
+def parse_cuda_ipc(desc: dict[str, Any]) -> dict[str, CudaHandle]:
+    """``describe``'s handles, every field validated; no CUDA call yet (a swap opens each one
+    as it copies it, so the opens overlap the copies)."""
     out = {}
     for e in desc["tensors"]:
         if not isinstance(e, dict) or not isinstance(e.get("name"), str):
             raise ValueError("cuda_ipc weights: every tensor entry needs a name")
-        out[e["name"]] = open_tensor({k: v for k, v in e.items() if k != "name"})
+        out[e["name"]] = parse_entry({k: v for k, v in e.items() if k != "name"})
     return out
+
+
+def open_cuda_ipc(desc: dict[str, Any]) -> dict[str, torch.Tensor]:
+    """Tensors over another process's device memory, from ``describe``'s handles."""
+    return {name: open_tensor(h) for name, h in parse_cuda_ipc(desc).items()}
 
 
 def snapshot_version(src: Any) -> str | None:
