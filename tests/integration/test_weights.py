@@ -139,3 +139,37 @@ def test_state_dict_swap_and_version_rules(parent, files, reference_b):
     parent.load_weights(files["B"], "B-2")
     assert _answers(parent) == reference_b["plain"]
     assert not [p for p in os.listdir("/dev/shm") if p.startswith(f"thaw-weights-{os.getpid()}-")]
+
+
+def _flipped_copy(src: Path, dst: Path) -> Path:
+    """``src`` with one bit flipped in the middle of its last tensor's bytes."""
+    data = bytearray(src.read_bytes())
+    with open_weights(src) as wf:
+        last = wf.header.tensors[-1]
+        base = len(data) - wf.header.payload_bytes
+    data[base + last.offset + last.nbytes // 2] ^= 0x40
+    dst.write_bytes(bytes(data))
+    return dst
+
+
+def test_a_corrupted_snapshot_never_serves(parent, files, reference_b):
+    """Checkpoint layout: every CRC is checked before vLLM's loaders see a byte, so the swap is
+    refused and the engine keeps serving its weights. Engine layout: the CRCs are checked where
+    the bytes land, so the swap fails part-way and the engine refuses requests until a good
+    load_weights (never answers from a half-swapped model)."""
+    parent.load_weights(files["B"], "B-4")
+    bad_checkpoint = _flipped_copy(files["B"], files["dir"] / "B-bad.thaw")
+    with pytest.raises(Exception, match="CRC32C mismatch"):
+        parent.load_weights(bad_checkpoint, "B-bad")
+    assert parent.current_weights_version == "B-4"
+    assert _answers(parent) == reference_b["plain"]
+
+    live = files["dir"] / "B-live.thaw"
+    parent.freeze_weights(live)
+    bad_engine = _flipped_copy(live, files["dir"] / "B-live-bad.thaw")
+    with pytest.raises(Exception, match="CRC32C mismatch"):
+        parent.load_weights(bad_engine, "B-live-bad")
+    with pytest.raises(Exception, match="not a verified set"):
+        _answers(parent)
+    assert parent.load_weights(files["B"], "B-5") == "B-5"
+    assert _answers(parent) == reference_b["plain"]

@@ -64,6 +64,8 @@ class Engine:
     _reaper: Any = field(default=None, init=False, repr=False)
     _weights_version: str | None = field(default=None, init=False, repr=False)
     last_weights_file: str | None = field(default=None, init=False, repr=False)
+    _weights_failure: str | None = field(default=None, init=False, repr=False)
+    """Why the weights are not a verified set (a swap failed part-way), else None."""
     """The ``.thaw`` file of the last swap (None: boot weights, or a buffer / state dict)."""
 
     # ------------------------------------------------------------------ lifecycle
@@ -276,6 +278,12 @@ class Engine:
         exception. Cancelling the returned future aborts the request in vLLM."""
         llm = self.llm
         assert self._loop is not None
+        if self._weights_failure is not None:
+            raise EngineError(
+                "this engine's last load_weights failed after it began writing the weights, so "
+                f"they are not a verified set ({self._weights_failure}); load_weights a good "
+                "source before sending requests"
+            )
         request_id = request_id or self.new_request_id()
 
         async def produce() -> None:
@@ -425,20 +433,42 @@ class Engine:
 
         try:
             stats = self.run_sync(swap(), timeout_s)
+        except Exception as exc:
+            self._check_weights_after_failure(exc)
+            raise
         finally:
             cleanup()
+        self._weights_failure = None
         self._weights_version = version
         self.last_weights_file = desc["path"] if desc["kind"] == "file" else None
         return {**stats[0], "ranks": len(stats)}
 
+    def _check_weights_after_failure(self, exc: BaseException) -> None:
+        """After a failed swap: if any rank's parameters were written before the failure (a bad
+        CRC found where the bytes landed, an I/O error), refuse requests until a load succeeds;
+        a failure before the first write (wrong model, table, namespace) changes nothing."""
+        llm = self.llm
+        try:
+            intact = all(self.run_sync(llm.collective_rpc("thaw_weights_intact", timeout=60), 60))
+        except Exception:  # noqa: BLE001 - cannot tell: assume the worst
+            intact = False
+        if not intact:
+            self._weights_failure = f"{type(exc).__name__}: {exc}"[:500]
+            logger.error("weight swap failed part-way; requests refused until load_weights "
+                         "succeeds: %s", self._weights_failure)  # fmt: skip
+
     def freeze_weights(
-        self, path: str | Path, *, timeout_s: float | None = 600.0
+        self, path: str | Path, *, durable: bool = False, timeout_s: float | None = 600.0
     ) -> list[dict[str, Any]]:
-        """Write the engine's parameters (engine layout, one file per tensor-parallel rank)."""
+        """Write the engine's parameters (engine layout, one file per tensor-parallel rank).
+
+        Returns when the files are complete in the page cache; ``durable=True`` also fsyncs
+        them (a torn file is refused at restore either way: every chunk has a CRC32C).
+        """
         llm = self.llm
         return self.run_sync(
             llm.collective_rpc(
-                "thaw_freeze", timeout=timeout_s, args=(str(path), self.weights_version)
+                "thaw_freeze", timeout=timeout_s, args=(str(path), self.weights_version, durable)
             ),
             timeout_s,
         )

@@ -6,9 +6,10 @@ Called through vLLM's public ``collective_rpc`` (``AsyncLLM`` / ``LLMEngine``), 
                                                rank's), a WeightsBuffer, CUDA IPC tensors
         -> validate namespace + tensor table (nothing written yet) -> copy through the stream
            scheduler -> CRC32C verified -> fence.set_weights_version (the KV namespace follows)
-    thaw_freeze(path, weights_version)         this rank's parameters -> path (per-rank name)
+    thaw_freeze(path, weights_version, durable) this rank's parameters -> path (per-rank name)
     thaw_register_buffer(desc)                 pin a WeightsBuffer once (CUDA), before a swap
     thaw_weights_version()                     the version this rank serves
+    thaw_weights_intact()                      False after a swap that failed part-way
 
 ``collective_rpc`` runs between engine steps, so no request runs on half-swapped weights. Each
 method returns a small JSON-able dict.
@@ -29,7 +30,7 @@ from thaw_agents_core.weights.ranks import rank_path, resolve_rank_file
 from thaw_agents_core.weights.restore import (
     RestoreStats,
     copy_tensors,
-    table_mismatches,
+    state_dict_mismatches,
 )
 
 logger = logging.getLogger("thaw_agents.weights")
@@ -88,14 +89,18 @@ class ThawWorkerExtension:
         model, state = self._thaw_model(), self._thaw_state()
         kind = desc.get("kind")
         if kind == "cuda_ipc":
-            from thaw_agents_core.weights.sources import open_cuda_ipc
+            from thaw_agents_core.transport.cuda_ipc import open_tensor
+            from thaw_agents_core.weights.sources import parse_cuda_ipc
 
-            tensors = open_cuda_ipc(desc)
-            if not table_mismatches_of(tensors, model):
+            handles = parse_cuda_ipc(desc)
+            held: list[torch.Tensor] = []
+            if not state_dict_mismatches(handles, model_params.targets(model)):
                 stats = model_params.install(
-                    model, self.vllm_config, lambda t: copy_tensors(tensors, t)
+                    model, self.vllm_config, lambda t: copy_tensors(handles, t, keep=held)
                 )
             else:
+                tensors = {n: open_tensor(h) for n, h in handles.items()}
+                held += tensors.values()
                 import time
 
                 began = time.perf_counter()
@@ -112,6 +117,10 @@ class ThawWorkerExtension:
                     time.perf_counter() - began,
                     layout="checkpoint",
                 )
+            # Held open until the next swap: torch then opens the trainer's next export of the
+            # same memory from its handle cache (H200: 3.4 ms instead of 13.8 ms for 227
+            # tensors); the trainer gets that memory back one swap later.
+            state["ipc_held"] = held
             version = weights_version or ""
         else:
             if kind == "file":
@@ -130,8 +139,11 @@ class ThawWorkerExtension:
         stats.weights_version = version
         return stats.to_json()
 
-    def thaw_freeze(self, path: str, weights_version: str = "") -> dict[str, Any]:
-        """Write this rank's parameters (engine layout) to ``path`` (its per-rank name)."""
+    def thaw_freeze(
+        self, path: str, weights_version: str = "", durable: bool = False
+    ) -> dict[str, Any]:
+        """Write this rank's parameters (engine layout) to ``path`` (its per-rank name;
+        ``durable``: fsynced before returning)."""
         rank, size = self._thaw_rank()
         model = self._thaw_model()
         tensors = model_params.engine_tensors(model, self.vllm_config)
@@ -143,8 +155,14 @@ class ThawWorkerExtension:
             list(tensors.items()),
             ns,
             copier=self._thaw_state()["copier"],
+            durable=durable,
         )
         return stats.to_json()
+
+    def thaw_weights_intact(self) -> bool:
+        """Whether this rank's parameters are a verified set (False after a swap that failed
+        once its first byte was written)."""
+        return model_params.weights_intact(self._thaw_model())
 
     def thaw_weights_version(self) -> str:
         """The weights version this rank serves."""
@@ -153,17 +171,6 @@ class ThawWorkerExtension:
             (getattr(kv, "kv_connector_extra_config", None) or {}).get("weights_version", "")
         )
         return fence.weights_version(fence.engine_id_of(self.vllm_config), default)
-
-
-def table_mismatches_of(tensors: dict[str, torch.Tensor], model: torch.nn.Module) -> list[str]:
-    """Whether same-device tensors fit the engine's parameters as they are (engine layout)."""
-    from thaw_agents_core.weights.format import plan_tensors
-    from thaw_agents_core.weights.io import dtype_name
-
-    entries, _ = plan_tensors(
-        [(n, dtype_name(t.dtype), tuple(t.shape)) for n, t in tensors.items()]
-    )
-    return table_mismatches(entries, model_params.targets(model))
 
 
 def _register_loader() -> None:

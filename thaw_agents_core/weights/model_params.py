@@ -13,6 +13,7 @@ weights gives (tests compare greedy tokens with one). The filled tensors are kep
 model's *shadow* (CPU only), which is what a freeze of that engine reads.
 
     install(model, vllm_config, fill)    fill(targets) writes the engine-layout tensors
+    weights_intact(model)                False after an install that failed part-way
     engine_tensors(model, vllm_config)   name -> tensor to freeze (CPU: the shadow)
 """
 
@@ -29,6 +30,9 @@ from thaw_agents_core.weights.format import WeightsMismatchError, WeightsNamespa
 _SHADOWS: weakref.WeakKeyDictionary[torch.nn.Module, dict[str, torch.Tensor]] = (
     weakref.WeakKeyDictionary()
 )
+_UNVERIFIED: weakref.WeakSet[torch.nn.Module] = weakref.WeakSet()
+"""Models whose last install began writing and did not finish verified: their weights are a
+mix of old and new (or unchecked) bytes until the next install succeeds."""
 
 
 def _is_cpu(model: torch.nn.Module) -> bool:
@@ -129,6 +133,7 @@ def install(
     """
     check_supported(vllm_config)
     cpu = _is_cpu(model)
+    _UNVERIFIED.add(model)  # from the first write on, until verified
     if cpu and processed:
         for _, layer in _dropped_linear_layers(model):
             _recreate_weight(layer)
@@ -138,7 +143,14 @@ def install(
         _SHADOWS[model] = targets(model)  # before post-processing drops them again
         if processed:
             _reprocess(model, vllm_config)
+    _UNVERIFIED.discard(model)
     return result
+
+
+def weights_intact(model: torch.nn.Module) -> bool:
+    """False when an install into ``model`` started writing and failed (bad CRC, I/O error):
+    its parameters are then neither the old weights nor the new ones."""
+    return model not in _UNVERIFIED
 
 
 def engine_tensors(model: torch.nn.Module, vllm_config: Any) -> dict[str, torch.Tensor]:
