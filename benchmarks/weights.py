@@ -412,6 +412,42 @@ def main(argv: list[str] | None = None) -> int:
             "tokens_identical": _greedy(engine) == state["tokens"],
         }
 
+    def corrupted() -> dict[str, Any]:
+        """One bit flipped in the file's last tensor (in place, flipped back after): the swap
+        must fail at that chunk's CRC, the engine refuse requests, and a good load bring the
+        reference tokens back."""
+        from thaw_agents_core.engine.engine import EngineError
+        from thaw_agents_core.weights.io import open_weights
+
+        with open_weights(thaw) as wf:
+            last = wf.header.tensors[-1]
+            at = os.path.getsize(thaw) - wf.header.payload_bytes + last.offset + last.nbytes // 2
+        fd = os.open(thaw, os.O_RDWR)
+        try:
+            good = os.pread(fd, 1, at)
+            os.pwrite(fd, bytes([good[0] ^ 0x40]), at)
+            try:
+                engine.load_weights(thaw, "corrupt")
+                refused = False
+            except Exception as exc:  # noqa: BLE001 - the expected failure
+                refused = "CRC32C mismatch" in str(exc)
+        finally:
+            os.pwrite(fd, good, at)
+            os.close(fd)
+        try:
+            _greedy(engine)
+            served_while_broken = True
+        except EngineError:
+            served_while_broken = False
+        engine.load_weights(thaw, "recovered")
+        return {
+            "swap_refused_at_the_bad_chunk": refused,
+            "served_while_broken": served_while_broken,
+            "tokens_identical": _greedy(engine) == state["tokens"]
+            and refused
+            and not served_while_broken,
+        }
+
     def state_dict() -> dict[str, Any]:
         from thaw_agents_core.weights.io import open_weights
 
@@ -466,6 +502,7 @@ def main(argv: list[str] | None = None) -> int:
             run.results["phases"]["raw_pinned"] = {"skipped": "needs CUDA (pinned host memory)"}
         run.phase("hot_swap", t(60, 200), buffer_swap)
         run.phase("file_restore", t(60, 120), file_restore)
+        run.phase("corrupted", t(60, 120), corrupted)
         if not smoke:
             run.phase("state_dict", 120, state_dict)
             run.phase("sleep_wake", 150, sleep_wake)
