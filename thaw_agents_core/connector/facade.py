@@ -38,6 +38,23 @@ from thaw_agents_core.store.url import attach_url, open_store
 __all__ = ["ThawConnector", "kv_transfer_config"]
 
 
+def check_single_rank(vllm_config: Any) -> None:
+    """Refuse tensor/pipeline parallelism: every rank holds its own shard of the KV cache, and
+    the snapshot namespace names no rank yet, so ranks would share (and cross-load) snapshots.
+    Weight snapshots are per rank already (``x.tp0of2.thaw``); KV ones are not."""
+    par = vllm_config.parallel_config
+    sizes = {
+        "tensor_parallel_size": int(getattr(par, "tensor_parallel_size", 1) or 1),
+        "pipeline_parallel_size": int(getattr(par, "pipeline_parallel_size", 1) or 1),
+    }
+    over = {k: v for k, v in sizes.items() if v > 1}
+    if over:
+        raise ValueError(
+            f"ThawConnector supports one rank per engine, got {over}: KV snapshots are not yet "
+            "per rank. Start the engine without kv_store (weight snapshots work per rank)."
+        )
+
+
 class ThawConnector(KVConnectorBase_V1):
     """KV connector: snapshot prompt prefixes into a store; load them into later requests."""
 
@@ -45,6 +62,7 @@ class ThawConnector(KVConnectorBase_V1):
         self, vllm_config: Any, role: KVConnectorRole, kv_cache_config: Any = None
     ) -> None:
         super().__init__(vllm_config=vllm_config, role=role, kv_cache_config=kv_cache_config)
+        check_single_rank(vllm_config)
         extra = self._kv_transfer_config.kv_connector_extra_config
         self.settings = ConnectorSettings.from_extra_config(extra)
 

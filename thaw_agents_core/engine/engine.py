@@ -116,6 +116,7 @@ class Engine:
                     return
                 self._discard_dead_engine()
             compat.configure_vllm_environment()
+            self._check_parallel()
             self._open_store()
             self._loop = LoopThread(f"thaw-engine-{Path(self.spec.model).name}")
             future = self._loop.submit(self._create())
@@ -147,6 +148,18 @@ class Engine:
                 raise EngineError(
                     f"vLLM engine for {self.spec.model} failed to start: {exc}"
                 ) from exc
+
+    def _check_parallel(self) -> None:
+        """A KV store with several ranks is refused here, before anything starts (the connector
+        refuses it too, for engines built by hand: ``facade.check_single_rank``)."""
+        kw = self.spec.engine_kwargs
+        ranks = {k: kw.get(k, 1) for k in ("tensor_parallel_size", "pipeline_parallel_size")}
+        over = {k: v for k, v in ranks.items() if (v or 1) > 1}
+        if self.store_url is not None and over:
+            raise EngineError(
+                f"kv_store needs one rank per engine, got {over}: KV snapshots are not yet per "
+                "rank (weight snapshots are). Start this engine without kv_store."
+            )
 
     @property
     def store_url(self) -> str | None:

