@@ -33,7 +33,9 @@ from pathlib import Path
 from typing import Any, AsyncIterator, Callable, Iterator
 
 from thaw_agents_core.engine import reaper
+from thaw_agents_core.engine.errors import EngineError
 from thaw_agents_core.engine.spec import EngineSpec
+from thaw_agents_core.engine.weights import EngineWeights
 from thaw_agents_core.util import compat
 from thaw_agents_core.util.loop_thread import LoopThread
 
@@ -42,13 +44,10 @@ _DONE = object()
 _POLL_S = 0.5
 
 
-class EngineError(RuntimeError):
-    """The engine could not start, or died while serving."""
-
-
 @dataclass
-class Engine:
-    """A started-on-demand vLLM ``AsyncLLM`` plus the tokenizer of its model."""
+class Engine(EngineWeights):
+    """A started-on-demand vLLM ``AsyncLLM`` plus the tokenizer of its model (its weight
+    swaps, freezes and buffers: :class:`~.weights.EngineWeights`)."""
 
     spec: EngineSpec
     start_timeout_s: float = 1800.0
@@ -64,9 +63,9 @@ class Engine:
     _reaper: Any = field(default=None, init=False, repr=False)
     _weights_version: str | None = field(default=None, init=False, repr=False)
     last_weights_file: str | None = field(default=None, init=False, repr=False)
+    """The ``.thaw`` file of the last swap (None: boot weights, or a buffer / state dict)."""
     _weights_failure: str | None = field(default=None, init=False, repr=False)
     """Why the weights are not a verified set (a swap failed part-way), else None."""
-    """The ``.thaw`` file of the last swap (None: boot weights, or a buffer / state dict)."""
 
     # ------------------------------------------------------------------ lifecycle
 
@@ -291,12 +290,7 @@ class Engine:
         exception. Cancelling the returned future aborts the request in vLLM."""
         llm = self.llm
         assert self._loop is not None
-        if self._weights_failure is not None:
-            raise EngineError(
-                "this engine's last load_weights failed after it began writing the weights, so "
-                f"they are not a verified set ({self._weights_failure}); load_weights a good "
-                "source before sending requests"
-            )
+        self.check_weights()
         request_id = request_id or self.new_request_id()
 
         async def produce() -> None:
@@ -399,104 +393,6 @@ class Engine:
         assert self._loop is not None or self.llm is not None
         assert self._loop is not None
         return self._loop.submit(coro).result(timeout_s)
-
-    # ------------------------------------------------------------------ weights (weights/)
-
-    @property
-    def weights_version(self) -> str:
-        """The version of the weights this engine serves (the KV namespace's weights_version):
-        the spec's until a ``load_weights``, then the last swap's."""
-        if self._weights_version is not None:
-            return self._weights_version
-        settings = self.spec.connector_settings
-        return settings.weights_version if settings is not None else ""
-
-    def load_weights(
-        self,
-        src: Any,
-        weights_version: str | None = None,
-        *,
-        layout: str = "auto",
-        timeout_s: float | None = 600.0,
-    ) -> dict[str, Any]:
-        """Hot-swap the weights of the running engine, no restart; returns rank 0's stats.
-
-        ``src``: a ``.thaw`` path, a ``WeightsBuffer`` (registered once per worker, reused: the
-        PCIe-rate path) or a state dict of tensors (CUDA tensors on the engine's GPU travel as
-        CUDA IPC handles; CPU tensors through a temporary shared-memory image). Every rank loads
-        through vLLM's ``collective_rpc`` (ThawWorkerExtension), verifies CRC32C, then the prefix
-        cache is reset and the KV namespace takes ``weights_version`` (default: the snapshot's,
-        else a fresh one): KV saved under the old weights is refused from now on.
-        """
-        from thaw_agents_core.weights import fence
-        from thaw_agents_core.weights.sources import describe, resolve_version
-
-        version = resolve_version(src, weights_version, self.weights_version)
-        llm = self.llm
-        desc, cleanup = describe(src, version, layout)
-
-        async def swap() -> list[dict[str, Any]]:
-            stats = await llm.collective_rpc(
-                "thaw_load_weights", timeout=timeout_s, args=(desc, version)
-            )
-            reset = llm.reset_prefix_cache
-            await reset(**compat.reset_prefix_cache_kwargs(reset))
-            fence.clear_published(llm.vllm_config)  # the scheduler has the version now
-            return stats
-
-        try:
-            stats = self.run_sync(swap(), timeout_s)
-        except Exception as exc:
-            self._check_weights_after_failure(exc)
-            raise
-        finally:
-            cleanup()
-        self._weights_failure = None
-        self._weights_version = version
-        self.last_weights_file = desc["path"] if desc["kind"] == "file" else None
-        return {**stats[0], "ranks": len(stats)}
-
-    def _check_weights_after_failure(self, exc: BaseException) -> None:
-        """After a failed swap: if any rank's parameters were written before the failure (a bad
-        CRC found where the bytes landed, an I/O error), refuse requests until a load succeeds;
-        a failure before the first write (wrong model, table, namespace) changes nothing."""
-        llm = self.llm
-        try:
-            intact = all(self.run_sync(llm.collective_rpc("thaw_weights_intact", timeout=60), 60))
-        except Exception:  # noqa: BLE001 - cannot tell: assume the worst
-            intact = False
-        if not intact:
-            self._weights_failure = f"{type(exc).__name__}: {exc}"[:500]
-            logger.error("weight swap failed part-way; requests refused until load_weights "
-                         "succeeds: %s", self._weights_failure)  # fmt: skip
-
-    def freeze_weights(
-        self, path: str | Path, *, durable: bool = False, timeout_s: float | None = 600.0
-    ) -> list[dict[str, Any]]:
-        """Write the engine's parameters (engine layout, one file per tensor-parallel rank).
-
-        Returns when the files are complete in the page cache; ``durable=True`` also fsyncs
-        them (a torn file is refused at restore either way: every chunk has a CRC32C).
-        """
-        llm = self.llm
-        return self.run_sync(
-            llm.collective_rpc(
-                "thaw_freeze", timeout=timeout_s, args=(str(path), self.weights_version, durable)
-            ),
-            timeout_s,
-        )
-
-    def register_weights_buffer(
-        self, buffer: Any, *, timeout_s: float | None = 600.0
-    ) -> list[dict[str, Any]]:
-        """Pin a ``WeightsBuffer`` in every worker now (CUDA: cudaHostRegister, once)."""
-        llm = self.llm
-        return self.run_sync(
-            llm.collective_rpc(
-                "thaw_register_buffer", timeout=timeout_s, args=(buffer.descriptor(),)
-            ),
-            timeout_s,
-        )
 
 
 def _timeout_message(timeout_s: float | None) -> str:

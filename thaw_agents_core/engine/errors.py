@@ -1,0 +1,5 @@
+"""The engine layer's error."""
+
+
+class EngineError(RuntimeError):
+    """The engine could not start, or died while serving."""
