@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import os
+import time
 from pathlib import Path
 
 import pytest
@@ -172,4 +173,37 @@ def test_a_corrupted_snapshot_never_serves(parent, files, reference_b):
     with pytest.raises(Exception, match="not a verified set"):
         _answers(parent)
     assert parent.load_weights(files["B"], "B-5") == "B-5"
+    assert _answers(parent) == reference_b["plain"]
+
+
+def test_a_restarted_engine_serves_its_last_swap_or_nothing(parent, files, reference_b):
+    """The engine core dies after a swap: the restarted engine boots the folder's weights (A),
+    so it loads the last swap's .thaw again under its version before it serves; after a swap
+    from a state dict (its bytes may have changed since) it refuses requests instead."""
+    import signal
+
+    from safetensors.torch import load_file
+
+    from thaw_agents_core.util import compat
+
+    def kill_core() -> None:
+        (core,) = compat.engine_core_pids(parent.engine.llm)
+        os.kill(core, signal.SIGKILL)
+        deadline = time.monotonic() + 60
+        while not parent.engine.llm.errored and time.monotonic() < deadline:
+            time.sleep(0.1)
+
+    restarts = parent.engine.num_restarts
+    parent.load_weights(files["B"], "B-6")
+    kill_core()
+    assert _answers(parent) == reference_b["plain"]
+    assert parent.engine.num_restarts == restarts + 1
+    assert parent.current_weights_version == "B-6"
+
+    state = load_file(str(tiny_model_path(seed=1) / "model.safetensors"))
+    parent.load_weights(state, "B-sd")
+    kill_core()
+    with pytest.raises(Exception, match="could not be re-applied"):
+        _answers(parent)
+    parent.load_weights(files["B"], "B-7")
     assert _answers(parent) == reference_b["plain"]

@@ -110,7 +110,8 @@ class Engine(EngineWeights):
         with self._lock:
             if self._closed:
                 raise EngineError("this engine was closed; create a new ChatThaw to start another")
-            if self._llm is not None:
+            restarted = self._llm is not None
+            if restarted:
                 if not self._llm.errored:
                     return
                 self._discard_dead_engine()
@@ -134,6 +135,8 @@ class Engine(EngineWeights):
                 # then logs an EngineDeadError traceback at every interpreter exit).
                 atexit.unregister(self.close)
                 atexit.register(self.close)
+                if restarted:
+                    self._reapply_weights()  # the new engine booted the spec's weights
             except concurrent.futures.TimeoutError as exc:
                 future.cancel()
                 raise EngineError(

@@ -37,10 +37,33 @@ class EngineWeights:
         """Raise EngineError while the last swap's failure left the weights unverified."""
         if self._weights_failure is not None:
             raise EngineError(
-                "this engine's last load_weights failed after it began writing the weights, so "
-                f"they are not a verified set ({self._weights_failure}); load_weights a good "
-                "source before sending requests"
+                f"this engine refuses requests: {self._weights_failure}; load_weights a good "
+                "source first"
             )
+
+    def _reapply_weights(self) -> None:
+        """After a restart (the new engine booted the spec's weights): load the last swap's
+        ``.thaw`` file again under its version; when the last swap came from a buffer or a state
+        dict (their bytes may have changed since), refuse requests until a ``load_weights``.
+        Never serve the boot weights under the swapped version."""
+        version, self._weights_version = self._weights_version, None
+        if version is None:  # never swapped: the boot weights are the right ones
+            return
+        source = self.last_weights_file
+        try:
+            if source is None:
+                raise EngineError(
+                    f"its last swap (weights_version {version!r}) came from a buffer or a state "
+                    "dict, which cannot be read again"
+                )
+            self.load_weights(source, version)
+            logger.warning("thaw: restarted engine re-loaded %s (%s)", source, version)
+        except Exception as exc:  # noqa: BLE001 - recorded: requests are refused
+            self._weights_failure = (
+                f"it restarted on its boot weights and its last swap could not be re-applied "
+                f"({exc})"
+            )[:500]
+            logger.error("thaw: %s", self._weights_failure)
 
     @property
     def weights_version(self) -> str:
@@ -106,9 +129,11 @@ class EngineWeights:
         except Exception:  # noqa: BLE001 - cannot tell: assume the worst
             intact = False
         if not intact:
-            self._weights_failure = f"{type(exc).__name__}: {exc}"[:500]
-            logger.error("weight swap failed part-way; requests refused until load_weights "
-                         "succeeds: %s", self._weights_failure)  # fmt: skip
+            self._weights_failure = (
+                "its last load_weights failed after it began writing the weights, so they are "
+                f"not a verified set ({type(exc).__name__}: {exc})"
+            )[:500]
+            logger.error("thaw: %s", self._weights_failure)
 
     def freeze_weights(
         self, path: str | Path, *, durable: bool = False, timeout_s: float | None = 600.0
