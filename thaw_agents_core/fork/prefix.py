@@ -112,7 +112,14 @@ class PrefixHandle:
         """Write the snapshot to a file, a directory (``<id>.thawkv`` in it) or ``s3://...``.
 
         Returns where it went. The handle itself can be saved next to it with ``to_json``.
+        A tensor-parallel engine's snapshot is one shard per rank in its store; one file cannot
+        hold it yet, so that is refused.
         """
+        if self.namespace.get("tensor_rank"):
+            raise ValueError(
+                "this snapshot is one shard per tensor-parallel rank in its store; saving it to "
+                "a file is not supported yet (in-store loads work on every rank)"
+            )
         data = self.read_bytes()
         text = os.fspath(dest)
         if text.startswith("s3://"):

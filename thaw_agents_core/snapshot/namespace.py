@@ -5,6 +5,10 @@ layout and block size (vLLM's block hashes cover tokens only, not the model). Th
 pins all of these; ``Namespace.key()`` names the store folder and ``Namespace.mismatches``
 says which field differs when a snapshot is refused.
 
+Tensor parallelism: each rank holds its own KV heads, so each rank's snapshot of a prefix has
+its own namespace (``tensor_rank`` "r/n"; empty, and absent from the JSON, for one rank). The
+scheduler looks up rank 0's and offers a prefix only when every rank has its shard.
+
 Model fingerprint: sha256 over config.json and, for every weight file, its name, size, header
 (safetensors) and first and last MiB. Cheap (no full read of GBs) and it changes when the
 weights change in practice; for certainty across in-place weight updates (RL), pass a
@@ -42,6 +46,10 @@ class Namespace:
     page_shape: tuple[int, ...]  # one layer's page of one block (opaque, compared only)
     vllm_version: str
     hash_algo: str = HASH_ALGO
+    tensor_rank: str = ""
+    """"r/n": rank r of n tensor-parallel ranks (each holds its own KV heads: every rank has its
+    own snapshot of a prefix); "" for one rank (then absent from the JSON, so single-rank keys
+    are what they were before ranks existed)."""
     _key: str = field(default="", init=False, repr=False, compare=False)  # cached key()
 
     def __post_init__(self) -> None:
@@ -60,6 +68,11 @@ class Namespace:
                     )
             elif name != "page_shape" and not isinstance(v, str):
                 raise ValueError(f"namespace field {name!r} must be a string, got {short(v)}")
+        if self.tensor_rank and not _is_rank(self.tensor_rank):
+            raise ValueError(
+                f"namespace field 'tensor_rank' must be \"r/n\" with 0 <= r < n, 2 <= n <= 4096, "
+                f"or empty, got {short(self.tensor_rank)}"
+            )
         canon = json.dumps(self.to_json(), sort_keys=True, separators=(",", ":"))
         object.__setattr__(self, "_key", hashlib.sha256(canon.encode()).hexdigest()[:32])
 
@@ -67,6 +80,8 @@ class Namespace:
         """The header's ``namespace`` object (``page_shape`` as a list)."""
         d = {name: getattr(self, name) for name in _NS_FIELDS}
         d["page_shape"] = list(self.page_shape)
+        if not self.tensor_rank:
+            del d["tensor_rank"]
         return d
 
     @classmethod
@@ -76,14 +91,14 @@ class Namespace:
             raise SnapshotFormatError(
                 f"header field 'namespace' must be an object, got {short(obj)}"
             )
-        missing = [n for n in _NS_FIELDS if n not in obj]
+        missing = [n for n in _NS_FIELDS if n not in obj and n not in _OPTIONAL]
         unknown = sorted(set(obj) - set(_NS_FIELDS))
         if missing or unknown:
             raise SnapshotFormatError(
                 f"namespace fields do not match: missing {missing}, unknown {unknown}"
             )
         try:
-            return cls(**{n: obj[n] for n in _NS_FIELDS})
+            return cls(**{n: obj[n] for n in _NS_FIELDS if n in obj})
         except ValueError as e:
             raise SnapshotFormatError(str(e)) from None
 
@@ -102,6 +117,20 @@ class Namespace:
 
 
 _NS_FIELDS = tuple(f.name for f in dataclasses.fields(Namespace) if f.init)
+_OPTIONAL = ("tensor_rank",)
+
+
+def _is_rank(value: str) -> bool:
+    parts = value.split("/")
+    if len(parts) != 2 or not all(p.isdigit() and p.isascii() and len(p) <= 4 for p in parts):
+        return False
+    rank, size = (int(p) for p in parts)
+    return 0 <= rank < size and 2 <= size <= 4096 and value == f"{rank}/{size}"
+
+
+def tensor_rank_of(rank: int, size: int) -> str:
+    """The ``tensor_rank`` field of rank ``rank`` of ``size`` ("" for one rank)."""
+    return f"{rank}/{size}" if size > 1 else ""
 
 
 _EDGE_BYTES = 1 << 20
@@ -144,8 +173,23 @@ def _dtype_name(dtype: Any) -> str:
     return str(dtype).replace("torch.", "")
 
 
-def namespace_for(vllm_config: Any, weights_version: str = "") -> Namespace:
-    """The namespace of an engine, from its ``VllmConfig`` alone (frontend or engine core)."""
+def tensor_parallel_size(vllm_config: Any) -> int:
+    """The engine's tensor-parallel size (1 without parallelism)."""
+    return int(getattr(vllm_config.parallel_config, "tensor_parallel_size", 1) or 1)
+
+
+def local_tensor_rank(vllm_config: Any) -> int:
+    """This worker's tensor-parallel rank (0 with one rank; needs vLLM's groups otherwise)."""
+    if tensor_parallel_size(vllm_config) == 1:
+        return 0
+    from vllm.distributed import parallel_state
+
+    return int(parallel_state.get_tensor_model_parallel_rank())
+
+
+def namespace_for(vllm_config: Any, weights_version: str = "", rank: int = 0) -> Namespace:
+    """The namespace of an engine's tensor-parallel rank ``rank``, from its ``VllmConfig``
+    alone (frontend, engine core or worker)."""
     model_config = vllm_config.model_config
     cache_config = vllm_config.cache_config
     parallel_config = vllm_config.parallel_config
@@ -169,6 +213,7 @@ def namespace_for(vllm_config: Any, weights_version: str = "") -> Namespace:
         ),
         vllm_version=compat.vllm_version(),
         hash_algo=HASH_ALGO,
+        tensor_rank=tensor_rank_of(rank, tensor_parallel_size(vllm_config)),
     )
 
 
