@@ -97,22 +97,21 @@ def _median(fn: Callable[[], Any], reps: int = REPS) -> tuple[float, list[float]
 
 def _page_cache_write_rate(folder: Path, smoke: bool) -> float:
     """GB/s of one pwrite stream from pinned memory into a new file in ``folder`` (no fsync):
-    the page cache's own rate on this host, the bound of any freeze to a file there."""
+    the page cache's own rate on this host, the bound of any freeze to a file there
+    (``host_paths.write_file``, the probe's measurement)."""
+    from concurrent.futures import ThreadPoolExecutor
+
     import torch
+    from host_paths import write_file
 
     n = (64 << 20) if smoke else (4 << 30)
     src = torch.ones(n, dtype=torch.uint8, pin_memory=torch.cuda.is_available())
-    view, path = memoryview(src.numpy()), folder / "write-rate.bin"
-    fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_TRUNC, 0o600)
-    try:
-        began = time.perf_counter()
-        os.posix_fallocate(fd, 0, n)
-        for lo in range(0, n, 64 << 20):
-            os.pwrite(fd, view[lo : lo + (64 << 20)], lo)
-        seconds = time.perf_counter() - began
-    finally:
-        os.close(fd)
-        path.unlink()
+    path = folder / "write-rate.bin"
+    with ThreadPoolExecutor(1) as pool:
+        try:
+            seconds = write_file(path, src, "fallocate+pwrite", 1, pool)
+        finally:
+            path.unlink(missing_ok=True)
     return round(n / seconds / 1e9, 2)
 
 

@@ -4,32 +4,24 @@ CPU thread binding for tensor-parallel ranks."""
 from __future__ import annotations
 
 import os
-from types import SimpleNamespace
 
 import pytest
 
 from thaw_agents_core.util.compat import bind_cpu_ranks
 
 
-def _config(tp: int, pp: int = 1) -> SimpleNamespace:
-    return SimpleNamespace(
-        parallel_config=SimpleNamespace(tensor_parallel_size=tp, pipeline_parallel_size=pp)
-    )
-
-
-@pytest.mark.parametrize("tp, pp", [(1, 2), (4, 2)])
-def test_the_connector_refuses_pipeline_stages(tp, pp):
-    from thaw_agents_core.connector.facade import check_parallelism
+@pytest.mark.parametrize("pp", [2, 4])
+def test_the_connector_refuses_pipeline_stages(pp):
+    from thaw_agents_core.connector.settings import check_pipeline_stages
 
     with pytest.raises(ValueError, match="one pipeline stage per engine"):
-        check_parallelism(_config(tp, pp))
+        check_pipeline_stages(pp)
 
 
-@pytest.mark.parametrize("tp", [1, 2, 8])
-def test_the_connector_takes_tensor_parallel_ranks(tp):
-    from thaw_agents_core.connector.facade import check_parallelism
+def test_the_connector_takes_one_stage():
+    from thaw_agents_core.connector.settings import check_pipeline_stages
 
-    check_parallelism(_config(tp))
+    check_pipeline_stages(1)
 
 
 def _namespace(tensor_rank: str):

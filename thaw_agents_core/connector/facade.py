@@ -30,24 +30,16 @@ from vllm.distributed.kv_transfer.kv_connector.v1.base import (
 
 from thaw_agents_core.connector.meta import ThawConnectorMetadata
 from thaw_agents_core.connector.scheduler import SchedulerSide
-from thaw_agents_core.connector.settings import ConnectorSettings, kv_transfer_config
+from thaw_agents_core.connector.settings import (
+    ConnectorSettings,
+    check_pipeline_stages,
+    kv_transfer_config,
+)
 from thaw_agents_core.connector.worker import WorkerSide
 from thaw_agents_core.store.base import SnapshotStore
 from thaw_agents_core.store.url import attach_url, open_store
 
 __all__ = ["ThawConnector", "kv_transfer_config"]
-
-
-def check_parallelism(vllm_config: Any) -> None:
-    """Refuse pipeline parallelism: each stage holds other layers' KV, and the namespace names
-    no stage. Tensor parallelism is fine: each rank snapshots and loads its own KV heads under
-    its own namespace (``tensor_rank``)."""
-    stages = int(getattr(vllm_config.parallel_config, "pipeline_parallel_size", 1) or 1)
-    if stages > 1:
-        raise ValueError(
-            f"ThawConnector supports one pipeline stage per engine, got pipeline_parallel_size="
-            f"{stages}: KV snapshots are not per stage. Start the engine without kv_store."
-        )
 
 
 class ThawConnector(KVConnectorBase_V1):
@@ -57,7 +49,9 @@ class ThawConnector(KVConnectorBase_V1):
         self, vllm_config: Any, role: KVConnectorRole, kv_cache_config: Any = None
     ) -> None:
         super().__init__(vllm_config=vllm_config, role=role, kv_cache_config=kv_cache_config)
-        check_parallelism(vllm_config)
+        check_pipeline_stages(
+            int(getattr(vllm_config.parallel_config, "pipeline_parallel_size", 1) or 1)
+        )
         extra = self._kv_transfer_config.kv_connector_extra_config
         self.settings = ConnectorSettings.from_extra_config(extra)
 

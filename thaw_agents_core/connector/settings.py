@@ -95,6 +95,18 @@ class ConnectorSettings:
         return extra
 
 
+def check_pipeline_stages(stages: int) -> None:
+    """KV snapshots are not per pipeline stage (each stage holds other layers' KV, and the
+    namespace names no stage): refuse a connector on more than one. Tensor-parallel ranks are
+    fine (each has its own namespace, ``tensor_rank``)."""
+    if stages > 1:
+        raise ValueError(
+            f"the KV connector supports one pipeline stage per engine, got "
+            f"pipeline_parallel_size={stages}: KV snapshots are not per stage. Start the engine "
+            "without kv_store."
+        )
+
+
 def kv_transfer_config(
     store: str, *, weights_version: str = "", events_path: str | None = None, load: bool = True
 ) -> dict[str, Any]:

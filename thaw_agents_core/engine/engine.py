@@ -152,14 +152,15 @@ class Engine(EngineWeights):
                 ) from exc
 
     def _check_parallel(self) -> None:
-        """A KV store with pipeline stages is refused here, before anything starts (the
-        connector refuses it too, for engines built by hand: ``facade.check_parallelism``)."""
-        stages = self.spec.engine_kwargs.get("pipeline_parallel_size", 1) or 1
-        if self.store_url is not None and stages > 1:
-            raise EngineError(
-                f"kv_store needs one pipeline stage per engine, got pipeline_parallel_size="
-                f"{stages}: KV snapshots are not per stage. Start this engine without kv_store."
-            )
+        """The connector's pipeline-stage rule, checked before anything starts (inside the
+        engine core its error would only reach the logs)."""
+        if self.store_url is not None:
+            from thaw_agents_core.connector.settings import check_pipeline_stages
+
+            try:
+                check_pipeline_stages(self.spec.engine_kwargs.get("pipeline_parallel_size") or 1)
+            except ValueError as exc:
+                raise EngineError(str(exc)) from None
 
     @property
     def store_url(self) -> str | None:

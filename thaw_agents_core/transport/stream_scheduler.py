@@ -29,7 +29,7 @@ import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Callable
 
 import torch
 
@@ -373,40 +373,36 @@ class StreamScheduler:
         self._staging.clear()
 
 
-def _parallel_copy(pool: ThreadPoolExecutor, dst: torch.Tensor, src: torch.Tensor) -> None:
-    """memcpy split across threads (torch releases the GIL in copy_)."""
-    n = src.numel()
+def _split(pool: ThreadPoolExecutor, n: int, task: Callable[[int, int], Any]) -> None:
+    """``task(lo, hi)`` over ``[0, n)`` in pieces (>= 1 MiB, one per fill thread) on ``pool``;
+    torch's copy_ and os.pwrite release the GIL."""
     piece = max(1 << 20, -(-n // _FILL_THREADS))
-    futures = [
-        pool.submit(dst[lo : lo + piece].copy_, src[lo : lo + piece]) for lo in range(0, n, piece)
-    ]
+    futures = [pool.submit(task, lo, min(lo + piece, n)) for lo in range(0, n, piece)]
     for future in futures:
         future.result()
+
+
+def _parallel_copy(pool: ThreadPoolExecutor, dst: torch.Tensor, src: torch.Tensor) -> None:
+    """memcpy split across threads."""
+    _split(pool, src.numel(), lambda a, b: dst[a:b].copy_(src[a:b]))
 
 
 def _spill(
     pool: ThreadPoolExecutor | None, dst: torch.Tensor | FileSpan, src: torch.Tensor, lo: int
 ) -> None:
-    """The destination's bytes from ``lo`` on <- CPU tensor ``src`` (threads with ``pool``)."""
+    """The destination's bytes from ``lo`` on <- CPU tensor ``src`` (threads with ``pool``;
+    a host-memory destination is always staged, so it always has one)."""
     n = src.numel()
     if isinstance(dst, torch.Tensor):
-        if pool is None:
-            dst[lo : lo + n].copy_(src)
-        else:
-            _parallel_copy(pool, dst[lo : lo + n], src)
+        assert pool is not None
+        _parallel_copy(pool, dst[lo : lo + n], src)
         return
     view = memoryview(src.contiguous().numpy())
     start = dst.offset + lo
     if pool is None:
         _pwrite_exact(dst.fd, view, start)
-        return
-    piece = max(1 << 20, -(-n // _FILL_THREADS))
-    futures = [
-        pool.submit(_pwrite_exact, dst.fd, view[a : a + piece], start + a)
-        for a in range(0, n, piece)
-    ]
-    for future in futures:
-        future.result()
+    else:
+        _split(pool, n, lambda a, b: _pwrite_exact(dst.fd, view[a:b], start + a))
 
 
 def _pwrite_exact(fd: int, view: memoryview, offset: int) -> None:

@@ -52,9 +52,11 @@ def engine_namespace(
     vllm_config: Any, weights_version: str, layout: str = "engine"
 ) -> WeightsNamespace:
     """The namespace a snapshot of this engine (this rank) carries."""
-    from vllm.distributed import parallel_state
-
-    from thaw_agents_core.snapshot.namespace import _cached_fingerprint
+    from thaw_agents_core.snapshot.namespace import (
+        _cached_fingerprint,
+        local_tensor_rank,
+        tensor_parallel_size,
+    )
 
     model_config = vllm_config.model_config
     archs = getattr(model_config.hf_config, "architectures", None) or [""]
@@ -64,8 +66,8 @@ def engine_namespace(
         architecture=str(archs[0]),
         dtype=str(model_config.dtype).replace("torch.", ""),
         layout=layout,
-        tp_rank=int(parallel_state.get_tensor_model_parallel_rank()),
-        tp_size=int(parallel_state.get_tensor_model_parallel_world_size()),
+        tp_rank=local_tensor_rank(vllm_config),
+        tp_size=tensor_parallel_size(vllm_config),
         weights_version=str(weights_version),
     )
 
