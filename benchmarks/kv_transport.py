@@ -222,6 +222,13 @@ VERIFY_MODES = {
 }
 
 
+GRAPHS = "+graphs"  # a mode's suffix: the same engine with CUDA graphs and torch.compile
+
+
+def all_modes() -> list[str]:
+    return [*VERIFY_MODES, *(m + GRAPHS for m in VERIFY_MODES)]
+
+
 def engine(store_url: str | None, events: str | None, mode: str = "prefetch"):
     from vllm import LLM
     from vllm.config import KVTransferConfig
@@ -233,13 +240,14 @@ def engine(store_url: str | None, events: str | None, mode: str = "prefetch"):
     kwargs = {}
     if store_url:
         config = kv_transfer_config(store_url, events_path=events)
-        config["kv_connector_extra_config"].update(VERIFY_MODES[mode])
+        config["kv_connector_extra_config"].update(VERIFY_MODES[mode.removesuffix(GRAPHS)])
         kwargs["kv_transfer_config"] = KVTransferConfig(**config)
     if SMOKE:
         return LLM(
             model=str(tiny_model_path()),
             dtype="float32",
             enforce_eager=True,
+            disable_log_stats=False,
             max_model_len=4096,
             kv_cache_memory_bytes=256 << 20,
             **kwargs,
@@ -249,7 +257,8 @@ def engine(store_url: str | None, events: str | None, mode: str = "prefetch"):
         load_format="dummy",
         skip_tokenizer_init=True,
         dtype="bfloat16",
-        enforce_eager=True,
+        enforce_eager=not mode.endswith(GRAPHS),
+        disable_log_stats=False,  # RequestOutput.metrics: the engine core's timestamps
         max_model_len=8192 + 64,
         gpu_memory_utilization=0.5,
         **kwargs,
@@ -304,6 +313,7 @@ def role_b(store_url: str, events: str, reps: int, mode: str) -> None:
     result: dict = {"corrupted": {"num_cached_tokens": out.num_cached_tokens}}
     for label, prompts in prefixes(reps).items():
         loaded, recomputed, cached = [], [], []
+        spans: dict[str, dict[str, list[float]]] = {"load": {}, "recompute": {}}
         for i, tokens in enumerate(prompts):
             suffix = [rng.randrange(*VOCAB) for _ in range(16)]
             fresh = [rng.randrange(*VOCAB) for _ in range(len(tokens))]
@@ -314,14 +324,36 @@ def role_b(store_url: str, events: str, reps: int, mode: str) -> None:
                 if i == 0:
                     continue  # warm-up
                 (loaded if kind == "load" else recomputed).append(seconds)
+                for name, value in core_spans(out, seconds).items():
+                    spans[kind].setdefault(name, []).append(value)
                 if kind == "load":
                     cached.append(out.num_cached_tokens)
         result[label] = {
             "ttft_load_seconds": percentiles(loaded, digits=None),
             "ttft_recompute_seconds": percentiles(recomputed, digits=None),
             "num_cached_tokens": cached,
+            "engine_core_spans_p50_seconds": {
+                kind: {name: statistics.median(v) for name, v in d.items()}
+                for kind, d in spans.items()
+            },
         }
     print("B " + json.dumps(result), flush=True)
+
+
+def core_spans(out: object, seconds: float) -> dict[str, float]:
+    """Where a request's time went inside the engine core (vLLM's RequestStateStats, monotonic):
+    queued -> first scheduled (the connector's lookups and checks, the wait for the load) ->
+    first token (the forward pass over the suffix); the rest of ``seconds`` (the call's wall
+    time) is outside the core: the frontend, IPC, detokenizing. {} without stats."""
+    m = getattr(out, "metrics", None)
+    ts = [getattr(m, k, 0.0) for k in ("queued_ts", "scheduled_ts", "first_token_ts")]
+    if not all(ts):
+        return {}
+    return {
+        "queued_to_scheduled": ts[1] - ts[0],
+        "scheduled_to_first_token": ts[2] - ts[1],
+        "outside_core": seconds - (ts[2] - ts[0]),
+    }
 
 
 def bench_vllm(reps: int, workdir: Path, modes: list[str]) -> dict:
@@ -425,11 +457,12 @@ def main() -> int:
     parser.add_argument("--role", choices=["A", "B"])
     parser.add_argument("--store")
     parser.add_argument("--events")
-    parser.add_argument("--verify", choices=list(VERIFY_MODES), default="prefetch")
+    parser.add_argument("--verify", choices=all_modes(), default="prefetch")
     parser.add_argument(
         "--modes",
-        default="prefetch,host-check",
-        help="verify modes of process B, compared in one run (the first is reported on top)",
+        default="prefetch,prefetch+graphs",
+        help="verify modes of process B, compared in one run (the first is reported on top); "
+        "+graphs: with CUDA graphs",
     )
     parser.add_argument(
         "--smoke",
@@ -467,9 +500,9 @@ def main() -> int:
         for old in workdir.glob("events*.jsonl"):
             old.unlink()
         modes = [m for m in args.modes.split(",") if m]
-        unknown = sorted(set(modes) - set(VERIFY_MODES))
+        unknown = sorted(set(modes) - set(all_modes()))
         if unknown:
-            parser.error(f"unknown --modes {unknown}; valid: {sorted(VERIFY_MODES)}")
+            parser.error(f"unknown --modes {unknown}; valid: {all_modes()}")
         result["vllm"] = bench_vllm(args.reps, workdir, modes)
     if SMOKE:
         print(json.dumps(result, indent=1))

@@ -240,6 +240,7 @@ def kv_table(path: Path, data: dict[str, Any]) -> list[str]:
         "on-copy": "none: checked as loaded",
         "default": "-",
     }
+    checked.update({f"{k}+graphs": f"{v}; CUDA graphs" for k, v in checked.items()})
     for size, d in data["data_path"].items():
         if not isinstance(d, dict):
             continue

@@ -9,6 +9,7 @@ to ``weights/extension.ThawWorkerExtension`` on every rank.
 from __future__ import annotations
 
 import logging
+import time
 from pathlib import Path
 from typing import Any
 
@@ -82,7 +83,8 @@ class EngineWeights:
         layout: str = "auto",
         timeout_s: float | None = 600.0,
     ) -> dict[str, Any]:
-        """Hot-swap the weights of the running engine, no restart; returns rank 0's stats.
+        """Hot-swap the weights of the running engine, no restart; returns rank 0's stats, with
+        ``caller``: this side's seconds (describe, the load RPC, the cache reset, total).
 
         ``src``: a ``.thaw`` path, a ``WeightsBuffer`` (registered once per worker, reused: the
         PCIe-rate path) or a state dict of tensors (CUDA tensors on the engine's GPU travel as
@@ -94,17 +96,24 @@ class EngineWeights:
         from thaw_agents_core.weights import fence
         from thaw_agents_core.weights.sources import describe, resolve_version
 
+        called = time.perf_counter()
         version = resolve_version(src, weights_version, self.weights_version)
         llm = self.llm
         desc, cleanup = describe(src, version, layout)
 
+        began = time.perf_counter()
+        spans: dict[str, float] = {"describe_s": began - called}
+
         async def swap() -> list[dict[str, Any]]:
+            t0 = time.perf_counter()
             stats = await llm.collective_rpc(
                 "thaw_load_weights", timeout=timeout_s, args=(desc, version)
             )
+            t1 = time.perf_counter()
             reset = llm.reset_prefix_cache
             await reset(**compat.reset_prefix_cache_kwargs(reset))
             fence.clear_published(llm.vllm_config)  # the scheduler has the version now
+            spans.update(rpc_s=t1 - t0, reset_s=time.perf_counter() - t1)
             return stats
 
         try:
@@ -117,7 +126,12 @@ class EngineWeights:
         self._weights_failure = None
         self._weights_version = version
         self.last_weights_file = desc["path"] if desc["kind"] == "file" else None
-        return {**stats[0], "ranks": len(stats)}
+        spans["total_s"] = time.perf_counter() - called
+        return {
+            **stats[0],
+            "ranks": len(stats),
+            "caller": {k: round(v, 5) for k, v in spans.items()},
+        }
 
     def _check_weights_after_failure(self, exc: BaseException) -> None:
         """After a failed swap: if any rank's parameters were written before the failure (a bad

@@ -18,6 +18,7 @@ method returns a small JSON-able dict.
 from __future__ import annotations
 
 import logging
+import time
 from typing import Any
 
 import torch
@@ -76,8 +77,6 @@ class ThawWorkerExtension:
 
     def thaw_register_buffer(self, desc: dict[str, Any]) -> dict[str, Any]:
         """Attach and pin a WeightsBuffer now, so the first swap from it runs at full rate."""
-        import time
-
         began = time.perf_counter()
         self._thaw_buffer(desc)
         return {"seconds": round(time.perf_counter() - began, 6)}
@@ -85,7 +84,11 @@ class ThawWorkerExtension:
     def thaw_load_weights(
         self, desc: dict[str, Any], weights_version: str | None = None
     ) -> dict[str, Any]:
-        """Install new weights from ``desc`` (see module docstring); returns RestoreStats JSON."""
+        """Install new weights from ``desc`` (see module docstring); returns RestoreStats JSON
+        and spans: ``call_s`` (this call's whole time in the worker), ``fence_s`` (publishing
+        the version), ``parse_s`` (CUDA IPC handles validated)."""
+        called = time.perf_counter()
+        spans: dict[str, float] = {}
         model, state = self._thaw_model(), self._thaw_state()
         kind = desc.get("kind")
         if kind == "cuda_ipc":
@@ -93,6 +96,7 @@ class ThawWorkerExtension:
             from thaw_agents_core.weights.sources import parse_cuda_ipc
 
             handles = parse_cuda_ipc(desc)
+            spans["parse_s"] = time.perf_counter() - called
             held: list[torch.Tensor] = []
             if not state_dict_mismatches(handles, model_params.targets(model)):
                 stats = model_params.install(
@@ -101,8 +105,6 @@ class ThawWorkerExtension:
             else:
                 tensors = {n: open_tensor(h) for n, h in handles.items()}
                 held += tensors.values()
-                import time
-
                 began = time.perf_counter()
                 model_params.install(
                     model,
@@ -135,9 +137,12 @@ class ThawWorkerExtension:
             finally:
                 weights.close()
             version = weights_version if weights_version is not None else stats.weights_version
+        fenced = time.perf_counter()
         fence.set_weights_version(fence.engine_id_of(self.vllm_config), version)
+        spans["fence_s"] = time.perf_counter() - fenced
+        spans["call_s"] = time.perf_counter() - called
         stats.weights_version = version
-        return stats.to_json()
+        return {**stats.to_json(), **{k: round(v, 6) for k, v in spans.items()}}
 
     def thaw_freeze(
         self, path: str, weights_version: str = "", durable: bool = False

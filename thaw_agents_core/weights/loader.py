@@ -13,6 +13,8 @@ through the model's own ``load_weights``); vLLM post-processes as after any load
 
 from __future__ import annotations
 
+import logging
+import time
 from typing import Any
 
 import torch
@@ -20,6 +22,8 @@ import torch
 from thaw_agents_core.util import compat
 
 LOAD_FORMAT = "thaw"
+
+logger = logging.getLogger("thaw_agents.weights")
 
 
 def _loader_class() -> type:
@@ -55,6 +59,7 @@ def _loader_class() -> type:
             from thaw_agents_core.weights.io import open_weights
             from thaw_agents_core.weights.ranks import resolve_rank_file
 
+            began = time.perf_counter()
             vllm_config = get_current_vllm_config()
             ns = model_params.engine_namespace(vllm_config, "")
             device = next(model.parameters()).device
@@ -68,6 +73,13 @@ def _loader_class() -> type:
                 copier.close()
             if stats.weights_version:
                 fence.set_weights_version(fence.engine_id_of(vllm_config), stats.weights_version)
+            logger.info(
+                "thaw: loaded %d bytes from %s: restore %.3f s of %.3f s in the loader",
+                stats.num_bytes,
+                self.snapshot,
+                stats.seconds,
+                time.perf_counter() - began,
+            )
 
     return ThawModelLoader
 
