@@ -469,3 +469,29 @@ def test_write_snapshot_file_is_atomic_and_mmap_readable(tmp_path):
     (tmp_path / "cut.thawkv").write_bytes(tiny()[:4100])
     with pytest.raises(SnapshotFormatError, match=r"\(188 missing\)"):
         open_snapshot_file(tmp_path / "cut.thawkv")
+
+
+def test_a_header_parsed_before_is_shared_and_a_changed_one_is_parsed_again():
+    buf = tiny()
+    first = parse_snapshot(buf).header
+    assert parse_snapshot(bytes(buf)).header is first  # same bytes: no second parse
+    other = parse_snapshot(tiny(snapshot_id="f" * 32)).header
+    assert other is not first and other.snapshot_id == "f" * 32
+    # a header that fails a check is never kept: the same bad bytes fail again
+    bad = header_obj()
+    bad["block_hashes"][1] = "0" * 64
+    for _ in range(2):
+        assert "block_hashes" in error(raw(bad))
+
+
+def test_parsed_header_cache_stays_within_its_budget():
+    from thaw_agents_core.snapshot.format import _ParsedHeaders
+
+    cache = _ParsedHeaders(budget_bytes=4000)
+    header = parse_snapshot(tiny()).header
+    for i in range(10):
+        cache.put(bytes([i]) * 900, (header, 4096))
+    assert cache._bytes <= 4000 and len(cache._by_bytes) == 4
+    assert cache.get(bytes([9]) * 900) is not None and cache.get(bytes([0]) * 900) is None
+    cache.put(b"x" * 1001, (header, 4096))  # over a quarter of the budget: not kept
+    assert cache.get(b"x" * 1001) is None
