@@ -311,12 +311,19 @@ def main(argv: list[str] | None = None) -> int:
     )
     parser.add_argument("--smoke", action="store_true", help="CPU, tiny float32 model")
     parser.add_argument("--workdir", type=Path, default=Path("/tmp/thaw-weights-bench"))
+    parser.add_argument(
+        "--quick",
+        action="store_true",
+        help="only the state dict and cold-start phases (and what they need: checkpoint, "
+        "normal, one freeze), into weights_<gpu>_quick.json",
+    )
     args = parser.parse_args(argv)
     import torch
 
     smoke = args.smoke or not torch.cuda.is_available()
+    quick = args.quick
     dtype = "float32" if smoke else "bfloat16"
-    path = RESULTS / f"weights_{device_slug()}.json"
+    path = RESULTS / f"weights_{device_slug()}{'_quick' if quick else ''}.json"
     run = Run(
         path,
         {
@@ -358,7 +365,7 @@ def main(argv: list[str] | None = None) -> int:
         return out
 
     run.phase("checkpoint", t(60, 150), lambda: _make_checkpoint(folder, smoke))
-    if not smoke:  # compile and kernel caches warm before any start is timed
+    if not smoke and not quick:  # compile and kernel caches warm before any start is timed
         run.phase("warmup", 150, lambda: cold("dummy"))
 
     def normal() -> dict[str, Any]:
@@ -384,6 +391,12 @@ def main(argv: list[str] | None = None) -> int:
         stats = engine.freeze_weights(thaw)
         nbytes, seconds = stats[0]["num_bytes"], stats[0]["seconds"]
         state["num_bytes"] = nbytes
+        if quick:
+            return {
+                "num_bytes": nbytes,
+                "seconds": seconds,
+                "gb_per_s": round(nbytes / seconds / 1e9, 2),
+            }
         writeback_s += _writeback()
         durable = engine.freeze_weights(thaw, durable=True)[0]["seconds"]
         bound = _page_cache_write_rate(work, smoke)
@@ -572,7 +585,10 @@ def main(argv: list[str] | None = None) -> int:
             "tokens_identical": _greedy(engine) == state["tokens"],
         }
 
-    if engine is not None and "num_bytes" in state:
+    if engine is not None and "num_bytes" in state and quick:
+        if not smoke:
+            run.phase("state_dict", 120, state_dict)
+    elif engine is not None and "num_bytes" in state:
         if not smoke:
             run.phase("raw_pinned", 120, raw_pinned)
         else:

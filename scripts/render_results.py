@@ -15,6 +15,7 @@ from __future__ import annotations
 import argparse
 import json
 import re
+import statistics
 import sys
 from pathlib import Path
 from typing import Any
@@ -316,7 +317,63 @@ def kernels_table(path: Path, data: dict[str, Any]) -> list[str]:
     return lines
 
 
+def _median_of(values: list[Any]) -> float | None:
+    """Median of the non-None values after the first (the first push opens every handle)."""
+    kept = [v for v in values[1:] if v is not None]
+    return statistics.median(kept) if kept else None
+
+
+def weights_quick_lines(path: Path, data: dict[str, Any]) -> list[str]:
+    """The quick run (``weights.py --quick``): where a state-dict push and a cold start spend
+    their time."""
+
+    def ms1(seconds: float | None) -> str:
+        return "-" if seconds is None else f"{seconds * 1e3:.1f} ms"
+
+    ph = data["phases"]
+    sd, cold = ph.get("state_dict") or {}, ph.get("cold_thaw") or {}
+    text = [f"**Weights, where the time goes** ({source(path, data)}; `weights.py --quick`):"]
+    if "seconds" in sd:
+        caller = [c or {} for c in sd.get("caller_spans", [])]
+        spans = {
+            k: _median_of([c.get(k) for c in caller]) for k in ("describe_s", "rpc_s", "reset_s")
+        }
+        parse = _median_of([w.get("parse_s") for w in sd.get("worker_spans", [])])
+        call = _median_of(sd.get("worker_call_seconds", []))
+        copy = _median_of(sd.get("worker_seconds", []))
+        packed = sd.get("packed") or {}
+        text.append(
+            f"a state-dict push (CUDA IPC, one handle per tensor) {ms1(sd['seconds'])} = "
+            f"describe {ms1(spans['describe_s'])} + the load RPC {ms1(spans['rpc_s'])} (in the "
+            f"worker {ms1(call)}: handles validated {ms1(parse)}, opened and copied {ms1(copy)}) + "
+            f"prefix-cache reset {ms1(spans['reset_s'])}, against a device copy of "
+            f"{ms1(sd.get('d2d_s'))} (**{sd.get('ratio_to_d2d')}x**)"
+            + (
+                f"; the same weights as views of one flat buffer (one handle) "
+                f"{ms1(packed['seconds'])} (**{packed['ratio_to_d2d']}x**)."
+                if "seconds" in packed
+                else "."
+            )
+        )
+    loader = cold.get("thaw_loader") or {}
+    if loader:
+
+        def sec(value: float | None) -> str:
+            return "-" if value is None else f"{value:.2f} s"
+
+        text.append(
+            f"Cold start from `.thaw`: vLLM's model loading {sec(cold.get('model_loading_s'))}, "
+            f"of which the thaw loader {sec(loader['loader_s'])} (its restore "
+            f"{sec(loader['restore_s'])}); a dummy load's "
+            f"{sec((ph.get('dummy') or {}).get('model_loading_s'))}; vLLM's safetensors load "
+            f"{sec((ph.get('normal') or {}).get('model_loading_s'))}."
+        )
+    return [" ".join(text)]
+
+
 def weights_table(path: Path, data: dict[str, Any]) -> list[str]:
+    if path.stem.endswith("_quick"):
+        return weights_quick_lines(path, data)
     ph, goals = data["phases"], data["goals"]
     if data.get("smoke"):
         swap, restore = ph.get("hot_swap", {}), ph.get("file_restore", {})
