@@ -15,7 +15,9 @@ from fanout_procs import PREFIX_TEXT, chat_model
 from langchain_core.messages import HumanMessage, SystemMessage
 
 from thaw_agents_core.engine.models import tiny_model_path
-from thaw_agents_core.store.base import SnapshotRef
+from thaw_agents_core.snapshot.errors import SnapshotChecksumError
+from thaw_agents_core.snapshot.ranks import rank_name
+from thaw_agents_core.store.base import SnapshotNotFoundError, SnapshotRef
 from thaw_agents_core.weights.freeze import freeze_safetensors
 from thaw_agents_core.weights.io import open_weights
 from thaw_agents_core.weights.ranks import rank_path
@@ -57,7 +59,9 @@ def test_tp2_kv_snapshots_per_rank(tmp_path):
     """A TP=2 engine on a KV store: a snapshot is one shard per rank, each under its rank's
     namespace; with vLLM's own prefix cache reset, the next request loads the prefix from the
     store on both ranks and answers as it did computing it. One rank's shard missing: a miss,
-    the prompt computed. A file of such a snapshot is refused (one file cannot hold it yet)."""
+    the prompt computed. Saved, it is one file per rank; loading the set publishes every shard
+    again (the next request loads); a flipped byte in one rank's file or a missing rank file is
+    refused and publishes nothing."""
     from thaw_agents_core.util import compat
 
     store = f"tp2-kv-{os.getpid()}"
@@ -83,12 +87,38 @@ def test_tp2_kv_snapshots_per_rank(tmp_path):
         assert loaded.content == computed.content
         assert loaded.usage_metadata["input_token_details"]["cache_read"] > 0
 
-        engine.store.delete(SnapshotRef(_rank_key(engine, 1), handle.snapshot_id))
+        saved = handle.save(tmp_path)  # one file per rank, under their common name
+        files = [rank_name(saved, r, 2, ".thawkv") for r in range(2)]
+        assert all(os.path.isfile(f) for f in files) and not os.path.exists(saved)
+
+        shard_1 = SnapshotRef(_rank_key(engine, 1), handle.snapshot_id)
+        engine.store.delete(shard_1)
         missed = fresh()
         assert missed.content == computed.content
         assert missed.usage_metadata["input_token_details"].get("cache_read", 0) == 0
-        with pytest.raises(ValueError, match="one shard per tensor-parallel rank"):
-            handle.save(tmp_path)
+
+        again = model.load_snapshot(saved)  # publishes rank 1's shard again from its file
+        assert (again.snapshot_id, again.namespace_key) == (
+            handle.snapshot_id,
+            handle.namespace_key,
+        )
+        reloaded = fresh()
+        assert reloaded.content == computed.content
+        assert reloaded.usage_metadata["input_token_details"]["cache_read"] > 0
+
+        engine.store.delete(shard_1)
+        with open(files[1], "r+b") as f:  # one flipped byte in rank 1's payload
+            f.seek(-1, os.SEEK_END)
+            last = f.read(1)
+            f.seek(-1, os.SEEK_END)
+            f.write(bytes([last[0] ^ 0x01]))
+        with pytest.raises(SnapshotChecksumError):
+            model.load_snapshot(saved)
+        with pytest.raises(SnapshotNotFoundError):
+            engine.store.info(shard_1)  # nothing of the bad set was published
+        os.remove(files[1])
+        with pytest.raises(FileNotFoundError, match="tp1of2"):
+            model.load_snapshot(saved)
     finally:
         model.close()
 

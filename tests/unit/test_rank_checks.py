@@ -66,3 +66,34 @@ def test_cpu_ranks_need_a_core_each(monkeypatch):
     with pytest.raises(ValueError, match="needs 2 cores"):
         bind_cpu_ranks(2)
     assert "VLLM_CPU_OMP_THREADS_BIND" not in os.environ
+
+
+def test_rank_names_for_kv_files_and_urls():
+    from thaw_agents_core.snapshot.ranks import rank_name, split_rank_name
+
+    assert rank_name("d/x.thawkv", 0, 1, ".thawkv") == "d/x.thawkv"
+    assert rank_name("d/x.thawkv", 1, 2, ".thawkv") == "d/x.tp1of2.thawkv"
+    assert rank_name("s3://b/k/x.thawkv", 0, 4, ".thawkv") == "s3://b/k/x.tp0of4.thawkv"
+    assert split_rank_name("s3://b/k/x.tp3of4.thawkv", ".thawkv") == ("s3://b/k/x.thawkv", 3, 4)
+    assert split_rank_name("d.tp1of2/x.thawkv", ".thawkv") == ("d.tp1of2/x.thawkv", 0, 1)
+    for bad in (
+        ("d/x.bin", 0, 2),
+        ("d/x.thawkv", 2, 2),
+        ("d/x.thawkv", -1, 2),
+        ("d/x.thawkv", 0, 0),
+    ):
+        with pytest.raises(ValueError):
+            rank_name(*bad, ".thawkv")
+    with pytest.raises(ValueError, match="not below"):
+        split_rank_name("x.tp2of2.thawkv", ".thawkv")
+
+
+def test_namespace_for_rank_and_tensor_size():
+    from thaw_agents_core.snapshot.namespace import Namespace
+
+    ns = Namespace("m", "w", "float32", "auto", "cpu", 4, 2, (1, 4, 2), "0.32.0", tensor_rank="0/2")
+    one = ns.for_rank(1)
+    assert (one.tensor_rank, one.tensor_size, ns.tensor_size) == ("1/2", 2, 2)
+    assert one.key() != ns.key() and one.for_rank(0).key() == ns.key()
+    single = Namespace("m", "w", "float32", "auto", "cpu", 4, 2, (1, 4, 2), "0.32.0")
+    assert single.tensor_size == 1 and single.for_rank(0).key() == single.key()

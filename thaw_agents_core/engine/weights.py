@@ -101,8 +101,7 @@ class EngineWeights:
         llm = self.llm
         desc, cleanup = describe(src, version, layout)
 
-        began = time.perf_counter()
-        spans: dict[str, float] = {"describe_s": began - called}
+        spans: dict[str, float] = {"describe_s": time.perf_counter() - called}
 
         async def swap() -> list[dict[str, Any]]:
             t0 = time.perf_counter()

@@ -6,8 +6,9 @@ prompt is ``handle.prefix_token_ids + suffix ids``, so every engine that sees th
 the snapshot through its block-hash chain.
 
 Durable copies: ``handle.save("dir/or/file.thawkv" | "s3://bucket/key")`` writes the snapshot's
-``.thawkv`` bytes; ``PrefixHandle.load(src, store)`` validates them (header, checksums, and the
-namespace when given) and publishes them into a store for local engines to find.
+``.thawkv`` bytes (one file per rank for a tensor-parallel engine); ``PrefixHandle.load(src,
+store)`` validates them (header, checksums, and the namespace when given) and publishes them
+into a store for local engines to find.
 """
 
 from __future__ import annotations
@@ -20,9 +21,11 @@ from pathlib import Path
 from typing import Any
 
 from thaw_agents_core.connector.settings import PARAMS_KEY  # noqa: F401 - re-exported
+from thaw_agents_core.snapshot.errors import SnapshotMismatchError
 from thaw_agents_core.snapshot.format import check_chunks, encode_header, parse_snapshot
 from thaw_agents_core.snapshot.io import write_snapshot_file
 from thaw_agents_core.snapshot.namespace import Namespace
+from thaw_agents_core.snapshot.ranks import rank_name
 from thaw_agents_core.store.base import SnapshotNotFoundError, SnapshotRef, SnapshotStore
 from thaw_agents_core.store.url import attach_url, open_store
 
@@ -97,12 +100,17 @@ class PrefixHandle:
 
     # ------------------------------------------------------------------ durable copies
 
-    def read_bytes(self, store: SnapshotStore | None = None) -> bytes:
-        """The snapshot's complete ``.thawkv`` bytes, read from its store."""
+    def read_bytes(self, store: SnapshotStore | None = None, *, rank: int = 0) -> bytes:
+        """The snapshot's complete ``.thawkv`` bytes (tensor-parallel rank ``rank``'s shard),
+        read from its store."""
         own = store is None
         store = store or open_store(attach_url(self.store))
+        ref = self.ref
+        if rank:
+            ns = Namespace.from_json(self.namespace).for_rank(rank)
+            ref = SnapshotRef(ns.key(), self.snapshot_id)
         try:
-            with store.open(self.ref) as view:
+            with store.open(ref) as view:
                 return encode_header(view.header) + bytes(view.payload)
         finally:
             if own:
@@ -112,27 +120,28 @@ class PrefixHandle:
         """Write the snapshot to a file, a directory (``<id>.thawkv`` in it) or ``s3://...``.
 
         Returns where it went. The handle itself can be saved next to it with ``to_json``.
-        A tensor-parallel engine's snapshot is one shard per rank in its store; one file cannot
-        hold it yet, so that is refused.
+        A tensor-parallel engine's snapshot is one shard per rank: it is written as one file per
+        rank (``x.tp0of2.thawkv``, ``x.tp1of2.thawkv``, see snapshot/ranks.py) and the name
+        returned is their common one, ``x.thawkv``, which :meth:`load` takes.
         """
-        if self.namespace.get("tensor_rank"):
-            raise ValueError(
-                "this snapshot is one shard per tensor-parallel rank in its store; saving it to "
-                "a file is not supported yet (in-store loads work on every rank)"
-            )
-        data = self.read_bytes()
+        size = Namespace.from_json(self.namespace).tensor_size
+        shards = [self.read_bytes(rank=r) for r in range(size)]  # every shard before any write
         text = os.fspath(dest)
-        if text.startswith("s3://"):
-            from thaw_agents_core.store.s3 import upload_snapshot
+        if not text.startswith("s3://"):
+            path = Path(text)
+            if path.is_dir() or text.endswith(os.sep):
+                path.mkdir(parents=True, exist_ok=True)
+                path = path / f"{self.snapshot_id}.thawkv"
+            text = str(path)
+        for rank, data in enumerate(shards):
+            target = rank_name(text, rank, size, ".thawkv")
+            if target.startswith("s3://"):
+                from thaw_agents_core.store.s3 import upload_snapshot
 
-            upload_snapshot(data, text)
-            return text
-        path = Path(text)
-        if path.is_dir() or text.endswith(os.sep):
-            path.mkdir(parents=True, exist_ok=True)
-            path = path / f"{self.snapshot_id}.thawkv"
-        write_snapshot_file(path, data)
-        return str(path)
+                upload_snapshot(data, target)
+            else:
+                write_snapshot_file(target, data)
+        return text
 
     @classmethod
     def load(
@@ -148,22 +157,43 @@ class PrefixHandle:
 
         Raises ``SnapshotMismatchError`` naming every differing namespace field when the
         snapshot was made by another model, dtype, block size, ... than ``expect_namespace``.
+        For a tensor-parallel ``expect_namespace`` (rank 0 of n), ``src`` names the set that
+        :meth:`save` wrote: every rank's file is read and checked (its own rank's namespace,
+        every CRC, one snapshot) before any of them is published.
         """
-        data = _read_source(os.fspath(src))
-        view = parse_snapshot(data, expect_namespace=expect_namespace)
-        try:
-            check_chunks(view)
-            header = view.header
-        finally:
-            view.close()
-        ref = SnapshotRef(header.namespace.key(), header.snapshot_id)
-        try:
-            store.info(ref)  # already published (e.g. loaded twice): reuse it
-        except SnapshotNotFoundError:
-            ref = store.publish_bytes(header.namespace.key(), data)
+        text = os.fspath(src)
+        size = expect_namespace.tensor_size if expect_namespace is not None else 1
+        headers, datas = [], []
+        for rank in range(size):
+            data = _read_source(_rank_source(text, rank, size))
+            view = parse_snapshot(
+                data,
+                expect_namespace=expect_namespace.for_rank(rank) if size > 1 else expect_namespace,
+            )
+            try:
+                check_chunks(view)
+                headers.append(view.header)
+            finally:
+                view.close()
+            datas.append(data)
+        header = headers[0]
+        for rank, other in enumerate(headers[1:], 1):
+            if (other.snapshot_id, other.token_ids) != (header.snapshot_id, header.token_ids):
+                raise SnapshotMismatchError(
+                    [f"rank {rank}'s file is another snapshot than rank 0's "
+                     f"({other.snapshot_id} vs {header.snapshot_id})"]
+                )  # fmt: skip
+        refs = []
+        for shard, data in zip(headers, datas):
+            ref = SnapshotRef(shard.namespace.key(), shard.snapshot_id)
+            try:
+                store.info(ref)  # already published (e.g. loaded twice): reuse it
+            except SnapshotNotFoundError:
+                ref = store.publish_bytes(shard.namespace.key(), data)
+            refs.append(ref)
         return cls(
-            snapshot_id=ref.snapshot_id,
-            namespace_key=ref.namespace_key,
+            snapshot_id=refs[0].snapshot_id,
+            namespace_key=refs[0].namespace_key,
             namespace=header.namespace.to_json(),
             store=store_url,
             prefix_token_ids=list(header.token_ids),
@@ -171,6 +201,15 @@ class PrefixHandle:
             model_name=model_name,
             extra=dict(header.extra),
         )
+
+
+def _rank_source(src: str, rank: int, size: int) -> str:
+    """Rank ``rank``'s file of the set named ``src``; ``src`` itself when it is a single-rank
+    file and the set is missing (its namespace check then names ``tensor_rank``)."""
+    name = rank_name(src, rank, size, ".thawkv")
+    if size > 1 and not src.startswith("s3://") and not Path(name).exists() and Path(src).is_file():
+        return src
+    return name
 
 
 def _read_source(src: str) -> bytes:

@@ -106,6 +106,15 @@ class Namespace:
         """32 hex chars of sha256 over the canonical JSON; stable across processes and hosts."""
         return self._key
 
+    @property
+    def tensor_size(self) -> int:
+        """Tensor-parallel ranks of the engine this namespace belongs to (1 without a rank)."""
+        return int(self.tensor_rank.split("/")[1]) if self.tensor_rank else 1
+
+    def for_rank(self, rank: int) -> Namespace:
+        """The same namespace for tensor-parallel rank ``rank`` (its own KV heads)."""
+        return dataclasses.replace(self, tensor_rank=tensor_rank_of(rank, self.tensor_size))
+
     def mismatches(self, other: Namespace) -> list[str]:
         """One line per differing field; ``self`` is the snapshot's, ``other`` the engine's."""
         out = []

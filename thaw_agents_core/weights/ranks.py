@@ -10,39 +10,21 @@ when it is ranks 0..n-1 of one snapshot (:func:`check_rank_set`).
 
 from __future__ import annotations
 
-import re
 from pathlib import Path
 
-from thaw_agents_core.snapshot.framing import is_int
+from thaw_agents_core.snapshot.ranks import rank_name, split_rank_name
 from thaw_agents_core.weights.format import WeightsMismatchError, WeightsNamespace
-
-_RANK_SUFFIX = re.compile(r"^(?P<stem>.+)\.tp(?P<rank>\d+)of(?P<size>\d+)$")
 
 
 def rank_path(path: str | Path, tp_rank: int, tp_size: int) -> Path:
     """The file of one tensor-parallel rank: ``x.thaw`` for tp_size 1, else ``x.tp{r}of{n}.thaw``."""
-    if not (is_int(tp_size) and tp_size >= 1 and is_int(tp_rank) and 0 <= tp_rank < tp_size):
-        raise ValueError(
-            f"need 0 <= tp_rank < tp_size, got tp_rank={tp_rank!r}, tp_size={tp_size!r}"
-        )
-    path = Path(path)
-    if tp_size == 1:
-        return path
-    if path.suffix != ".thaw":
-        raise ValueError(f"a tensor-parallel snapshot name must end in .thaw, got {str(path)!r}")
-    return path.with_name(f"{path.stem}.tp{tp_rank}of{tp_size}.thaw")
+    return Path(rank_name(str(path), tp_rank, tp_size, ".thaw"))
 
 
 def split_rank_path(path: str | Path) -> tuple[Path, int, int]:
     """Inverse of :func:`rank_path`: (base path, tp_rank, tp_size); (path, 0, 1) for plain names."""
-    path = Path(path)
-    match = _RANK_SUFFIX.match(path.stem) if path.suffix == ".thaw" else None
-    if match is None:
-        return path, 0, 1
-    rank, size = int(match["rank"]), int(match["size"])
-    if not 0 <= rank < size:
-        raise ValueError(f"{path.name}: rank {rank} is not below size {size}")
-    return path.with_name(match["stem"] + ".thaw"), rank, size
+    base, rank, size = split_rank_name(str(path), ".thaw")
+    return Path(base), rank, size
 
 
 def resolve_rank_file(path: str | Path, tp_rank: int, tp_size: int) -> Path:
