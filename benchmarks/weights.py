@@ -180,13 +180,16 @@ def _writeback() -> float:
     return time.perf_counter() - began
 
 
+WORKER_SPANS = ("parse_s", "check_s", "install_s", "release_s", "fence_s")
+
+
 def _spans(swaps: list[dict[str, Any]]) -> dict[str, Any]:
     """Where each swap's time went: the worker's restore, and the caller's spans (describe, the
     load RPC around the worker, the prefix-cache reset), each swap in order."""
     return {
         "worker_seconds": [round(s["seconds"], 4) for s in swaps],
         "worker_call_seconds": [s.get("call_s") for s in swaps],
-        "worker_spans": [{k: s[k] for k in ("parse_s", "fence_s") if k in s} for s in swaps],
+        "worker_spans": [{k: s[k] for k in WORKER_SPANS if k in s} for s in swaps],
         "caller_spans": [s.get("caller") for s in swaps],
     }
 
@@ -317,13 +320,17 @@ def main(argv: list[str] | None = None) -> int:
         help="only the state dict and cold-start phases (and what they need: checkpoint, "
         "normal, one freeze), into weights_<gpu>_quick.json",
     )
+    parser.add_argument(
+        "--no-cold", action="store_true", help="skip the cold-start phases (cold_thaw, dummy)"
+    )
     args = parser.parse_args(argv)
     import torch
 
     smoke = args.smoke or not torch.cuda.is_available()
     quick = args.quick
     dtype = "float32" if smoke else "bfloat16"
-    path = RESULTS / f"weights_{device_slug()}{'_quick' if quick else ''}.json"
+    suffix = ("_quick" if quick else "") + ("_no_cold" if args.no_cold else "")
+    path = RESULTS / f"weights_{device_slug()}{suffix}.json"
     run = Run(
         path,
         {
@@ -607,9 +614,10 @@ def main(argv: list[str] | None = None) -> int:
     if "buffer" in state:
         state["buffer"].close()
 
-    if thaw.exists():
+    if thaw.exists() and not args.no_cold:
         run.phase("cold_thaw", t(120, 150), lambda: cold("thaw"))
-    run.phase("dummy", t(120, 150), lambda: cold("dummy"))
+    if not args.no_cold:
+        run.phase("dummy", t(120, 150), lambda: cold("dummy"))
     _goals(run.results)
     write_results(path, run.results)
     print(f"[weights] wrote {path}")

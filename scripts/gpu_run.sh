@@ -2,7 +2,7 @@
 # GPU stages, run on the lent GPU (H200 now) through the device tool (see README, "GPU").
 #   bash scripts/gpu_run.sh STAGE [STAGE ...]
 # Stages: env | kernels | kernels-quick | stream | connector | connector-async-off | transport | fanout |
-#         fanout-graphs | fanout-scale | weights | weights-quick | weights-tests | attention | share | paths
+#         fanout-graphs | fanout-scale | weights | weights-quick | weights-sd | weights-tests | attention | share | paths
 # vLLM stages need vLLM 0.26 on PYTHONPATH first (source ../shared/gpu's vllm_env.sh).
 # Wheels the GPU image lacks (google-crc32c, platformdirs) travel in .whl/ and go to /tmp/pp.
 set -uo pipefail
@@ -43,6 +43,7 @@ for stage in "$@"; do
     fanout-graphs) timeout 560 python3 benchmarks/fork_fanout.py --gpu --graphs --no-pool || status=1 ;;
     weights) timeout 560 python3 benchmarks/weights.py || status=1 ;;
     weights-quick) timeout 400 python3 benchmarks/weights.py --quick || status=1 ;;
+    weights-sd) timeout 300 python3 benchmarks/weights.py --quick --no-cold || status=1 ;;
     weights-tests) timeout 300 python3 -m pytest -q -p no:cacheprovider -x tests/unit/test_weights_format.py -m gpu || status=1 ;;
     attention) timeout 200 python3 -m pytest -q -p no:cacheprovider -x tests/unit/test_shared_prefix_attention.py -m gpu || status=1
                timeout 200 python3 benchmarks/shared_prefix_attention.py || status=1 ;;

@@ -332,20 +332,34 @@ def weights_quick_lines(path: Path, data: dict[str, Any]) -> list[str]:
 
     ph = data["phases"]
     sd, cold = ph.get("state_dict") or {}, ph.get("cold_thaw") or {}
-    text = [f"**Weights, where the time goes** ({source(path, data)}; `weights.py --quick`):"]
+    how = "--quick --no-cold" if "_no_cold" in path.stem else "--quick"
+    text = [f"**Weights, where the time goes** ({source(path, data)}; `weights.py {how}`):"]
     if "seconds" in sd:
         caller = [c or {} for c in sd.get("caller_spans", [])]
         spans = {
             k: _median_of([c.get(k) for c in caller]) for k in ("describe_s", "rpc_s", "reset_s")
         }
-        parse = _median_of([w.get("parse_s") for w in sd.get("worker_spans", [])])
+        worker = {
+            k: _median_of([w.get(k) for w in sd.get("worker_spans", [])])
+            for k in ("parse_s", "check_s", "install_s", "release_s")
+        }
         call = _median_of(sd.get("worker_call_seconds", []))
         copy = _median_of(sd.get("worker_seconds", []))
         packed = sd.get("packed") or {}
+        more = "".join(
+            f", {what} {ms1(worker[k])}"
+            for k, what in (
+                ("check_s", "table checked"),
+                ("install_s", "install (opens, copies)"),
+                ("release_s", "last swap's tensors dropped"),
+            )
+            if worker[k] is not None
+        )
         text.append(
             f"a state-dict push (CUDA IPC, one handle per tensor) {ms1(sd['seconds'])} = "
             f"describe {ms1(spans['describe_s'])} + the load RPC {ms1(spans['rpc_s'])} (in the "
-            f"worker {ms1(call)}: handles validated {ms1(parse)}, opened and copied {ms1(copy)}) + "
+            f"worker {ms1(call)}: handles validated {ms1(worker['parse_s'])}{more}; opened and "
+            f"copied {ms1(copy)}) + "
             f"prefix-cache reset {ms1(spans['reset_s'])}, against a device copy of "
             f"{ms1(sd.get('d2d_s'))} (**{sd.get('ratio_to_d2d')}x**)"
             + (
@@ -372,7 +386,7 @@ def weights_quick_lines(path: Path, data: dict[str, Any]) -> list[str]:
 
 
 def weights_table(path: Path, data: dict[str, Any]) -> list[str]:
-    if path.stem.endswith("_quick"):
+    if "_quick" in path.stem:
         return weights_quick_lines(path, data)
     ph, goals = data["phases"], data["goals"]
     if data.get("smoke"):

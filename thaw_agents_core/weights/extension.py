@@ -86,7 +86,9 @@ class ThawWorkerExtension:
     ) -> dict[str, Any]:
         """Install new weights from ``desc`` (see module docstring); returns RestoreStats JSON
         and spans: ``call_s`` (this call's whole time in the worker), ``fence_s`` (publishing
-        the version), ``parse_s`` (CUDA IPC handles validated)."""
+        the version); for CUDA IPC ``parse_s`` (handles validated), ``check_s`` (the table
+        against the model), ``install_s`` (opens and copies), ``release_s`` (the previous
+        swap's tensors dropped)."""
         called = time.perf_counter()
         spans: dict[str, float] = {}
         model, state = self._thaw_model(), self._thaw_state()
@@ -98,10 +100,14 @@ class ThawWorkerExtension:
             handles = parse_cuda_ipc(desc)
             spans["parse_s"] = time.perf_counter() - called
             held: list[torch.Tensor] = []
-            if not state_dict_mismatches(handles, model_params.targets(model)):
+            checked = time.perf_counter()
+            fits = not state_dict_mismatches(handles, model_params.targets(model))
+            spans["check_s"] = time.perf_counter() - checked
+            if fits:
                 stats = model_params.install(
                     model, self.vllm_config, lambda t: copy_tensors(handles, t, keep=held)
                 )
+                spans["install_s"] = time.perf_counter() - checked - spans["check_s"]
             else:
                 tensors = {n: open_tensor(h) for n, h in handles.items()}
                 held += tensors.values()
@@ -122,7 +128,9 @@ class ThawWorkerExtension:
             # Held open until the next swap: torch then opens the trainer's next export of the
             # same memory from its handle cache (H200: 3.4 ms instead of 13.8 ms for 227
             # tensors); the trainer gets that memory back one swap later.
-            state["ipc_held"] = held
+            released = time.perf_counter()
+            state["ipc_held"] = held  # the previous swap's tensors are closed here
+            spans["release_s"] = time.perf_counter() - released
             version = weights_version or ""
         else:
             if kind == "file":
