@@ -171,7 +171,7 @@ def _verify(args: argparse.Namespace) -> int:
                 bad = verify_payload(wf.header, wf.payload)
                 total = sum(len(t.crc32c) for t in wf.header.tensors)
         else:
-            from thaw_agents_core.snapshot.format import verify_chunks
+            from thaw_agents_core.snapshot.chunks import verify_chunks
             from thaw_agents_core.snapshot.io import open_snapshot_file
 
             with open_snapshot_file(args.path) as view:

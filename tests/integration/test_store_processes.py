@@ -22,7 +22,8 @@ from store_samples import (  # noqa: F401  (no_shm_leaks: an autouse fixture)
     snapshot,
 )
 
-from thaw_agents_core.snapshot.format import parse_snapshot, verify_chunks
+from thaw_agents_core.snapshot.chunks import verify_chunks
+from thaw_agents_core.snapshot.format import parse_snapshot
 from thaw_agents_core.store.file import FileStore
 from thaw_agents_core.store.shm import ShmStore
 

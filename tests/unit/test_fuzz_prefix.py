@@ -25,12 +25,13 @@ from hypothesis import example, given
 from hypothesis import strategies as st
 
 from thaw_agents_core.fork.prefix import PrefixHandle
+from thaw_agents_core.snapshot.chunks import check_chunks
 from thaw_agents_core.snapshot.errors import (
     SnapshotError,
     SnapshotFormatError,
     SnapshotMismatchError,
 )
-from thaw_agents_core.snapshot.format import MAX_EXTRA_DEPTH, check_chunks, json_nesting
+from thaw_agents_core.snapshot.format import MAX_EXTRA_DEPTH, json_nesting
 from thaw_agents_core.snapshot.io import build_snapshot
 from thaw_agents_core.snapshot.namespace import Namespace
 from thaw_agents_core.store.file import FileStore

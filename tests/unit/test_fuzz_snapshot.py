@@ -58,6 +58,13 @@ from hypothesis import strategies as st
 
 from thaw_agents_core.connector.verifier import SnapshotVerifier
 from thaw_agents_core.snapshot.block_hashes import HASH_ALGO, block_hash_chain
+from thaw_agents_core.snapshot.chunks import (
+    check_chunk_crcs,
+    check_chunks,
+    chunk_byte_range,
+    chunk_range,
+    verify_chunks,
+)
 from thaw_agents_core.snapshot.errors import (
     SnapshotChecksumError,
     SnapshotError,
@@ -67,14 +74,9 @@ from thaw_agents_core.snapshot.errors import (
 from thaw_agents_core.snapshot.format import (
     MAGIC,
     SnapshotHeader,
-    check_chunk_crcs,
-    check_chunks,
-    chunk_byte_range,
-    chunk_range,
     encode_header,
     parse_header,
     parse_snapshot,
-    verify_chunks,
 )
 from thaw_agents_core.snapshot.framing import MAX_HEADER_BYTES, align_up
 from thaw_agents_core.snapshot.io import (

@@ -14,6 +14,12 @@ import google_crc32c
 import pytest
 
 from thaw_agents_core.snapshot.block_hashes import HASH_ALGO, block_hash_chain, root_hash
+from thaw_agents_core.snapshot.chunks import (
+    check_chunks,
+    chunk_byte_range,
+    covering_byte_range,
+    verify_chunks,
+)
 from thaw_agents_core.snapshot.errors import (
     SnapshotChecksumError,
     SnapshotError,
@@ -22,13 +28,9 @@ from thaw_agents_core.snapshot.errors import (
 )
 from thaw_agents_core.snapshot.format import (
     MAGIC,
-    check_chunks,
-    chunk_byte_range,
-    covering_byte_range,
     encode_header,
     parse_snapshot,
     payload_offset_for,
-    verify_chunks,
 )
 from thaw_agents_core.snapshot.framing import MAX_HEADER_BYTES
 from thaw_agents_core.snapshot.io import (

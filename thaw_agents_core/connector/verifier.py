@@ -38,8 +38,8 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Callable
 
+from thaw_agents_core.snapshot.chunks import check_chunk_crcs
 from thaw_agents_core.snapshot.errors import SnapshotError
-from thaw_agents_core.snapshot.format import check_chunk_crcs
 from thaw_agents_core.snapshot.namespace import Namespace
 from thaw_agents_core.store.base import SnapshotRef, SnapshotStore
 from thaw_agents_core.transport.prefetch import DevicePrefetcher

@@ -21,8 +21,9 @@ from pathlib import Path
 from typing import Any
 
 from thaw_agents_core.connector.settings import PARAMS_KEY  # noqa: F401 - re-exported
+from thaw_agents_core.snapshot.chunks import check_chunks
 from thaw_agents_core.snapshot.errors import SnapshotMismatchError
-from thaw_agents_core.snapshot.format import check_chunks, encode_header, parse_snapshot
+from thaw_agents_core.snapshot.format import encode_header, parse_snapshot
 from thaw_agents_core.snapshot.io import write_snapshot_file
 from thaw_agents_core.snapshot.namespace import Namespace
 from thaw_agents_core.snapshot.ranks import rank_name

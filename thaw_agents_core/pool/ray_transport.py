@@ -31,7 +31,8 @@ from dataclasses import dataclass
 from typing import Any
 
 from thaw_agents_core.snapshot.block_hashes import block_hash_chain
-from thaw_agents_core.snapshot.format import check_chunks, encode_header, parse_snapshot
+from thaw_agents_core.snapshot.chunks import check_chunks
+from thaw_agents_core.snapshot.format import encode_header, parse_snapshot
 from thaw_agents_core.store.base import Match, SnapshotNotFoundError, SnapshotRef, SnapshotStore
 from thaw_agents_core.store.file import FileStore
 

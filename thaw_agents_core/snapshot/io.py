@@ -27,6 +27,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from thaw_agents_core.snapshot.block_hashes import block_hash_chain
+from thaw_agents_core.snapshot.chunks import compute_chunk_crcs, default_blocks_per_chunk
 from thaw_agents_core.snapshot.errors import SnapshotFormatError
 from thaw_agents_core.snapshot.format import (
     _HEX_ID,
@@ -34,8 +35,6 @@ from thaw_agents_core.snapshot.format import (
     MAX_EXTRA_DEPTH,
     SnapshotHeader,
     SnapshotView,
-    compute_chunk_crcs,
-    default_blocks_per_chunk,
     encode_header,
     json_nesting,
     parse_header,

@@ -13,7 +13,8 @@ import io
 import os
 from typing import Any
 
-from thaw_agents_core.snapshot.format import SnapshotHeader, check_chunks, parse_snapshot
+from thaw_agents_core.snapshot.chunks import check_chunks
+from thaw_agents_core.snapshot.format import SnapshotHeader, parse_snapshot
 from thaw_agents_core.snapshot.io import open_snapshot_file
 from thaw_agents_core.snapshot.namespace import Namespace
 from thaw_agents_core.util.files import atomic_replace

@@ -31,13 +31,9 @@ from typing import Any
 
 import torch
 
+from thaw_agents_core.snapshot.chunks import check_chunk_crcs
 from thaw_agents_core.snapshot.errors import SnapshotFormatError, SnapshotMismatchError
-from thaw_agents_core.snapshot.format import (
-    SnapshotHeader,
-    check_chunk_crcs,
-    encode_header,
-    parse_header,
-)
+from thaw_agents_core.snapshot.format import SnapshotHeader, encode_header, parse_header
 from thaw_agents_core.snapshot.framing import MAX_HEADER_BYTES, PREFIX_BYTES, is_hex_bytes
 from thaw_agents_core.snapshot.namespace import Namespace
 from thaw_agents_core.transport import cuda_ipc

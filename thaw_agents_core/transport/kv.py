@@ -25,8 +25,8 @@ from typing import Any, Sequence
 
 import torch
 
+from thaw_agents_core.snapshot.chunks import check_chunk_crcs, default_blocks_per_chunk
 from thaw_agents_core.snapshot.errors import SnapshotError, SnapshotMismatchError
-from thaw_agents_core.snapshot.format import check_chunk_crcs, default_blocks_per_chunk
 from thaw_agents_core.snapshot.io import plan_snapshot
 from thaw_agents_core.snapshot.namespace import Namespace
 from thaw_agents_core.store.base import SnapshotRef, SnapshotStore

@@ -35,8 +35,8 @@ from typing import Any, Callable, Literal
 
 import torch
 
+from thaw_agents_core.snapshot.chunks import check_chunk_crcs
 from thaw_agents_core.snapshot.errors import SnapshotError
-from thaw_agents_core.snapshot.format import check_chunk_crcs
 from thaw_agents_core.snapshot.namespace import Namespace
 from thaw_agents_core.store.base import SnapshotRef, SnapshotStore
 from thaw_agents_core.transport.stream_scheduler import CopyPiece, StreamScheduler

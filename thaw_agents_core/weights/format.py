@@ -47,12 +47,12 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
+from thaw_agents_core.snapshot.chunks import crc32c
 from thaw_agents_core.snapshot.errors import (
     SnapshotChecksumError,
     SnapshotError,
     SnapshotFormatError,
 )
-from thaw_agents_core.snapshot.format import crc32c
 from thaw_agents_core.snapshot.framing import (
     Frame,
     align_up,

@@ -54,7 +54,7 @@ def validate_file(path: str | os.PathLike[str]) -> str:
         with open_weights(path) as wf:
             wf.verify()
         return "weights"
-    from thaw_agents_core.snapshot.format import check_chunks
+    from thaw_agents_core.snapshot.chunks import check_chunks
     from thaw_agents_core.snapshot.io import open_snapshot_file
 
     with open_snapshot_file(path) as view:
