@@ -2,6 +2,7 @@
 
     python benchmarks/fanout_scale.py                 # H200: B in 4,16,64,256, T=256
     python benchmarks/fanout_scale.py --smoke         # CPU: the tiny model, small sizes
+    python benchmarks/fanout_scale.py --profile       # H200: where one 256-branch step goes
 
 Configurations, each in its own engine process (the model runner is chosen by environment):
     vllm_default    vLLM 0.26 as shipped (cascade attention off, V2 model runner)
@@ -16,6 +17,12 @@ Correctness in the same run: greedy tokens of the 8B-shaped model (16 branches x
 compared across configurations (top-1 agreement, max difference of the chosen tokens'
 log-probabilities), and the same for the float32 tiny model (must be identical).
 Writes benchmarks/results/fanout_scale_<gpu>.json (or _cpu with --smoke).
+
+--profile: ChatThaw's configuration only, B=256 x 64 tokens, one round under torch's profiler
+in the engine's worker (CUDA activity, through ``collective_rpc`` with a function, which needs
+VLLM_ALLOW_INSECURE_SERIALIZATION=1 in that child only): the kernels by device time, grouped
+(attention, matmul, sampling, other), against the round's wall time. Writes
+fanout_profile_<gpu>.json.
 """
 
 from __future__ import annotations
@@ -36,6 +43,67 @@ CONFIGS = {
     "thaw": (None, None),  # filled from compat.shared_prefix_engine_defaults in the child
 }
 RESULTS = Path(__file__).resolve().parent / "results"
+
+
+def _worker_profile_start(worker: object) -> None:
+    """In the engine's worker: start torch's profiler (device activity; host on the CPU)."""
+    import torch
+
+    activity = torch.profiler.ProfilerActivity
+    on = activity.CUDA if torch.cuda.is_available() else activity.CPU
+    prof = torch.profiler.profile(activities=[on])
+    prof.start()
+    worker.__dict__["_fanout_profiler"] = prof
+
+
+def _worker_profile_stop(worker: object) -> list:
+    """In the engine's worker: stop the profiler; [kernel name, ms, calls], largest first (the
+    device's time on CUDA, the host's on the CPU)."""
+    import torch
+
+    cuda = torch.cuda.is_available()
+    if cuda:
+        torch.cuda.synchronize()
+    prof = worker.__dict__.pop("_fanout_profiler")
+    prof.stop()
+    rows = []
+    for e in prof.key_averages():
+        us = (
+            getattr(e, "self_device_time_total", 0) or getattr(e, "self_cuda_time_total", 0)
+            if cuda
+            else e.self_cpu_time_total
+        )
+        if us > 0:
+            rows.append([e.key[:200], round(us / 1000, 3), int(e.count)])
+    return sorted(rows, key=lambda r: -r[1])
+
+
+PROFILE_GROUPS = (  # first match wins; kernel names of vLLM 0.26 / torch 2.11 on Hopper
+    ("attention", ("flash", "fmha", "attn", "attention", "merge_attn", "cascade", "paged")),
+    ("matmul", ("gemm", "cutlass", "nvjet", "sm90_xmma", "cublas", "matmul", "splitk", "onednn")),
+    ("sampling", ("sampl", "topk", "top_k", "sort", "softmax", "exponential", "argmax", "gumbel")),
+)
+
+
+def _profile_summary(rows: list, wall_s: float, steps: int) -> dict:
+    groups: dict[str, float] = {}
+    for name, ms, _ in rows:
+        low = name.lower()
+        group = next((g for g, keys in PROFILE_GROUPS if any(k in low for k in keys)), "other")
+        groups[group] = groups.get(group, 0.0) + ms
+    total = sum(groups.values())
+    return {
+        "wall_s": round(wall_s, 4),
+        "steps": steps,
+        "wall_ms_per_step": round(1000 * wall_s / steps, 3),
+        "device_ms_per_step": round(total / steps, 3),
+        "device_busy_fraction": round(total / 1000 / wall_s, 3),
+        "groups_ms_per_step": {g: round(ms / steps, 3) for g, ms in sorted(groups.items())},
+        "top_kernels": [
+            {"name": n, "ms_per_step": round(ms / steps, 4), "calls_per_step": round(c / steps, 2)}
+            for n, ms, c in rows[:30]
+        ],
+    }
 
 
 def _child(config: str, spec: dict) -> dict:
@@ -63,7 +131,12 @@ def _child(config: str, spec: dict) -> dict:
     )
     startup_s = time.perf_counter() - began
     features = compat.engine_features(llm.llm_engine.vllm_config)
-    prefix = [(7 * i + 11) % 30000 + 100 for i in range(spec["prefix"])]
+    vocab = spec.get("vocab", 128256)
+
+    def tok(x: int) -> int:
+        return x % vocab
+
+    prefix = [tok((7 * i + 11) % 30000 + 100) for i in range(spec["prefix"])]
     llm.generate(
         [TokensPrompt(prompt_token_ids=prefix + [5])],
         SamplingParams(max_tokens=1, detokenize=False),
@@ -72,7 +145,8 @@ def _child(config: str, spec: dict) -> dict:
     rows = []
     for batch in spec["batches"]:
         prompts = [
-            TokensPrompt(prompt_token_ids=prefix + [1000 + b, 2000 + b]) for b in range(batch)
+            TokensPrompt(prompt_token_ids=prefix + [tok(1000 + b), tok(2000 + b)])
+            for b in range(batch)
         ]
         params = SamplingParams(
             max_tokens=spec["tokens"], temperature=0.8, ignore_eos=True, detokenize=False, seed=None
@@ -95,8 +169,29 @@ def _child(config: str, spec: dict) -> dict:
             }
         )
         print(f"RESULT-ROW {config} B={batch} {best:.3f}s", flush=True)
+    if spec.get("profile"):
+        batch = max(spec["batches"])
+        prompts = [
+            TokensPrompt(prompt_token_ids=prefix + [tok(1000 + b), tok(2000 + b)])
+            for b in range(batch)
+        ]
+        params = SamplingParams(
+            max_tokens=spec["tokens"], temperature=0.8, ignore_eos=True, detokenize=False
+        )
+        llm.collective_rpc(_worker_profile_start)
+        t0 = time.perf_counter()
+        llm.generate(prompts, params, use_tqdm=False)
+        wall = time.perf_counter() - t0
+        kernels = llm.collective_rpc(_worker_profile_stop)[0]
+        return {
+            "config": config,
+            "engine_kwargs": kwargs,
+            "features": features,
+            "rows": rows,
+            "profile": {"batch": batch, **_profile_summary(kernels, wall, spec["tokens"])},
+        }
     # correctness sample: greedy, chosen-token logprobs
-    check_prompts = [TokensPrompt(prompt_token_ids=prefix + [3000 + b]) for b in range(16)]
+    check_prompts = [TokensPrompt(prompt_token_ids=prefix + [tok(3000 + b)]) for b in range(16)]
     greedy = llm.generate(
         check_prompts,
         SamplingParams(
@@ -226,6 +321,32 @@ def _compare(a: dict, b: dict) -> dict:
     return out
 
 
+def _profile_main(spec: dict, smoke: bool) -> int:
+    """One profiled round of the largest fan-out on ChatThaw's engine (see the docstring)."""
+    spec = {**spec, "batches": [max(spec["batches"])], "repeats": 1, "profile": True}
+    spec["tokens"] = min(spec["tokens"], 64)
+    results: dict = {"spec": spec, "errors": {}}
+    try:
+        got = _run_child(
+            ["--child", "thaw", "--spec", json.dumps(spec)],
+            {"VLLM_ALLOW_INSECURE_SERIALIZATION": "1"},
+            420,
+        )
+        results["thaw"] = got
+    except Exception as exc:  # noqa: BLE001 - recorded
+        results["errors"]["thaw"] = f"{type(exc).__name__}: {exc}"[-3000:]
+    results["machine"] = machine_info()
+    name = "fanout_profile_cpu.json" if smoke else f"fanout_profile_{device_slug()}.json"
+    write_results(RESULTS / name, results)
+    prof = (results.get("thaw") or {}).get("profile")
+    print(json.dumps({k: v for k, v in (prof or {}).items() if k != "top_kernels"}, indent=1))
+    for row in (prof or {}).get("top_kernels", [])[:15]:
+        print(
+            f"{row['ms_per_step']:8.3f} ms/step x{row['calls_per_step']:6.1f} {row['name'][:100]}"
+        )
+    return 0 if prof else 1
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--smoke", action="store_true", help="CPU, tiny model, small sizes")
@@ -233,6 +354,9 @@ def main() -> int:
     parser.add_argument("--tokens", type=int, default=256)
     parser.add_argument("--prefix", type=int, default=8192)
     parser.add_argument("--repeats", type=int, default=2)
+    parser.add_argument(
+        "--profile", action="store_true", help="ChatThaw's engine, B=256 x 64, under the profiler"
+    )
     parser.add_argument("--child", default=None, help=argparse.SUPPRESS)
     parser.add_argument("--tiny-child", default=None, help=argparse.SUPPRESS)
     parser.add_argument("--spec", default=None, help=argparse.SUPPRESS)
@@ -272,6 +396,9 @@ def main() -> int:
             "eager": False,
             "gpu_memory_utilization": 0.85,
         }
+    spec["vocab"] = json.loads((Path(spec["model"]) / "config.json").read_text())["vocab_size"]
+    if args.profile:
+        return _profile_main(spec, args.smoke)
     ceilings = None if args.smoke else _ceilings()
     results: dict = {"spec": spec, "ceilings": ceilings, "configs": {}, "errors": {}}
     envs = {"vllm_default": {}, "thaw": {}}

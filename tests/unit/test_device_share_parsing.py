@@ -122,6 +122,40 @@ def test_a_handle_with_bad_fields_names_the_field():
             cuda_ipc.parse_entry({**good, "handle": handle})
 
 
+def test_hex_fields_take_only_the_exact_lowercase_form():
+    good = _entry(64)
+    for memory in ("AB" * 64, "ab " * 64, "a" * 3, " " + "ab" * 63, "ab" * 600):
+        handle = list(good["handle"])
+        handle[1] = memory
+        with pytest.raises(ValueError, match="memory handle"):
+            cuda_ipc.parse_entry({**good, "handle": handle})
+    assert cuda_ipc.parse_entry(good).memory_handle == bytes.fromhex("ab" * 64)
+
+
+def test_a_view_past_its_storage_is_refused():
+    with pytest.raises(ValueError, match="past its storage"):
+        cuda_ipc.parse_entry(_entry(64, shape=[65]))
+    assert cuda_ipc.parse_entry(_entry(64, shape=[0])).numel == 0
+
+
+def test_weight_swap_entries_carry_unique_names():
+    from thaw_agents_core.weights.sources import parse_cuda_ipc
+
+    a, b = {"name": "a", **_entry(64)}, {"name": "b", **_entry(32)}
+    handles = parse_cuda_ipc({"kind": "cuda_ipc", "tensors": [a, b]})
+    assert list(handles) == ["a", "b"] and handles["b"].shape == (32,)
+    for tensors, match in [
+        ([a, a], "appears twice"),
+        ([_entry(64)], "needs a name"),
+        ([{**a, "extra": 1}], "exactly"),
+        ({"a": a}, "must be a list"),
+    ]:
+        with pytest.raises(ValueError, match=match):
+            parse_cuda_ipc({"kind": "cuda_ipc", "tensors": tensors})
+    with pytest.raises(ValueError, match="exactly"):
+        cuda_ipc.parse_entry(a)  # a name only where the caller says so
+
+
 def test_open_share_needs_a_cuda_device():
     with pytest.raises(ValueError, match="CUDA"):
         open_share(_desc(), "cpu", NS)

@@ -8,6 +8,7 @@ to ``weights/extension.ThawWorkerExtension`` on every rank.
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import time
 from pathlib import Path
@@ -105,12 +106,26 @@ class EngineWeights:
 
         async def swap() -> list[dict[str, Any]]:
             t0 = time.perf_counter()
-            stats = await llm.collective_rpc(
-                "thaw_load_weights", timeout=timeout_s, args=(desc, version)
+            # Both calls leave now, the load first (each is sent before its coroutine first
+            # waits, and tasks start in order): the engine core takes them from its input queue
+            # in that order and runs the reset right after the load, before its next step, so
+            # no step sees the new weights beside blocks cached under the old ones. The reset's
+            # round trip overlaps the load.
+            load = asyncio.ensure_future(
+                llm.collective_rpc("thaw_load_weights", timeout=timeout_s, args=(desc, version))
             )
+            reset_call = llm.reset_prefix_cache
+            reset = asyncio.ensure_future(
+                reset_call(**compat.reset_prefix_cache_kwargs(reset_call))
+            )
+            try:
+                stats = await load
+            except BaseException:
+                await asyncio.gather(reset, return_exceptions=True)
+                raise
             t1 = time.perf_counter()
-            reset = llm.reset_prefix_cache
-            await reset(**compat.reset_prefix_cache_kwargs(reset))
+            if await reset is False:
+                logger.warning("thaw: vLLM did not reset its prefix cache after a weight swap")
             fence.clear_published(llm.vllm_config)  # the scheduler has the version now
             spans.update(rpc_s=t1 - t0, reset_s=time.perf_counter() - t1)
             return stats

@@ -19,25 +19,28 @@ from __future__ import annotations
 import functools
 import math
 import os
-from dataclasses import dataclass
-from typing import Any
+from typing import Any, NamedTuple
 
 import torch
 
-from thaw_agents_core.snapshot.framing import is_hex_bytes, is_int
-
 MAX_HANDLE_HEX = 1024  # a cudaIpcMemHandle_t is 64 bytes; torch's ref-counter name is short
 ENTRY_FIELDS = ("dtype", "shape", "stride", "storage_offset", "device_uuid", "handle")
+_FIELDS = frozenset(ENTRY_FIELDS)
+_NAMED_FIELDS = _FIELDS | {"name"}
 
 
-def _dtype(name: Any) -> Any:
-    """The torch dtype named ``name`` ("bfloat16"), or None."""
-    found = getattr(torch, name, None) if isinstance(name, str) and name.isidentifier() else None
+@functools.lru_cache(maxsize=64)  # names come from other processes: bounded
+def _dtype_named(name: str) -> torch.dtype | None:
+    found = getattr(torch, name, None) if name.isidentifier() else None
     return found if isinstance(found, torch.dtype) else None
 
 
-@dataclass(frozen=True, slots=True)
-class CudaHandle:
+def _dtype(name: Any) -> torch.dtype | None:
+    """The torch dtype named ``name`` ("bfloat16"), or None."""
+    return _dtype_named(name) if type(name) is str else None
+
+
+class CudaHandle(NamedTuple):
     """A validated entry: where the tensor lies in the owner's storage, and the handle."""
 
     dtype: str
@@ -83,63 +86,78 @@ def export_tensor(t: torch.Tensor) -> dict[str, Any]:
 
 
 def _hex_bytes(value: Any, what: str) -> bytes:
-    if not is_hex_bytes(value) or len(value) > MAX_HANDLE_HEX:
-        raise ValueError(f"CUDA IPC entry: {what} must be lowercase hex of whole bytes")
-    return bytes.fromhex(value)
+    # bytes.fromhex also takes spaces and capitals: only the exact bytes.hex() form is accepted.
+    if type(value) is str and len(value) <= MAX_HANDLE_HEX:
+        try:
+            raw = bytes.fromhex(value)
+        except ValueError:
+            pass
+        else:
+            if raw.hex() == value:
+                return raw
+    raise ValueError(f"CUDA IPC entry: {what} must be lowercase hex of whole bytes")
 
 
 def _nonneg(value: Any, what: str) -> int:
-    if not is_int(value) or value < 0:
+    if type(value) is not int or value < 0:  # a bool is not an int here
         raise ValueError(f"CUDA IPC entry: {what} must be a non-negative int, got {value!r:.60}")
     return value
 
 
-def parse_entry(obj: Any) -> CudaHandle:
-    """Validate an entry from another process (types, ranges, the view inside its storage)."""
-    if not isinstance(obj, dict) or set(obj) != set(ENTRY_FIELDS):
-        raise ValueError(f"CUDA IPC entry must be an object with exactly {list(ENTRY_FIELDS)}")
-    if _dtype(obj["dtype"]) is None:
+def _dims(dims: Any, name: str) -> tuple[int, ...]:
+    if type(dims) is not list or len(dims) > 16:
+        raise ValueError(f"CUDA IPC entry: {name} must be a list of at most 16 ints")
+    for d in dims:
+        if type(d) is not int or d < 0:
+            raise ValueError(f"CUDA IPC entry: {name} must be non-negative ints, got {d!r:.60}")
+    return tuple(dims)
+
+
+def parse_entry(obj: Any, *, named: bool = False) -> CudaHandle:
+    """Validate an entry from another process (types, ranges, the view inside its storage).
+
+    ``named``: the entry also carries a ``"name"`` (checked by the caller). Runs once per
+    tensor of a weight swap (hundreds per call), so each check is one cheap type test.
+    """
+    if type(obj) is not dict or obj.keys() != (_NAMED_FIELDS if named else _FIELDS):
+        fields = [*ENTRY_FIELDS, "name"] if named else list(ENTRY_FIELDS)
+        raise ValueError(f"CUDA IPC entry must be an object with exactly {fields}")
+    dtype = _dtype(obj["dtype"])
+    if dtype is None:
         raise ValueError(f"CUDA IPC entry: dtype {obj['dtype']!r:.60} is not a torch dtype")
-    shape, stride = obj["shape"], obj["stride"]
-    for name, dims in (("shape", shape), ("stride", stride)):
-        if not isinstance(dims, list) or len(dims) > 16:
-            raise ValueError(f"CUDA IPC entry: {name} must be a list of at most 16 ints")
-        if not all(type(d) is int and d >= 0 for d in dims):  # one pass: this runs per tensor
-            bad = next(d for d in dims if type(d) is not int or d < 0)
-            raise ValueError(f"CUDA IPC entry: {name} must be non-negative ints, got {bad!r:.60}")
+    shape, stride = _dims(obj["shape"], "shape"), _dims(obj["stride"], "stride")
     if len(shape) != len(stride):
         raise ValueError("CUDA IPC entry: shape and stride differ in length")
     handle = obj["handle"]
-    if not isinstance(handle, list) or len(handle) != 8:
+    if type(handle) is not list or len(handle) != 8:
         raise ValueError("CUDA IPC entry: handle must be a list of 8 fields (torch's _share_cuda_)")
     device, memory, size, offset, ref, ref_offset, event, sync = handle
-    if not isinstance(sync, bool):
+    if type(sync) is not bool:
         raise ValueError("CUDA IPC entry: handle[7] (event sync required) must be a bool")
     uuid = obj["device_uuid"]
-    if not isinstance(uuid, str) or len(uuid) > 64 or not uuid.isprintable():
+    if type(uuid) is not str or len(uuid) > 64 or not uuid.isprintable():
         raise ValueError("CUDA IPC entry: device_uuid must be a short string")
     entry = CudaHandle(
-        dtype=obj["dtype"],
-        device_uuid=uuid,
-        shape=tuple(shape),
-        stride=tuple(stride),
-        storage_offset=_nonneg(obj["storage_offset"], "storage_offset"),
-        device=_nonneg(device, "handle[0] (device)"),
-        memory_handle=_hex_bytes(memory, "handle[1] (memory handle)"),
-        storage_bytes=_nonneg(size, "handle[2] (storage bytes)"),
-        storage_byte_offset=_nonneg(offset, "handle[3] (storage offset)"),
-        ref_counter_handle=_hex_bytes(ref, "handle[4] (ref-counter handle)"),
-        ref_counter_offset=_nonneg(ref_offset, "handle[5] (ref-counter offset)"),
-        event_handle=_hex_bytes(event, "handle[6] (event handle)"),
-        event_sync_required=sync,
+        obj["dtype"],
+        uuid,
+        shape,
+        stride,
+        _nonneg(obj["storage_offset"], "storage_offset"),
+        _nonneg(device, "handle[0] (device)"),
+        _hex_bytes(memory, "handle[1] (memory handle)"),
+        _nonneg(size, "handle[2] (storage bytes)"),
+        _nonneg(offset, "handle[3] (storage offset)"),
+        _hex_bytes(ref, "handle[4] (ref-counter handle)"),
+        _nonneg(ref_offset, "handle[5] (ref-counter offset)"),
+        _hex_bytes(event, "handle[6] (event handle)"),
+        sync,
     )
-    item = _dtype(entry.dtype).itemsize
-    if entry.numel:
-        last = entry.storage_offset + sum((d - 1) * s for d, s in zip(entry.shape, entry.stride))
-        if (last + 1) * item > entry.storage_bytes:
+    if 0 not in shape:
+        last = entry.storage_offset + sum((d - 1) * s for d, s in zip(shape, stride))
+        if (last + 1) * dtype.itemsize > entry.storage_bytes:
             raise ValueError(
-                f"CUDA IPC entry: the view ends at byte {(last + 1) * item}, past its storage of "
-                f"{entry.storage_bytes} bytes"
+                f"CUDA IPC entry: the view ends at byte {(last + 1) * dtype.itemsize}, past its "
+                f"storage of {entry.storage_bytes} bytes"
             )
     return entry
 

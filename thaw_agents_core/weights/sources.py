@@ -77,11 +77,16 @@ def describe(
 def parse_cuda_ipc(desc: dict[str, Any]) -> dict[str, CudaHandle]:
     """``describe``'s handles, every field validated; no CUDA call yet (a swap opens each one
     as it copies it, so the opens overlap the copies)."""
+    entries = desc.get("tensors")
+    if type(entries) is not list:
+        raise ValueError("cuda_ipc weights: 'tensors' must be a list of entries")
     out = {}
-    for e in desc["tensors"]:
-        if not isinstance(e, dict) or not isinstance(e.get("name"), str):
+    for e in entries:
+        if type(e) is not dict or type(e.get("name")) is not str:
             raise ValueError("cuda_ipc weights: every tensor entry needs a name")
-        out[e["name"]] = parse_entry({k: v for k, v in e.items() if k != "name"})
+        out[e["name"]] = parse_entry(e, named=True)
+    if len(out) != len(entries):
+        raise ValueError("cuda_ipc weights: a tensor name appears twice")
     return out
 
 
