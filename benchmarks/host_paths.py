@@ -304,23 +304,22 @@ def _sync() -> None:
 
 def ipc_child() -> None:
     """Own a state dict on the GPU, print its IPC entries as one JSON line, wait for EOF."""
-    from thaw_agents_core.transport.cuda_ipc import export_tensor
+    from thaw_agents_core.weights.sources import describe_cuda_ipc
 
     tensors = {n: torch.ones(s, dtype=torch.bfloat16, device="cuda") for n, s in engine_shapes()}
     torch.cuda.synchronize()
     for _ in range(2):  # twice: the second export of the same tensors (a trainer's next step)
         began = time.perf_counter()
-        entries = [{"name": n, **export_tensor(t)} for n, t in tensors.items()]
-        print(json.dumps(entries), flush=True)
+        print(json.dumps(describe_cuda_ipc(tensors)), flush=True)
         print(f"[paths] ipc export {time.perf_counter() - began:.5f} s", file=sys.stderr)
     sys.stdin.readline()
     for _ in range(2):
-        print(json.dumps([{"name": n, **export_tensor(t)} for n, t in tensors.items()]), flush=True)
+        print(json.dumps(describe_cuda_ipc(tensors)), flush=True)
     sys.stdin.read()
 
 
 def section_ipc() -> dict[str, Any]:
-    from thaw_agents_core.transport.cuda_ipc import open_tensor, parse_entry
+    from thaw_agents_core.transport.cuda_ipc import open_tensor
     from thaw_agents_core.weights.restore import copy_tensors
     from thaw_agents_core.weights.sources import parse_cuda_ipc
 
@@ -335,8 +334,7 @@ def section_ipc() -> dict[str, Any]:
         kept = []
         for k, entries in enumerate(exports):
             began = time.perf_counter()
-            parsed = [(e["name"], parse_entry({f: v for f, v in e.items() if f != "name"}))
-                      for e in entries]  # fmt: skip
+            parsed = list(parse_cuda_ipc(entries).items())
             parse_s = time.perf_counter() - began
             opened = {n: open_tensor(p) for n, p in parsed}
             torch.cuda.synchronize()
@@ -355,7 +353,7 @@ def section_ipc() -> dict[str, Any]:
         child.stdin.flush()
         held: list[torch.Tensor] = []  # as the engine worker: the last swap's tensors held open
         for k in range(2):
-            desc = {"tensors": json.loads(child.stdout.readline())}
+            desc = json.loads(child.stdout.readline())
             began = time.perf_counter()
             now: list[torch.Tensor] = []
             stats = copy_tensors(parse_cuda_ipc(desc), targets, keep=now)

@@ -148,11 +148,11 @@ def _model_loading_s(log: Path) -> float | None:
 
 
 def _thaw_loader_s(log: Path) -> dict[str, float] | None:
-    """The thaw loader's own "restore R s of T s in the loader (first-use warm-up W s)" line
+    """The thaw loader's own "restore R s of T s in the loader (first-use setup W s)" line
     (None when absent; no warm_up_s from loaders older than that span)."""
     found = re.findall(
         r"thaw: loaded \d+ bytes from .*: restore ([\d.]+) s of ([\d.]+) s in the loader"
-        r"(?: \(first-use warm-up ([\d.]+) s\))?",
+        r"(?: \(first-use (?:warm-up|setup) ([\d.]+) s\))?",
         log.read_text(),
     )
     if not found:

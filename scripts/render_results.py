@@ -379,7 +379,7 @@ def weights_quick_lines(path: Path, data: dict[str, Any]) -> list[str]:
             f"Cold start from `.thaw`: vLLM's model loading {sec(cold.get('model_loading_s'))}, "
             f"of which the thaw loader {sec(loader['loader_s'])} (its restore "
             f"{sec(loader['restore_s'])}"
-            + (f", first-use warm-up {sec(loader['warm_up_s'])}" if "warm_up_s" in loader else "")
+            + (f", first-use setup {sec(loader['warm_up_s'])}" if "warm_up_s" in loader else "")
             + f"); a dummy load's "
             f"{sec((ph.get('dummy') or {}).get('model_loading_s'))}; vLLM's safetensors load "
             f"{sec((ph.get('normal') or {}).get('model_loading_s'))}."

@@ -57,9 +57,8 @@ def _desc(**changes) -> dict:
 def test_a_valid_descriptor_parses_to_the_snapshot_header():
     share = parse_share(_desc(), expect_namespace=NS)
     assert share.header == HEADER
-    assert share.payload.shape == (HEADER.payload_bytes,) and share.payload.memory_handle == (
-        b"\xab" * 64
-    )
+    assert share.payload.shape == (HEADER.payload_bytes,)
+    assert share.payload.storage.memory_handle == b"\xab" * 64
     json.dumps(_desc())  # data only: plain JSON
 
 
@@ -129,31 +128,52 @@ def test_hex_fields_take_only_the_exact_lowercase_form():
         handle[1] = memory
         with pytest.raises(ValueError, match="memory handle"):
             cuda_ipc.parse_entry({**good, "handle": handle})
-    assert cuda_ipc.parse_entry(good).memory_handle == bytes.fromhex("ab" * 64)
+    assert cuda_ipc.parse_entry(good).storage.memory_handle == bytes.fromhex("ab" * 64)
 
 
 def test_a_view_past_its_storage_is_refused():
     with pytest.raises(ValueError, match="past its storage"):
         cuda_ipc.parse_entry(_entry(64, shape=[65]))
+    with pytest.raises(ValueError, match="past its storage"):
+        cuda_ipc.parse_entry(_entry(64, shape=[8, 8], stride=[9, 1]))
     assert cuda_ipc.parse_entry(_entry(64, shape=[0])).numel == 0
 
 
-def test_weight_swap_entries_carry_unique_names():
+def _storage(nbytes: int) -> dict:
+    entry = _entry(nbytes)
+    return {"device_uuid": entry["device_uuid"], "handle": entry["handle"]}
+
+
+def _view(name: str, nbytes: int, storage: int = 0, offset: int = 0) -> dict:
+    return {
+        "name": name,
+        "dtype": "uint8",
+        "shape": [nbytes],
+        "stride": [1],
+        "storage_offset": offset,
+        "storage": storage,
+    }
+
+
+def test_weight_swap_views_share_one_storage_and_carry_unique_names():
     from thaw_agents_core.weights.sources import parse_cuda_ipc
 
-    a, b = {"name": "a", **_entry(64)}, {"name": "b", **_entry(32)}
-    handles = parse_cuda_ipc({"kind": "cuda_ipc", "tensors": [a, b]})
+    desc = {"storages": [_storage(96)], "tensors": [_view("a", 64), _view("b", 32, offset=64)]}
+    handles = parse_cuda_ipc(desc)
     assert list(handles) == ["a", "b"] and handles["b"].shape == (32,)
-    for tensors, match in [
-        ([a, a], "appears twice"),
-        ([_entry(64)], "needs a name"),
-        ([{**a, "extra": 1}], "exactly"),
-        ({"a": a}, "must be a list"),
+    assert handles["a"].storage is handles["b"].storage  # opened once
+    for changes, match in [
+        ({"tensors": [_view("a", 64), _view("a", 32)]}, "appears twice"),
+        ({"tensors": [{k: v for k, v in _view("a", 8).items() if k != "name"}]}, "needs a name"),
+        ({"tensors": [{**_view("a", 8), "extra": 1}]}, "exactly"),
+        ({"tensors": [_view("a", 8, storage=1)]}, "index below 1"),
+        ({"tensors": [_view("a", 8, storage=True)]}, "index below 1"),
+        ({"tensors": [_view("a", 8, offset=90)]}, "past its storage"),
+        ({"storages": [{**_storage(96), "pickle": 1}]}, "exactly"),
+        ({"tensors": {"a": _view("a", 8)}}, "must be lists"),
     ]:
         with pytest.raises(ValueError, match=match):
-            parse_cuda_ipc({"kind": "cuda_ipc", "tensors": tensors})
-    with pytest.raises(ValueError, match="exactly"):
-        cuda_ipc.parse_entry(a)  # a name only where the caller says so
+            parse_cuda_ipc({**desc, **changes})
 
 
 def test_open_share_needs_a_cuda_device():
@@ -228,3 +248,41 @@ def test_fuzz_cuda_ipc_entries(obj):
     except ValueError:
         return
     assert entry.dtype
+
+
+_HANDLES = st.lists(
+    st.integers(-1, 2**65) | st.booleans() | st.sampled_from(["ab" * 64, "AB", "", "2f74"]),
+    min_size=7,
+    max_size=9,
+)
+_STORAGES = st.fixed_dictionaries({"device_uuid": st.text(max_size=8), "handle": _HANDLES})
+_VIEWS = st.fixed_dictionaries(
+    {
+        "name": st.sampled_from(["a", "b"]),
+        "dtype": st.sampled_from(["uint8", "bfloat16", "Tensor", "bogus"]),
+        "shape": st.lists(st.integers(-2, 300), max_size=3),
+        "stride": st.lists(st.integers(-2, 300), max_size=3),
+        "storage_offset": st.integers(-2, 300),
+        "storage": st.integers(-1, 2) | _JSON,
+    }
+)
+
+
+@fuzz(300)
+@given(
+    st.fixed_dictionaries(
+        {"storages": st.lists(_STORAGES, max_size=2), "tensors": st.lists(_VIEWS, max_size=3)}
+    )
+    | st.dictionaries(st.sampled_from(["storages", "tensors"]), _JSON)
+)
+def test_fuzz_weight_swap_descriptors(desc):
+    from thaw_agents_core.weights.sources import parse_cuda_ipc
+
+    try:
+        handles = parse_cuda_ipc(desc)
+    except ValueError:
+        return
+    for h in handles.values():  # what passed fits its storage
+        item = cuda_ipc._dtype(h.dtype).itemsize
+        last = h.storage_offset + sum((d - 1) * s for d, s in zip(h.shape, h.stride))
+        assert h.numel == 0 or (last + 1) * item <= h.storage.storage_bytes

@@ -1,17 +1,22 @@
 """CUDA tensors shared with other processes as JSON: data only, never a pickle.
 
-    export_tensor(t)   owner      -> {"dtype", "shape", "stride", "storage_offset",
-                                      "device_uuid", "handle"}
-    open_tensor(entry) any process on the host -> a tensor over the owner's device memory
+    export_tensor(t)     owner -> {"dtype", "shape", "stride", "storage_offset",
+                                   "device_uuid", "handle"}             one tensor, its storage
+    export_storage(t)    owner -> {"device_uuid", "handle"}               a storage, once
+    export_view(t, i)    owner -> {"dtype", "shape", "stride", "storage_offset", "storage": i}
+    parse_entry / parse_storage / parse_view    validated, nothing opened
+    open_tensor(entry, opened)   any process on the host -> a tensor over the owner's memory
 
 The handle is what torch's own multiprocessing reductions send (``UntypedStorage._share_cuda_``:
 device, IPC memory handle, storage size and offset, reference-counter handle and offset, event
-handle, whether to sync), with the byte strings written as hex. ``parse_entry`` checks every
-field's type and range before anything reaches CUDA, so a malformed entry is a ValueError
-naming the field, never a crash. The owner keeps the tensor alive while others may open it.
-A process that opens the handle of another GPU reads it over the GPUs' link (peer access).
-Processes number devices by their own CUDA_VISIBLE_DEVICES: the device is found by its UUID
-(the handle's index is the owner's numbering), so it must be visible to the opener too.
+handle, whether to sync), with the byte strings written as hex. Many tensors that are views of
+one storage (a trainer's flat parameter buffer) travel as one storage and many views: one
+export, one open, one reference released. Parsing checks every field's type and range and each
+view's extent inside its storage before anything reaches CUDA, so a malformed entry is a
+ValueError naming the field, never a crash. The owner keeps the tensor alive while others may
+open it. A process that opens the handle of another GPU reads it over the GPUs' link (peer
+access). Processes number devices by their own CUDA_VISIBLE_DEVICES: the device is found by
+its UUID (the handle's index is the owner's numbering), so it must be visible to the opener.
 """
 
 from __future__ import annotations
@@ -26,7 +31,6 @@ import torch
 MAX_HANDLE_HEX = 1024  # a cudaIpcMemHandle_t is 64 bytes; torch's ref-counter name is short
 ENTRY_FIELDS = ("dtype", "shape", "stride", "storage_offset", "device_uuid", "handle")
 _FIELDS = frozenset(ENTRY_FIELDS)
-_NAMED_FIELDS = _FIELDS | {"name"}
 
 
 @functools.lru_cache(maxsize=64)  # names come from other processes: bounded
@@ -40,15 +44,11 @@ def _dtype(name: Any) -> torch.dtype | None:
     return _dtype_named(name) if type(name) is str else None
 
 
-class CudaHandle(NamedTuple):
-    """A validated entry: where the tensor lies in the owner's storage, and the handle."""
+class CudaStorage(NamedTuple):
+    """A validated storage handle: the owner's device and its memory."""
 
-    dtype: str
     device_uuid: str
     """The owning device's UUID ("" if unknown: the handle's index is used)."""
-    shape: tuple[int, ...]
-    stride: tuple[int, ...]
-    storage_offset: int
     device: int
     memory_handle: bytes
     storage_bytes: int
@@ -57,6 +57,16 @@ class CudaHandle(NamedTuple):
     ref_counter_offset: int
     event_handle: bytes
     event_sync_required: bool
+
+
+class CudaHandle(NamedTuple):
+    """A validated tensor: where it lies in its storage, and the storage."""
+
+    dtype: str
+    shape: tuple[int, ...]
+    stride: tuple[int, ...]
+    storage_offset: int
+    storage: CudaStorage
 
     @property
     def numel(self) -> int:
@@ -70,19 +80,34 @@ def device_uuid(index: int) -> str:
     return str(torch.cuda.get_device_properties(index).uuid)
 
 
-def export_tensor(t: torch.Tensor) -> dict[str, Any]:
-    """The JSON entry of a CUDA tensor (see the module docstring)."""
+def export_storage(t: torch.Tensor) -> dict[str, Any]:
+    """The JSON entry of a CUDA tensor's storage (see the module docstring)."""
     if not t.is_cuda:
         raise ValueError(f"only CUDA tensors have IPC handles, got one on {t.device}")
     handle = t.untyped_storage()._share_cuda_()
+    return {
+        "device_uuid": device_uuid(t.device.index),
+        "handle": [h.hex() if isinstance(h, bytes) else h for h in handle],
+    }
+
+
+def _view_fields(t: torch.Tensor) -> dict[str, Any]:
     return {
         "dtype": str(t.dtype).removeprefix("torch."),
         "shape": list(t.shape),
         "stride": list(t.stride()),
         "storage_offset": t.storage_offset(),
-        "device_uuid": device_uuid(t.device.index),
-        "handle": [h.hex() if isinstance(h, bytes) else h for h in handle],
     }
+
+
+def export_view(t: torch.Tensor, storage: int) -> dict[str, Any]:
+    """The JSON entry of a CUDA tensor as a view of the ``storage``-th exported storage."""
+    return {**_view_fields(t), "storage": storage}
+
+
+def export_tensor(t: torch.Tensor) -> dict[str, Any]:
+    """The JSON entry of one CUDA tensor with its storage (see the module docstring)."""
+    return {**_view_fields(t), **export_storage(t)}
 
 
 def _hex_bytes(value: Any, what: str) -> bytes:
@@ -113,21 +138,12 @@ def _dims(dims: Any, name: str) -> tuple[int, ...]:
     return tuple(dims)
 
 
-def parse_entry(obj: Any, *, named: bool = False) -> CudaHandle:
-    """Validate an entry from another process (types, ranges, the view inside its storage).
+_STORAGE_FIELDS = frozenset(("device_uuid", "handle"))
+_VIEW_FIELDS = frozenset(("dtype", "shape", "stride", "storage_offset"))
+_NAMED_VIEW_FIELDS = _VIEW_FIELDS | {"name", "storage"}
 
-    ``named``: the entry also carries a ``"name"`` (checked by the caller). Runs once per
-    tensor of a weight swap (hundreds per call), so each check is one cheap type test.
-    """
-    if type(obj) is not dict or obj.keys() != (_NAMED_FIELDS if named else _FIELDS):
-        fields = [*ENTRY_FIELDS, "name"] if named else list(ENTRY_FIELDS)
-        raise ValueError(f"CUDA IPC entry must be an object with exactly {fields}")
-    dtype = _dtype(obj["dtype"])
-    if dtype is None:
-        raise ValueError(f"CUDA IPC entry: dtype {obj['dtype']!r:.60} is not a torch dtype")
-    shape, stride = _dims(obj["shape"], "shape"), _dims(obj["stride"], "stride")
-    if len(shape) != len(stride):
-        raise ValueError("CUDA IPC entry: shape and stride differ in length")
+
+def _storage(obj: dict[str, Any]) -> CudaStorage:
     handle = obj["handle"]
     if type(handle) is not list or len(handle) != 8:
         raise ValueError("CUDA IPC entry: handle must be a list of 8 fields (torch's _share_cuda_)")
@@ -137,12 +153,8 @@ def parse_entry(obj: Any, *, named: bool = False) -> CudaHandle:
     uuid = obj["device_uuid"]
     if type(uuid) is not str or len(uuid) > 64 or not uuid.isprintable():
         raise ValueError("CUDA IPC entry: device_uuid must be a short string")
-    entry = CudaHandle(
-        obj["dtype"],
+    return CudaStorage(
         uuid,
-        shape,
-        stride,
-        _nonneg(obj["storage_offset"], "storage_offset"),
         _nonneg(device, "handle[0] (device)"),
         _hex_bytes(memory, "handle[1] (memory handle)"),
         _nonneg(size, "handle[2] (storage bytes)"),
@@ -152,47 +164,102 @@ def parse_entry(obj: Any, *, named: bool = False) -> CudaHandle:
         _hex_bytes(event, "handle[6] (event handle)"),
         sync,
     )
+
+
+def _view(obj: dict[str, Any], storage: CudaStorage) -> CudaHandle:
+    dtype = _dtype(obj["dtype"])
+    if dtype is None:
+        raise ValueError(f"CUDA IPC entry: dtype {obj['dtype']!r:.60} is not a torch dtype")
+    shape, stride = _dims(obj["shape"], "shape"), _dims(obj["stride"], "stride")
+    if len(shape) != len(stride):
+        raise ValueError("CUDA IPC entry: shape and stride differ in length")
+    offset = _nonneg(obj["storage_offset"], "storage_offset")
     if 0 not in shape:
-        last = entry.storage_offset + sum((d - 1) * s for d, s in zip(shape, stride))
-        if (last + 1) * dtype.itemsize > entry.storage_bytes:
+        end = (offset + sum((d - 1) * s for d, s in zip(shape, stride)) + 1) * dtype.itemsize
+        if end > storage.storage_bytes:
             raise ValueError(
-                f"CUDA IPC entry: the view ends at byte {(last + 1) * dtype.itemsize}, past its "
-                f"storage of {entry.storage_bytes} bytes"
+                f"CUDA IPC entry: the view ends at byte {end}, past its storage of "
+                f"{storage.storage_bytes} bytes"
             )
-    return entry
+    return CudaHandle(obj["dtype"], shape, stride, offset, storage)
 
 
-def local_device(entry: CudaHandle) -> int:
+def parse_storage(obj: Any) -> CudaStorage:
+    """Validate a storage entry from another process (``export_storage``'s)."""
+    if type(obj) is not dict or obj.keys() != _STORAGE_FIELDS:
+        raise ValueError(
+            f"CUDA IPC storage must be an object with exactly {sorted(_STORAGE_FIELDS)}"
+        )
+    return _storage(obj)
+
+
+def parse_view(obj: Any, storages: list[CudaStorage]) -> CudaHandle:
+    """Validate a named view entry (``export_view``'s, plus ``"name"``) of ``storages``."""
+    if type(obj) is not dict or obj.keys() != _NAMED_VIEW_FIELDS:
+        raise ValueError(
+            f"CUDA IPC view must be an object with exactly {sorted(_NAMED_VIEW_FIELDS)}"
+        )
+    index = obj["storage"]
+    if type(index) is not int or not 0 <= index < len(storages):
+        raise ValueError(
+            f"CUDA IPC view: storage must be an index below {len(storages)}, got {index!r:.60}"
+        )
+    return _view(obj, storages[index])
+
+
+def parse_entry(obj: Any) -> CudaHandle:
+    """Validate a one-tensor entry from another process (``export_tensor``'s)."""
+    if type(obj) is not dict or obj.keys() != _FIELDS:
+        raise ValueError(f"CUDA IPC entry must be an object with exactly {list(ENTRY_FIELDS)}")
+    return _view(obj, _storage(obj))
+
+
+def local_device(storage: CudaStorage) -> int:
     """This process's index of the device holding the memory (by UUID, else the owner's
     index); ValueError when this process does not see that device."""
     count = torch.cuda.device_count()
-    if entry.device_uuid:
+    if storage.device_uuid:
         for i in range(count):
-            if device_uuid(i) == entry.device_uuid:
+            if device_uuid(i) == storage.device_uuid:
                 return i
         raise ValueError(
-            f"the memory lies on device {entry.device_uuid}, which this process does not see "
+            f"the memory lies on device {storage.device_uuid}, which this process does not see "
             f"(CUDA_VISIBLE_DEVICES={os.environ.get('CUDA_VISIBLE_DEVICES')!r})"
         )
-    if entry.device >= count:
-        raise ValueError(f"CUDA IPC entry names device {entry.device}; this process sees {count}")
-    return entry.device
+    if storage.device >= count:
+        raise ValueError(f"CUDA IPC entry names device {storage.device}; this process sees {count}")
+    return storage.device
 
 
-def open_tensor(entry: CudaHandle | dict[str, Any]) -> torch.Tensor:
-    """A tensor over the owner's device memory (valid while the owner keeps it alive)."""
-    e = entry if isinstance(entry, CudaHandle) else parse_entry(entry)
-    device = local_device(e)
+def open_storage(s: CudaStorage) -> tuple[torch.UntypedStorage, int]:
+    """The owner's storage in this process, and this process's index of its device."""
+    device = local_device(s)
     storage = torch.UntypedStorage._new_shared_cuda(
         device,
-        e.memory_handle,
-        e.storage_bytes,
-        e.storage_byte_offset,
-        e.ref_counter_handle,
-        e.ref_counter_offset,
-        e.event_handle,
-        e.event_sync_required,
+        s.memory_handle,
+        s.storage_bytes,
+        s.storage_byte_offset,
+        s.ref_counter_handle,
+        s.ref_counter_offset,
+        s.event_handle,
+        s.event_sync_required,
     )
+    return storage, device
+
+
+def open_tensor(
+    entry: CudaHandle | dict[str, Any],
+    opened: dict[CudaStorage, tuple[torch.UntypedStorage, int]] | None = None,
+) -> torch.Tensor:
+    """A tensor over the owner's device memory (valid while the owner keeps it alive).
+    ``opened``: storages already opened in this batch (one open per storage; filled here)."""
+    e = entry if isinstance(entry, CudaHandle) else parse_entry(entry)
+    found = None if opened is None else opened.get(e.storage)
+    if found is None:
+        found = open_storage(e.storage)
+        if opened is not None:
+            opened[e.storage] = found
+    storage, device = found
     t = torch.empty(0, dtype=_dtype(e.dtype), device=f"cuda:{device}")
     t.set_(storage, e.storage_offset, e.shape, e.stride)
     return t

@@ -221,22 +221,20 @@ class StreamScheduler:
             self._pool = ThreadPoolExecutor(_FILL_THREADS, thread_name_prefix="thaw-fill")
         return self._staging
 
-    def warm_up(self, crc_chunk_bytes: int = 1 << 20) -> float:
-        """Pay the first-use costs now (streams, pinned staging, fill threads, the CRC
-        kernel's load); returns the seconds it took. A fresh engine's loader calls this so
-        its log tells them apart from the copy itself. No-op on CPU."""
+    def warm_up(self) -> float:
+        """Pay the first-use costs of the copy path now (streams, pinned staging, fill
+        threads); returns the seconds it took. A fresh engine's loader calls this so its log
+        tells them apart from the copy. The CRC kernel is not launched here: Triton compiles
+        a variant per argument specialisation, so a probe would compile one no copy uses.
+        No-op on CPU."""
         if not self.is_cuda:
             return 0.0
         began = time.perf_counter()
         with self._lock:
-            copy_stream, crc_stream = self._ensure_streams()
+            self._ensure_streams()
             self._ensure_staging()
             assert self._pool is not None
             _split(self._pool, _FILL_THREADS << 20, lambda a, b: None)  # threads started
-            probe = torch.zeros(crc_chunk_bytes, dtype=torch.uint8, device=self.device)
-            with torch.cuda.stream(crc_stream):
-                chunk_crc32c(probe, crc_chunk_bytes)
-            crc_stream.synchronize()
         return time.perf_counter() - began
 
     # ------------------------------------------------------------------ host -> device

