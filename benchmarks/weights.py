@@ -11,6 +11,8 @@ GPU (default; Llama-3.1-8B shapes, bf16, random weights generated on the GPU):
   hot_swap     load_weights(WeightsBuffer registered once)                   goal >= 0.95x raw
   file_restore load_weights(page-cached .thaw, not registered)               goal >= 25 GB/s
   state_dict   load_weights({name: CUDA tensor of this process}) via IPC     goal <= 2x D2D copy
+               (each timed push after a 16-token generation, as pushes come in an RL loop;
+               also as views of one flat buffer; a push with the final norm zeroed first)
   sleep_wake   vLLM sleep(level=1) / wake_up() (the same weights back)       hot swap >= 1.5x faster
   cold_thaw    engine start with load_format="thaw"                          weight phase >= 4x faster
   dummy        engine start with load_format="dummy" (what is not the weight phase)
@@ -87,9 +89,14 @@ class Run:
         return None if "error" in record else record
 
 
-def _median(fn: Callable[[], Any], reps: int = REPS) -> tuple[float, list[float]]:
+def _median(
+    fn: Callable[[], Any], reps: int = REPS, between: Callable[[], Any] | None = None
+) -> tuple[float, list[float]]:
+    """Median seconds of ``fn`` over ``reps`` calls (``between`` runs untimed before each)."""
     times = []
     for _ in range(reps):
+        if between is not None:
+            between()
         began = time.perf_counter()
         fn()
         times.append(time.perf_counter() - began)
@@ -543,11 +550,16 @@ def main(argv: list[str] | None = None) -> int:
         engine.load_weights({**tensors, norm: torch.zeros_like(tensors[norm])}, "sd-zeroed")
         first_s = time.perf_counter() - began  # the first push: every IPC handle opened
         took_effect = _greedy(engine) != state["tokens"]
-        # after the first push, pushes of the same tensors (a trainer's next steps) reopen
-        # them from the worker's handle cache
+
+        # After the first push, pushes of the same tensors (a trainer's next steps) reopen them
+        # from the worker's handle cache. Each timed push follows a short generation, as in an
+        # RL loop (rollouts between pushes); the worker drops the last push's tensors meanwhile.
+        def generate() -> None:
+            _greedy(engine)
+
         swaps: list[dict[str, Any]] = []
         seconds, times = _median(
-            lambda: swaps.append(engine.load_weights(tensors, next(versions))), 5
+            lambda: swaps.append(engine.load_weights(tensors, next(versions))), 5, generate
         )
         flat = [t.view(-1) for t in tensors.values()]
         copies = [torch.empty_like(t) for t in flat]
@@ -561,7 +573,9 @@ def main(argv: list[str] | None = None) -> int:
         tensors.clear()
         packed_swaps: list[dict[str, Any]] = []
         packed_s, packed_times = _median(
-            lambda: packed_swaps.append(engine.load_weights(packed_sd, next(versions))), 5
+            lambda: packed_swaps.append(engine.load_weights(packed_sd, next(versions))),
+            5,
+            generate,
         )
         same = same and _greedy(engine) == state["tokens"]
         packed_sd.clear()

@@ -415,3 +415,38 @@ def test_each_rank_finds_its_file(tmp_path):
     own = rank_path(base, 1, 2)
     own.write_bytes(b"")
     assert resolve_rank_file(base, 1, 2) == own and resolve_rank_file(base, 0, 1) == base
+
+
+def _tied_model() -> torch.nn.Module:
+    class Block(torch.nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.proj = torch.nn.Linear(4, 4)
+            self.norm = torch.nn.LayerNorm(4)
+
+    model = torch.nn.Module()
+    model.embed = torch.nn.Embedding(10, 4)
+    model.layers = torch.nn.ModuleList([Block(), Block()])
+    model.alias = model.layers[1]  # one module under two names
+    model.head = torch.nn.Linear(4, 10, bias=False)
+    model.head.weight = model.embed.weight  # tied: listed once
+    return model
+
+
+def test_targets_follow_named_parameters_and_see_replaced_parameters():
+    from thaw_agents_core.weights.model_params import targets
+
+    model = _tied_model()
+
+    def expected() -> list[tuple[str, int]]:
+        return [(n, p.data_ptr()) for n, p in model.named_parameters()]
+
+    def got() -> list[tuple[str, int]]:
+        return [(n, t.data_ptr()) for n, t in targets(model).items()]
+
+    assert got() == expected() and len(got()) == 9
+    assert got() == expected()  # the kept walk
+    model.layers[0].proj.weight = torch.nn.Parameter(torch.zeros(4, 4))  # replaced in its module
+    assert got() == expected()
+    model.layers[1].norm.bias.data = torch.ones(4)  # .data re-pointed
+    assert got() == expected()

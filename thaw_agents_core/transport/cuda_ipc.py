@@ -3,6 +3,7 @@
     export_tensor(t)     owner -> {"dtype", "shape", "stride", "storage_offset",
                                    "device_uuid", "handle"}             one tensor, its storage
     export_storage(t)    owner -> {"device_uuid", "handle"}               a storage, once
+                                   (export_untyped: the same for a storage in hand)
     export_view(t, i)    owner -> {"dtype", "shape", "stride", "storage_offset", "storage": i}
     parse_entry / parse_storage / parse_view    validated, nothing opened
     open_tensor(entry, opened)   any process on the host -> a tensor over the owner's memory
@@ -84,9 +85,14 @@ def export_storage(t: torch.Tensor) -> dict[str, Any]:
     """The JSON entry of a CUDA tensor's storage (see the module docstring)."""
     if not t.is_cuda:
         raise ValueError(f"only CUDA tensors have IPC handles, got one on {t.device}")
-    handle = t.untyped_storage()._share_cuda_()
+    return export_untyped(t.untyped_storage(), t.device.index)
+
+
+def export_untyped(storage: torch.UntypedStorage, device_index: int) -> dict[str, Any]:
+    """:func:`export_storage` of a CUDA storage already in hand."""
+    handle = storage._share_cuda_()
     return {
-        "device_uuid": device_uuid(t.device.index),
+        "device_uuid": device_uuid(device_index),
         "handle": [h.hex() if isinstance(h, bytes) else h for h in handle],
     }
 

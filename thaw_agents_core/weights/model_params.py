@@ -115,9 +115,33 @@ def _reprocess(model: torch.nn.Module, vllm_config: Any) -> None:
         process_weights_after_loading(model, vllm_config.model_config, torch.device("cpu"))
 
 
+_WALKS: weakref.WeakKeyDictionary[
+    torch.nn.Module, list[tuple[dict[str, Any], str, torch.nn.Parameter, str]]
+] = weakref.WeakKeyDictionary()
+"""model -> (its module's parameter dict, key, parameter, full name) for every parameter, in
+``named_parameters`` order: the module walk done once per model."""
+
+
 def targets(model: torch.nn.Module) -> dict[str, torch.Tensor]:
-    """name -> the parameter tensor to write (engine layout; tied weights appear once)."""
-    return {name: p.data for name, p in model.named_parameters()}
+    """name -> the parameter tensor to write (engine layout; tied weights appear once).
+
+    ``named_parameters()`` walks every module (1-3 ms for an 8B model on the H200 host, twice
+    per swap); the walk is kept per model and reused while each parameter is still the one its
+    module holds under that key (a parameter replaced there, as CPU post-processing does,
+    means a new walk; the module tree itself is fixed once vLLM built the model). ``.data`` is
+    read on every call.
+    """
+    walk = _WALKS.get(model)
+    if walk is None or any(params.get(key) is not p for params, key, p, _ in walk):
+        walk, seen = [], set()
+        for prefix, module in model.named_modules():
+            params = module._parameters
+            for key, p in params.items():
+                if p is not None and id(p) not in seen:
+                    seen.add(id(p))
+                    walk.append((params, key, p, f"{prefix}.{key}" if prefix else key))
+        _WALKS[model] = walk
+    return {name: p.data for _, _, p, name in walk}
 
 
 def install(

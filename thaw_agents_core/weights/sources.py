@@ -27,7 +27,7 @@ import torch
 
 from thaw_agents_core.transport.cuda_ipc import (
     CudaHandle,
-    export_storage,
+    export_untyped,
     export_view,
     parse_storage,
     parse_view,
@@ -79,16 +79,17 @@ def describe(
 def describe_cuda_ipc(src: Mapping[str, torch.Tensor], layout: str = "auto") -> dict[str, Any]:
     """CUDA tensors as IPC handles: each storage exported once, each tensor a view of one
     (a state dict over one flat buffer is one handle)."""
-    index: dict[tuple[int, int, int], int] = {}
+    index: dict[tuple[int, int], int] = {}
     storages: list[dict[str, Any]] = []
     views = []
     for name, t in src.items():
         storage = t.untyped_storage()
-        key = (t.device.index, storage.data_ptr(), storage.nbytes())
+        device = t.get_device()
+        key = (device, storage.data_ptr())
         i = index.get(key) if key[1] else None  # empty storages are never shared
         if i is None:
             i = len(storages)
-            storages.append(export_storage(t))
+            storages.append(export_untyped(storage, device))
             if key[1]:
                 index[key] = i
         views.append({"name": name, **export_view(t, i)})
