@@ -360,7 +360,12 @@ def weights_quick_lines(path: Path, data: dict[str, Any]) -> list[str]:
             f"describe {ms1(spans['describe_s'])} + the load RPC {ms1(spans['rpc_s'])} (in the "
             f"worker {ms1(call)}: handles validated {ms1(worker['parse_s'])}{more}; opened and "
             f"copied {ms1(copy)}) + "
-            f"prefix-cache reset {ms1(spans['reset_s'])}, against a device copy of "
+            + (
+                f"prefix-cache reset {ms1(spans['reset_s'])}"
+                if (spans["reset_s"] or 0) >= 5e-4
+                else "the prefix-cache reset (sent right behind the load: inside its time)"
+            )
+            + ", against a device copy of "
             f"{ms1(sd.get('d2d_s'))} (**{sd.get('ratio_to_d2d')}x**)"
             + (
                 f"; the same weights as views of one flat buffer (one handle) "
@@ -543,6 +548,50 @@ def fanout_scale_table(path: Path, data: dict[str, Any]) -> list[str]:
     return lines
 
 
+def fanout_profile_lines(path: Path, data: dict[str, Any]) -> list[str]:
+    """Where a 256-branch decode round's time goes (``fanout_scale.py --profile``)."""
+    thaw = data.get("thaw") or {}
+    prof, spec = thaw.get("profile"), data.get("spec") or {}
+    if not prof:
+        return []
+    groups = prof["groups_ms_per_step"]
+    rows = thaw.get("rows") or [{}]
+    kernels = ", ".join(
+        f"{g} {groups[g]:.1f} ms"
+        for g in ("matmul", "attention", "other", "sampling")
+        if g in groups
+    )
+    text = (
+        f"**Where a large fan-out's time goes** ({source(path, data)}; `fanout_scale.py "
+        f"--profile`; ChatThaw's engine, {prof['batch']} branches x {prof['steps']} tokens over "
+        f"the {spec.get('prefix')}-token prefix, torch's profiler in the engine's worker): "
+        f"{prof['wall_ms_per_step']:.1f} ms of wall per token of the round "
+        f"({prof['wall_s']:.2f} s; unprofiled {rows[0].get('wall_s', 0):.2f} s), of which the "
+        f"GPU ran kernels {prof['device_ms_per_step']:.1f} ms per step ({kernels}); it was busy "
+        f"{prof['device_busy_fraction']:.0%} of the round."
+    )
+    scale = path.with_name(path.name.replace("fanout_profile_", "fanout_scale_"))
+    if scale.is_file():
+        rows256 = [
+            r
+            for r in (json.loads(scale.read_text()).get("configs") or {})
+            .get("thaw", {})
+            .get("rows", [])
+            if r.get("batch") == prof["batch"] and r.get("tokens", 0) > prof["steps"]
+        ]
+        if rows256 and rows[0].get("wall_s"):
+            long, short = rows256[0], rows[0]
+            step = (long["wall_s"] - short["wall_s"]) / (long["tokens"] - short["tokens"])
+            fixed = short["wall_s"] - short["tokens"] * step
+            text += (
+                f" With the {long['tokens']}-token round of `{scale.name}` (same engine, "
+                f"{long['wall_s']:.2f} s): about {step * 1e3:.1f} ms per decode step and "
+                f"{fixed:.2f} s fixed per round (admitting {prof['batch']} branches that each "
+                "carry the prefix's tokens, and the first step)."
+            )
+    return [text]
+
+
 def attention_table(path: Path, data: dict[str, Any]) -> list[str]:
     cfg = data["config"]
     lines = [
@@ -618,6 +667,7 @@ def measured(results: Path, chart_dir: Path | None = None) -> str:
         ("weights_*.json", weights_table),
         ("host_paths_*.json", host_paths_table),
         ("fanout_scale_*.json", fanout_scale_table),
+        ("fanout_profile_*.json", fanout_profile_lines),
         ("shared_prefix_attention_*.json", attention_table),
     ):
         for path, data in load(results, pattern):
