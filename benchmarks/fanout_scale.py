@@ -18,6 +18,9 @@ compared across configurations (top-1 agreement, max difference of the chosen to
 log-probabilities), and the same for the float32 tiny model (must be identical).
 Writes benchmarks/results/fanout_scale_<gpu>.json (or _cpu with --smoke).
 
+--block-sizes 16,64: ChatThaw's configuration at each KV block size, each round also run with
+16 tokens so its time splits into a per-step and a fixed cost; fanout_blocks_<gpu>.json.
+
 --profile: ChatThaw's configuration only, B=256 x 64 tokens, one round under torch's profiler
 in the engine's worker (CUDA activity, through ``collective_rpc`` with a function, which needs
 VLLM_ALLOW_INSECURE_SERIALIZATION=1 in that child only): the kernels by device time, grouped
@@ -34,6 +37,7 @@ import subprocess
 import sys
 import time
 from pathlib import Path
+from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _common import device_slug, machine_info, write_results  # noqa: E402
@@ -106,6 +110,34 @@ def _profile_summary(rows: list, wall_s: float, steps: int) -> dict:
     }
 
 
+def _round(llm: Any, prefix: list, tok: Any, batch: int, tokens: int, repeats: int) -> dict:
+    """The best of ``repeats`` rounds of ``batch`` branches x ``tokens`` over ``prefix``."""
+    from vllm import SamplingParams
+    from vllm.inputs import TokensPrompt
+
+    prompts = [
+        TokensPrompt(prompt_token_ids=prefix + [tok(1000 + b), tok(2000 + b)]) for b in range(batch)
+    ]
+    params = SamplingParams(
+        max_tokens=tokens, temperature=0.8, ignore_eos=True, detokenize=False, seed=None
+    )
+    walls, cached = [], None
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        outs = llm.generate(prompts, params, use_tqdm=False)
+        walls.append(time.perf_counter() - t0)
+        cached = min(int(o.num_cached_tokens or 0) for o in outs)
+    best = min(walls)
+    return {
+        "batch": batch,
+        "tokens": tokens,
+        "wall_s": round(best, 4),
+        "walls_s": [round(w, 4) for w in walls],
+        "ms_per_step": round(1000 * best / tokens, 3),
+        "min_cached_prefix_tokens": cached,
+    }
+
+
 def _child(config: str, spec: dict) -> dict:
     """One configuration in this (fresh) process: start its engine, run every size."""
     from vllm import LLM, SamplingParams
@@ -127,6 +159,7 @@ def _child(config: str, spec: dict) -> dict:
         gpu_memory_utilization=spec["gpu_memory_utilization"],
         enforce_eager=spec["eager"],
         max_num_seqs=max(spec["batches"]),
+        **({"block_size": spec["block_size"]} if spec.get("block_size") else {}),
         **kwargs,
     )
     startup_s = time.perf_counter() - began
@@ -143,32 +176,11 @@ def _child(config: str, spec: dict) -> dict:
         use_tqdm=False,
     )
     rows = []
+    lengths = [spec["tokens"], *([spec["short_tokens"]] if spec.get("short_tokens") else [])]
     for batch in spec["batches"]:
-        prompts = [
-            TokensPrompt(prompt_token_ids=prefix + [tok(1000 + b), tok(2000 + b)])
-            for b in range(batch)
-        ]
-        params = SamplingParams(
-            max_tokens=spec["tokens"], temperature=0.8, ignore_eos=True, detokenize=False, seed=None
-        )
-        walls, cached = [], None
-        for _ in range(spec["repeats"]):
-            t0 = time.perf_counter()
-            outs = llm.generate(prompts, params, use_tqdm=False)
-            walls.append(time.perf_counter() - t0)
-            cached = min(int(o.num_cached_tokens or 0) for o in outs)
-        best = min(walls)
-        rows.append(
-            {
-                "batch": batch,
-                "tokens": spec["tokens"],
-                "wall_s": round(best, 4),
-                "walls_s": [round(w, 4) for w in walls],
-                "ms_per_step": round(1000 * best / spec["tokens"], 3),
-                "min_cached_prefix_tokens": cached,
-            }
-        )
-        print(f"RESULT-ROW {config} B={batch} {best:.3f}s", flush=True)
+        for tokens in lengths:
+            rows.append(_round(llm, prefix, tok, batch, tokens, spec["repeats"]))
+            print(f"RESULT-ROW {config} B={batch} T={tokens} {rows[-1]['wall_s']:.3f}s", flush=True)
     if spec.get("profile"):
         batch = max(spec["batches"])
         prompts = [
@@ -347,6 +359,47 @@ def _profile_main(spec: dict, smoke: bool) -> int:
     return 0 if prof else 1
 
 
+def _blocks_main(spec: dict, block_sizes: list[int], smoke: bool) -> int:
+    """ChatThaw's engine at each KV block size: B x T rounds and B x 16 rounds, so each size's
+    round splits into a per-step cost and a fixed cost (admission: vLLM hashes, looks up and
+    references every prefix block of every branch); greedy tokens compared across sizes."""
+    spec = {**spec, "short_tokens": 16}
+    results: dict = {"spec": spec, "block_sizes": {}, "errors": {}}
+    for size in block_sizes:
+        try:
+            got = _run_child(
+                ["--child", "thaw", "--spec", json.dumps({**spec, "block_size": size})], {}, 420
+            )
+        except Exception as exc:  # noqa: BLE001 - recorded; the next size still runs
+            results["errors"][str(size)] = f"{type(exc).__name__}: {exc}"[-3000:]
+            continue
+        rows = got["rows"]
+        for long, short in zip(rows[::2], rows[1::2]):
+            step = (long["wall_s"] - short["wall_s"]) / (long["tokens"] - short["tokens"])
+            long["split"] = {
+                "ms_per_decode_step": round(step * 1e3, 3),
+                "fixed_s": round(short["wall_s"] - short["tokens"] * step, 3),
+            }
+        results["block_sizes"][str(size)] = got
+    sizes = list(results["block_sizes"].values())
+    if len(sizes) > 1:
+        results["greedy_identical_across_sizes"] = all(
+            s["greedy_tokens"] == sizes[0]["greedy_tokens"] for s in sizes[1:]
+        )
+    for data in sizes:
+        data.pop("greedy_tokens", None)
+        data.pop("greedy_logprobs", None)
+    results["machine"] = machine_info()
+    name = "fanout_blocks_cpu.json" if smoke else f"fanout_blocks_{device_slug()}.json"
+    write_results(RESULTS / name, results)
+    for size, data in results["block_sizes"].items():
+        for row in data["rows"]:
+            print(f"block {size:>3} B={row['batch']} T={row['tokens']} {row['wall_s']:.3f} s "
+                  f"{row.get('split', '')}")  # fmt: skip
+    print(json.dumps({k: results.get(k) for k in ("errors", "greedy_identical_across_sizes")}))
+    return 0 if not results["errors"] else 1
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--smoke", action="store_true", help="CPU, tiny model, small sizes")
@@ -356,6 +409,9 @@ def main() -> int:
     parser.add_argument("--repeats", type=int, default=2)
     parser.add_argument(
         "--profile", action="store_true", help="ChatThaw's engine, B=256 x 64, under the profiler"
+    )
+    parser.add_argument(
+        "--block-sizes", default=None, help="ChatThaw's engine at each KV block size (16,64)"
     )
     parser.add_argument("--child", default=None, help=argparse.SUPPRESS)
     parser.add_argument("--tiny-child", default=None, help=argparse.SUPPRESS)
@@ -399,6 +455,9 @@ def main() -> int:
     spec["vocab"] = json.loads((Path(spec["model"]) / "config.json").read_text())["vocab_size"]
     if args.profile:
         return _profile_main(spec, args.smoke)
+    if args.block_sizes:
+        sizes = [int(b) for b in args.block_sizes.split(",")]
+        return _blocks_main(spec, sizes, args.smoke)
     ceilings = None if args.smoke else _ceilings()
     results: dict = {"spec": spec, "ceilings": ceilings, "configs": {}, "errors": {}}
     envs = {"vllm_default": {}, "thaw": {}}

@@ -2,7 +2,7 @@
 # GPU stages, run on the lent GPU (H200 now) through the device tool (see README, "GPU").
 #   bash scripts/gpu_run.sh STAGE [STAGE ...]
 # Stages: env | kernels | kernels-quick | stream | connector | connector-async-off | transport | fanout |
-#         fanout-graphs | fanout-scale | fanout-profile | weights | weights-quick | weights-sd | weights-tests | attention | share | paths
+#         fanout-graphs | fanout-scale | fanout-profile | fanout-blocks | weights | weights-quick | weights-sd | weights-tests | attention | share | paths
 # vLLM stages need vLLM 0.26 on PYTHONPATH first (source ../shared/gpu's vllm_env.sh).
 # Wheels the GPU image lacks (google-crc32c, platformdirs) travel in .whl/ and go to /tmp/pp.
 set -uo pipefail
@@ -52,6 +52,7 @@ for stage in "$@"; do
     paths) timeout 300 python3 benchmarks/host_paths.py --sections "${PATHS_SECTIONS:-write_read,thaw,ipc}" || status=1 ;;
     fanout-scale) timeout 590 python3 benchmarks/fanout_scale.py || status=1 ;;
     fanout-profile) timeout 500 python3 benchmarks/fanout_scale.py --profile || status=1 ;;
+    fanout-blocks) timeout 560 python3 benchmarks/fanout_scale.py --batches 256 --block-sizes 16,64 || status=1 ;;
     connector-async-off) THAW_CONNECTOR_ASYNC_SCHEDULING=0 timeout 300 python3 -m pytest -q -p no:cacheprovider \
                tests/integration/test_connector.py -k "flipped_byte or loads_and_matches" || status=1 ;;
     *) echo "unknown stage $stage"; status=2 ;;
