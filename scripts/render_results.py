@@ -570,26 +570,44 @@ def fanout_profile_lines(path: Path, data: dict[str, Any]) -> list[str]:
         f"GPU ran kernels {prof['device_ms_per_step']:.1f} ms per step ({kernels}); it was busy "
         f"{prof['device_busy_fraction']:.0%} of the round."
     )
-    scale = path.with_name(path.name.replace("fanout_profile_", "fanout_scale_"))
-    if scale.is_file():
-        rows256 = [
-            r
-            for r in (json.loads(scale.read_text()).get("configs") or {})
-            .get("thaw", {})
-            .get("rows", [])
-            if r.get("batch") == prof["batch"] and r.get("tokens", 0) > prof["steps"]
-        ]
-        if rows256 and rows[0].get("wall_s"):
-            long, short = rows256[0], rows[0]
-            step = (long["wall_s"] - short["wall_s"]) / (long["tokens"] - short["tokens"])
-            fixed = short["wall_s"] - short["tokens"] * step
-            text += (
-                f" With the {long['tokens']}-token round of `{scale.name}` (same engine, "
-                f"{long['wall_s']:.2f} s): about {step * 1e3:.1f} ms per decode step and "
-                f"{fixed:.2f} s fixed per round (admitting {prof['batch']} branches that each "
-                "carry the prefix's tokens, and the first step)."
-            )
     return [text]
+
+
+def fanout_blocks_lines(path: Path, data: dict[str, Any]) -> list[str]:
+    """ChatThaw's engine at several KV block sizes (``fanout_scale.py --block-sizes``)."""
+    sizes = data.get("block_sizes") or {}
+    spec = data.get("spec") or {}
+    parts = []
+    for size, got in sizes.items():
+        row = next((r for r in got.get("rows", []) if "split" in r), None)
+        if row is None:
+            continue
+        split = row["split"]
+        parts.append(
+            (
+                row["wall_s"],
+                f"block size {size}: {row['wall_s']:.2f} s ({row['ms_per_step']:.1f} ms per token "
+                f"of the round = {split['ms_per_decode_step']:.1f} ms per decode step + "
+                f"{split['fixed_s']:.2f} s fixed; cached prefix tokens >= "
+                f"{row['min_cached_prefix_tokens']})",
+                row,
+            )
+        )
+    if not parts:
+        return []
+    best, worst = min(parts)[0], max(parts)[0]
+    row = parts[0][2]
+    return [
+        f"**KV block size for large fan-outs** ({source(path, data)}; `fanout_scale.py "
+        f"--block-sizes`; ChatThaw's engine, {row['batch']} branches x {row['tokens']} tokens "
+        f"over the {spec.get('prefix')}-token prefix, each also run for {spec.get('short_tokens')} "
+        "tokens to split per-step and fixed cost): "
+        + "; ".join(text for _, text, _ in parts)
+        + f". Larger blocks: **{worst / best:.2f}x** faster; greedy tokens identical across the "
+        f"sizes: {data.get('greedy_identical_across_sizes')}. vLLM hashes, looks up and "
+        "references every prefix block of every branch at admission and carries each branch's "
+        "block table every step; ChatThaw's engines still use vLLM's default size (16)."
+    ]
 
 
 def attention_table(path: Path, data: dict[str, Any]) -> list[str]:
@@ -668,6 +686,7 @@ def measured(results: Path, chart_dir: Path | None = None) -> str:
         ("host_paths_*.json", host_paths_table),
         ("fanout_scale_*.json", fanout_scale_table),
         ("fanout_profile_*.json", fanout_profile_lines),
+        ("fanout_blocks_*.json", fanout_blocks_lines),
         ("shared_prefix_attention_*.json", attention_table),
     ):
         for path, data in load(results, pattern):
