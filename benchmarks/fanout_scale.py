@@ -110,8 +110,8 @@ def _profile_summary(rows: list, wall_s: float, steps: int) -> dict:
     }
 
 
-def _round(llm: Any, prefix: list, tok: Any, batch: int, tokens: int, repeats: int) -> dict:
-    """The best of ``repeats`` rounds of ``batch`` branches x ``tokens`` over ``prefix``."""
+def _branches(prefix: list, tok: Any, batch: int, tokens: int) -> tuple[list, Any]:
+    """``batch`` prompts of ``prefix`` + two branch tokens each, and their sampling (T=0.8)."""
     from vllm import SamplingParams
     from vllm.inputs import TokensPrompt
 
@@ -121,6 +121,12 @@ def _round(llm: Any, prefix: list, tok: Any, batch: int, tokens: int, repeats: i
     params = SamplingParams(
         max_tokens=tokens, temperature=0.8, ignore_eos=True, detokenize=False, seed=None
     )
+    return prompts, params
+
+
+def _round(llm: Any, prefix: list, tok: Any, batch: int, tokens: int, repeats: int) -> dict:
+    """The best of ``repeats`` rounds of ``batch`` branches x ``tokens`` over ``prefix``."""
+    prompts, params = _branches(prefix, tok, batch, tokens)
     walls, cached = [], None
     for _ in range(repeats):
         t0 = time.perf_counter()
@@ -183,13 +189,7 @@ def _child(config: str, spec: dict) -> dict:
             print(f"RESULT-ROW {config} B={batch} T={tokens} {rows[-1]['wall_s']:.3f}s", flush=True)
     if spec.get("profile"):
         batch = max(spec["batches"])
-        prompts = [
-            TokensPrompt(prompt_token_ids=prefix + [tok(1000 + b), tok(2000 + b)])
-            for b in range(batch)
-        ]
-        params = SamplingParams(
-            max_tokens=spec["tokens"], temperature=0.8, ignore_eos=True, detokenize=False
-        )
+        prompts, params = _branches(prefix, tok, batch, spec["tokens"])
         llm.collective_rpc(_worker_profile_start)
         t0 = time.perf_counter()
         llm.generate(prompts, params, use_tqdm=False)

@@ -14,7 +14,6 @@ format's own error type and words.
 from __future__ import annotations
 
 import json
-import re
 import struct
 from dataclasses import dataclass
 from typing import Any
@@ -40,12 +39,21 @@ def is_int(v: Any) -> bool:
     return isinstance(v, int) and not isinstance(v, bool)
 
 
-_HEX_BYTES = re.compile(r"(?:[0-9a-f]{2})*")
+def hex_bytes(value: Any) -> bytes | None:
+    """The bytes of ``value`` when it is exactly their ``bytes.hex()`` (lowercase digit pairs,
+    nothing else), else None. (``bytes.fromhex`` alone also takes spaces and capitals.)"""
+    if not isinstance(value, str):
+        return None
+    try:
+        raw = bytes.fromhex(value)
+    except ValueError:
+        return None
+    return raw if raw.hex() == value else None
 
 
 def is_hex_bytes(value: Any) -> bool:
     """A str of lowercase hex digits in pairs (bytes written as ``bytes.hex()``)."""
-    return isinstance(value, str) and _HEX_BYTES.fullmatch(value) is not None
+    return hex_bytes(value) is not None
 
 
 def as_bytes_view(buf: Any) -> memoryview:

@@ -2,8 +2,7 @@
 
     export_tensor(t)     owner -> {"dtype", "shape", "stride", "storage_offset",
                                    "device_uuid", "handle"}             one tensor, its storage
-    export_storage(t)    owner -> {"device_uuid", "handle"}               a storage, once
-                                   (export_untyped: the same for a storage in hand)
+    export_storage(s, i) owner -> {"device_uuid", "handle"}               a storage, once
     export_view(t, i)    owner -> {"dtype", "shape", "stride", "storage_offset", "storage": i}
     parse_entry / parse_storage / parse_view    validated, nothing opened
     open_tensor(entry, opened)   any process on the host -> a tensor over the owner's memory
@@ -28,6 +27,8 @@ import os
 from typing import Any, NamedTuple
 
 import torch
+
+from thaw_agents_core.snapshot.framing import hex_bytes
 
 MAX_HANDLE_HEX = 1024  # a cudaIpcMemHandle_t is 64 bytes; torch's ref-counter name is short
 ENTRY_FIELDS = ("dtype", "shape", "stride", "storage_offset", "device_uuid", "handle")
@@ -81,15 +82,8 @@ def device_uuid(index: int) -> str:
     return str(torch.cuda.get_device_properties(index).uuid)
 
 
-def export_storage(t: torch.Tensor) -> dict[str, Any]:
-    """The JSON entry of a CUDA tensor's storage (see the module docstring)."""
-    if not t.is_cuda:
-        raise ValueError(f"only CUDA tensors have IPC handles, got one on {t.device}")
-    return export_untyped(t.untyped_storage(), t.device.index)
-
-
-def export_untyped(storage: torch.UntypedStorage, device_index: int) -> dict[str, Any]:
-    """:func:`export_storage` of a CUDA storage already in hand."""
+def export_storage(storage: torch.UntypedStorage, device_index: int) -> dict[str, Any]:
+    """The JSON entry of a CUDA storage on this process's device ``device_index``."""
     handle = storage._share_cuda_()
     return {
         "device_uuid": device_uuid(device_index),
@@ -113,20 +107,16 @@ def export_view(t: torch.Tensor, storage: int) -> dict[str, Any]:
 
 def export_tensor(t: torch.Tensor) -> dict[str, Any]:
     """The JSON entry of one CUDA tensor with its storage (see the module docstring)."""
-    return {**_view_fields(t), **export_storage(t)}
+    if not t.is_cuda:
+        raise ValueError(f"only CUDA tensors have IPC handles, got one on {t.device}")
+    return {**_view_fields(t), **export_storage(t.untyped_storage(), t.device.index)}
 
 
 def _hex_bytes(value: Any, what: str) -> bytes:
-    # bytes.fromhex also takes spaces and capitals: only the exact bytes.hex() form is accepted.
-    if type(value) is str and len(value) <= MAX_HANDLE_HEX:
-        try:
-            raw = bytes.fromhex(value)
-        except ValueError:
-            pass
-        else:
-            if raw.hex() == value:
-                return raw
-    raise ValueError(f"CUDA IPC entry: {what} must be lowercase hex of whole bytes")
+    raw = hex_bytes(value) if type(value) is str and len(value) <= MAX_HANDLE_HEX else None
+    if raw is None:
+        raise ValueError(f"CUDA IPC entry: {what} must be lowercase hex of whole bytes")
+    return raw
 
 
 def _nonneg(value: Any, what: str) -> int:

@@ -34,7 +34,7 @@ import torch
 from thaw_agents_core.snapshot.chunks import check_chunk_crcs
 from thaw_agents_core.snapshot.errors import SnapshotFormatError, SnapshotMismatchError
 from thaw_agents_core.snapshot.format import SnapshotHeader, encode_header, parse_header
-from thaw_agents_core.snapshot.framing import MAX_HEADER_BYTES, PREFIX_BYTES, is_hex_bytes
+from thaw_agents_core.snapshot.framing import MAX_HEADER_BYTES, PREFIX_BYTES, hex_bytes
 from thaw_agents_core.snapshot.namespace import Namespace
 from thaw_agents_core.transport import cuda_ipc
 from thaw_agents_core.transport.prefetch import DevicePrefetcher, HeldSnapshot
@@ -72,9 +72,11 @@ def parse_share(obj: Any, expect_namespace: Namespace | None = None) -> Share:
     if obj["kind"] != KIND:
         raise SnapshotFormatError(f"device share kind {obj['kind']!r:.60} is not {KIND!r}")
     text = obj["header"]
-    if not is_hex_bytes(text) or len(text) > 2 * (PREFIX_BYTES + MAX_HEADER_BYTES + 4096):
+    limit = 2 * (PREFIX_BYTES + MAX_HEADER_BYTES + 4096)
+    raw = hex_bytes(text) if isinstance(text, str) and len(text) <= limit else None
+    if raw is None:
         raise SnapshotFormatError("device share: header must be the header's bytes in hex")
-    header, _ = parse_header(bytes.fromhex(text))
+    header, _ = parse_header(raw)
     if header.snapshot_id != obj["snapshot_id"]:
         raise SnapshotFormatError(
             f"device share of {obj['snapshot_id']!r:.60} carries the header of "

@@ -27,7 +27,7 @@ import torch
 
 from thaw_agents_core.transport.cuda_ipc import (
     CudaHandle,
-    export_untyped,
+    export_storage,
     export_view,
     parse_storage,
     parse_view,
@@ -89,7 +89,7 @@ def describe_cuda_ipc(src: Mapping[str, torch.Tensor], layout: str = "auto") -> 
         i = index.get(key) if key[1] else None  # empty storages are never shared
         if i is None:
             i = len(storages)
-            storages.append(export_untyped(storage, device))
+            storages.append(export_storage(storage, device))
             if key[1]:
                 index[key] = i
         views.append({"name": name, **export_view(t, i)})
