@@ -5,9 +5,11 @@
     python benchmarks/fanout_scale.py --profile       # H200: where one 256-branch step goes
 
 Configurations, each in its own engine process (the model runner is chosen by environment):
-    vllm_default    vLLM 0.26 as shipped (cascade attention off, V2 model runner)
+    vllm_default    vLLM 0.26 as shipped (cascade attention off, V2 model runner, 16-token blocks)
+    vllm_cascade    vLLM's best opt-in: cascade attention on (disable_cascade_attn=False) and the
+                    V1 model runner (VLLM_USE_V2_MODEL_RUNNER=0, which 0.26's cascade path needs)
     thaw            what ChatThaw / ForkPool engines get (compat.shared_prefix_engine_defaults:
-                    cascade attention on, V1 model runner)
+                    the opt-in above plus 64-token KV blocks)
 Per (configuration, B): the best of ``--repeats`` rounds, wall time and ms per decode step,
 the fewest prefix tokens any branch found cached, and a floor estimate beside it: weights and
 the prefix's KV read once per step plus each branch's own KV at the measured device-copy
@@ -42,9 +44,12 @@ from typing import Any
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _common import device_slug, machine_info, write_results  # noqa: E402
 
-CONFIGS = {
+# configuration -> (engine kwargs, environment of its child); "thaw" takes its kwargs from
+# compat.shared_prefix_engine_defaults in the child (which also sets the runner's variable there).
+CONFIGS: dict[str, tuple[dict, dict]] = {
     "vllm_default": ({}, {}),
-    "thaw": (None, None),  # filled from compat.shared_prefix_engine_defaults in the child
+    "vllm_cascade": ({"disable_cascade_attn": False}, {"VLLM_USE_V2_MODEL_RUNNER": "0"}),
+    "thaw": ({}, {}),
 }
 RESULTS = Path(__file__).resolve().parent / "results"
 
@@ -151,9 +156,7 @@ def _child(config: str, spec: dict) -> dict:
 
     from thaw_agents_core.util import compat
 
-    kwargs: dict = {}
-    if config == "thaw":
-        kwargs = compat.shared_prefix_engine_defaults({})
+    kwargs = compat.shared_prefix_engine_defaults({}) if config == "thaw" else CONFIGS[config][0]
     began = time.perf_counter()
     llm = LLM(
         model=spec["model"],
@@ -230,7 +233,7 @@ def _tiny_child(config: str, model: str) -> dict:
 
     from thaw_agents_core.util import compat
 
-    kwargs = compat.shared_prefix_engine_defaults({}) if config == "thaw" else {}
+    kwargs = compat.shared_prefix_engine_defaults({}) if config == "thaw" else CONFIGS[config][0]
     llm = LLM(
         model=model,
         dtype="float32",
@@ -460,13 +463,12 @@ def main() -> int:
         return _blocks_main(spec, sizes, args.smoke)
     ceilings = None if args.smoke else _ceilings()
     results: dict = {"spec": spec, "ceilings": ceilings, "configs": {}, "errors": {}}
-    envs = {"vllm_default": {}, "thaw": {}}
-    for config, env in envs.items():
+    for config, (_, env) in CONFIGS.items():
         try:
             results["configs"][config] = _run_child(
                 ["--child", config, "--spec", json.dumps(spec)], env, 420
             )
-        except Exception as exc:  # noqa: BLE001 - recorded; the other configuration still runs
+        except Exception as exc:  # noqa: BLE001 - recorded; the other configurations still run
             results["errors"][config] = f"{type(exc).__name__}: {exc}"[-3000:]
     got = results["configs"]
     if ceilings:
@@ -476,19 +478,28 @@ def main() -> int:
                     _floor_ms(row["batch"], row["tokens"], spec["prefix"], ceilings), 3
                 )
                 row["vs_floor"] = round(row["ms_per_step"] / row["floor_ms_per_step"], 2)
-    if len(got) == 2:
-        results["correctness_8b"] = _compare(got["vllm_default"], got["thaw"])
-        speed = {}
-        for a, b in zip(got["vllm_default"]["rows"], got["thaw"]["rows"]):
-            speed[str(a["batch"])] = round(a["wall_s"] / b["wall_s"], 3)
-        results["thaw_speedup_vs_default"] = speed
+    if "vllm_default" in got:
+        results["correctness_8b"] = {
+            c: _compare(got["vllm_default"], got[c]) for c in got if c != "vllm_default"
+        }
+    if "thaw" in got:  # wall time of each other configuration / thaw's, per B (same run)
+        results["thaw_speedup"] = {
+            c: {
+                str(a["batch"]): round(a["wall_s"] / b["wall_s"], 3)
+                for a, b in zip(got[c]["rows"], got["thaw"]["rows"])
+            }
+            for c in got
+            if c != "thaw"
+        }
     if not args.smoke:
         try:
             tiny = {
-                c: _run_child(["--tiny-child", c, "--spec", str(tiny_model_path())], {}, 300)
-                for c in envs
+                c: _run_child(["--tiny-child", c, "--spec", str(tiny_model_path())], env, 300)
+                for c, (_, env) in CONFIGS.items()
             }
-            results["correctness_tiny_fp32"] = _compare(tiny["vllm_default"], tiny["thaw"])
+            results["correctness_tiny_fp32"] = {
+                c: _compare(tiny["vllm_default"], tiny[c]) for c in tiny if c != "vllm_default"
+            }
         except Exception as exc:  # noqa: BLE001
             results["errors"]["tiny"] = f"{type(exc).__name__}: {exc}"[-3000:]
     for data in got.values():  # keep the JSON small
@@ -502,7 +513,7 @@ def main() -> int:
             {
                 k: results.get(k)
                 for k in (
-                    "thaw_speedup_vs_default",
+                    "thaw_speedup",
                     "errors",
                     "correctness_8b",
                     "correctness_tiny_fp32",

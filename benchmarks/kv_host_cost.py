@@ -2,7 +2,8 @@
 
 Each step of the public path is timed on its own from an idle GPU (median of many calls) for
 Llama-8B shapes (32 layers, 65 blocks = 136 MB): the layers plan lookup, block-id validation,
-staging the ids to the device, the buffer check, the Triton launch, and the whole public call.
+staging the ids to the device (and, for comparison, the torch calls the stager used before), the
+buffer check, the Triton launch, and the whole public call.
 
     python benchmarks/kv_host_cost.py   # prints a table; writes benchmarks/results/kv_host_cost_<gpu-slug>.json
 
@@ -58,25 +59,39 @@ def main() -> int:
     ids = list(range(0, 2 * N, 2))
     buf = kv_gather(layers, ids, spec)
     plan, base = kv_mod._plan_for(layers, spec)
-    dev_ids = ids_mod.device_ids(ids, spec, dev, unique=True)
+    arr = ids_mod.host_ids(ids, spec, unique=True)
+    staged = ids_mod.stage_ids(ids, spec, dev, unique=True)
+    staged.release()
     shape = (N, LAYERS, spec.num_halves, spec.page_elems)
+    pinned = torch.from_numpy(arr).pin_memory()
+    torch_event = torch.cuda.Event()
+    small = staged.tensor[:N]
+
+    def stage_release() -> None:
+        ids_mod.stage_ids(ids, spec, dev, unique=True).release()
+
+    def torch_staging() -> None:  # what the stager did before (torch empty + copy_ + Event)
+        out = torch.empty(N, dtype=torch.int64, device=dev)
+        torch_event.query()
+        out.copy_(pinned, non_blocking=True)
+        torch_event.record(torch.cuda.current_stream(dev))
+
     steps = {
         "plan_for (cached)": lambda: kv_mod._plan_for(layers, spec),
         "host_ids unique=False": lambda: ids_mod.host_ids(ids, spec, unique=False),
         "host_ids unique=True": lambda: ids_mod.host_ids(ids, spec, unique=True),
-        "device_ids (validate + pinned slot + H2D)": lambda: ids_mod.device_ids(
-            ids, spec, dev, unique=True
-        ),
+        "stage_ids + release (validate + slot + driver H2D + event)": stage_release,
+        "ids staging through torch (empty + copy_ + Event), for comparison": torch_staging,
         "check_buffer": lambda: check_buffer(buf, "src", base, shape),
         "launch (Triton, to cache)": lambda: kv_mod._launch(
-            plan, base, dev_ids, buf, spec, to_buf=False
+            plan, base, staged.tensor, N, buf, spec, to_buf=False
         ),
         "launch (Triton, to buffer)": lambda: kv_mod._launch(
-            plan, base, dev_ids, buf, spec, to_buf=True
+            plan, base, staged.tensor, N, buf, spec, to_buf=True
         ),
         "public kv_gather(out=)": lambda: kv_gather(layers, ids, spec, out=buf),
         "public kv_scatter": lambda: kv_scatter(buf, layers, ids, spec),
-        "torch empty_like + copy_ (reference op)": lambda: torch.empty_like(dev_ids).copy_(dev_ids),
+        "torch empty_like + copy_ (reference op)": lambda: torch.empty_like(small).copy_(small),
     }
     stats = {name: percentiles(host_times_us(fn), digits=1) for name, fn in steps.items()}
     result = {name: q["p50"] for name, q in stats.items()}

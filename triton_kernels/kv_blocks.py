@@ -23,18 +23,19 @@ the Triton kernel (``_kv_pages_kernel``) and its launcher (``_kv_gather_triton``
 Per-call host cost (CUDA). One engine calls gather/scatter many times with the same layers (vLLM's
 caches never move) and new block ids, so a call does only::
 
-    layers  --data_ptrs + identity--> cached _LayersPlan (checked once: shapes, extent, alignment,
-                                      base layer, device offsets)
+    layers  --same object as last call + identity--> cached _LayersPlan (checked once: shapes,
+                                      extent, alignment, base layer, device offsets)
     ids     --numpy min/max/set--> validated on the host (no device sync)
-    ids     --> reusable pinned slot --async H2D--> device ids (.block_ids)
-    out     --check_buffer + raw views
-    one launch of the already compiled kernel (CompiledKernel[grid], see _COMPILED)
+    ids     --> reusable pinned slot --driver H2D--> device slot (block_ids.stage_ids)
+    out     --check_buffer
+    one launch of the already compiled kernel with raw addresses (_launch, _LaunchPlan)
+    slot event recorded behind the launch (StagedIds.release)
 
-benchmarks/kv_host_cost.py times each step on the H100 host (results/kv_host_cost_h100.json).
-benchmarks/kernels.py's host column for one public call at 136 MB: 131 / 168 us (gather /
-scatter) with JITFunction.run for every launch (run 3), 90 / 116 us with the compiled-kernel
-relaunch (run 4); the kernel itself takes ~100 us, so back-to-back calls are no longer
-host-bound (scatter went from 0.79 to 0.94 of a device-to-device copy).
+benchmarks/kv_host_cost.py times each step (results/kv_host_cost_<gpu>.json). History of one
+public call's host time at 136 MB: 131 / 168 us (gather / scatter, H100) with JITFunction.run for
+every launch; 90 / 116 us with the compiled-kernel relaunch; on the H200 that still made back-to-
+back calls host-bound (0.54 / 0.51 of a device copy for a ~70 us kernel), hence the driver-call
+staging (cuda_driver.py) and the raw-address relaunch.
 """
 
 from __future__ import annotations
@@ -42,14 +43,15 @@ from __future__ import annotations
 import threading
 import weakref
 from collections import OrderedDict
-from dataclasses import dataclass
-from typing import Any, Sequence
+from dataclasses import dataclass, field
+from typing import Sequence
 
 import torch
 import triton
 import triton.language as tl
 
-from .block_ids import BlockIds, block_id_tensor, device_ids
+from .block_ids import BlockIds, block_id_tensor, stage_ids
+from .cuda_driver import current_stream
 from .kv_pages import RAW_DTYPES, KVPageSpec, Layers, check_buffer, check_extent, checked_layers
 
 # Tile defaults (bytes per program, capped at one page; warps). H100, triton 3.6, 1.07 GB gather of
@@ -187,19 +189,26 @@ class _LayersPlan:
     never keeps a cache alive) at the same addresses (the cache key). vLLM's cache tensors live
     as long as the engine; sleep mode unmaps and remaps them at the same addresses, which keeps
     the plan valid. Changing a layer tensor's shape in place (``resize_``, ``as_strided_``)
-    without moving it is not detected: pass new tensors instead.
+    without moving it, or re-pointing a layer other than the base in place (``set_``) when the
+    caller passes the same list again, is not detected: pass new tensors instead.
     """
 
     refs: tuple[weakref.ref, ...]
     """The stacked tensor, or each layer of the list, as first seen."""
     base: int
     """Index of the lowest-addressed layer: the kernel's cache pointer."""
+    base_ptr: int
+    """That layer's address when the plan was built."""
     align: int
     """ALIGN of the kernel (elements per 16 bytes at most), see :func:`_alignment`."""
     offs: torch.Tensor
     """int64 [n_layers] on the device: layer l starts offs[l]*align elements after the base."""
     n_layers: int
     device: torch.device
+    device_index: int
+    """``device``'s index (the current one when it names none), for raw stream lookups."""
+    launches: dict = field(default_factory=dict)
+    """(spec, to_buf, block, num_warps) -> :class:`_LaunchPlan`, built on first use."""
 
     def is_for(self, objs: Sequence[torch.Tensor]) -> bool:
         """Whether ``objs`` are the very tensors this plan was built from."""
@@ -235,6 +244,12 @@ def _plan_key(layers: Layers, spec: KVPageSpec) -> tuple[tuple, Sequence[torch.T
     return (spec, ptrs, first.shape, first.stride(), first.dtype, first.device), layers
 
 
+def _device_index(device: torch.device) -> int:
+    if device.index is not None:
+        return device.index
+    return torch.cuda.current_device() if device.type == "cuda" else 0
+
+
 def _build_plan(layers: Layers, spec: KVPageSpec) -> _LayersPlan:
     layer_list = checked_layers(layers)
     check_extent(layer_list, spec)
@@ -249,16 +264,33 @@ def _build_plan(layers: Layers, spec: KVPageSpec) -> _LayersPlan:
     return _LayersPlan(
         refs=tuple(weakref.ref(t) for t in objs),
         base=base,
+        base_ptr=ptrs[base],
         align=align,
         offs=offs,
         n_layers=len(layer_list),
         device=device,
+        device_index=_device_index(device),
     )
+
+
+# The last call's (id of its layers object, spec, plan): an engine passes the same layers list on
+# every call, so most calls skip building the cache key (32 data_ptrs, hashing: ~5 us). An id can
+# be reused by a new object once the old one died; plan.is_for then compares every tensor's
+# identity, so a hit is always the very tensors the plan was built from.
+_LAST_PLAN: list[tuple[int, KVPageSpec, _LayersPlan] | None] = [None]
 
 
 def _plan_for(layers: Layers, spec: KVPageSpec) -> tuple[_LayersPlan, torch.Tensor]:
     """The cached plan for ``layers`` (built and validated on a miss) and the base layer tensor."""
+    last = _LAST_PLAN[0]
+    if last is not None and last[0] == id(layers) and last[1] == spec:
+        plan = last[2]
+        if plan.is_for((layers,) if isinstance(layers, torch.Tensor) else layers):
+            base = layers[plan.base]
+            if base.data_ptr() == plan.base_ptr:
+                return plan, base
     found = _plan_key(layers, spec)
+    remember = found is not None  # a list, tuple or tensor the caller may pass again
     if found is None:
         layers = checked_layers(layers)  # raises for empty / non-tensor input
         found = _plan_key(layers, spec)
@@ -274,83 +306,128 @@ def _plan_for(layers: Layers, spec: KVPageSpec) -> tuple[_LayersPlan, torch.Tens
             _PLANS.move_to_end(key)
             while len(_PLANS) > _PLANS_MAX:
                 _PLANS.popitem(last=False)
+    if remember:
+        _LAST_PLAN[0] = (id(layers), spec, plan)
     return plan, layers[plan.base]
 
 
-# Compiled kernels by everything Triton specialises a launch on, and more: exact int arguments
-# (fixed for one layers plan), each pointer's address mod 16, dtypes, constexprs, warps.
-# Relaunching one through CompiledKernel[grid] skips JITFunction.run's per-call argument binding
-# and cache lookup (~40 us per call on the H100 host, see the module docstring).
-_COMPILED: dict[tuple, Any] = {}
+@dataclass(slots=True, eq=False)
+class _LaunchPlan:
+    """One (layers plan, spec, direction, tile) launch, derived once: what stays the same per call."""
+
+    parts: int
+    """Programs per page (grid axis 1)."""
+    pages_per_block: int
+    """Buffer pages per block id: n_layers * num_halves (grid axis 0 is n ids times this)."""
+    scalars: tuple
+    """The kernel's int arguments after the four pointers (n_layers, page/block/half units)."""
+    consts: tuple
+    """The constexprs, in signature order (NUM_HALVES, ALIGN, BLOCK, EVEN, TO_BUF)."""
+    num_warps: int
+    offs_ptr: int
+    """Device address of the plan's layer offsets."""
+    compiled: dict
+    """(base, ids, buf address mod 16) -> Triton's CompiledKernel for that specialisation."""
+
+
+def _launch_plan(
+    plan: _LayersPlan, elem: int, spec: KVPageSpec, to_buf: bool, block: int | None, num_warps: int
+) -> _LaunchPlan:
+    """The layers plan's launch for this spec, direction and tile (built on first use)."""
+    key = (spec, to_buf, block, num_warps)
+    found = plan.launches.get(key)
+    if found is not None:
+        return found
+    if block is None:
+        block = DEFAULT_BLOCK_BYTES // elem
+    block = min(block, triton.next_power_of_2(spec.page_elems))
+    align = plan.align
+    found = _LaunchPlan(
+        parts=triton.cdiv(spec.page_elems, block),
+        pages_per_block=plan.n_layers * spec.num_halves,
+        scalars=(
+            plan.n_layers,
+            spec.page_elems // align,
+            spec.block_stride // align,
+            spec.half_stride // align,
+        ),
+        consts=(spec.num_halves, align, block, spec.page_elems % block == 0, to_buf),
+        num_warps=num_warps,
+        offs_ptr=plan.offs.data_ptr(),
+        compiled={},
+    )
+    return plan.launches.setdefault(key, found)
 
 
 def _launch(
     plan: _LayersPlan,
     base: torch.Tensor,
     ids: torch.Tensor,
+    n: int,
     buf: torch.Tensor,
     spec: KVPageSpec,
     to_buf: bool,
     block: int | None = None,
     num_warps: int = DEFAULT_NUM_WARPS,
 ) -> None:
-    if ids.numel() == 0:
+    """Queue the kernel over ``n`` ids (the first ``n`` of ``ids``) on the current stream.
+
+    The first launch of a specialisation goes through JITFunction (compiles, checks arguments);
+    later ones relaunch its CompiledKernel with raw addresses: no argument binding, no cache
+    lookup, no tensor views, no pointer queries (H200 host: ~24 us -> see kv_host_cost.py).
+    """
+    if n == 0:
         return
-    elem = base.element_size()
-    raw = RAW_DTYPES[elem]
-    align = plan.align
-    if block is None:
-        block = DEFAULT_BLOCK_BYTES // elem
-    block = min(block, triton.next_power_of_2(spec.page_elems))
-    grid = (buf.shape[0] * buf.shape[1] * buf.shape[2], triton.cdiv(spec.page_elems, block), 1)
-    args = (
+    launch = _launch_plan(plan, base.element_size(), spec, to_buf, block, num_warps)
+    ptrs = (base.data_ptr(), ids.data_ptr(), buf.data_ptr())
+    grid = (n * launch.pages_per_block, launch.parts, 1)
+    align_key = (ptrs[0] % 16, ptrs[1] % 16, ptrs[2] % 16)
+    compiled = launch.compiled.get(align_key)
+    if compiled is not None:
+        compiled[grid](
+            ptrs[0],
+            launch.offs_ptr,
+            ptrs[1],
+            ptrs[2],
+            *launch.scalars,
+            *launch.consts,
+            stream=current_stream(plan.device_index),
+        )
+        return
+    raw = RAW_DTYPES[base.element_size()]
+    consts = launch.consts
+    compiled = _kv_pages_kernel[grid](
         base.view(raw),
         plan.offs,
         ids,
         buf.view(raw),
-        plan.n_layers,
-        spec.page_elems // align,
-        spec.block_stride // align,
-        spec.half_stride // align,
-    )
-    consts = (spec.num_halves, align, block, spec.page_elems % block == 0, to_buf)
-    key = (
-        base.device,
-        raw,
-        consts,
-        num_warps,
-        args[4:],
-        tuple(t.data_ptr() % 16 for t in args[:4]),
-    )
-    compiled = _COMPILED.get(key)
-    if compiled is not None:
-        compiled[grid](*args, *consts, stream=torch.cuda.current_stream(base.device).cuda_stream)
-        return
-    compiled = _kv_pages_kernel[grid](
-        *args,
+        *launch.scalars,
         NUM_HALVES=consts[0],
-        ALIGN=align,
-        BLOCK=block,
+        ALIGN=consts[1],
+        BLOCK=consts[2],
         EVEN=consts[3],
-        TO_BUF=to_buf,
-        num_warps=num_warps,
+        TO_BUF=consts[4],
+        num_warps=launch.num_warps,
     )
     if base.is_cuda and hasattr(compiled, "packed_metadata"):  # not under the interpreter
-        _COMPILED[key] = compiled
+        launch.compiled[align_key] = compiled
 
 
 def _kv_gather_triton(
     layers: Layers, block_ids: BlockIds, spec: KVPageSpec, out: torch.Tensor | None = None, **tile
 ) -> torch.Tensor:
     plan, base = _plan_for(layers, spec)
-    ids = device_ids(block_ids, spec, plan.device, unique=False)
-    shape = (ids.shape[0], plan.n_layers, spec.num_halves, spec.page_elems)
-    out = (
-        torch.empty(shape, dtype=base.dtype, device=plan.device)
-        if out is None
-        else check_buffer(out, "out", base, shape)
-    )
-    _launch(plan, base, ids, out, spec, to_buf=True, **tile)
+    ids = stage_ids(block_ids, spec, plan.device, unique=False)
+    try:
+        shape = (ids.n, plan.n_layers, spec.num_halves, spec.page_elems)
+        out = (
+            torch.empty(shape, dtype=base.dtype, device=plan.device)
+            if out is None
+            else check_buffer(out, "out", base, shape)
+        )
+        _launch(plan, base, ids.tensor, ids.n, out, spec, to_buf=True, **tile)
+    finally:
+        ids.release()
     return out
 
 
@@ -358,11 +435,14 @@ def _kv_scatter_triton(
     src: torch.Tensor, layers: Layers, block_ids: BlockIds, spec: KVPageSpec, **tile
 ) -> None:
     plan, base = _plan_for(layers, spec)
-    ids = device_ids(block_ids, spec, plan.device, unique=True)
-    src = check_buffer(
-        src, "src", base, (ids.shape[0], plan.n_layers, spec.num_halves, spec.page_elems)
-    )
-    _launch(plan, base, ids, src, spec, to_buf=False, **tile)
+    ids = stage_ids(block_ids, spec, plan.device, unique=True)
+    try:
+        src = check_buffer(
+            src, "src", base, (ids.n, plan.n_layers, spec.num_halves, spec.page_elems)
+        )
+        _launch(plan, base, ids.tensor, ids.n, src, spec, to_buf=False, **tile)
+    finally:
+        ids.release()
 
 
 # ---------------------------------------------------------------------------------------------

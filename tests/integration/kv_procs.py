@@ -14,7 +14,7 @@ Run by path, ``python tests/integration/kv_procs.py MODE ...`` (the tests use sy
 Engines are built the way a user builds their own (``LLM`` + ``kv_transfer_config``), in vLLM's
 default multi-process mode. One ``RESULT {json}`` line per prompt on stdout. The model is the
 float32 tiny Llama, or with ``THAW_TEST_MODEL=llama8b`` (GPU) Llama-3.1-8B shapes with vLLM's
-seeded dummy weights in bfloat16.
+seeded dummy weights in bfloat16, in KV blocks of 64 tokens as ChatThaw's CUDA engines.
 """
 
 from __future__ import annotations
@@ -83,7 +83,7 @@ def build_engine(store: str | None, events: str | None):
     from thaw_agents_core.connector.facade import kv_transfer_config
     from thaw_agents_core.engine.models import tiny_model_path
     from thaw_agents_core.testing import llama_8b_shaped_path
-    from thaw_agents_core.util.compat import connector_engine_defaults
+    from thaw_agents_core.util.compat import SHARED_PREFIX_BLOCK_SIZE, connector_engine_defaults
 
     kwargs: dict = {}
     if store is not None:
@@ -103,6 +103,7 @@ def build_engine(store: str | None, events: str | None):
             enforce_eager=True,
             max_model_len=4096,
             gpu_memory_utilization=0.4,
+            block_size=SHARED_PREFIX_BLOCK_SIZE,  # what ChatThaw's CUDA engines take
             **kwargs,
         )
     return LLM(

@@ -31,7 +31,8 @@ HERE = Path(__file__).parent
 ON_GPU = torch.cuda.is_available()
 if ON_GPU:
     os.environ["THAW_TEST_MODEL"] = "llama8b"
-BLOCK = 16 if ON_GPU else 128  # FlashAttention's / vLLM-CPU's block size
+# ChatThaw's CUDA engines' block size (compat.SHARED_PREFIX_BLOCK_SIZE) / vLLM-CPU's
+BLOCK = 64 if ON_GPU else 128
 REFERENCE = "warm" if ON_GPU else "plain"
 # A multiple of the block size, one token past it (length % block_size == 1), and neither.
 LENGTHS = [2048, 2049, 2100]

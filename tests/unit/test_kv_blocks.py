@@ -506,3 +506,65 @@ def test_kv_gather_matches_reference_cuda():
     layers, spec = make_cache(("flash", 300, 16, 8, 128), 8, torch.bfloat16, False, "cuda")
     ids = torch.randint(0, 300, (65,), device="cuda")
     assert same_bits(kv_gather(layers, ids, spec), kv_gather_reference(layers, ids, spec))
+
+
+@gpu
+@needs_cuda
+def test_kv_public_path_from_a_fresh_thread_cuda():
+    """A thread that never touched CUDA (no current context): the stager's driver calls still run
+    on the layers' device, and the results are exact."""
+    import threading
+
+    layers, spec = make_cache(("flash", 200, 16, 2, 64), 3, torch.bfloat16, False, "cuda")
+    ids = random_ids(spec.num_blocks, 40, unique=True)
+    src = random_bits((len(ids), 3, 2, spec.page_elems), torch.bfloat16, "cuda")
+    expected = [t.clone() for t in layers]
+    oracle_scatter(src, expected, ids, False)
+    torch.cuda.synchronize()
+    got: dict = {}
+
+    def work() -> None:
+        try:
+            kv_scatter(src, layers, ids, spec)
+            got["out"] = kv_gather(layers, ids, spec)
+            torch.cuda.synchronize()
+        except Exception as exc:  # noqa: BLE001 - reported below
+            got["error"] = exc
+
+    thread = threading.Thread(target=work)
+    thread.start()
+    thread.join(timeout=120)
+    assert not thread.is_alive() and "error" not in got, got.get("error")
+    assert all(same_bits(a, b) for a, b in zip(layers, expected))
+    assert same_bits(got["out"], oracle_gather(expected, ids, False))
+
+
+@gpu
+@needs_cuda
+def test_kv_public_path_busy_slots_and_misaligned_buffers_cuda():
+    """Every slot staged and not yet released: the next call gets its own ids tensor; released
+    slots are reused; a buffer 2 bytes off 16-byte alignment gets its own kernel specialisation."""
+    layers, spec = make_cache(("flash", 500, 16, 2, 64), 3, torch.bfloat16, False, "cuda")
+    device = layers[0].device
+    held = [
+        block_ids_mod.stage_ids([k, k + 1], spec, device, unique=True)
+        for k in range(block_ids_mod.ID_SLOTS)
+    ]
+    assert all(s.stager is not None for s in held)
+    extra = block_ids_mod.stage_ids([7, 9, 11], spec, device, unique=True)
+    assert extra.stager is None and extra.tensor.tolist() == [7, 9, 11]
+    for s in held:
+        s.release()
+    again = block_ids_mod.stage_ids([4, 2], spec, device, unique=False)
+    assert again.stager is not None and again.tensor[: again.n].tolist() == [4, 2]
+    again.release()
+    ids = random_ids(spec.num_blocks, 33, unique=False)
+    shape = (len(ids), 3, spec.num_halves, spec.page_elems)
+    numel = int(np.prod(shape))
+    backing = poisoned((numel + 1,), torch.bfloat16, "cuda")
+    out = backing[1:].view(shape)
+    assert out.data_ptr() % 16 == 2
+    for _ in range(2):  # the first call compiles the variant, the second relaunches it
+        backing[1:].fill_(float("nan"))
+        kv_gather(layers, ids, spec, out=out)
+        assert same_bits(out, oracle_gather(layers, ids, False))
