@@ -15,9 +15,11 @@ its CPU path (tests: ``tests/unit/test_<op>.py``; benchmark: ``benchmarks/kernel
 and what the KV op builds on:
 
 - :mod:`.block_ids`: block ids validated on the host and staged to the device.
+- :mod:`.cuda_driver`: the CUDA driver calls that staging makes (memcpy, events; ctypes).
 - :mod:`.kv_pages`: where a layer tensor's pages are (``KVPageSpec``), layer/buffer checks.
 
-Imports point down only: kv_blocks -> block_ids -> kv_pages (and kv_blocks -> kv_pages);
+Imports point down only: kv_blocks -> block_ids -> kv_pages (and kv_blocks -> kv_pages,
+block_ids and kv_blocks -> cuda_driver);
 prefix_attention -> prefix_segments; crc32c, kv_pages and prefix_segments import no sibling.
 
 CUDA tensors run Triton kernels; CPU tensors run the torch/libcrc32c paths.
