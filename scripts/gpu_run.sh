@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # GPU stages, run on the lent GPU (H200 now) through the device tool (see README, "GPU").
 #   bash scripts/gpu_run.sh STAGE [STAGE ...]
-# Stages: env | kernels | kernels-quick | stream | connector | connector-async-off | transport | fanout |
+# Stages: env | kernels | kernels-quick | kernels-public (tests + quick) | hostcost | stream | connector | connector-async-off | transport | fanout |
 #         fanout-graphs | fanout-scale | fanout-profile | fanout-blocks | weights | weights-quick | weights-sd | weights-tests | attention | share | paths
 # vLLM stages need vLLM 0.26 on PYTHONPATH first (source ../shared/gpu's vllm_env.sh).
 # Wheels the GPU image lacks (google-crc32c, platformdirs) travel in .whl/ and go to /tmp/pp.
@@ -34,6 +34,9 @@ for stage in "$@"; do
                -k "public_path or tiles_cuda or matches_reference_cuda or gather_scatter_cuda or chunk_crc32c_cuda" || status=1
              timeout 400 python3 benchmarks/kernels.py || status=1 ;;
     kernels-quick) timeout 200 python3 benchmarks/kernels.py --quick || status=1 ;;
+    kernels-public) timeout 300 python3 -m pytest -q -p no:cacheprovider -x tests/unit/test_kv_blocks.py tests/unit/test_crc32c.py -m gpu \
+               -k "public_path or tiles_cuda or matches_reference_cuda or gather_scatter_cuda or chunk_crc32c_cuda" || status=1
+             timeout 200 python3 benchmarks/kernels.py --quick || status=1 ;;
     hostcost) timeout 200 python3 benchmarks/kv_host_cost.py || status=1 ;;
     stream) timeout 240 python3 benchmarks/stream_scheduler.py || status=1 ;;
     connector) timeout 560 python3 -m pytest -q -p no:cacheprovider -x tests/integration/test_connector.py || status=1 ;;
