@@ -2,8 +2,9 @@
 
 Each step of the public path is timed on its own from an idle GPU (median of many calls) for
 Llama-8B shapes (32 layers, 65 blocks = 136 MB): the layers plan lookup, block-id validation,
-staging the ids to the device (and, for comparison, the torch calls the stager used before), the
-buffer check, the Triton launch, and the whole public call.
+staging the ids to the device, the buffer check, the Triton launch, and the whole public call;
+the staging, launch and public rows once per host path (id_staging.HOST_PATHS: "torch", the
+default, and "driver"), in the same run.
 
     python benchmarks/kv_host_cost.py   # prints a table; writes benchmarks/results/kv_host_cost_<gpu-slug>.json
 
@@ -22,8 +23,8 @@ import torch
 from _common import RESULTS, device_slug, load_average, machine_info, percentiles, write_results
 
 from thaw_kernels import block_ids as ids_mod
+from thaw_kernels import id_staging, kv_gather, kv_scatter, page_spec_for
 from thaw_kernels import kv_blocks as kv_mod
-from thaw_kernels import kv_gather, kv_scatter, page_spec_for
 from thaw_kernels.kv_pages import check_buffer
 
 LAYERS, BLOCKS, BLOCK, KV_HEADS, HEAD_DIM, N = 32, 2048, 16, 8, 128, 65
@@ -59,40 +60,49 @@ def main() -> int:
     ids = list(range(0, 2 * N, 2))
     buf = kv_gather(layers, ids, spec)
     plan, base = kv_mod._plan_for(layers, spec)
-    arr = ids_mod.host_ids(ids, spec, unique=True)
-    staged = ids_mod.stage_ids(ids, spec, dev, unique=True)
-    staged.release()
     shape = (N, LAYERS, spec.num_halves, spec.page_elems)
-    pinned = torch.from_numpy(arr).pin_memory()
-    torch_event = torch.cuda.Event()
-    small = staged.tensor[:N]
+    staged = ids_mod.stage_ids(ids, spec, dev, unique=True)  # the torch path's ids tensor
+
+    def on(path: str, fn):
+        def run():
+            before, id_staging.HOST_PATH = id_staging.HOST_PATH, path
+            try:
+                fn()
+            finally:
+                id_staging.HOST_PATH = before
+
+        return run
 
     def stage_release() -> None:
         ids_mod.stage_ids(ids, spec, dev, unique=True).release()
-
-    def torch_staging() -> None:  # what the stager did before (torch empty + copy_ + Event)
-        out = torch.empty(N, dtype=torch.int64, device=dev)
-        torch_event.query()
-        out.copy_(pinned, non_blocking=True)
-        torch_event.record(torch.cuda.current_stream(dev))
 
     steps = {
         "plan_for (cached)": lambda: kv_mod._plan_for(layers, spec),
         "host_ids unique=False": lambda: ids_mod.host_ids(ids, spec, unique=False),
         "host_ids unique=True": lambda: ids_mod.host_ids(ids, spec, unique=True),
-        "stage_ids + release (validate + slot + driver H2D + event)": stage_release,
-        "ids staging through torch (empty + copy_ + Event), for comparison": torch_staging,
         "check_buffer": lambda: check_buffer(buf, "src", base, shape),
-        "launch (Triton, to cache)": lambda: kv_mod._launch(
-            plan, base, staged.tensor, N, buf, spec, to_buf=False
+        "torch empty_like + copy_ (reference op)": lambda: torch.empty_like(staged.tensor).copy_(
+            staged.tensor
         ),
-        "launch (Triton, to buffer)": lambda: kv_mod._launch(
-            plan, base, staged.tensor, N, buf, spec, to_buf=True
-        ),
-        "public kv_gather(out=)": lambda: kv_gather(layers, ids, spec, out=buf),
-        "public kv_scatter": lambda: kv_scatter(buf, layers, ids, spec),
-        "torch empty_like + copy_ (reference op)": lambda: torch.empty_like(small).copy_(small),
     }
+    for path in id_staging.HOST_PATHS:
+        steps.update(
+            {
+                f"[{path}] stage_ids + release (validate + slot + H2D)": on(path, stage_release),
+                f"[{path}] launch (to cache)": on(
+                    path,
+                    lambda: kv_mod._launch(plan, base, staged.tensor, N, buf, spec, to_buf=False),
+                ),
+                f"[{path}] launch (to buffer)": on(
+                    path,
+                    lambda: kv_mod._launch(plan, base, staged.tensor, N, buf, spec, to_buf=True),
+                ),
+                f"[{path}] public kv_gather(out=)": on(
+                    path, lambda: kv_gather(layers, ids, spec, out=buf)
+                ),
+                f"[{path}] public kv_scatter": on(path, lambda: kv_scatter(buf, layers, ids, spec)),
+            }
+        )
     stats = {name: percentiles(host_times_us(fn), digits=1) for name, fn in steps.items()}
     result = {name: q["p50"] for name, q in stats.items()}
     for name, us in result.items():

@@ -14,12 +14,13 @@ its CPU path (tests: ``tests/unit/test_<op>.py``; benchmark: ``benchmarks/kernel
 
 and what the KV op builds on:
 
-- :mod:`.block_ids`: block ids validated on the host and staged to the device.
-- :mod:`.cuda_driver`: the CUDA driver calls that staging makes (memcpy, events; ctypes).
+- :mod:`.block_ids`: block ids validated on the host, then staged to the device by
+- :mod:`.id_staging`: reusable pinned slots, through torch (default) or driver calls, which are
+- :mod:`.cuda_driver`: the few CUDA driver calls (memcpy, events) through ctypes.
 - :mod:`.kv_pages`: where a layer tensor's pages are (``KVPageSpec``), layer/buffer checks.
 
-Imports point down only: kv_blocks -> block_ids -> kv_pages (and kv_blocks -> kv_pages,
-block_ids and kv_blocks -> cuda_driver);
+Imports point down only: kv_blocks -> block_ids -> id_staging -> cuda_driver, block_ids ->
+kv_pages (and kv_blocks -> kv_pages, id_staging, cuda_driver);
 prefix_attention -> prefix_segments; crc32c, kv_pages and prefix_segments import no sibling.
 
 CUDA tensors run Triton kernels; CPU tensors run the torch/libcrc32c paths.

@@ -26,16 +26,16 @@ caches never move) and new block ids, so a call does only::
     layers  --same object as last call + identity--> cached _LayersPlan (checked once: shapes,
                                       extent, alignment, base layer, device offsets)
     ids     --numpy min/max/set--> validated on the host (no device sync)
-    ids     --> reusable pinned slot --driver H2D--> device slot (block_ids.stage_ids)
+    ids     --> reusable pinned slot --async H2D--> device ids (block_ids.stage_ids)
     out     --check_buffer
-    one launch of the already compiled kernel with raw addresses (_launch, _LaunchPlan)
-    slot event recorded behind the launch (StagedIds.release)
+    one launch of the already compiled kernel (_launch: CompiledKernel[grid], _LaunchPlan)
 
 benchmarks/kv_host_cost.py times each step (results/kv_host_cost_<gpu>.json). History of one
 public call's host time at 136 MB: 131 / 168 us (gather / scatter, H100) with JITFunction.run for
-every launch; 90 / 116 us with the compiled-kernel relaunch; on the H200 that still made back-to-
-back calls host-bound (0.54 / 0.51 of a device copy for a ~70 us kernel), hence the driver-call
-staging (cuda_driver.py) and the raw-address relaunch.
+every launch; 90 / 116 us with the compiled-kernel relaunch. On the H200 that still leaves
+back-to-back calls host-bound (0.54 / 0.51 of a device copy for a ~70 us kernel): the "driver"
+host path (id_staging.py: driver-call staging, raw-address relaunch) is written to take ~40 us
+more off and waits for its first GPU run before it becomes the default.
 """
 
 from __future__ import annotations
@@ -50,6 +50,7 @@ import torch
 import triton
 import triton.language as tl
 
+from . import id_staging
 from .block_ids import BlockIds, block_id_tensor, stage_ids
 from .cuda_driver import current_stream
 from .kv_pages import RAW_DTYPES, KVPageSpec, Layers, check_buffer, check_extent, checked_layers
@@ -373,8 +374,9 @@ def _launch(
     """Queue the kernel over ``n`` ids (the first ``n`` of ``ids``) on the current stream.
 
     The first launch of a specialisation goes through JITFunction (compiles, checks arguments);
-    later ones relaunch its CompiledKernel with raw addresses: no argument binding, no cache
-    lookup, no tensor views, no pointer queries (H200 host: ~24 us -> see kv_host_cost.py).
+    later ones relaunch its CompiledKernel (no argument binding, no cache lookup): with tensors,
+    or on the "driver" host path (id_staging.py) with raw addresses and a raw stream (no tensor
+    views, no pointer queries).
     """
     if n == 0:
         return
@@ -384,15 +386,27 @@ def _launch(
     align_key = (ptrs[0] % 16, ptrs[1] % 16, ptrs[2] % 16)
     compiled = launch.compiled.get(align_key)
     if compiled is not None:
-        compiled[grid](
-            ptrs[0],
-            launch.offs_ptr,
-            ptrs[1],
-            ptrs[2],
-            *launch.scalars,
-            *launch.consts,
-            stream=current_stream(plan.device_index),
-        )
+        if id_staging.HOST_PATH == "driver":
+            compiled[grid](
+                ptrs[0],
+                launch.offs_ptr,
+                ptrs[1],
+                ptrs[2],
+                *launch.scalars,
+                *launch.consts,
+                stream=current_stream(plan.device_index),
+            )
+        else:
+            raw = RAW_DTYPES[base.element_size()]
+            compiled[grid](
+                base.view(raw),
+                plan.offs,
+                ids,
+                buf.view(raw),
+                *launch.scalars,
+                *launch.consts,
+                stream=torch.cuda.current_stream(base.device).cuda_stream,
+            )
         return
     raw = RAW_DTYPES[base.element_size()]
     consts = launch.consts

@@ -35,6 +35,7 @@ from kernel_cases import (
 
 from thaw_kernels import (
     KVPageSpec,
+    id_staging,
     kv_gather,
     kv_gather_reference,
     kv_scatter,
@@ -135,6 +136,13 @@ def check_gather_scatter(
     oracle_scatter(src, expected, ids, cpu_layout)
     scatter(src, layers, ids, spec, **tile)
     assert all(same_bits(a, b) for a, b in zip(layers, expected))
+
+
+@pytest.fixture(params=id_staging.HOST_PATHS)
+def host_path(request, monkeypatch):
+    """Each CUDA host path of the public calls (id_staging.py), set for this test."""
+    monkeypatch.setattr(id_staging, "HOST_PATH", request.param)
+    return request.param
 
 
 @pytest.fixture
@@ -453,7 +461,7 @@ def test_kv_kernel_compiles_for_sm90():
 @pytest.mark.parametrize("shape_case", SHAPES + [("flash", 64, 16, 8, 128)])
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("stacked", [False, True])
-def test_kv_gather_scatter_cuda(shape_case, dtype, stacked):
+def test_kv_gather_scatter_cuda(shape_case, dtype, stacked, host_path):
     check_gather_scatter(
         kv_gather, kv_scatter, shape_case, dtype, stacked, device="cuda", n_layers=4
     )
@@ -478,13 +486,13 @@ def test_kv_tiles_cuda(block):
 
 @gpu
 @needs_cuda
-def test_kv_public_path_many_calls_cuda():
+def test_kv_public_path_many_calls_cuda(host_path):
     """3x more calls than pinned id slots, never synced, one call past a slot's capacity: all exact."""
     layers, spec = make_cache(("flash", 3000, 16, 2, 64), 3, torch.bfloat16, False, "cuda")
     expected = [t.clone() for t in layers]
     calls = []  # in stream order: gathers see every earlier scatter
-    for k in range(3 * block_ids_mod.ID_SLOTS):
-        n = 2000 if k == 2 * block_ids_mod.ID_SLOTS else 1 + k
+    for k in range(3 * id_staging.ID_SLOTS):
+        n = 2000 if k == 2 * id_staging.ID_SLOTS else 1 + k
         ids = torch.randint(0, 3000, (n,)).tolist()
         calls.append(("gather", ids, kv_gather(layers, ids, spec)))
         ids = torch.randperm(3000)[:n].tolist()
@@ -510,7 +518,7 @@ def test_kv_gather_matches_reference_cuda():
 
 @gpu
 @needs_cuda
-def test_kv_public_path_from_a_fresh_thread_cuda():
+def test_kv_public_path_from_a_fresh_thread_cuda(host_path):
     """A thread that never touched CUDA (no current context): the stager's driver calls still run
     on the layers' device, and the results are exact."""
     import threading
@@ -539,16 +547,12 @@ def test_kv_public_path_from_a_fresh_thread_cuda():
     assert same_bits(got["out"], oracle_gather(expected, ids, False))
 
 
-@gpu
-@needs_cuda
-def test_kv_public_path_busy_slots_and_misaligned_buffers_cuda():
-    """Every slot staged and not yet released: the next call gets its own ids tensor; released
-    slots are reused; a buffer 2 bytes off 16-byte alignment gets its own kernel specialisation."""
-    layers, spec = make_cache(("flash", 500, 16, 2, 64), 3, torch.bfloat16, False, "cuda")
-    device = layers[0].device
+def check_busy_slots(spec, device) -> None:
+    """Driver path: every slot staged and held, one more call gets its own ids tensor, released
+    slots are reused."""
     held = [
         block_ids_mod.stage_ids([k, k + 1], spec, device, unique=True)
-        for k in range(block_ids_mod.ID_SLOTS)
+        for k in range(id_staging.ID_SLOTS)
     ]
     assert all(s.stager is not None for s in held)
     extra = block_ids_mod.stage_ids([7, 9, 11], spec, device, unique=True)
@@ -558,6 +562,16 @@ def test_kv_public_path_busy_slots_and_misaligned_buffers_cuda():
     again = block_ids_mod.stage_ids([4, 2], spec, device, unique=False)
     assert again.stager is not None and again.tensor[: again.n].tolist() == [4, 2]
     again.release()
+
+
+@gpu
+@needs_cuda
+def test_kv_public_path_busy_slots_and_misaligned_buffers_cuda(host_path):
+    """Busy slots (driver path), and on both paths a buffer 2 bytes off 16-byte alignment,
+    which gets its own kernel specialisation (compiled, then relaunched)."""
+    layers, spec = make_cache(("flash", 500, 16, 2, 64), 3, torch.bfloat16, False, "cuda")
+    if host_path == "driver":
+        check_busy_slots(spec, layers[0].device)
     ids = random_ids(spec.num_blocks, 33, unique=False)
     shape = (len(ids), 3, spec.num_halves, spec.page_elems)
     numel = int(np.prod(shape))
@@ -568,3 +582,10 @@ def test_kv_public_path_busy_slots_and_misaligned_buffers_cuda():
         backing[1:].fill_(float("nan"))
         kv_gather(layers, ids, spec, out=out)
         assert same_bits(out, oracle_gather(layers, ids, False))
+
+
+def test_kv_host_path_setting_is_checked(monkeypatch):
+    assert id_staging.host_path() in id_staging.HOST_PATHS
+    monkeypatch.setattr(id_staging, "HOST_PATH", "fast")
+    with pytest.raises(ValueError, match=r"THAW_KV_HOST_PATH='fast' is not a KV host path"):
+        id_staging.host_path()
