@@ -23,7 +23,7 @@ import torch
 from _common import RESULTS, device_slug, load_average, machine_info, percentiles, write_results
 
 from thaw_kernels import block_ids as ids_mod
-from thaw_kernels import id_staging, kv_gather, kv_scatter, page_spec_for
+from thaw_kernels import id_staging, kv_gather, kv_plans, kv_scatter, page_spec_for
 from thaw_kernels import kv_blocks as kv_mod
 from thaw_kernels.kv_pages import check_buffer
 
@@ -59,7 +59,7 @@ def main() -> int:
     spec = page_spec_for(layers[0], "flash")
     ids = list(range(0, 2 * N, 2))
     buf = kv_gather(layers, ids, spec)
-    plan, base = kv_mod._plan_for(layers, spec)
+    plan, base = kv_plans.plan_for(layers, spec)
     shape = (N, LAYERS, spec.num_halves, spec.page_elems)
     staged = ids_mod.stage_ids(ids, spec, dev, unique=True)  # the torch path's ids tensor
 
@@ -77,7 +77,7 @@ def main() -> int:
         ids_mod.stage_ids(ids, spec, dev, unique=True).release()
 
     steps = {
-        "plan_for (cached)": lambda: kv_mod._plan_for(layers, spec),
+        "plan_for (cached)": lambda: kv_plans.plan_for(layers, spec),
         "host_ids unique=False": lambda: ids_mod.host_ids(ids, spec, unique=False),
         "host_ids unique=True": lambda: ids_mod.host_ids(ids, spec, unique=True),
         "check_buffer": lambda: check_buffer(buf, "src", base, shape),

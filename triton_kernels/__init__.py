@@ -18,9 +18,10 @@ and what the KV op builds on:
 - :mod:`.id_staging`: reusable pinned slots, through torch (default) or driver calls, which are
 - :mod:`.cuda_driver`: the few CUDA driver calls (memcpy, events) through ctypes.
 - :mod:`.kv_pages`: where a layer tensor's pages are (``KVPageSpec``), layer/buffer checks.
+- :mod:`.kv_plans`: what a launch derives once per layers set (``LayersPlan``) and per launch.
 
 Imports point down only: kv_blocks -> block_ids -> id_staging -> cuda_driver, block_ids ->
-kv_pages (and kv_blocks -> kv_pages, id_staging, cuda_driver);
+kv_pages (and kv_blocks -> kv_plans -> kv_pages; kv_blocks -> id_staging, cuda_driver);
 prefix_attention -> prefix_segments; crc32c, kv_pages and prefix_segments import no sibling.
 
 CUDA tensors run Triton kernels; CPU tensors run the torch/libcrc32c paths.

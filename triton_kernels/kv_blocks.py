@@ -23,12 +23,12 @@ the Triton kernel (``_kv_pages_kernel``) and its launcher (``_kv_gather_triton``
 Per-call host cost (CUDA). One engine calls gather/scatter many times with the same layers (vLLM's
 caches never move) and new block ids, so a call does only::
 
-    layers  --same object as last call + identity--> cached _LayersPlan (checked once: shapes,
+    layers  --same object as last call + identity--> cached LayersPlan (checked once: shapes,
                                       extent, alignment, base layer, device offsets)
     ids     --numpy min/max/set--> validated on the host (no device sync)
     ids     --> reusable pinned slot --async H2D--> device ids (block_ids.stage_ids)
     out     --check_buffer
-    one launch of the already compiled kernel (_launch: CompiledKernel[grid], _LaunchPlan)
+    one launch of the already compiled kernel (_launch: CompiledKernel[grid], LaunchPlan)
 
 benchmarks/kv_host_cost.py times each step (results/kv_host_cost_<gpu>.json). History of one
 public call's host time at 136 MB: 131 / 168 us (gather / scatter, H100) with JITFunction.run for
@@ -40,12 +40,6 @@ more off and waits for its first GPU run before it becomes the default.
 
 from __future__ import annotations
 
-import threading
-import weakref
-from collections import OrderedDict
-from dataclasses import dataclass, field
-from typing import Sequence
-
 import torch
 import triton
 import triton.language as tl
@@ -54,6 +48,7 @@ from . import id_staging
 from .block_ids import BlockIds, block_id_tensor, stage_ids
 from .cuda_driver import current_stream
 from .kv_pages import RAW_DTYPES, KVPageSpec, Layers, check_buffer, check_extent, checked_layers
+from .kv_plans import LaunchPlan, LayersPlan, plan_for
 
 # Tile defaults (bytes per program, capped at one page; warps). H100, triton 3.6, 1.07 GB gather of
 # Llama-8B pages (32 KiB): 32 KiB x 4 warps 0.745 ms (0.961 of a D2D copy) vs 8 KiB x 4 warps
@@ -165,175 +160,9 @@ def _kv_pages_kernel(
             tl.store(cache_p, tl.load(buf_p, mask=mask), mask=mask)
 
 
-def _alignment(layers: list[torch.Tensor], spec: KVPageSpec) -> int:
-    """Largest power-of-two element count (<= 16 bytes) dividing every offset and stride."""
-    elem = layers[0].element_size()
-    ptrs = [t.data_ptr() for t in layers]
-    low = min(ptrs)
-    deltas = [p - low for p in ptrs]
-    if any(d % elem for d in deltas):
-        raise ValueError(
-            f"layer base addresses differ by a non-multiple of the element size {elem}: {deltas}"
-        )
-    align = max(1, 16 // elem)
-    values = [spec.page_elems, spec.block_stride, spec.half_stride] + [d // elem for d in deltas]
-    while align > 1 and any(v % align for v in values):
-        align //= 2
-    return align
-
-
-@dataclass(slots=True, eq=False)
-class _LayersPlan:
-    """Everything the launch derives from one layers set, checked and computed once.
-
-    Valid while the caller passes the very tensors it was built from (``refs``, weak so a plan
-    never keeps a cache alive) at the same addresses (the cache key). vLLM's cache tensors live
-    as long as the engine; sleep mode unmaps and remaps them at the same addresses, which keeps
-    the plan valid. Changing a layer tensor's shape in place (``resize_``, ``as_strided_``)
-    without moving it, or re-pointing a layer other than the base in place (``set_``) when the
-    caller passes the same list again, is not detected: pass new tensors instead.
-    """
-
-    refs: tuple[weakref.ref, ...]
-    """The stacked tensor, or each layer of the list, as first seen."""
-    base: int
-    """Index of the lowest-addressed layer: the kernel's cache pointer."""
-    base_ptr: int
-    """That layer's address when the plan was built."""
-    align: int
-    """ALIGN of the kernel (elements per 16 bytes at most), see :func:`_alignment`."""
-    offs: torch.Tensor
-    """int64 [n_layers] on the device: layer l starts offs[l]*align elements after the base."""
-    n_layers: int
-    device: torch.device
-    device_index: int
-    """``device``'s index (the current one when it names none), for raw stream lookups."""
-    launches: dict = field(default_factory=dict)
-    """(spec, to_buf, block, num_warps) -> :class:`_LaunchPlan`, built on first use."""
-
-    def is_for(self, objs: Sequence[torch.Tensor]) -> bool:
-        """Whether ``objs`` are the very tensors this plan was built from."""
-        refs = self.refs
-        return len(refs) == len(objs) and all(r() is o for r, o in zip(refs, objs))
-
-
-# (spec, layer data_ptrs, layer 0's shape/stride/dtype/device) -> plan. Small LRU: one engine
-# uses one layers set; tests and benchmarks make a few.
-_PLANS: OrderedDict[tuple, _LayersPlan] = OrderedDict()
-_PLANS_MAX = 16
-_PLANS_LOCK = threading.Lock()
-
-
-def _plan_key(layers: Layers, spec: KVPageSpec) -> tuple[tuple, Sequence[torch.Tensor]] | None:
-    """(cache key, tensors to check identity of), or None when ``layers`` needs the slow checks."""
-    if isinstance(layers, torch.Tensor):
-        return (
-            spec,
-            layers.data_ptr(),
-            layers.shape,
-            layers.stride(),
-            layers.dtype,
-            layers.device,
-        ), (layers,)
-    if not isinstance(layers, (list, tuple)) or not layers:
-        return None
-    try:
-        ptrs = tuple([t.data_ptr() for t in layers])
-    except (AttributeError, TypeError):
-        return None  # not tensors: checked_layers raises the helpful error
-    first = layers[0]
-    return (spec, ptrs, first.shape, first.stride(), first.dtype, first.device), layers
-
-
-def _device_index(device: torch.device) -> int:
-    if device.index is not None:
-        return device.index
-    return torch.cuda.current_device() if device.type == "cuda" else 0
-
-
-def _build_plan(layers: Layers, spec: KVPageSpec) -> _LayersPlan:
-    layer_list = checked_layers(layers)
-    check_extent(layer_list, spec)
-    align = _alignment(layer_list, spec)
-    ptrs = [t.data_ptr() for t in layer_list]
-    base = min(range(len(ptrs)), key=ptrs.__getitem__)
-    unit = align * layer_list[0].element_size()
-    device = layer_list[0].device
-    # A blocking copy, once per layers set: later calls may launch on other streams than this one.
-    offs = torch.tensor([(p - ptrs[base]) // unit for p in ptrs], dtype=torch.int64).to(device)
-    objs = (layers,) if isinstance(layers, torch.Tensor) else layer_list
-    return _LayersPlan(
-        refs=tuple(weakref.ref(t) for t in objs),
-        base=base,
-        base_ptr=ptrs[base],
-        align=align,
-        offs=offs,
-        n_layers=len(layer_list),
-        device=device,
-        device_index=_device_index(device),
-    )
-
-
-# The last call's (id of its layers object, spec, plan): an engine passes the same layers list on
-# every call, so most calls skip building the cache key (32 data_ptrs, hashing: ~5 us). An id can
-# be reused by a new object once the old one died; plan.is_for then compares every tensor's
-# identity, so a hit is always the very tensors the plan was built from.
-_LAST_PLAN: list[tuple[int, KVPageSpec, _LayersPlan] | None] = [None]
-
-
-def _plan_for(layers: Layers, spec: KVPageSpec) -> tuple[_LayersPlan, torch.Tensor]:
-    """The cached plan for ``layers`` (built and validated on a miss) and the base layer tensor."""
-    last = _LAST_PLAN[0]
-    if last is not None and last[0] == id(layers) and last[1] == spec:
-        plan = last[2]
-        if plan.is_for((layers,) if isinstance(layers, torch.Tensor) else layers):
-            base = layers[plan.base]
-            if base.data_ptr() == plan.base_ptr:
-                return plan, base
-    found = _plan_key(layers, spec)
-    remember = found is not None  # a list, tuple or tensor the caller may pass again
-    if found is None:
-        layers = checked_layers(layers)  # raises for empty / non-tensor input
-        found = _plan_key(layers, spec)
-    key, objs = found
-    with _PLANS_LOCK:
-        plan = _PLANS.get(key)
-        if plan is not None:
-            _PLANS.move_to_end(key)
-    if plan is None or not plan.is_for(objs):
-        plan = _build_plan(layers, spec)
-        with _PLANS_LOCK:
-            _PLANS[key] = plan
-            _PLANS.move_to_end(key)
-            while len(_PLANS) > _PLANS_MAX:
-                _PLANS.popitem(last=False)
-    if remember:
-        _LAST_PLAN[0] = (id(layers), spec, plan)
-    return plan, layers[plan.base]
-
-
-@dataclass(slots=True, eq=False)
-class _LaunchPlan:
-    """One (layers plan, spec, direction, tile) launch, derived once: what stays the same per call."""
-
-    parts: int
-    """Programs per page (grid axis 1)."""
-    pages_per_block: int
-    """Buffer pages per block id: n_layers * num_halves (grid axis 0 is n ids times this)."""
-    scalars: tuple
-    """The kernel's int arguments after the four pointers (n_layers, page/block/half units)."""
-    consts: tuple
-    """The constexprs, in signature order (NUM_HALVES, ALIGN, BLOCK, EVEN, TO_BUF)."""
-    num_warps: int
-    offs_ptr: int
-    """Device address of the plan's layer offsets."""
-    compiled: dict
-    """(base, ids, buf address mod 16) -> Triton's CompiledKernel for that specialisation."""
-
-
 def _launch_plan(
-    plan: _LayersPlan, elem: int, spec: KVPageSpec, to_buf: bool, block: int | None, num_warps: int
-) -> _LaunchPlan:
+    plan: LayersPlan, elem: int, spec: KVPageSpec, to_buf: bool, block: int | None, num_warps: int
+) -> LaunchPlan:
     """The layers plan's launch for this spec, direction and tile (built on first use)."""
     key = (spec, to_buf, block, num_warps)
     found = plan.launches.get(key)
@@ -343,7 +172,7 @@ def _launch_plan(
         block = DEFAULT_BLOCK_BYTES // elem
     block = min(block, triton.next_power_of_2(spec.page_elems))
     align = plan.align
-    found = _LaunchPlan(
+    found = LaunchPlan(
         parts=triton.cdiv(spec.page_elems, block),
         pages_per_block=plan.n_layers * spec.num_halves,
         scalars=(
@@ -361,7 +190,7 @@ def _launch_plan(
 
 
 def _launch(
-    plan: _LayersPlan,
+    plan: LayersPlan,
     base: torch.Tensor,
     ids: torch.Tensor,
     n: int,
@@ -430,7 +259,7 @@ def _launch(
 def _kv_gather_triton(
     layers: Layers, block_ids: BlockIds, spec: KVPageSpec, out: torch.Tensor | None = None, **tile
 ) -> torch.Tensor:
-    plan, base = _plan_for(layers, spec)
+    plan, base = plan_for(layers, spec)
     ids = stage_ids(block_ids, spec, plan.device, unique=False)
     try:
         shape = (ids.n, plan.n_layers, spec.num_halves, spec.page_elems)
@@ -448,7 +277,7 @@ def _kv_gather_triton(
 def _kv_scatter_triton(
     src: torch.Tensor, layers: Layers, block_ids: BlockIds, spec: KVPageSpec, **tile
 ) -> None:
-    plan, base = _plan_for(layers, spec)
+    plan, base = plan_for(layers, spec)
     ids = stage_ids(block_ids, spec, plan.device, unique=True)
     try:
         src = check_buffer(

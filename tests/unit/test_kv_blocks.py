@@ -38,6 +38,7 @@ from thaw_kernels import (
     id_staging,
     kv_gather,
     kv_gather_reference,
+    kv_plans,
     kv_scatter,
     kv_scatter_reference,
     page_spec_for,
@@ -182,7 +183,7 @@ def test_interp_kv_misaligned_layers(interpreter):
     big = random_bits((2 * 3 * 4 * 8 * 3 + 1,), torch.float16)
     layers = [big[i * 72 + i : i * 72 + i + 72].view(3, 4, 2, 3) for i in range(2)]  # cpu layout
     spec = page_spec_for(layers[0], "cpu")
-    assert kv_mod._alignment(layers, spec) == 1
+    assert kv_plans.alignment(layers, spec) == 1
     ids = [2, 0, 2]
     assert same_bits(kv_mod._kv_gather_triton(layers, ids, spec), oracle_gather(layers, ids, True))
 
@@ -193,12 +194,12 @@ def test_interp_kv_plan_cache_stays_exact(interpreter):
     for ids in ([5, 0, 3], [2, 2], torch.tensor([1, 4], dtype=torch.int32)):
         got = kv_mod._kv_gather_triton(layers, ids, spec)
         assert same_bits(got, oracle_gather(layers, [int(i) for i in ids], False))
-    plan = kv_mod._plan_for(layers, spec)[0]
+    plan = kv_plans.plan_for(layers, spec)[0]
     other = [t.clone() for t in reversed(layers)]  # other pointers, lowest layer not first
     assert same_bits(
         kv_mod._kv_gather_triton(other, [4, 1], spec), oracle_gather(other, [4, 1], False)
     )
-    assert kv_mod._plan_for(other, spec)[0] is not plan
+    assert kv_plans.plan_for(other, spec)[0] is not plan
     views = [t.view(t.shape) for t in layers]  # same pointers, new objects: checked again
     assert same_bits(
         kv_mod._kv_gather_triton(views, [0, 5], spec), oracle_gather(layers, [0, 5], False)
@@ -395,32 +396,32 @@ def test_kv_host_ids():
 
 def test_kv_plan_cache_keys_and_lifetime():
     layers, spec = make_cache(SHAPES[1], 4, torch.bfloat16, False)
-    plan, base = kv_mod._plan_for(layers, spec)
+    plan, base = kv_plans.plan_for(layers, spec)
     assert (
-        kv_mod._plan_for(layers, spec)[0] is plan
-        and kv_mod._plan_for(tuple(layers), spec)[0] is plan
+        kv_plans.plan_for(layers, spec)[0] is plan
+        and kv_plans.plan_for(tuple(layers), spec)[0] is plan
     )
     assert base is layers[plan.base] and plan.n_layers == 4 and plan.align == 8
     assert plan.offs.tolist() == [(t.data_ptr() - base.data_ptr()) // 16 for t in layers]
-    assert kv_mod._plan_for(layers[:3], spec)[0] is not plan  # other pointers
+    assert kv_plans.plan_for(layers[:3], spec)[0] is not plan  # other pointers
     stacked, spec_s = make_cache(SHAPES[1], 4, torch.bfloat16, True)
-    plan_s, base_s = kv_mod._plan_for(stacked, spec_s)
+    plan_s, base_s = kv_plans.plan_for(stacked, spec_s)
     assert (
-        kv_mod._plan_for(stacked, spec_s)[0] is plan_s and base_s.data_ptr() == stacked.data_ptr()
+        kv_plans.plan_for(stacked, spec_s)[0] is plan_s and base_s.data_ptr() == stacked.data_ptr()
     )
-    assert kv_mod._plan_for(stacked[:3], spec_s)[0] is not plan_s  # same address, other shape
+    assert kv_plans.plan_for(stacked[:3], spec_s)[0] is not plan_s  # same address, other shape
     ref = weakref.ref(layers[0])
     del layers, base, stacked, base_s
     gc.collect()
     assert ref() is None  # plans hold their layers weakly: a dead engine's cache is freed
-    alive = [make_cache(SHAPES[0], 2, torch.float32, False) for _ in range(kv_mod._PLANS_MAX + 4)]
-    first_plan = kv_mod._plan_for(*alive[0])[0]
+    alive = [make_cache(SHAPES[0], 2, torch.float32, False) for _ in range(kv_plans.PLANS_MAX + 4)]
+    first_plan = kv_plans.plan_for(*alive[0])[0]
     for more, spec_m in alive[1:]:
-        kv_mod._plan_for(more, spec_m)
+        kv_plans.plan_for(more, spec_m)
     assert (
-        len(kv_mod._PLANS) == kv_mod._PLANS_MAX
+        len(kv_plans.PLANS) == kv_plans.PLANS_MAX
     )  # least recently used dropped, rebuilt when needed
-    assert kv_mod._plan_for(*alive[0])[0] is not first_plan
+    assert kv_plans.plan_for(*alive[0])[0] is not first_plan
 
 
 # ---------------------------------------------------------------------------------------------
