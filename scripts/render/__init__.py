@@ -1,0 +1,1 @@
+"""Renderers of scripts/render_results.py, one module per subject (see that script)."""
