@@ -11,7 +11,7 @@ import statistics
 from datetime import datetime, timezone
 from importlib.metadata import PackageNotFoundError, version
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 RESULTS = Path(__file__).parent / "results"
 
@@ -119,3 +119,18 @@ def write_results(path: Path, payload: dict[str, Any]) -> Path:
     tmp.write_text(json.dumps(payload, indent=2) + "\n")
     os.replace(tmp, path)
     return path
+
+
+def on_kv_host_path(path: str, fn: Callable[[], Any]) -> Callable[[], Any]:
+    """``fn`` run with thaw_kernels' KV host path set to ``path`` (id_staging.HOST_PATH: "torch"
+    or "driver"), the previous one restored after: both paths timed in one run."""
+    from thaw_kernels import id_staging
+
+    def run() -> Any:
+        before, id_staging.HOST_PATH = id_staging.HOST_PATH, path
+        try:
+            return fn()
+        finally:
+            id_staging.HOST_PATH = before
+
+    return run

@@ -57,12 +57,19 @@ import time
 
 import torch
 import triton
-from _common import RESULTS, device_slug, load_average, machine_info, percentiles, write_results
+from _common import (
+    RESULTS,
+    device_slug,
+    load_average,
+    machine_info,
+    on_kv_host_path,
+    percentiles,
+    write_results,
+)
 
 from thaw_kernels import (
     chunk_crc32c,
     chunk_crc32c_reference,
-    id_staging,
     kv_gather,
     kv_gather_reference,
     kv_scatter,
@@ -79,16 +86,8 @@ PUBLIC_DRIVER = "public, THAW_KV_HOST_PATH=driver"  # id_staging.py's other host
 
 
 def on_driver_path(fn):
-    """``fn`` run with the "driver" KV host path (id_staging.HOST_PATH), restored after."""
-
-    def run():
-        before, id_staging.HOST_PATH = id_staging.HOST_PATH, "driver"
-        try:
-            return fn()
-        finally:
-            id_staging.HOST_PATH = before
-
-    return run
+    """``fn`` run with the "driver" KV host path."""
+    return on_kv_host_path("driver", fn)
 
 
 # (op, gathered blocks) -> predicted vs_d2d; (op, gathered blocks, chunk KiB) -> predicted payload GB/s.
@@ -576,6 +575,18 @@ def public_summary(rows: list[dict], variant: str = PUBLIC) -> dict:
     return out
 
 
+def kv_goals_met(public: dict, ratio: str) -> dict[str, bool]:
+    """gather / scatter -> every size correct and at >= the goal's fraction of a D2D copy by
+    ``ratio`` ("vs_d2d": do_bench time; "device_vs_d2d": kernels alone)."""
+    return {
+        op: all(
+            r["ok"] and r.get(ratio, 0) >= GOALS["gather_scatter_vs_d2d"]
+            for r in public.get(op, {}).values()
+        )
+        for op in ("gather", "scatter")
+    }
+
+
 def best_variant(rows: list[dict], op: str, size: str) -> dict | None:
     """The fastest correct ``triton ...`` variant row of ``op`` at ``size``, or None."""
     cands = [
@@ -679,27 +690,9 @@ def main() -> int:
         }
     if cuda:
         pub = summary["public"]
-        summary["goals_met"] = {
-            op: all(
-                r["ok"] and r.get("vs_d2d", 0) >= GOALS["gather_scatter_vs_d2d"]
-                for r in pub[op].values()
-            )
-            for op in ("gather", "scatter")
-        }
-        summary["goals_met_device_time"] = {
-            op: all(
-                r["ok"] and r.get("device_vs_d2d", 0) >= GOALS["gather_scatter_vs_d2d"]
-                for r in pub[op].values()
-            )
-            for op in ("gather", "scatter")
-        }
-        summary["goals_met_driver_path"] = {
-            op: all(
-                r["ok"] and r.get("vs_d2d", 0) >= GOALS["gather_scatter_vs_d2d"]
-                for r in summary["public_driver"].get(op, {}).values()
-            )
-            for op in ("gather", "scatter")
-        }
+        summary["goals_met"] = kv_goals_met(pub, "vs_d2d")
+        summary["goals_met_device_time"] = kv_goals_met(pub, "device_vs_d2d")
+        summary["goals_met_driver_path"] = kv_goals_met(summary["public_driver"], "vs_d2d")
         summary["goals_met"]["crc32c"] = all(
             r["ok"] and r["payload_GBps"] >= GOALS["crc_payload_GBps"]
             for r in pub["crc32c"].values()

@@ -20,7 +20,15 @@ import sys
 import time
 
 import torch
-from _common import RESULTS, device_slug, load_average, machine_info, percentiles, write_results
+from _common import (
+    RESULTS,
+    device_slug,
+    load_average,
+    machine_info,
+    on_kv_host_path,
+    percentiles,
+    write_results,
+)
 
 from thaw_kernels import block_ids as ids_mod
 from thaw_kernels import id_staging, kv_gather, kv_plans, kv_scatter, page_spec_for
@@ -63,16 +71,6 @@ def main() -> int:
     shape = (N, LAYERS, spec.num_halves, spec.page_elems)
     staged = ids_mod.stage_ids(ids, spec, dev, unique=True)  # the torch path's ids tensor
 
-    def on(path: str, fn):
-        def run():
-            before, id_staging.HOST_PATH = id_staging.HOST_PATH, path
-            try:
-                fn()
-            finally:
-                id_staging.HOST_PATH = before
-
-        return run
-
     def stage_release() -> None:
         ids_mod.stage_ids(ids, spec, dev, unique=True).release()
 
@@ -88,19 +86,23 @@ def main() -> int:
     for path in id_staging.HOST_PATHS:
         steps.update(
             {
-                f"[{path}] stage_ids + release (validate + slot + H2D)": on(path, stage_release),
-                f"[{path}] launch (to cache)": on(
+                f"[{path}] stage_ids + release (validate + slot + H2D)": on_kv_host_path(
+                    path, stage_release
+                ),
+                f"[{path}] launch (to cache)": on_kv_host_path(
                     path,
                     lambda: kv_mod._launch(plan, base, staged.tensor, N, buf, spec, to_buf=False),
                 ),
-                f"[{path}] launch (to buffer)": on(
+                f"[{path}] launch (to buffer)": on_kv_host_path(
                     path,
                     lambda: kv_mod._launch(plan, base, staged.tensor, N, buf, spec, to_buf=True),
                 ),
-                f"[{path}] public kv_gather(out=)": on(
+                f"[{path}] public kv_gather(out=)": on_kv_host_path(
                     path, lambda: kv_gather(layers, ids, spec, out=buf)
                 ),
-                f"[{path}] public kv_scatter": on(path, lambda: kv_scatter(buf, layers, ids, spec)),
+                f"[{path}] public kv_scatter": on_kv_host_path(
+                    path, lambda: kv_scatter(buf, layers, ids, spec)
+                ),
             }
         )
     stats = {name: percentiles(host_times_us(fn), digits=1) for name, fn in steps.items()}

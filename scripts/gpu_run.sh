@@ -23,6 +23,10 @@ if [ -d /tmp/site/vllm ]; then
     VLLM_WORKER_MULTIPROC_METHOD="${VLLM_WORKER_MULTIPROC_METHOD:-spawn}"
 fi
 status=0
+kernel_tests() {  # the KV gather/scatter and CRC32C GPU tests (both KV host paths)
+  timeout 300 python3 -m pytest -q -p no:cacheprovider -x tests/unit/test_kv_blocks.py tests/unit/test_crc32c.py -m gpu \
+    -k "public_path or tiles_cuda or matches_reference_cuda or gather_scatter_cuda or chunk_crc32c_cuda" || status=1
+}
 touch /tmp/thaw-gpu-run-start  # only results written by this run go to $OUT (8 files come back)
 for stage in "$@"; do
   echo "===== stage $stage"
@@ -30,13 +34,9 @@ for stage in "$@"; do
     env) nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv
          df -h /dev/shm /tmp | cat
          python3 -c "import torch, triton; print('torch', torch.__version__, 'triton', triton.__version__)" ;;
-    kernels) timeout 300 python3 -m pytest -q -p no:cacheprovider -x tests/unit/test_kv_blocks.py tests/unit/test_crc32c.py -m gpu \
-               -k "public_path or tiles_cuda or matches_reference_cuda or gather_scatter_cuda or chunk_crc32c_cuda" || status=1
-             timeout 400 python3 benchmarks/kernels.py || status=1 ;;
+    kernels) kernel_tests; timeout 400 python3 benchmarks/kernels.py || status=1 ;;
     kernels-quick) timeout 200 python3 benchmarks/kernels.py --quick || status=1 ;;
-    kernels-public) timeout 300 python3 -m pytest -q -p no:cacheprovider -x tests/unit/test_kv_blocks.py tests/unit/test_crc32c.py -m gpu \
-               -k "public_path or tiles_cuda or matches_reference_cuda or gather_scatter_cuda or chunk_crc32c_cuda" || status=1
-             timeout 200 python3 benchmarks/kernels.py --quick || status=1 ;;
+    kernels-public) kernel_tests; timeout 200 python3 benchmarks/kernels.py --quick || status=1 ;;
     hostcost) timeout 200 python3 benchmarks/kv_host_cost.py || status=1 ;;
     stream) timeout 240 python3 benchmarks/stream_scheduler.py || status=1 ;;
     connector) timeout 560 python3 -m pytest -q -p no:cacheprovider -x tests/integration/test_connector.py || status=1 ;;

@@ -9,7 +9,8 @@ through ctypes cost ~1 us each.
 Everything here works on torch's objects: the device's primary context (the one torch uses), raw
 streams from ``torch.cuda.current_stream().cuda_stream``, device pointers from ``data_ptr()``.
 Every call's status is checked; :func:`driver` returns None where libcuda cannot be loaded (no
-NVIDIA driver: the caller keeps its torch path).
+NVIDIA driver), and id_staging then refuses its "driver" path with a clear error. Events live as
+long as the process (one per id slot per device).
 """
 
 from __future__ import annotations
@@ -39,7 +40,6 @@ class CudaDriver:
             "cuCtxGetDevice": [ctypes.POINTER(ctypes.c_int)],
             "cuMemcpyHtoDAsync_v2": [_c_uint64, _c_void_p, ctypes.c_size_t, _c_void_p],
             "cuEventCreate": [ctypes.POINTER(_c_void_p), ctypes.c_uint],
-            "cuEventDestroy_v2": [_c_void_p],
             "cuEventRecord": [_c_void_p, _c_void_p],
             "cuEventQuery": [_c_void_p],
             "cuEventSynchronize": [_c_void_p],
@@ -87,9 +87,6 @@ class CudaDriver:
     def event_wait(self, event: int) -> None:
         """Block the calling thread until the event's last record has run."""
         self.check(self._lib.cuEventSynchronize(event), "cuEventSynchronize")
-
-    def event_destroy(self, event: int) -> None:
-        self.check(self._lib.cuEventDestroy_v2(event), "cuEventDestroy")
 
 
 _DRIVER: list[CudaDriver | None] = []

@@ -198,8 +198,8 @@ class DriverIdStager:
         """Record slot ``i``'s event behind the work queued on the current stream; free it."""
         with self._current():
             status = self.drv.event_record(self.events[i], current_stream(self.index))
+        self.drv.check(status, "block ids slot event")  # on failure the slot stays taken
         self.busy[i] = False
-        self.drv.check(status, "block ids slot event")
 
 
 _STAGERS: dict[tuple[torch.device, str], TorchIdStager | DriverIdStager] = {}
